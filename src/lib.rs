@@ -1,0 +1,19 @@
+//! ringtftpd: a TFTP server for Linux on io_uring.
+//!
+//! Layers, from the inside out (see docs/design.md):
+//! - [`proto`]: the wire format, pure and allocation-free on the DATA/ACK path;
+//! - [`session`]: one transfer as a sans-IO state machine;
+//! - [`endpoint`]: the per-shard demultiplexer and admission control, also sans-IO;
+//! - [`timer`]: a hashed timing wheel;
+//! - [`files`]: confined opening and the shared mapping cache;
+//! - [`shard`]: the io_uring driver, one per pinned core;
+//! - [`server`] and [`config`]: the command line, start-up and signals.
+
+pub mod config;
+pub mod endpoint;
+pub mod files;
+pub mod proto;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod timer;

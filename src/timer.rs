@@ -1,0 +1,1 @@
+//! Hashed timing wheel (placeholder).
