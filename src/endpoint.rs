@@ -37,3 +37,526 @@ pub trait FileSource {
     /// netascii, the translated length).
     fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(Self::Handle, u64), OpenError>;
 }
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::proto::{self, ErrorCode, Packet, ParseError, Request};
+use crate::session::{self, Limits, Outcome, Stats, Transfer, Transmit};
+
+/// Per-shard admission and reply policy.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Most concurrent sessions on this shard; slab indices are below it.
+    pub max_sessions: usize,
+    pub limits: Limits,
+    /// Token bucket for ERROR replies to strangers and bad requests.
+    pub error_replies_per_sec: u32,
+    pub error_reply_burst: u32,
+}
+
+/// A session's address in the slab: index plus generation, so a stale id
+/// never reaches a newer session that reuses the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId {
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// What to do with a datagram that arrived at a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A new transfer: open its socket, then drain `poll_transmit`.
+    Started(SessionId),
+    /// Send the first `n` bytes of the reply buffer to the requester, from
+    /// the listening socket and the address the request was sent to.
+    Reply(usize),
+    /// Drop it (e.g. a duplicate request, or a rate-limited error).
+    Ignored,
+}
+
+/// What to do with a datagram that arrived at a transfer socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramOutcome {
+    /// Given to the session: drain `poll_transmit`, re-arm its timer.
+    Delivered,
+    /// Send the first `n` bytes of the reply buffer back to the sender
+    /// (ERROR 5 to a stranger), from the transfer socket.
+    Reply(usize),
+    Ignored,
+}
+
+/// A session's addressing and file, for the driver.
+#[derive(Debug)]
+pub struct SessionView<'a, H> {
+    pub peer: SocketAddr,
+    pub local: IpAddr,
+    pub handle: &'a H,
+}
+
+/// A removed session: everything the transfer log line needs.
+#[derive(Debug)]
+pub struct Finished<H> {
+    pub peer: SocketAddr,
+    pub filename: String,
+    pub handle: H,
+    pub outcome: Outcome,
+    pub stats: Stats,
+}
+
+impl OpenError {
+    /// The TFTP error this refusal is sent as.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            OpenError::NotFound => ErrorCode::FileNotFound,
+            OpenError::Denied(_) | OpenError::NotReadable | OpenError::NotRegular => {
+                ErrorCode::AccessViolation
+            }
+            OpenError::Unservable(_) => ErrorCode::NotDefined,
+        }
+    }
+}
+
+/// A token bucket, so that ERROR replies to strangers and garbage cannot
+/// be used to reflect traffic.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    per_sec: u64,
+    burst: u64,
+    /// Tokens scaled by 10^9 (token-nanoseconds) to stay in integers.
+    level: u64,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    const SCALE: u64 = 1_000_000_000;
+
+    fn new(per_sec: u32, burst: u32) -> Self {
+        let burst = u64::from(burst.max(1));
+        Self {
+            per_sec: u64::from(per_sec),
+            burst,
+            level: burst * Self::SCALE,
+            last: None,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let elapsed = now.saturating_duration_since(last);
+            let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+            let refill = nanos.saturating_mul(self.per_sec);
+            self.level = self
+                .level
+                .saturating_add(refill)
+                .min(self.burst * Self::SCALE);
+        }
+        self.last = Some(now);
+        if self.level >= Self::SCALE {
+            self.level -= Self::SCALE;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What identifies a retransmitted request: the same peer asking for the
+/// same thing while its first answer is still unacknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RequestKey {
+    filename: Box<[u8]>,
+    mode: proto::Mode,
+    options: proto::Options,
+}
+
+impl RequestKey {
+    fn of(request: &Request<'_>) -> Self {
+        Self {
+            filename: request.filename.into(),
+            mode: request.mode,
+            options: request.options,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry<H> {
+    transfer: Transfer,
+    peer: SocketAddr,
+    local: IpAddr,
+    handle: H,
+    request: RequestKey,
+}
+
+#[derive(Debug)]
+struct Slot<H> {
+    generation: u32,
+    entry: Option<Entry<H>>,
+}
+
+/// The per-shard endpoint. `H` is the [`FileSource::Handle`].
+///
+/// Driver call order for a session: after `handle_request` returned
+/// `Started`, and after every `handle_datagram`/`handle_timeout`/`abort`:
+/// drain `poll_transmit`, then re-arm with `poll_timeout`, then check
+/// `is_finished` and, if so, `remove` it (its last packet was drained).
+#[derive(Debug)]
+pub struct Endpoint<H> {
+    config: EndpointConfig,
+    slots: Vec<Slot<H>>,
+    free: Vec<u32>,
+    live: usize,
+    /// The newest session of each peer address, to spot retransmitted
+    /// requests.
+    by_peer: HashMap<SocketAddr, SessionId>,
+    error_replies: TokenBucket,
+    shutting_down: bool,
+}
+
+impl<H> Endpoint<H> {
+    pub fn new(config: EndpointConfig) -> Self {
+        let error_replies =
+            TokenBucket::new(config.error_replies_per_sec, config.error_reply_burst);
+        Self {
+            config,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            by_peer: HashMap::new(),
+            error_replies,
+            shutting_down: false,
+        }
+    }
+
+    /// Slab capacity: every `SessionId::index` is below it.
+    pub fn capacity(&self) -> usize {
+        self.config.max_sessions
+    }
+
+    /// Live sessions.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    fn entry(&self, id: SessionId) -> Option<&Entry<H>> {
+        let slot = self.slots.get(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.entry.as_ref()
+    }
+
+    fn entry_mut(&mut self, id: SessionId) -> Option<&mut Entry<H>> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.entry.as_mut()
+    }
+
+    fn insert(&mut self, entry: Entry<H>) -> Option<SessionId> {
+        if self.live >= self.config.max_sessions {
+            return None;
+        }
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                let index = u32::try_from(self.slots.len()).ok()?;
+                self.slots.push(Slot {
+                    generation: 0,
+                    entry: None,
+                });
+                index
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.entry = Some(entry);
+        self.live += 1;
+        Some(SessionId {
+            index,
+            generation: slot.generation,
+        })
+    }
+
+    /// An ERROR reply in `reply`, unconditionally.
+    fn error_reply(code: ErrorCode, message: &str, reply: &mut [u8]) -> RequestOutcome {
+        match proto::emit_error(code, message, reply) {
+            Ok(n) => RequestOutcome::Reply(n),
+            Err(_) => RequestOutcome::Ignored,
+        }
+    }
+
+    /// An ERROR reply to input that may be forged, within the rate limit.
+    fn limited_error_reply(
+        &mut self,
+        now: Instant,
+        code: ErrorCode,
+        message: &str,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        if self.error_replies.take(now) {
+            Self::error_reply(code, message, reply)
+        } else {
+            RequestOutcome::Ignored
+        }
+    }
+
+    /// A datagram on a listening socket from `peer`, sent to `local`,
+    /// arriving on an interface with `mtu` (None if unknown).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_request<F: FileSource<Handle = H>>(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        local: IpAddr,
+        mtu: Option<u32>,
+        datagram: &[u8],
+        files: &mut F,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        let request = match Packet::parse(datagram) {
+            Ok(Packet::Rrq(request)) => request,
+            Ok(Packet::Wrq(_)) => {
+                return Self::error_reply(
+                    ErrorCode::AccessViolation,
+                    "uploads are disabled",
+                    reply,
+                );
+            }
+            // Never answer an ERROR with an ERROR.
+            Ok(Packet::Error { .. }) => return RequestOutcome::Ignored,
+            Ok(_) => {
+                let code = ErrorCode::IllegalOperation;
+                return self.limited_error_reply(
+                    now,
+                    code,
+                    "expected a read or write request",
+                    reply,
+                );
+            }
+            Err(error) => {
+                let (code, message) = match error {
+                    ParseError::UnknownMode => {
+                        (ErrorCode::IllegalOperation, "unknown transfer mode")
+                    }
+                    ParseError::BadFilename => {
+                        (ErrorCode::AccessViolation, "filename empty or too long")
+                    }
+                    ParseError::BadOptions => {
+                        (ErrorCode::IllegalOperation, "too many or over-long options")
+                    }
+                    ParseError::UnknownOpcode(_) => (ErrorCode::IllegalOperation, "unknown opcode"),
+                    _ => (ErrorCode::IllegalOperation, "malformed request"),
+                };
+                return self.limited_error_reply(now, code, message, reply);
+            }
+        };
+        if self.shutting_down {
+            return Self::error_reply(ErrorCode::NotDefined, "server shutting down", reply);
+        }
+        let key = RequestKey::of(&request);
+        if let Some(&previous) = self.by_peer.get(&peer) {
+            if let Some(entry) = self.entry(previous) {
+                // The same request again before any progress: the client
+                // retransmitted; the session's own timer answers it.
+                if entry.request == key && entry.transfer.awaiting_first_ack() {
+                    return RequestOutcome::Ignored;
+                }
+            }
+        }
+        if self.live >= self.config.max_sessions {
+            return Self::error_reply(ErrorCode::NotDefined, "server busy, try again later", reply);
+        }
+        let (handle, content_len) = match files.open_read(request.filename, request.mode) {
+            Ok(opened) => opened,
+            Err(error) => {
+                let message = match &error {
+                    OpenError::NotFound => "file not found",
+                    OpenError::Denied(reason) => reason,
+                    OpenError::NotReadable => "permission denied",
+                    OpenError::NotRegular => "not a regular file",
+                    OpenError::Unservable(reason) => reason,
+                };
+                return Self::error_reply(error.error_code(), message, reply);
+            }
+        };
+        let ipv6 = matches!(peer, SocketAddr::V6(_));
+        let limits = &self.config.limits;
+        let negotiated = session::negotiate(&request.options, content_len, mtu, ipv6, limits);
+        let transfer = Transfer::new_read(now, &negotiated, content_len, limits);
+        let entry = Entry {
+            transfer,
+            peer,
+            local,
+            handle,
+            request: key,
+        };
+        match self.insert(entry) {
+            Some(id) => {
+                self.by_peer.insert(peer, id);
+                RequestOutcome::Started(id)
+            }
+            None => Self::error_reply(ErrorCode::NotDefined, "server busy, try again later", reply),
+        }
+    }
+
+    /// A datagram on session `id`'s socket from `from`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        from: SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+    ) -> DatagramOutcome {
+        let Some(entry) = self.entry_mut(id) else {
+            return DatagramOutcome::Ignored;
+        };
+        if entry.peer == from {
+            entry.transfer.handle_datagram(now, datagram);
+            return DatagramOutcome::Delivered;
+        }
+        // RFC 1350 §4: a packet from another TID gets ERROR 5, and the
+        // transfer goes on undisturbed.
+        if matches!(Packet::parse(datagram), Ok(Packet::Error { .. })) {
+            return DatagramOutcome::Ignored;
+        }
+        match self.limited_error_reply(now, ErrorCode::UnknownTid, "unknown transfer ID", reply) {
+            RequestOutcome::Reply(n) => DatagramOutcome::Reply(n),
+            _ => DatagramOutcome::Ignored,
+        }
+    }
+
+    /// Session `id`'s deadline passed (spurious calls are no-ops).
+    pub fn handle_timeout(&mut self, now: Instant, id: SessionId) {
+        if let Some(entry) = self.entry_mut(id) {
+            entry.transfer.handle_timeout(now);
+        }
+    }
+
+    /// The next datagram for session `id`'s peer (see [`Transmit`]).
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
+        self.entry_mut(id)?.transfer.poll_transmit(now, buf)
+    }
+
+    /// Session `id`'s next deadline.
+    pub fn poll_timeout(&self, id: SessionId) -> Option<Instant> {
+        self.entry(id)?.transfer.poll_timeout()
+    }
+
+    /// True once session `id` has ended and its last packet was drained.
+    pub fn is_finished(&self, id: SessionId) -> bool {
+        self.entry(id).is_some_and(|e| e.transfer.is_drained())
+    }
+
+    pub fn session(&self, id: SessionId) -> Option<SessionView<'_, H>> {
+        self.entry(id).map(|e| SessionView {
+            peer: e.peer,
+            local: e.local,
+            handle: &e.handle,
+        })
+    }
+
+    /// Ends session `id` from the server side: an ERROR with `code` and
+    /// `message` is queued for the peer.
+    pub fn abort(&mut self, now: Instant, id: SessionId, code: ErrorCode, message: &'static str) {
+        if let Some(entry) = self.entry_mut(id) {
+            entry.transfer.abort(now, code, message);
+        }
+    }
+
+    /// Frees session `id`'s slot.
+    pub fn remove(&mut self, id: SessionId) -> Option<Finished<H>> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        let entry = slot.entry.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(id.index);
+        self.live -= 1;
+        if self.by_peer.get(&entry.peer) == Some(&id) {
+            self.by_peer.remove(&entry.peer);
+        }
+        let stats = *entry.transfer.stats();
+        Some(Finished {
+            peer: entry.peer,
+            filename: entry.request.filename.escape_ascii().to_string(),
+            handle: entry.handle,
+            // A session removed before it ended counts as aborted.
+            outcome: entry
+                .transfer
+                .outcome()
+                .unwrap_or(Outcome::Aborted(ErrorCode::NotDefined)),
+            stats,
+        })
+    }
+
+    /// Stops admitting: later requests get an ERROR saying so.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
+    }
+
+    /// Ids of all live sessions (for shutdown).
+    pub fn session_ids(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.slots.iter().enumerate().filter_map(|(index, slot)| {
+            slot.entry.as_ref().map(|_| SessionId {
+                index: index as u32,
+                generation: slot.generation,
+            })
+        })
+    }
+}
+
+impl Outcome {
+    /// A short word for logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::OptionsDeclined => "options-declined",
+            Outcome::PeerError(_) => "client-error",
+            Outcome::TimedOut => "timed-out",
+            Outcome::Aborted(_) => "aborted",
+        }
+    }
+}
+
+impl<H> std::fmt::Display for Finished<H> {
+    /// The one log line of a finished transfer.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let duration = self
+            .stats
+            .ended
+            .map(|end| end.saturating_duration_since(self.stats.started))
+            .unwrap_or(Duration::ZERO);
+        write!(
+            f,
+            "transfer client={} file=\"{}\" bytes={} blksize={} windowsize={} duration_ms={:.3} retransmits={} outcome={}",
+            self.peer,
+            self.filename,
+            self.stats.bytes_acked,
+            self.stats.blksize,
+            self.stats.windowsize,
+            duration.as_secs_f64() * 1000.0,
+            self.stats.retransmits,
+            self.outcome.as_str(),
+        )?;
+        match self.outcome {
+            Outcome::PeerError(code) | Outcome::Aborted(code) => {
+                write!(f, " error_code={}", code.to_u16())
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -100,3 +100,315 @@ pub enum ParseError {
 pub struct BufferTooSmall {
     pub required: usize,
 }
+
+const OP_RRQ: u16 = 1;
+const OP_WRQ: u16 = 2;
+const OP_DATA: u16 = 3;
+const OP_ACK: u16 = 4;
+const OP_ERROR: u16 = 5;
+const OP_OACK: u16 = 6;
+
+impl ErrorCode {
+    pub fn from_u16(code: u16) -> Self {
+        match code {
+            0 => Self::NotDefined,
+            1 => Self::FileNotFound,
+            2 => Self::AccessViolation,
+            3 => Self::DiskFull,
+            4 => Self::IllegalOperation,
+            5 => Self::UnknownTid,
+            6 => Self::FileExists,
+            7 => Self::NoSuchUser,
+            8 => Self::OptionRefused,
+            other => Self::Other(other),
+        }
+    }
+
+    pub fn to_u16(self) -> u16 {
+        match self {
+            Self::NotDefined => 0,
+            Self::FileNotFound => 1,
+            Self::AccessViolation => 2,
+            Self::DiskFull => 3,
+            Self::IllegalOperation => 4,
+            Self::UnknownTid => 5,
+            Self::FileExists => 6,
+            Self::NoSuchUser => 7,
+            Self::OptionRefused => 8,
+            Self::Other(code) => code,
+        }
+    }
+}
+
+impl Mode {
+    /// The mode's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Octet => "octet",
+            Self::Netascii => "netascii",
+        }
+    }
+}
+
+impl Options {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Splits `buf` at its first NUL: (field, rest after the NUL).
+fn take_cstr(buf: &[u8]) -> Result<(&[u8], &[u8]), ParseError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(ParseError::Unterminated)?;
+    Ok((&buf[..end], &buf[end + 1..]))
+}
+
+/// Parses a decimal option value, saturating at `u64::MAX`; None if it is
+/// not all digits.
+fn parse_decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in value {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+    }
+    Some(n)
+}
+
+fn saturate_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Parses `name\0value\0` pairs (RFC 2347). Unknown names are skipped;
+/// names are case-insensitive; a later duplicate wins.
+fn parse_options(mut rest: &[u8]) -> Result<Options, ParseError> {
+    let mut options = Options::default();
+    let mut count = 0;
+    while !rest.is_empty() {
+        count += 1;
+        if count > MAX_OPTIONS {
+            return Err(ParseError::BadOptions);
+        }
+        let (name, after) = take_cstr(rest)?;
+        let (value, after) = take_cstr(after)?;
+        rest = after;
+        if name.is_empty() || name.len() > MAX_OPTION_LEN || value.len() > MAX_OPTION_LEN {
+            return Err(ParseError::BadOptions);
+        }
+        let parsed = parse_decimal(value);
+        if name.eq_ignore_ascii_case(b"blksize") {
+            options.blksize = parsed.map(saturate_u32);
+        } else if name.eq_ignore_ascii_case(b"timeout") {
+            options.timeout = parsed.map(saturate_u32);
+        } else if name.eq_ignore_ascii_case(b"tsize") {
+            options.tsize = parsed;
+        } else if name.eq_ignore_ascii_case(b"windowsize") {
+            options.windowsize = parsed.map(saturate_u32);
+        }
+    }
+    Ok(options)
+}
+
+fn parse_request(body: &[u8]) -> Result<Request<'_>, ParseError> {
+    let (filename, rest) = take_cstr(body)?;
+    if filename.is_empty() || filename.len() > MAX_FILENAME_LEN {
+        return Err(ParseError::BadFilename);
+    }
+    let (mode, rest) = take_cstr(rest)?;
+    let mode = if mode.eq_ignore_ascii_case(b"octet") {
+        Mode::Octet
+    } else if mode.eq_ignore_ascii_case(b"netascii") {
+        Mode::Netascii
+    } else {
+        // Includes the obsolete "mail" mode (RFC 1350 §1).
+        return Err(ParseError::UnknownMode);
+    };
+    let options = parse_options(rest)?;
+    Ok(Request {
+        filename,
+        mode,
+        options,
+    })
+}
+
+fn read_u16(buf: &[u8], at: usize) -> Result<u16, ParseError> {
+    match buf.get(at..at + 2) {
+        Some(b) => Ok(u16::from_be_bytes([b[0], b[1]])),
+        None => Err(ParseError::TooShort),
+    }
+}
+
+impl<'a> Packet<'a> {
+    /// Parses one datagram.
+    pub fn parse(buf: &'a [u8]) -> Result<Self, ParseError> {
+        let opcode = read_u16(buf, 0)?;
+        let body = &buf[2..];
+        match opcode {
+            OP_RRQ => Ok(Packet::Rrq(parse_request(body)?)),
+            OP_WRQ => Ok(Packet::Wrq(parse_request(body)?)),
+            OP_DATA => Ok(Packet::Data {
+                block: read_u16(buf, 2)?,
+                payload: &buf[4..],
+            }),
+            OP_ACK => {
+                let block = read_u16(buf, 2)?;
+                // Some clients pad ACKs; RFC 1350 is silent, so tolerate it.
+                Ok(Packet::Ack { block })
+            }
+            OP_ERROR => {
+                let code = ErrorCode::from_u16(read_u16(buf, 2)?);
+                // A missing terminator is common in the wild: take the rest.
+                let rest = &buf[4..];
+                let message = match rest.iter().position(|&b| b == 0) {
+                    Some(end) => &rest[..end],
+                    None => rest,
+                };
+                Ok(Packet::Error { code, message })
+            }
+            OP_OACK => Ok(Packet::Oack(parse_options(body)?)),
+            other => Err(ParseError::UnknownOpcode(other)),
+        }
+    }
+
+    /// Bytes `emit` writes.
+    pub fn buffer_len(&self) -> usize {
+        match self {
+            Packet::Rrq(req) | Packet::Wrq(req) => {
+                2 + req.filename.len() + 1 + req.mode.as_str().len() + 1 + options_len(&req.options)
+            }
+            Packet::Data { payload, .. } => 4 + payload.len(),
+            Packet::Ack { .. } => 4,
+            Packet::Error { message, .. } => 4 + message.len() + 1,
+            Packet::Oack(options) => 2 + options_len(options),
+        }
+    }
+
+    /// Writes the packet to the start of `buf` and returns its length.
+    pub fn emit(&self, buf: &mut [u8]) -> Result<usize, BufferTooSmall> {
+        let required = self.buffer_len();
+        if buf.len() < required {
+            return Err(BufferTooSmall { required });
+        }
+        let mut w = Writer { buf, at: 0 };
+        match self {
+            Packet::Rrq(req) | Packet::Wrq(req) => {
+                let op = if matches!(self, Packet::Rrq(_)) {
+                    OP_RRQ
+                } else {
+                    OP_WRQ
+                };
+                w.u16(op);
+                w.cstr(req.filename);
+                w.cstr(req.mode.as_str().as_bytes());
+                w.options(&req.options);
+            }
+            Packet::Data { block, payload } => {
+                w.u16(OP_DATA);
+                w.u16(*block);
+                w.bytes(payload);
+            }
+            Packet::Ack { block } => {
+                w.u16(OP_ACK);
+                w.u16(*block);
+            }
+            Packet::Error { code, message } => {
+                w.u16(OP_ERROR);
+                w.u16(code.to_u16());
+                w.cstr(message);
+            }
+            Packet::Oack(options) => {
+                w.u16(OP_OACK);
+                w.options(options);
+            }
+        }
+        debug_assert_eq!(w.at, required);
+        Ok(w.at)
+    }
+}
+
+/// Writes a DATA header (opcode and block) into `buf[..4]`.
+pub fn emit_data_header(block: u16, buf: &mut [u8]) -> Result<usize, BufferTooSmall> {
+    Packet::Data {
+        block,
+        payload: &[],
+    }
+    .emit(buf)
+}
+
+/// Writes an ERROR packet whose message is cut to fit `buf`.
+pub fn emit_error(code: ErrorCode, message: &str, buf: &mut [u8]) -> Result<usize, BufferTooSmall> {
+    let room = buf.len().saturating_sub(5);
+    let message = &message.as_bytes()[..message.len().min(room)];
+    Packet::Error { code, message }.emit(buf)
+}
+
+fn decimal_len(mut n: u64) -> usize {
+    let mut len = 1;
+    while n >= 10 {
+        n /= 10;
+        len += 1;
+    }
+    len
+}
+
+fn options_len(options: &Options) -> usize {
+    let mut len = 0;
+    let mut add = |name: &str, value: Option<u64>| {
+        if let Some(v) = value {
+            len += name.len() + 1 + decimal_len(v) + 1;
+        }
+    };
+    add("blksize", options.blksize.map(u64::from));
+    add("timeout", options.timeout.map(u64::from));
+    add("tsize", options.tsize);
+    add("windowsize", options.windowsize.map(u64::from));
+    len
+}
+
+struct Writer<'b> {
+    buf: &'b mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+    }
+    fn u16(&mut self, v: u16) {
+        self.bytes(&v.to_be_bytes());
+    }
+    fn cstr(&mut self, b: &[u8]) {
+        self.bytes(b);
+        self.bytes(&[0]);
+    }
+    fn decimal(&mut self, v: u64) {
+        let mut digits = [0u8; 20];
+        let len = decimal_len(v);
+        let mut n = v;
+        for slot in digits[..len].iter_mut().rev() {
+            *slot = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        self.bytes(&digits[..len]);
+        self.bytes(&[0]);
+    }
+    fn option(&mut self, name: &str, value: Option<u64>) {
+        if let Some(v) = value {
+            self.cstr(name.as_bytes());
+            self.decimal(v);
+        }
+    }
+    fn options(&mut self, options: &Options) {
+        self.option("blksize", options.blksize.map(u64::from));
+        self.option("timeout", options.timeout.map(u64::from));
+        self.option("tsize", options.tsize);
+        self.option("windowsize", options.windowsize.map(u64::from));
+    }
+}

@@ -1,0 +1,479 @@
+//! Scenario tests of a read transfer through `Endpoint` and `Transfer`,
+//! over the simulated link in `sim`.
+
+mod sim;
+
+use std::time::Duration;
+
+use ringtftpd::proto::{ErrorCode, Options, Packet};
+use ringtftpd::session::{self, Outcome};
+use sim::*;
+
+fn assert_complete(sim: &Sim, file: &[u8]) {
+    assert_eq!(
+        sim.outcome,
+        Some(Outcome::Completed),
+        "log: {:?}",
+        sim.log_line
+    );
+    assert_eq!(sim.client.received.len(), file.len());
+    assert!(sim.client.received == file, "content differs");
+    assert_eq!(sim.endpoint.len(), 0);
+}
+
+#[test]
+fn lock_step_sizes_around_block_boundaries() {
+    for len in [0usize, 1, 511, 512, 513, 1024, 5000] {
+        let file = content(len, len as u64);
+        let mut sim = Sim::new(&file, &[]);
+        sim.drive();
+        assert_complete(&sim, &file);
+        // Exactly one DATA per block, the last one short (possibly empty).
+        assert_eq!(sim.data_sent(), len / 512 + 1, "len {len}");
+        assert_eq!(sim.client.retransmits, 0);
+    }
+}
+
+#[test]
+fn lost_data_is_resent_after_timeout_only() {
+    let file = content(10 * 512 + 7, 1);
+    let mut sim = Sim::new(&file, &[]).link(|dir, p, _| {
+        if dir == Dir::ToClient && is_data(p, 3) {
+            // Drop only the first DATA 3.
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Fate::Drop;
+            }
+        }
+        Fate::Deliver
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.data_sent(), 11 + 1);
+}
+
+#[test]
+fn lost_ack_is_recovered_by_server_timeout() {
+    let file = content(4 * 512, 2);
+    let mut sim = Sim::new(&file, &[]).link(|dir, p, _| {
+        if dir == Dir::ToServer && is_ack(p, 2) {
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Fate::Drop;
+            }
+        }
+        Fate::Deliver
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+    // DATA 2 sent twice; the client re-ACKs the duplicate.
+    assert_eq!(sim.data_sent(), 5 + 1);
+}
+
+#[test]
+fn duplicate_acks_never_trigger_resends() {
+    // Every ACK arrives twice: a naive server would answer each duplicate
+    // with a duplicate DATA (Sorcerer's Apprentice, RFC 1123 §4.2.3.1).
+    let file = content(50 * 512 + 3, 3);
+    let mut sim = Sim::new(&file, &[]).link(|dir, _, _| {
+        if dir == Dir::ToServer {
+            Fate::Duplicate
+        } else {
+            Fate::Deliver
+        }
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.data_sent(), 51);
+}
+
+#[test]
+fn delayed_data_does_not_start_the_sorcerers_apprentice() {
+    // DATA 2 is delayed past the server's RTO: the server resends it, the
+    // client ACKs both copies. The duplicate ACK 2 must not cause a
+    // duplicate DATA 3, nor any later duplicates.
+    let file = content(20 * 512 + 1, 4);
+    let mut sim = Sim::new(&file, &[]).link(|dir, p, _| {
+        if dir == Dir::ToClient && is_data(p, 2) {
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Fate::Delay(Duration::from_millis(1500));
+            }
+        }
+        Fate::Deliver
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+    // One resend of DATA 2 (timer) and nothing else extra.
+    assert_eq!(sim.data_sent(), 21 + 1);
+}
+
+#[test]
+fn reordered_acks_are_harmless() {
+    let file = content(64 * 1024, 5);
+    // Windowed, with ACKs delayed by varying amounts so they arrive out of order.
+    let mut sim = Sim::new(&file, &[("blksize", "1024"), ("windowsize", "4")]).link(|dir, _, i| {
+        if dir == Dir::ToServer && i % 3 == 1 {
+            Fate::Delay(Duration::from_micros(350))
+        } else {
+            Fate::Deliver
+        }
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+}
+
+#[test]
+fn windowed_transfer_sends_windows_and_completes() {
+    let file = content(100 * 1468 + 5, 6);
+    let mut sim = Sim::new(&file, &[("blksize", "1468"), ("windowsize", "16")]);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.data_sent(), 101);
+    let oack = sim.client.oack.expect("OACK");
+    assert_eq!(oack.windowsize, Some(16));
+    assert_eq!(oack.blksize, Some(1468));
+}
+
+#[test]
+fn ack_in_the_middle_of_a_window_resumes_after_it() {
+    // Lose DATA 6 (first window is 1..=8): the client ACKs 5 when 7 arrives
+    // out of order; the server resumes at 6 without waiting for a timeout.
+    let file = content(32 * 512, 7);
+    let mut sim = Sim::new(&file, &[("windowsize", "8")]).link(|dir, p, _| {
+        if dir == Dir::ToClient && is_data(p, 6) {
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Fate::Drop;
+            }
+        }
+        Fate::Deliver
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+    // No timeout was needed: well under the initial 1 s RTO.
+    assert!(
+        sim.elapsed() < Duration::from_millis(100),
+        "took {:?}",
+        sim.elapsed()
+    );
+    // The first DATA 6 and its resend; 7 and 8 resent once too.
+    assert!(sim.data_sent() <= 33 + 3 + 8, "sent {}", sim.data_sent());
+}
+
+#[test]
+fn lost_window_ack_and_data_under_random_loss() {
+    for seed in 1..40u64 {
+        for window in [1u32, 3, 8] {
+            let file = content(40 * 512 + (seed as usize * 37) % 512, seed);
+            let mut rng = seed;
+            let window_s = window.to_string();
+            let mut sim = Sim::new(&file, &[("windowsize", &window_s)]).link(move |_, _, _| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                match rng % 10 {
+                    0 => Fate::Drop,
+                    1 => Fate::Duplicate,
+                    2 => Fate::Delay(Duration::from_millis(3)),
+                    _ => Fate::Deliver,
+                }
+            });
+            sim.client.timeout = Duration::from_millis(300);
+            sim.drive();
+            // Either complete and exact, or (rarely) timed out: never wrong bytes.
+            match sim.outcome {
+                Some(Outcome::Completed) => assert_complete(&sim, &file),
+                other => panic!("seed {seed} window {window}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn client_that_vanishes_is_given_up_after_retries() {
+    let file = content(100 * 512, 8);
+    let mut sim = Sim::new(&file, &[]);
+    // The client goes silent after receiving DATA 3.
+    let mut sim_steps = 0;
+    while sim.client.expected_block < 4 && sim_steps < 1000 {
+        sim.step();
+        sim_steps += 1;
+    }
+    sim.client.vanished = true;
+    sim.drive();
+    assert_eq!(sim.outcome, Some(Outcome::TimedOut));
+    assert_eq!(sim.endpoint.len(), 0);
+    // retries = 5: the last block sent 1 + 5 times, then an ERROR.
+    let last = sim.server_sent.last().unwrap();
+    assert!(matches!(
+        Packet::parse(&last.1),
+        Ok(Packet::Error {
+            code: ErrorCode::NotDefined,
+            ..
+        })
+    ));
+    // Backoff: gaps between resends grow.
+    let resend_times: Vec<_> = sim
+        .server_sent
+        .iter()
+        .rev()
+        .skip(1)
+        .take(6)
+        .map(|(t, _)| *t)
+        .collect();
+    let gaps: Vec<_> = resend_times.windows(2).map(|w| w[0] - w[1]).collect();
+    assert!(gaps.windows(2).all(|g| g[0] >= g[1]), "gaps {gaps:?}");
+    assert!(sim.log_line.as_ref().unwrap().contains("outcome=timed-out"));
+}
+
+#[test]
+fn block_numbers_roll_over_past_65535() {
+    let file = content(65536 * 8 + 3, 9);
+    let mut sim = Sim::new(&file, &[("blksize", "8")]);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.data_sent(), 65536 + 1);
+    // Block 65535 is followed by block 0.
+    let blocks: Vec<u16> = sim
+        .server_sent
+        .iter()
+        .filter_map(|(_, d)| match Packet::parse(d) {
+            Ok(Packet::Data { block, .. }) => Some(block),
+            _ => None,
+        })
+        .collect();
+    let pos = blocks.iter().position(|&b| b == 65535).unwrap();
+    assert_eq!(blocks[pos + 1], 0);
+    assert_eq!(blocks[pos + 2], 1);
+}
+
+#[test]
+fn rollover_with_windows_and_loss_around_the_wrap() {
+    let file = content(70000 * 8, 10);
+    let mut sim = Sim::new(&file, &[("blksize", "8"), ("windowsize", "16")]).link(|dir, p, _| {
+        static DROPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let hit = (dir == Dir::ToClient && (is_data(p, 65535) || is_data(p, 0) || is_data(p, 3)))
+            || (dir == Dir::ToServer && is_ack(p, 65535));
+        if hit && DROPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 4 {
+            return Fate::Drop;
+        }
+        Fate::Deliver
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+}
+
+#[test]
+fn tsize_reports_the_true_size() {
+    let file = content(123_457, 11);
+    let mut sim = Sim::new(&file, &[("tsize", "0"), ("blksize", "1468")]);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.client.oack.unwrap().tsize, Some(123_457));
+}
+
+#[test]
+fn error_8_in_answer_to_oack_ends_cleanly() {
+    let file = content(5000, 12);
+    let mut sim = Sim::new(&file, &[("tsize", "0")]);
+    sim.client.decline_oack = true;
+    sim.drive();
+    assert_eq!(sim.outcome, Some(Outcome::OptionsDeclined));
+    assert_eq!(sim.data_sent(), 0);
+    assert_eq!(sim.endpoint.len(), 0);
+}
+
+#[test]
+fn options_at_and_past_their_limits() {
+    let l = limits();
+    let n = |o: Options| session::negotiate(&o, 1000, None, false, &l);
+    let o = |b: Option<u32>, t: Option<u32>, w: Option<u32>| Options {
+        blksize: b,
+        timeout: t,
+        tsize: None,
+        windowsize: w,
+    };
+    // blksize: 8 and 65464 granted; below 8 ignored; above capped.
+    assert_eq!(n(o(Some(8), None, None)).blksize, 8);
+    assert_eq!(n(o(Some(65464), None, None)).blksize, 65464);
+    assert_eq!(n(o(Some(65465), None, None)).blksize, 65464);
+    assert_eq!(n(o(Some(u32::MAX), None, None)).blksize, 65464);
+    let below = n(o(Some(7), None, None));
+    assert_eq!((below.blksize, below.oack), (512, None));
+    // timeout: 1..=255 accepted; 0 and 256 ignored.
+    assert_eq!(n(o(None, Some(1), None)).timeout, Some(1));
+    assert_eq!(n(o(None, Some(255), None)).timeout, Some(255));
+    assert_eq!(n(o(None, Some(0), None)).oack, None);
+    assert_eq!(n(o(None, Some(256), None)).oack, None);
+    // windowsize: 1 granted; 0 ignored; above the limit capped.
+    assert_eq!(n(o(None, None, Some(1))).windowsize, 1);
+    assert_eq!(n(o(None, None, Some(0))).oack, None);
+    let capped = n(o(None, None, Some(65535)));
+    assert_eq!(capped.windowsize, 64);
+    assert_eq!(capped.oack.unwrap().windowsize, Some(64));
+    // --max-blksize caps too.
+    let small = ringtftpd::session::Limits {
+        max_blksize: 1024,
+        ..limits()
+    };
+    assert_eq!(
+        session::negotiate(&o(Some(4096), None, None), 0, None, false, &small).blksize,
+        1024
+    );
+}
+
+#[test]
+fn blksize_is_clamped_to_the_interface_mtu() {
+    let l = limits();
+    let o = Options {
+        blksize: Some(65464),
+        ..Options::default()
+    };
+    assert_eq!(
+        session::negotiate(&o, 0, Some(1500), false, &l).blksize,
+        1468
+    );
+    assert_eq!(
+        session::negotiate(&o, 0, Some(1500), true, &l).blksize,
+        1448
+    );
+    assert_eq!(
+        session::negotiate(&o, 0, Some(9000), false, &l).blksize,
+        8968
+    );
+    let unclamped = ringtftpd::session::Limits {
+        mtu_clamp: false,
+        ..limits()
+    };
+    assert_eq!(
+        session::negotiate(&o, 0, Some(1500), false, &unclamped).blksize,
+        65464
+    );
+    // End to end: the OACK carries the clamped value.
+    let file = content(10_000, 13);
+    let mut sim = Sim::new(&file, &[("blksize", "8192")]);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.client.oack.unwrap().blksize, Some(1468));
+}
+
+#[test]
+fn negotiated_timeout_fixes_the_retransmission_interval() {
+    let file = content(3 * 512, 14);
+    let mut sim = Sim::new(&file, &[("timeout", "3")]).link(|dir, p, _| {
+        if dir == Dir::ToClient && is_data(p, 2) {
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Fate::Drop;
+            }
+        }
+        Fate::Deliver
+    });
+    sim.client.timeout = Duration::from_secs(10);
+    sim.drive();
+    assert_complete(&sim, &file);
+    let times: Vec<_> = sim
+        .server_sent
+        .iter()
+        .filter(|(_, d)| matches!(Packet::parse(d), Ok(Packet::Data { block: 2, .. })))
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(times.len(), 2);
+    assert_eq!(times[1] - times[0], Duration::from_secs(3));
+}
+
+#[test]
+fn adaptive_rto_makes_a_lan_loss_cost_milliseconds() {
+    // RTT 0.2 ms: after a few samples the RTO sits at its 20 ms floor, so a
+    // lost DATA late in the transfer costs ~20 ms, not a second.
+    let file = content(200 * 512, 15);
+    let mut sim = Sim::new(&file, &[]).link(|dir, p, _| {
+        if dir == Dir::ToClient && is_data(p, 150) {
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Fate::Drop;
+            }
+        }
+        Fate::Deliver
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+    let resend_gap = {
+        let t: Vec<_> = sim
+            .server_sent
+            .iter()
+            .filter(|(_, d)| matches!(Packet::parse(d), Ok(Packet::Data { block: 150, .. })))
+            .map(|(t, _)| *t)
+            .collect();
+        t[1] - t[0]
+    };
+    assert!(
+        resend_gap >= Duration::from_millis(20) && resend_gap < Duration::from_millis(25),
+        "{resend_gap:?}"
+    );
+}
+
+#[test]
+fn lost_oack_is_resent_and_lost_final_ack_is_recovered() {
+    let file = content(700, 16);
+    let mut sim = Sim::new(&file, &[("blksize", "512")]).link(|dir, p, _| {
+        static DROPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let first_oack = dir == Dir::ToClient && matches!(p, Packet::Oack(_));
+        let final_ack = dir == Dir::ToServer && is_ack(p, 2);
+        if (first_oack || final_ack) && DROPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2
+        {
+            return Fate::Drop;
+        }
+        Fate::Deliver
+    });
+    sim.drive();
+    assert_complete(&sim, &file);
+}
+
+#[test]
+fn lost_first_reply_retransmitted_rrq_does_not_start_a_second_transfer() {
+    let file = content(2000, 17);
+    let mut sim = Sim::new(&file, &[("blksize", "1024")]).link(|dir, p, _| {
+        if dir == Dir::ToClient && matches!(p, Packet::Oack(_)) {
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Fate::Drop;
+            }
+        }
+        Fate::Deliver
+    });
+    // The client's RRQ retransmit comes before the server's OACK resend.
+    sim.client.timeout = Duration::from_millis(300);
+    sim.drive();
+    assert_complete(&sim, &file);
+}
+
+#[test]
+fn missing_file_gets_error_1() {
+    let mut sim = Sim::new(b"x", &[]);
+    sim.files.0.clear();
+    sim.drive();
+    assert_eq!(sim.client.error, Some(ErrorCode::FileNotFound));
+    assert_eq!(sim.endpoint.len(), 0);
+}
+
+#[test]
+fn the_log_line_names_what_happened() {
+    let file = content(3000, 18);
+    let mut sim = Sim::new(&file, &[("blksize", "1000"), ("windowsize", "2")]);
+    sim.drive();
+    let line = sim.log_line.clone().unwrap();
+    for part in [
+        "client=127.0.0.2:40000",
+        "file=\"file\"",
+        "bytes=3000",
+        "blksize=1000",
+        "windowsize=2",
+        "retransmits=0",
+        "outcome=completed",
+        "duration_ms=",
+    ] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+}
