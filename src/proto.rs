@@ -412,3 +412,140 @@ impl Writer<'_> {
         self.option("windowsize", options.windowsize.map(u64::from));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn options() -> impl Strategy<Value = Options> {
+        (
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u32>()),
+        )
+            .prop_map(|(blksize, timeout, tsize, windowsize)| Options {
+                blksize,
+                timeout,
+                tsize,
+                windowsize,
+            })
+    }
+
+    fn mode() -> impl Strategy<Value = Mode> {
+        prop_oneof![Just(Mode::Octet), Just(Mode::Netascii)]
+    }
+
+    fn filename() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(1u8..=255, 1..200)
+    }
+
+    fn roundtrip(packet: Packet<'_>) {
+        let mut buf = vec![0u8; packet.buffer_len()];
+        let n = packet.emit(&mut buf).unwrap();
+        assert_eq!(n, buf.len());
+        assert_eq!(Packet::parse(&buf[..n]).unwrap(), packet);
+        if n > 0 {
+            let mut short = vec![0u8; n - 1];
+            assert_eq!(packet.emit(&mut short), Err(BufferTooSmall { required: n }));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn requests_roundtrip(name in filename(), mode in mode(), options in options(), write in any::<bool>()) {
+            let request = Request { filename: &name, mode, options };
+            roundtrip(if write { Packet::Wrq(request) } else { Packet::Rrq(request) });
+        }
+
+        #[test]
+        fn data_roundtrips(block in any::<u16>(), payload in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            roundtrip(Packet::Data { block, payload: &payload });
+        }
+
+        #[test]
+        fn ack_roundtrips(block in any::<u16>()) {
+            roundtrip(Packet::Ack { block });
+        }
+
+        #[test]
+        fn error_roundtrips(code in any::<u16>(), message in proptest::collection::vec(1u8..=255, 0..300)) {
+            roundtrip(Packet::Error { code: ErrorCode::from_u16(code), message: &message });
+        }
+
+        #[test]
+        fn oack_roundtrips(options in options()) {
+            roundtrip(Packet::Oack(options));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let _ = Packet::parse(&bytes);
+        }
+
+        #[test]
+        fn requests_with_random_option_bytes_never_panic(
+            op in 1u16..=6,
+            tail in proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..400),
+        ) {
+            let mut bytes = op.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&tail);
+            let _ = Packet::parse(&bytes);
+        }
+    }
+
+    #[test]
+    fn error_codes_map_both_ways() {
+        for code in 0..=20u16 {
+            assert_eq!(ErrorCode::from_u16(code).to_u16(), code);
+        }
+        assert_eq!(ErrorCode::from_u16(8), ErrorCode::OptionRefused);
+    }
+
+    #[test]
+    fn typical_requests_parse() {
+        let p = Packet::parse(b"\x00\x01pxelinux.0\x00octet\x00tsize\x000\x00blksize\x001468\x00")
+            .unwrap();
+        let Packet::Rrq(r) = p else { panic!() };
+        assert_eq!(r.filename, b"pxelinux.0");
+        assert_eq!(r.options.tsize, Some(0));
+        assert_eq!(r.options.blksize, Some(1468));
+        // A missing final NUL on the mode is malformed.
+        assert_eq!(
+            Packet::parse(b"\x00\x01f\x00octet"),
+            Err(ParseError::Unterminated)
+        );
+        // An option name without a value is malformed.
+        assert_eq!(
+            Packet::parse(b"\x00\x01f\x00octet\x00tsize\x00"),
+            Err(ParseError::Unterminated)
+        );
+        assert_eq!(
+            Packet::parse(b"\x00\x01f\x00mail\x00"),
+            Err(ParseError::UnknownMode)
+        );
+        assert_eq!(
+            Packet::parse(b"\x00\x01\x00octet\x00"),
+            Err(ParseError::BadFilename)
+        );
+        assert_eq!(Packet::parse(b"\x00"), Err(ParseError::TooShort));
+        assert_eq!(
+            Packet::parse(b"\x00\x07"),
+            Err(ParseError::UnknownOpcode(7))
+        );
+        // Values saturate rather than overflow.
+        let p =
+            Packet::parse(b"\x00\x01f\x00octet\x00blksize\x0099999999999999999999999\x00").unwrap();
+        let Packet::Rrq(r) = p else { panic!() };
+        assert_eq!(r.options.blksize, Some(u32::MAX));
+    }
+
+    #[test]
+    fn error_messages_are_cut_to_fit() {
+        let mut buf = [0u8; 10];
+        let n = emit_error(ErrorCode::NotDefined, "a very long message", &mut buf).unwrap();
+        assert_eq!(n, 10);
+        assert_eq!(buf[9], 0);
+    }
+}

@@ -1,0 +1,345 @@
+//! `Endpoint` admission, routing and refusals, sans-IO.
+
+mod sim;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::proto::{ErrorCode, Packet};
+use sim::*;
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn peer(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), port)
+}
+
+fn rrq(name: &str, mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    let mut p = vec![0, 1];
+    for field in [name, mode] {
+        p.extend_from_slice(field.as_bytes());
+        p.push(0);
+    }
+    for (n, v) in options {
+        p.extend_from_slice(n.as_bytes());
+        p.push(0);
+        p.extend_from_slice(v.as_bytes());
+        p.push(0);
+    }
+    p
+}
+
+struct Fixture {
+    now: Instant,
+    endpoint: Endpoint<Arc<Vec<u8>>>,
+    files: MemFiles,
+    reply: Vec<u8>,
+}
+
+impl Fixture {
+    fn new(config: EndpointConfig) -> Self {
+        let mut files = MemFiles::default();
+        files
+            .0
+            .insert(b"boot.img".to_vec(), Arc::new(content(10_000, 1)));
+        Self {
+            now: Instant::now(),
+            endpoint: Endpoint::new(config),
+            files,
+            reply: vec![0; 600],
+        }
+    }
+
+    fn request(&mut self, from: SocketAddr, datagram: &[u8]) -> RequestOutcome {
+        self.endpoint.handle_request(
+            self.now,
+            from,
+            LOCAL,
+            Some(1500),
+            datagram,
+            &mut self.files,
+            &mut self.reply,
+        )
+    }
+
+    fn error_reply(&mut self, from: SocketAddr, datagram: &[u8]) -> (ErrorCode, String) {
+        match self.request(from, datagram) {
+            RequestOutcome::Reply(n) => match Packet::parse(&self.reply[..n]) {
+                Ok(Packet::Error { code, message }) => {
+                    (code, String::from_utf8_lossy(message).into_owned())
+                }
+                other => panic!("not an ERROR: {other:?}"),
+            },
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn refusals_carry_the_right_error_codes() {
+    let mut f = Fixture::new(config());
+    assert_eq!(
+        f.error_reply(peer(1), &rrq("nope", "octet", &[])).0,
+        ErrorCode::FileNotFound
+    );
+    let (code, message) = f.error_reply(peer(2), &[0, 2, b'a', 0, b'o', b'c', b't', b'e', b't', 0]);
+    assert_eq!(code, ErrorCode::AccessViolation);
+    assert!(message.contains("uploads are disabled"), "{message}");
+    assert_eq!(
+        f.error_reply(peer(3), &rrq("boot.img", "mail", &[])).0,
+        ErrorCode::IllegalOperation
+    );
+    assert_eq!(
+        f.error_reply(peer(4), &rrq("boot.img", "bogus", &[])).0,
+        ErrorCode::IllegalOperation
+    );
+    assert_eq!(
+        f.error_reply(peer(5), &[0, 9, 1, 2]).0,
+        ErrorCode::IllegalOperation
+    );
+    assert_eq!(
+        f.error_reply(peer(6), b"\x00").0,
+        ErrorCode::IllegalOperation
+    );
+    // Over-long filename: refused, not served.
+    let long = "a".repeat(5000);
+    assert_eq!(
+        f.error_reply(peer(7), &rrq(&long, "octet", &[])).0,
+        ErrorCode::AccessViolation
+    );
+    assert!(f.endpoint.is_empty());
+}
+
+#[test]
+fn mode_names_are_case_insensitive() {
+    let mut f = Fixture::new(config());
+    assert!(matches!(
+        f.request(peer(1), &rrq("boot.img", "OcTeT", &[])),
+        RequestOutcome::Started(_)
+    ));
+    assert!(matches!(
+        f.request(peer(2), &rrq("boot.img", "NETASCII", &[])),
+        RequestOutcome::Started(_)
+    ));
+}
+
+#[test]
+fn absurd_options_are_refused_without_panic() {
+    let mut f = Fixture::new(config());
+    let many: Vec<(String, String)> = (0..5000)
+        .map(|i| (format!("opt{i}"), "1".to_string()))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let (code, _) = f.error_reply(peer(1), &rrq("boot.img", "octet", &many));
+    assert_eq!(code, ErrorCode::IllegalOperation);
+    let long_value = "9".repeat(10_000);
+    let (code, _) = f.error_reply(
+        peer(2),
+        &rrq("boot.img", "octet", &[("blksize", &long_value)]),
+    );
+    assert_eq!(code, ErrorCode::IllegalOperation);
+    // Unparseable or unknown values are ignored, not refused.
+    let started = f.request(
+        peer(3),
+        &rrq("boot.img", "octet", &[("blksize", "lots"), ("foo", "bar")]),
+    );
+    assert!(matches!(started, RequestOutcome::Started(_)));
+}
+
+#[test]
+fn option_names_are_case_insensitive_and_oack_lists_only_accepted() {
+    let mut f = Fixture::new(config());
+    let request = rrq(
+        "boot.img",
+        "octet",
+        &[
+            ("BlkSize", "1468"),
+            ("TSIZE", "0"),
+            ("foo", "1"),
+            ("timeout", "0"),
+        ],
+    );
+    let RequestOutcome::Started(id) = f.request(peer(1), &request) else {
+        panic!()
+    };
+    let mut buf = [0u8; 600];
+    let t = f.endpoint.poll_transmit(f.now, id, &mut buf).unwrap();
+    let Ok(Packet::Oack(options)) = Packet::parse(&buf[..t.header_len]) else {
+        panic!()
+    };
+    assert_eq!(options.blksize, Some(1468));
+    assert_eq!(options.tsize, Some(10_000));
+    assert_eq!(options.timeout, None);
+    assert_eq!(options.windowsize, None);
+}
+
+#[test]
+fn strangers_get_error_5_and_the_transfer_goes_on() {
+    let mut f = Fixture::new(config());
+    let RequestOutcome::Started(id) = f.request(peer(1), &rrq("boot.img", "octet", &[])) else {
+        panic!()
+    };
+    let mut buf = [0u8; 600];
+    let t = f.endpoint.poll_transmit(f.now, id, &mut buf).unwrap();
+    assert!(t.payload.is_some());
+    let stranger = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), 999);
+    let mut reply = [0u8; 600];
+    match f
+        .endpoint
+        .handle_datagram(f.now, id, stranger, &[0, 4, 0, 1], &mut reply)
+    {
+        DatagramOutcome::Reply(n) => {
+            assert!(matches!(
+                Packet::parse(&reply[..n]),
+                Ok(Packet::Error {
+                    code: ErrorCode::UnknownTid,
+                    ..
+                })
+            ))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same port from another host is a stranger too.
+    let other_host = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), 1);
+    assert!(matches!(
+        f.endpoint
+            .handle_datagram(f.now, id, other_host, &[0, 4, 0, 1], &mut reply),
+        DatagramOutcome::Reply(_)
+    ));
+    // The real client's ACK still moves the transfer on.
+    assert_eq!(
+        f.endpoint
+            .handle_datagram(f.now, id, peer(1), &[0, 4, 0, 1], &mut reply),
+        DatagramOutcome::Delivered
+    );
+    let t = f.endpoint.poll_transmit(f.now, id, &mut buf).unwrap();
+    assert_eq!(&buf[..4], &[0, 3, 0, 2]);
+    assert_eq!(t.payload.unwrap().offset, 512);
+    // A stranger's ERROR is never answered (no ping-pong of errors).
+    assert_eq!(
+        f.endpoint
+            .handle_datagram(f.now, id, stranger, &[0, 5, 0, 5, 0], &mut reply),
+        DatagramOutcome::Ignored
+    );
+}
+
+#[test]
+fn error_replies_to_strangers_are_rate_limited() {
+    let mut f = Fixture::new(config()); // 10/s, burst 5
+    let RequestOutcome::Started(id) = f.request(peer(1), &rrq("boot.img", "octet", &[])) else {
+        panic!()
+    };
+    let stranger = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), 999);
+    let mut reply = [0u8; 600];
+    let mut answered = 0;
+    for _ in 0..1000 {
+        if let DatagramOutcome::Reply(_) =
+            f.endpoint
+                .handle_datagram(f.now, id, stranger, &[0, 4, 0, 1], &mut reply)
+        {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 5);
+    // One second later, ten more tokens (capped at the burst of 5).
+    let later = f.now + Duration::from_secs(1);
+    let mut answered = 0;
+    for _ in 0..1000 {
+        if let DatagramOutcome::Reply(_) =
+            f.endpoint
+                .handle_datagram(later, id, stranger, &[0, 4, 0, 1], &mut reply)
+        {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 5);
+    // Garbage sent to the listener shares the same budget.
+    assert_eq!(
+        f.endpoint.handle_request(
+            later,
+            peer(2),
+            LOCAL,
+            None,
+            &[0, 9],
+            &mut f.files,
+            &mut reply
+        ),
+        RequestOutcome::Ignored
+    );
+}
+
+#[test]
+fn beyond_max_sessions_the_server_says_it_is_busy() {
+    let mut f = Fixture::new(EndpointConfig {
+        max_sessions: 3,
+        ..config()
+    });
+    for port in 1..=3 {
+        assert!(matches!(
+            f.request(peer(port), &rrq("boot.img", "octet", &[])),
+            RequestOutcome::Started(_)
+        ));
+    }
+    let (code, message) = f.error_reply(peer(4), &rrq("boot.img", "octet", &[]));
+    assert_eq!(code, ErrorCode::NotDefined);
+    assert!(message.contains("busy"), "{message}");
+    assert_eq!(f.endpoint.len(), 3);
+}
+
+#[test]
+fn stale_session_ids_reach_nothing() {
+    let mut f = Fixture::new(config());
+    let RequestOutcome::Started(id) = f.request(peer(1), &rrq("boot.img", "octet", &[])) else {
+        panic!()
+    };
+    f.endpoint.abort(f.now, id, ErrorCode::NotDefined, "test");
+    let mut buf = [0u8; 600];
+    assert!(f.endpoint.poll_transmit(f.now, id, &mut buf).is_some()); // the ERROR
+    assert!(f.endpoint.is_finished(id));
+    let finished = f.endpoint.remove(id).unwrap();
+    assert!(finished.to_string().contains("outcome=aborted"));
+    // The slot is reused with a new generation; the old id is dead.
+    let RequestOutcome::Started(new) = f.request(peer(2), &rrq("boot.img", "octet", &[])) else {
+        panic!()
+    };
+    assert_eq!(new.index, id.index);
+    assert_ne!(new.generation, id.generation);
+    let stale = SessionId { ..id };
+    assert!(f.endpoint.poll_transmit(f.now, stale, &mut buf).is_none());
+    assert!(f.endpoint.remove(stale).is_none());
+    assert!(f.endpoint.session(new).is_some());
+}
+
+#[test]
+fn a_new_request_from_the_same_port_after_a_probe_starts_a_new_transfer() {
+    // OVMF: RRQ tsize → OACK → ERROR 8, then RRQ blksize+windowsize from
+    // the same port, possibly before the probe session was reaped.
+    let mut f = Fixture::new(config());
+    let RequestOutcome::Started(probe) =
+        f.request(peer(1), &rrq("boot.img", "octet", &[("tsize", "0")]))
+    else {
+        panic!()
+    };
+    let fetch = rrq(
+        "boot.img",
+        "octet",
+        &[("blksize", "1468"), ("windowsize", "4")],
+    );
+    let RequestOutcome::Started(real) = f.request(peer(1), &fetch) else {
+        panic!()
+    };
+    assert_ne!(probe, real);
+    // But the very same request again is a retransmission.
+    assert_eq!(f.request(peer(1), &fetch), RequestOutcome::Ignored);
+}
+
+#[test]
+fn shutting_down_refuses_new_requests() {
+    let mut f = Fixture::new(config());
+    f.endpoint.shut_down();
+    let (code, message) = f.error_reply(peer(1), &rrq("boot.img", "octet", &[]));
+    assert_eq!(code, ErrorCode::NotDefined);
+    assert!(message.contains("shutting down"));
+}
