@@ -16,7 +16,11 @@ use crate::session::{Limits, MAX_WINDOWSIZE};
 pub const DEFAULT_PORT: u16 = 69;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ringtftpd", version, about = "A high-performance TFTP server on io_uring")]
+#[command(
+    name = "ringtftpd",
+    version,
+    about = "A high-performance TFTP server on io_uring"
+)]
 pub struct Config {
     /// Directory to serve; a leading '/' in requests means this root.
     #[arg(default_value = "/srv/tftp")]
@@ -120,7 +124,9 @@ pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
             return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
         }
     }
-    Err(format!("'{text}' is not an address: use ADDR[:PORT], [V6ADDR][:PORT] or :PORT"))
+    Err(format!(
+        "'{text}' is not an address: use ADDR[:PORT], [V6ADDR][:PORT] or :PORT"
+    ))
 }
 
 impl Config {
@@ -170,7 +176,16 @@ mod tests {
     fn defaults_and_repeated_addresses() {
         let c = Config::parse_from(["ringtftpd", "/tmp"]);
         assert_eq!(c.addresses, vec!["[::]:69".parse().unwrap()]);
-        let c = Config::parse_from(["ringtftpd", "-a", "127.0.0.1:1", "--address", "[::1]:2", "-l", "-s", "/tmp"]);
+        let c = Config::parse_from([
+            "ringtftpd",
+            "-a",
+            "127.0.0.1:1",
+            "--address",
+            "[::1]:2",
+            "-l",
+            "-s",
+            "/tmp",
+        ]);
         assert_eq!(c.addresses.len(), 2);
         assert_eq!(c.directory, PathBuf::from("/tmp"));
         assert!(Config::try_parse_from(["ringtftpd", "--max-blksize", "7", "/tmp"]).is_err());

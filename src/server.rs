@@ -1,1 +1,139 @@
-//! server (placeholder).
+//! Start-up and shutdown: resource limits, the file root, one pinned shard
+//! per CPU of the affinity mask, and signals.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::config::Config;
+use crate::files::FileRoot;
+use crate::shard::{self, ShardConfig, ShardHandle};
+
+/// The CPUs this process may run on (honours taskset, systemd
+/// CPUAffinity and container cpusets).
+pub fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    use nix::unistd::Pid;
+    match sched_getaffinity(Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Raises the open-file limit to its hard limit: every transfer holds a
+/// socket.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    Ok(hard)
+}
+
+/// A running server: its shards.
+pub struct Server {
+    shards: Vec<ShardHandle>,
+    pub addresses: Vec<SocketAddr>,
+}
+
+impl Server {
+    /// Binds every address on every shard and starts the shards.
+    pub fn start(config: &Config) -> io::Result<Server> {
+        let files = FileRoot::open(&config.directory, config.permissive).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot serve {}: {e}", config.directory.display()),
+            )
+        })?;
+        let cpus = allowed_cpus();
+        let count = match config.threads {
+            Some(n) => usize::from(n),
+            None => cpus.len().max(1),
+        };
+        let mut shards = Vec::with_capacity(count);
+        let mut addresses = config.addresses.clone();
+        for index in 0..count {
+            let mut listeners = Vec::with_capacity(addresses.len());
+            for addr in addresses.iter_mut() {
+                let socket = shard::net::bind_listener(*addr, config.rcvbuf).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?;
+                // With port 0 the first shard picks the port; the others
+                // join it through SO_REUSEPORT.
+                *addr = socket.local_addr()?;
+                listeners.push(socket);
+            }
+            let shard_config = ShardConfig {
+                index,
+                cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
+                listeners,
+                endpoint: config.endpoint(count),
+                files: files.clone(),
+                log_transfers: !config.quiet,
+                shutdown_grace: Duration::from_secs(config.shutdown_grace),
+            };
+            shards.push(shard::spawn(shard_config)?);
+        }
+        Ok(Server { shards, addresses })
+    }
+
+    /// Asks every shard to drain and stop.
+    pub fn shut_down(&self) {
+        for shard in &self.shards {
+            shard.shut_down();
+        }
+    }
+
+    /// Waits for every shard to stop; the first error wins.
+    pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for shard in self.shards {
+            if let Err(e) = shard.join() {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM, then drains it. A second
+/// signal exits at once.
+pub fn run(config: &Config) -> io::Result<()> {
+    // Block the signals before any thread starts, so that every thread
+    // inherits the mask and only `wait` below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().map_err(io::Error::from)?;
+    if let Err(e) = raise_nofile_limit() {
+        eprintln!("ringtftpd: warning: cannot raise RLIMIT_NOFILE: {e}");
+    }
+    let server = Server::start(config)?;
+    let listening: Vec<String> = server.addresses.iter().map(|a| a.to_string()).collect();
+    eprintln!(
+        "ringtftpd: serving {} on {} with {} thread(s)",
+        config.directory.display(),
+        listening.join(", "),
+        server.shards.len()
+    );
+    let signal = signals.wait().map_err(io::Error::from)?;
+    eprintln!(
+        "ringtftpd: {signal}: finishing transfers (up to {} s)",
+        config.shutdown_grace
+    );
+    server.shut_down();
+    std::thread::spawn(move || {
+        if signals.wait().is_ok() {
+            eprintln!("ringtftpd: second signal: exiting now");
+            std::process::exit(130);
+        }
+    });
+    server.join()?;
+    eprintln!("ringtftpd: stopped");
+    Ok(())
+}

@@ -1,1 +1,1209 @@
-//! shard (placeholder).
+//! The io_uring driver: one thread per pinned core, thin around the sans-IO
+//! [`Endpoint`]. It owns one io_uring, its listening sockets (one
+//! `SO_REUSEPORT` socket per `--address`), the transfer sockets of its
+//! sessions, a timer wheel and two provided-buffer rings; nothing is shared
+//! mutably with other shards.
+//!
+//! One loop turn:
+//! 1. submit everything queued and wait (one `io_uring_enter`) for a
+//!    completion or the wheel's next deadline;
+//! 2. handle completions: requests on listeners (`handle_request`),
+//!    datagrams on transfer sockets (`handle_datagram`), finished sends,
+//!    the shutdown eventfd; every receive buffer goes back to its ring as
+//!    soon as its datagram was handled;
+//! 3. expire timers (`handle_timeout`);
+//! 4. for every session touched this turn, and those waiting for a send
+//!    slot: drain `poll_transmit` into `SendMsg` SQEs, re-arm its timer with
+//!    `poll_timeout`, and remove it once `is_finished`;
+//! 5. re-arm multishot receives that ended (e.g. `-ENOBUFS` when a ring ran
+//!    dry), now that buffers are back.
+//!
+//! Lifetimes the kernel relies on: a send's msghdr, iovecs and header live in
+//! a boxed send slot until its CQE; its payload points into the session's
+//! file mapping, which is kept alive (lingering) after the session is
+//! removed until its last send completed; a transfer socket is closed only
+//! after its multishot receive ended and after an `io_uring_enter` consumed
+//! every SQE that names it. Payload pointers are never read in user space:
+//! a file truncated under us makes the kernel's copy fail with `EFAULT`
+//! (and the session is aborted) instead of raising SIGBUS here.
+
+mod bufring;
+#[cfg(test)]
+mod e2e;
+pub mod net;
+mod send;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use crate::files::{FileData, FileRoot};
+use crate::proto::{self, ErrorCode};
+use crate::timer::TimerWheel;
+use bufring::BufRing;
+use send::{HEADER_CAP, Owner, SendPool};
+
+/// What one shard needs; the server builds one per core.
+pub struct ShardConfig {
+    pub index: usize,
+    /// Core to pin the thread to (`None`: not pinned).
+    pub cpu: Option<usize>,
+    /// Listening sockets from [`net::bind_listener`], one per `--address`.
+    pub listeners: Vec<UdpSocket>,
+    pub endpoint: EndpointConfig,
+    pub files: FileRoot,
+    /// Print each finished transfer's log line to stderr.
+    pub log_transfers: bool,
+    /// How long live transfers may run on after shutdown was asked for.
+    pub shutdown_grace: Duration,
+}
+
+/// Sizes of the ring, buffer rings and send pool.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tuning {
+    pub sq_entries: u32,
+    pub cq_entries: u32,
+    /// Listener buffers (requests): count (power of two) and size.
+    pub listen_bufs: (u16, usize),
+    /// Transfer-socket buffers (ACK/ERROR; longer datagrams are truncated).
+    pub session_bufs: (u16, usize),
+    pub send_slots: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            sq_entries: 4096,
+            cq_entries: 16384,
+            listen_bufs: (2048, 2048),
+            session_bufs: (4096, 1024),
+            send_slots: 2048,
+        }
+    }
+}
+
+/// A running shard thread.
+pub struct ShardHandle {
+    wake: Arc<EventFd>,
+    thread: JoinHandle<io::Result<()>>,
+}
+
+impl ShardHandle {
+    /// Asks the shard to stop: it stops listening, lets live transfers run
+    /// for up to `shutdown_grace`, aborts the rest and returns.
+    pub fn shut_down(&self) {
+        // The counter only grows; a full counter (EAGAIN) is already a wake-up.
+        let _ = self.wake.write(1);
+    }
+
+    /// Waits for the shard thread to end.
+    pub fn join(self) -> io::Result<()> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")))
+    }
+}
+
+/// Starts a shard thread. Returns once its io_uring is set up and its
+/// listeners are receiving, or with the set-up error.
+pub fn spawn(config: ShardConfig) -> io::Result<ShardHandle> {
+    spawn_tuned(config, Tuning::default())
+}
+
+pub(crate) fn spawn_tuned(config: ShardConfig, tuning: Tuning) -> io::Result<ShardHandle> {
+    let wake = Arc::new(EventFd::from_flags(
+        EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+    )?);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+    let thread_wake = Arc::clone(&wake);
+    let name = format!("shard-{}", config.index);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let mut shard = match Shard::new(config, tuning, thread_wake) {
+            Ok(shard) => {
+                let _ = tx.send(Ok(()));
+                shard
+            }
+            Err(e) => {
+                let kind = e.kind();
+                let _ = tx.send(Err(e));
+                return Err(io::Error::new(kind, "shard set-up failed"));
+            }
+        };
+        shard.run()
+    })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(ShardHandle { wake, thread }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(io::Error::other("shard thread died during set-up"))
+        }
+    }
+}
+
+const LISTEN_BGID: u16 = 0;
+const SESSION_BGID: u16 = 1;
+const TICK: Duration = Duration::from_millis(1);
+const MAX_WAIT: Duration = Duration::from_secs(1);
+/// After the grace period (or once idle): how long to wait for the last
+/// sends, cancels and closes before returning anyway.
+const FINAL_DRAIN: Duration = Duration::from_secs(2);
+/// Most sends one session may queue per service, so one big window does
+/// not starve the others.
+const SERVE_BUDGET: usize = 256;
+/// Size of the reply buffer given to the endpoint; fits in a send slot.
+const REPLY_CAP: usize = HEADER_CAP;
+
+/// What a CQE belongs to, packed into its `user_data`: kind in the top
+/// byte, a 24-bit epoch (session receives), an index in the low 32 bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    ListenerRecv(u32),
+    /// `epoch` tells a receive from an earlier one on the same slot index.
+    SessionRecv {
+        index: u32,
+        epoch: u32,
+    },
+    Send(u32),
+    Cancel,
+    Wake,
+}
+
+const EPOCH_MASK: u32 = 0x00ff_ffff;
+
+impl Token {
+    fn encode(self) -> u64 {
+        let (kind, epoch, index) = match self {
+            Token::ListenerRecv(i) => (1u64, 0u32, i),
+            Token::SessionRecv { index, epoch } => (2, epoch & EPOCH_MASK, index),
+            Token::Send(i) => (3, 0, i),
+            Token::Cancel => (4, 0, 0),
+            Token::Wake => (5, 0, 0),
+        };
+        kind << 56 | u64::from(epoch) << 32 | u64::from(index)
+    }
+
+    fn decode(v: u64) -> Option<Token> {
+        let index = v as u32;
+        let epoch = (v >> 32) as u32 & EPOCH_MASK;
+        Some(match v >> 56 {
+            1 => Token::ListenerRecv(index),
+            2 => Token::SessionRecv { index, epoch },
+            3 => Token::Send(index),
+            4 => Token::Cancel,
+            5 => Token::Wake,
+            _ => return None,
+        })
+    }
+}
+
+/// Per-shard counters, plain fields.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    /// Loop turns (one `io_uring_enter` each, barring a full SQ).
+    turns: u64,
+    requests: u64,
+    /// Requests answered with an ERROR by the endpoint.
+    refused: u64,
+    ignored: u64,
+    started: u64,
+    /// Admitted but no transfer socket could be made ("server busy").
+    busy: u64,
+    finished: u64,
+    datagrams_in: u64,
+    sends: u64,
+    send_errors: u64,
+    /// Sends that failed with EFAULT (file changed under a transfer).
+    send_faults: u64,
+    /// Replies dropped because every send slot was busy.
+    replies_dropped: u64,
+    recv_errors: u64,
+    /// Multishot receives that ended and were armed again.
+    rearms: u64,
+    /// Of those, how many ended because a buffer ring ran dry.
+    ring_dry: u64,
+}
+
+struct Listener {
+    sock: UdpSocket,
+    v6: bool,
+    bound: SocketAddr,
+    recv_armed: bool,
+}
+
+/// The transfer socket of a live session, at `SessionId::index`.
+struct LiveSock {
+    id: SessionId,
+    fd: OwnedFd,
+    peer: SocketAddr,
+    v6: bool,
+    /// The token of its armed multishot receive, if armed.
+    recv: Option<u64>,
+    /// Sends of this session not yet completed.
+    inflight: u32,
+    touched: bool,
+    queued: bool,
+    faulted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Listeners stopped; live transfers may finish until `deadline`.
+    Draining {
+        deadline: Instant,
+    },
+    /// Everything aborted or done; waiting for the kernel until `deadline`.
+    Final {
+        deadline: Instant,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rearm {
+    Listener(u32),
+    Session(SessionId),
+}
+
+struct Shard {
+    // Declared first so it is dropped first: closing the io_uring ends every
+    // operation that points into the buffers, slots and msghdrs below.
+    ring: IoUring,
+    listen_bufs: BufRing,
+    session_bufs: BufRing,
+    listen_msghdr: Box<libc::msghdr>,
+    session_msghdr: Box<libc::msghdr>,
+    wake: Arc<EventFd>,
+    wake_buf: Box<[u8; 8]>,
+    listeners: Vec<Listener>,
+    endpoint: Endpoint<FileData>,
+    files: FileRoot,
+    wheel: TimerWheel,
+    socks: Vec<Option<LiveSock>>,
+    live: usize,
+    next_epoch: u32,
+    sends: SendPool,
+    /// Removed sessions' sockets whose receive is being cancelled, by token.
+    closing: HashMap<u64, OwnedFd>,
+    /// Sockets to close once the SQEs naming them were submitted.
+    to_close: Vec<OwnedFd>,
+    /// Removed sessions' files, kept while their sends are in flight.
+    lingering: HashMap<SessionId, (FileData, u32)>,
+    ready: VecDeque<SessionId>,
+    touched: Vec<SessionId>,
+    rearm: Vec<Rearm>,
+    backlog: VecDeque<squeue::Entry>,
+    mtu_cache: HashMap<u32, Option<u32>>,
+    reply: Box<[u8; REPLY_CAP]>,
+    cqes: Vec<cqueue::Entry>,
+    expired: Vec<u32>,
+    counters: Counters,
+    phase: Phase,
+    index: usize,
+    log_transfers: bool,
+    shutdown_grace: Duration,
+}
+
+fn build_ring(t: &Tuning) -> io::Result<IoUring> {
+    let mut b = IoUring::builder();
+    b.setup_cqsize(t.cq_entries)
+        .setup_submit_all()
+        .setup_single_issuer()
+        .setup_defer_taskrun();
+    if let Ok(ring) = b.build(t.sq_entries) {
+        return Ok(ring);
+    }
+    let mut b = IoUring::builder();
+    b.setup_cqsize(t.cq_entries)
+        .setup_submit_all()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag();
+    if let Ok(ring) = b.build(t.sq_entries) {
+        return Ok(ring);
+    }
+    let mut b = IoUring::builder();
+    b.setup_cqsize(t.cq_entries);
+    b.build(t.sq_entries)
+}
+
+fn recv_msghdr(control_len: usize) -> Box<libc::msghdr> {
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut m: Box<libc::msghdr> = Box::new(unsafe { mem::zeroed() });
+    // Only the lengths matter for a multishot receive: they fix the layout
+    // of name and control in each buffer (io_uring_recvmsg_out).
+    m.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    m.msg_controllen = control_len as _;
+    m
+}
+
+fn pin_to(cpu: usize) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+}
+
+/// MTU of the interface a request came in on, cached per ifindex.
+fn lookup_mtu(
+    cache: &mut HashMap<u32, Option<u32>>,
+    listeners: &[Listener],
+    li: u32,
+    ifindex: u32,
+) -> Option<u32> {
+    if ifindex == 0 {
+        return None;
+    }
+    if let Some(&m) = cache.get(&ifindex) {
+        return m;
+    }
+    let l = listeners.get(li as usize)?;
+    let mtu = net::interface_mtu(l.sock.as_fd(), ifindex).ok();
+    if cache.len() < 4096 {
+        cache.insert(ifindex, mtu);
+    }
+    mtu
+}
+
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+fn is_transient(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+    )
+}
+
+impl Shard {
+    fn new(config: ShardConfig, tuning: Tuning, wake: Arc<EventFd>) -> io::Result<Self> {
+        if let Some(cpu) = config.cpu
+            && let Err(e) = pin_to(cpu)
+        {
+            eprintln!(
+                "shard {}: cannot pin to cpu {cpu}: {e}; running unpinned",
+                config.index
+            );
+        }
+        let ring = build_ring(&tuning)?;
+        let listen_bufs = BufRing::new(tuning.listen_bufs.0, tuning.listen_bufs.1, LISTEN_BGID)?;
+        let session_bufs =
+            BufRing::new(tuning.session_bufs.0, tuning.session_bufs.1, SESSION_BGID)?;
+        listen_bufs.register(&ring.submitter())?;
+        session_bufs.register(&ring.submitter())?;
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for sock in config.listeners {
+            let v6 = net::is_v6_socket(sock.as_fd())?;
+            let bound = net::local_addr(sock.as_fd())?;
+            listeners.push(Listener {
+                sock,
+                v6,
+                bound,
+                recv_armed: false,
+            });
+        }
+        let endpoint = Endpoint::new(config.endpoint);
+        let capacity = endpoint.capacity();
+        let now = Instant::now();
+        let mut shard = Shard {
+            ring,
+            listen_bufs,
+            session_bufs,
+            listen_msghdr: recv_msghdr(net::RECV_CONTROL_LEN),
+            session_msghdr: recv_msghdr(0),
+            wake,
+            wake_buf: Box::new([0; 8]),
+            listeners,
+            endpoint,
+            files: config.files,
+            wheel: TimerWheel::new(capacity, TICK, now),
+            socks: (0..capacity).map(|_| None).collect(),
+            live: 0,
+            next_epoch: 0,
+            sends: SendPool::new(tuning.send_slots),
+            closing: HashMap::new(),
+            to_close: Vec::new(),
+            lingering: HashMap::new(),
+            ready: VecDeque::new(),
+            touched: Vec::new(),
+            rearm: Vec::new(),
+            backlog: VecDeque::new(),
+            mtu_cache: HashMap::new(),
+            reply: Box::new([0; REPLY_CAP]),
+            cqes: Vec::with_capacity(tuning.cq_entries as usize),
+            expired: Vec::new(),
+            counters: Counters::default(),
+            phase: Phase::Running,
+            index: config.index,
+            log_transfers: config.log_transfers,
+            shutdown_grace: config.shutdown_grace,
+        };
+        shard.arm_wake();
+        for i in 0..shard.listeners.len() {
+            shard.arm_listener(i as u32);
+        }
+        shard.ring.submit()?;
+        Ok(shard)
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        loop {
+            self.flush_backlog();
+            let timeout = self.wait_timeout(Instant::now());
+            let ts = types::Timespec::from(timeout);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if is_transient(&e) => {}
+                Err(e) => return Err(e),
+            }
+            if self.backlog.is_empty() && self.ring.submission().is_empty() {
+                // Every SQE naming these sockets was consumed by that enter.
+                self.to_close.clear();
+            }
+            let now = Instant::now();
+            self.counters.turns += 1;
+            let mut cqes = mem::take(&mut self.cqes);
+            cqes.extend(self.ring.completion());
+            for cqe in cqes.drain(..) {
+                self.on_cqe(now, &cqe);
+            }
+            self.cqes = cqes;
+            self.expire_timers(now);
+            self.advance_shutdown(now);
+            self.serve_ready(now);
+            self.serve_touched(now);
+            self.rearm_recvs();
+            if self.should_exit(now) {
+                break;
+            }
+        }
+        self.teardown();
+        Ok(())
+    }
+
+    fn wait_timeout(&self, now: Instant) -> Duration {
+        if !self.ready.is_empty() && self.sends.has_free() {
+            // A session left work for lack of budget, not of slots.
+            return Duration::ZERO;
+        }
+        let mut deadline = self.wheel.next_expiry();
+        let phase_deadline = match self.phase {
+            Phase::Running => None,
+            Phase::Draining { deadline } | Phase::Final { deadline } => Some(deadline),
+        };
+        if let Some(p) = phase_deadline {
+            deadline = Some(deadline.map_or(p, |d| d.min(p)));
+        }
+        deadline.map_or(MAX_WAIT, |d| d.saturating_duration_since(now).min(MAX_WAIT))
+    }
+
+    /// Queues an SQE; if the SQ is full, submits to make room, else keeps it
+    /// for the next turn.
+    fn push(&mut self, sqe: squeue::Entry) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(sqe);
+            return;
+        }
+        // SAFETY: every SQE built by this shard points only at memory that
+        // outlives its operation: the boxed receive msghdrs and wake buffer
+        // (fields of self, dropped after the ring), send slots (boxed, not
+        // reused before their CQE) and file mappings (kept by the session,
+        // then by `lingering`, until the send's CQE).
+        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            return;
+        }
+        let _ = self.ring.submit();
+        // SAFETY: as above.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            self.backlog.push_back(sqe);
+        }
+    }
+
+    fn flush_backlog(&mut self) {
+        while let Some(sqe) = self.backlog.front() {
+            // SAFETY: as in push(); backlogged SQEs keep their memory alive
+            // the same way.
+            if unsafe { self.ring.submission().push(sqe) }.is_err() {
+                if self.ring.submit().is_err() {
+                    break;
+                }
+                continue;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let sqe = opcode::Read::new(
+            types::Fd(self.wake.as_fd().as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(Token::Wake.encode());
+        self.push(sqe);
+    }
+
+    fn arm_listener(&mut self, index: u32) {
+        let Some(l) = self.listeners.get_mut(index as usize) else {
+            return;
+        };
+        let sqe = opcode::RecvMsgMulti::new(
+            types::Fd(l.sock.as_raw_fd()),
+            &*self.listen_msghdr,
+            LISTEN_BGID,
+        )
+        .build()
+        .user_data(Token::ListenerRecv(index).encode());
+        l.recv_armed = true;
+        self.push(sqe);
+    }
+
+    fn arm_session_recv(&mut self, id: SessionId) {
+        let epoch = self.next_epoch;
+        self.next_epoch = self.next_epoch.wrapping_add(1) & EPOCH_MASK;
+        let token = Token::SessionRecv {
+            index: id.index,
+            epoch,
+        }
+        .encode();
+        let Some(live) = self.live_mut(id) else {
+            return;
+        };
+        let fd = live.fd.as_raw_fd();
+        live.recv = Some(token);
+        let sqe = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.session_msghdr, SESSION_BGID)
+            .build()
+            .user_data(token);
+        self.push(sqe);
+    }
+
+    fn live_mut(&mut self, id: SessionId) -> Option<&mut LiveSock> {
+        self.socks
+            .get_mut(id.index as usize)?
+            .as_mut()
+            .filter(|l| l.id == id)
+    }
+
+    fn on_cqe(&mut self, now: Instant, cqe: &cqueue::Entry) {
+        let (ud, res, flags) = (cqe.user_data(), cqe.result(), cqe.flags());
+        match Token::decode(ud) {
+            Some(Token::ListenerRecv(i)) => self.on_listener_recv(now, i, res, flags),
+            Some(Token::SessionRecv { index, .. }) => {
+                self.on_session_recv(now, ud, index, res, flags)
+            }
+            Some(Token::Send(i)) => self.on_send(now, i, res),
+            Some(Token::Wake) => {
+                if res >= 0 {
+                    self.begin_shutdown(now);
+                } else if self.phase == Phase::Running {
+                    self.arm_wake();
+                }
+            }
+            // ENOENT/EALREADY: the receive had ended by itself; its own final
+            // CQE does the cleanup either way.
+            Some(Token::Cancel) | None => {}
+        }
+    }
+
+    fn on_listener_recv(&mut self, now: Instant, li: u32, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let Some(l) = self.listeners.get_mut(li as usize) else {
+            drop(bid.and_then(|b| self.listen_bufs.take(b, 0)));
+            return;
+        };
+        let bound = l.bound;
+        if !cqueue::more(flags) {
+            l.recv_armed = false;
+            if self.phase == Phase::Running {
+                self.rearm.push(Rearm::Listener(li));
+                self.counters.rearms += 1;
+            }
+        }
+        if res < 0 {
+            drop(bid.and_then(|b| self.listen_bufs.take(b, 0)));
+            match -res {
+                libc::ENOBUFS => self.counters.ring_dry += 1,
+                libc::ECANCELED => {}
+                _ => self.counters.recv_errors += 1,
+            }
+            return;
+        }
+        // The guard lives in this block only: the buffer goes back to the
+        // ring on every path, right after the endpoint has seen it.
+        let (outcome, peer, local, ifindex) = {
+            let Some(buf) = bid.and_then(|b| self.listen_bufs.take(b, res as usize)) else {
+                return;
+            };
+            if self.phase != Phase::Running {
+                return;
+            }
+            self.counters.datagrams_in += 1;
+            let Ok(out) = types::RecvMsgOut::parse(&buf, &self.listen_msghdr) else {
+                return;
+            };
+            let Some(peer) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
+                return;
+            };
+            let (mut local, ifindex) = match net::parse_pktinfo(out.control_data()) {
+                Some(info) => (info.local, info.ifindex),
+                None => (net::canonical(bound).ip(), 0),
+            };
+            if local.is_ipv4() != peer.is_ipv4() {
+                local = unspecified_like(peer.ip());
+            }
+            let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex);
+            self.counters.requests += 1;
+            let outcome = self.endpoint.handle_request(
+                now,
+                peer,
+                local,
+                mtu,
+                out.payload_data(),
+                &mut self.files,
+                &mut self.reply[..],
+            );
+            (outcome, peer, local, ifindex)
+        };
+        match outcome {
+            RequestOutcome::Started(id) => self.start_session(id, li, ifindex),
+            RequestOutcome::Reply(n) => {
+                self.counters.refused += 1;
+                self.reply_from_listener(li, n, peer, local, ifindex);
+            }
+            RequestOutcome::Ignored => self.counters.ignored += 1,
+        }
+    }
+
+    fn start_session(&mut self, id: SessionId, li: u32, ifindex: u32) {
+        let Some(view) = self.endpoint.session(id) else {
+            return;
+        };
+        let (peer, local) = (view.peer, view.local);
+        let slot_free = self
+            .socks
+            .get(id.index as usize)
+            .is_some_and(|s| s.is_none());
+        let socket = if !slot_free || local.is_ipv4() != peer.is_ipv4() {
+            Err(io::Error::from(io::ErrorKind::InvalidInput))
+        } else {
+            net::transfer_socket(local, ifindex)
+        };
+        match socket {
+            Ok(fd) => {
+                let v6 = local.is_ipv6();
+                if let Some(slot) = self.socks.get_mut(id.index as usize) {
+                    *slot = Some(LiveSock {
+                        id,
+                        fd,
+                        peer,
+                        v6,
+                        recv: None,
+                        inflight: 0,
+                        touched: false,
+                        queued: false,
+                        faulted: false,
+                    });
+                    self.live += 1;
+                }
+                self.counters.started += 1;
+                self.arm_session_recv(id);
+                self.touch(id);
+            }
+            Err(_) => {
+                // EMFILE and friends: refuse from the listener.
+                self.counters.busy += 1;
+                let _ = self.endpoint.remove(id);
+                let n =
+                    proto::emit_error(ErrorCode::NotDefined, "server busy", &mut self.reply[..])
+                        .unwrap_or(0);
+                self.reply_from_listener(li, n, peer, local, ifindex);
+            }
+        }
+    }
+
+    fn reply_from_listener(
+        &mut self,
+        li: u32,
+        n: usize,
+        peer: SocketAddr,
+        local: IpAddr,
+        ifindex: u32,
+    ) {
+        let Some(l) = self.listeners.get(li as usize) else {
+            return;
+        };
+        let (fd, v6) = (l.sock.as_raw_fd(), l.v6);
+        self.send_reply(fd, v6, n, peer, Some((local, ifindex)));
+    }
+
+    /// Sends `reply[..n]`, owned by no session.
+    fn send_reply(
+        &mut self,
+        fd: RawFd,
+        v6: bool,
+        n: usize,
+        dest: SocketAddr,
+        source: Option<(IpAddr, u32)>,
+    ) {
+        let n = n.min(REPLY_CAP);
+        if n == 0 {
+            return;
+        }
+        let Some(si) = self.sends.alloc() else {
+            self.counters.replies_dropped += 1;
+            return;
+        };
+        let Some(slot) = self.sends.slot_mut(si) else {
+            return;
+        };
+        slot.header[..n].copy_from_slice(&self.reply[..n]);
+        match slot.prepare(Owner::Reply, n, None, dest, v6, source) {
+            Some(msg) => {
+                let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
+                    .build()
+                    .user_data(Token::Send(si).encode());
+                self.push(sqe);
+            }
+            None => {
+                self.sends.release(si);
+            }
+        }
+    }
+
+    fn on_session_recv(&mut self, now: Instant, token: u64, index: u32, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let live = self
+            .socks
+            .get_mut(index as usize)
+            .and_then(|s| s.as_mut())
+            .filter(|l| l.recv == Some(token));
+        let Some(live) = live else {
+            drop(bid.and_then(|b| self.session_bufs.take(b, 0)));
+            // A removed session's receive: its final CQE lets the socket close.
+            if !cqueue::more(flags)
+                && let Some(fd) = self.closing.remove(&token)
+            {
+                self.to_close.push(fd);
+            }
+            return;
+        };
+        let id = live.id;
+        let (fd, v6) = (live.fd.as_raw_fd(), live.v6);
+        if !cqueue::more(flags) {
+            live.recv = None;
+            if res >= 0 || res == -libc::ENOBUFS {
+                self.rearm.push(Rearm::Session(id));
+                self.counters.rearms += 1;
+            }
+        }
+        if res < 0 {
+            drop(bid.and_then(|b| self.session_bufs.take(b, 0)));
+            match -res {
+                libc::ENOBUFS => self.counters.ring_dry += 1,
+                libc::ECANCELED => {}
+                _ => {
+                    // The socket cannot receive: end the transfer rather
+                    // than spin re-arming.
+                    self.counters.recv_errors += 1;
+                    if !cqueue::more(flags) {
+                        self.endpoint
+                            .abort(now, id, ErrorCode::NotDefined, "receive failed");
+                        self.touch(id);
+                    }
+                }
+            }
+            return;
+        }
+        let (outcome, from) = {
+            let Some(buf) = bid.and_then(|b| self.session_bufs.take(b, res as usize)) else {
+                return;
+            };
+            self.counters.datagrams_in += 1;
+            let Ok(out) = types::RecvMsgOut::parse(&buf, &self.session_msghdr) else {
+                return;
+            };
+            let Some(from) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
+                return;
+            };
+            (
+                self.endpoint.handle_datagram(
+                    now,
+                    id,
+                    from,
+                    out.payload_data(),
+                    &mut self.reply[..],
+                ),
+                from,
+            )
+        };
+        match outcome {
+            DatagramOutcome::Delivered => self.touch(id),
+            DatagramOutcome::Reply(n) => self.send_reply(fd, v6, n, from, None),
+            DatagramOutcome::Ignored => {}
+        }
+    }
+
+    fn on_send(&mut self, now: Instant, si: u32, res: i32) {
+        let Some(owner) = self.sends.release(si) else {
+            return;
+        };
+        if res >= 0 {
+            self.counters.sends += 1;
+        } else {
+            // ECONNREFUSED (ICMP), EAGAIN...: the retransmit timer covers it.
+            self.counters.send_errors += 1;
+        }
+        let Owner::Session(id) = owner else { return };
+        if let Some(live) = self.live_mut(id) {
+            live.inflight = live.inflight.saturating_sub(1);
+            if res == -libc::EFAULT && !live.faulted {
+                live.faulted = true;
+                self.counters.send_faults += 1;
+                self.endpoint.abort(
+                    now,
+                    id,
+                    ErrorCode::NotDefined,
+                    "file changed during transfer",
+                );
+                self.touch(id);
+            }
+        } else if let Some(entry) = self.lingering.get_mut(&id) {
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                self.lingering.remove(&id);
+            }
+        }
+    }
+
+    fn touch(&mut self, id: SessionId) {
+        if let Some(live) = self.live_mut(id)
+            && !live.touched
+        {
+            live.touched = true;
+            self.touched.push(id);
+        }
+    }
+
+    fn enqueue_ready(&mut self, id: SessionId) {
+        if let Some(live) = self.live_mut(id)
+            && !live.queued
+        {
+            live.queued = true;
+            self.ready.push_back(id);
+        }
+    }
+
+    fn expire_timers(&mut self, now: Instant) {
+        let mut expired = mem::take(&mut self.expired);
+        expired.clear();
+        self.wheel.expire(now, &mut expired);
+        for &key in &expired {
+            let Some(id) = self
+                .socks
+                .get(key as usize)
+                .and_then(|s| s.as_ref())
+                .map(|l| l.id)
+            else {
+                continue;
+            };
+            self.endpoint.handle_timeout(now, id);
+            self.touch(id);
+        }
+        self.expired = expired;
+    }
+
+    fn serve_ready(&mut self, now: Instant) {
+        // Bounded: a session served here may queue itself again.
+        let mut rounds = self.ready.len();
+        while rounds > 0 && self.sends.has_free() {
+            rounds -= 1;
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(live) = self.live_mut(id) else {
+                continue;
+            };
+            live.queued = false;
+            self.serve(now, id);
+        }
+    }
+
+    fn serve_touched(&mut self, now: Instant) {
+        let mut list = mem::take(&mut self.touched);
+        for &id in &list {
+            if let Some(live) = self.live_mut(id) {
+                live.touched = false;
+                self.serve(now, id);
+            }
+        }
+        list.clear();
+        if self.touched.is_empty() {
+            self.touched = list;
+        }
+    }
+
+    /// Drains a session's transmits into sends, re-arms its timer, and
+    /// removes it once finished.
+    fn serve(&mut self, now: Instant, id: SessionId) {
+        let Some(live) = self.live_mut(id) else {
+            return;
+        };
+        let (fd, peer, v6) = (live.fd.as_raw_fd(), live.peer, live.v6);
+        let mut sent = 0u32;
+        let mut budget = SERVE_BUDGET;
+        loop {
+            if budget == 0 {
+                self.enqueue_ready(id);
+                break;
+            }
+            budget -= 1;
+            let Some(si) = self.sends.alloc() else {
+                self.enqueue_ready(id);
+                break;
+            };
+            let Some(slot) = self.sends.slot_mut(si) else {
+                break;
+            };
+            let Some(t) = self.endpoint.poll_transmit(now, id, &mut slot.header) else {
+                self.sends.release(si);
+                break;
+            };
+            let payload = match t.payload {
+                None => None,
+                Some(p) => {
+                    let range = self
+                        .endpoint
+                        .session(id)
+                        .and_then(|v| v.handle.range_ptr(p.offset, p.len));
+                    match range {
+                        Some((ptr, len)) if len == p.len => Some((ptr, len)),
+                        _ => {
+                            // The mapping does not cover the block: the file
+                            // shrank. Send the ERROR instead.
+                            self.sends.release(si);
+                            self.endpoint.abort(
+                                now,
+                                id,
+                                ErrorCode::NotDefined,
+                                "file changed during transfer",
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(slot) = self.sends.slot_mut(si) else {
+                break;
+            };
+            match slot.prepare(Owner::Session(id), t.header_len, payload, peer, v6, None) {
+                Some(msg) => {
+                    let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
+                        .build()
+                        .user_data(Token::Send(si).encode());
+                    self.push(sqe);
+                    sent += 1;
+                }
+                None => {
+                    self.sends.release(si);
+                    break;
+                }
+            }
+        }
+        if let Some(live) = self.live_mut(id) {
+            live.inflight += sent;
+        }
+        match self.endpoint.poll_timeout(id) {
+            Some(deadline) => self.wheel.arm(id.index, deadline),
+            None => self.wheel.cancel(id.index),
+        }
+        if self.endpoint.is_finished(id) {
+            self.finish(id);
+        }
+    }
+
+    fn finish(&mut self, id: SessionId) {
+        let finished = self.endpoint.remove(id);
+        self.wheel.cancel(id.index);
+        self.counters.finished += 1;
+        let Some(live) = self
+            .socks
+            .get_mut(id.index as usize)
+            .and_then(|s| s.take_if(|l| l.id == id))
+        else {
+            return;
+        };
+        self.live -= 1;
+        match live.recv {
+            Some(token) => {
+                let sqe = opcode::AsyncCancel::new(token)
+                    .build()
+                    .user_data(Token::Cancel.encode());
+                self.push(sqe);
+                self.closing.insert(token, live.fd);
+            }
+            None => self.to_close.push(live.fd),
+        }
+        if let Some(f) = finished {
+            if self.log_transfers {
+                eprintln!("{f}");
+            }
+            if live.inflight > 0 {
+                self.lingering.insert(id, (f.handle, live.inflight));
+            }
+        }
+    }
+
+    fn rearm_recvs(&mut self) {
+        let mut list = mem::take(&mut self.rearm);
+        for r in list.drain(..) {
+            match r {
+                Rearm::Listener(i) => {
+                    let armed = self.listeners.get(i as usize).is_none_or(|l| l.recv_armed);
+                    if self.phase == Phase::Running && !armed {
+                        self.arm_listener(i);
+                    }
+                }
+                Rearm::Session(id) => {
+                    if self.live_mut(id).is_some_and(|l| l.recv.is_none()) {
+                        self.arm_session_recv(id);
+                    }
+                }
+            }
+        }
+        self.rearm = list;
+    }
+
+    fn begin_shutdown(&mut self, now: Instant) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        self.phase = Phase::Draining {
+            deadline: now + self.shutdown_grace,
+        };
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].recv_armed {
+                let token = Token::ListenerRecv(i as u32).encode();
+                self.push(
+                    opcode::AsyncCancel::new(token)
+                        .build()
+                        .user_data(Token::Cancel.encode()),
+                );
+            }
+        }
+        self.endpoint.shut_down();
+    }
+
+    fn advance_shutdown(&mut self, now: Instant) {
+        let Phase::Draining { deadline } = self.phase else {
+            return;
+        };
+        if self.live == 0 {
+            self.phase = Phase::Final {
+                deadline: now + FINAL_DRAIN,
+            };
+        } else if now >= deadline {
+            let ids: Vec<SessionId> = self.socks.iter().flatten().map(|l| l.id).collect();
+            for id in ids {
+                self.endpoint
+                    .abort(now, id, ErrorCode::NotDefined, "server shutting down");
+                self.touch(id);
+            }
+            self.phase = Phase::Final {
+                deadline: now + FINAL_DRAIN,
+            };
+        }
+    }
+
+    fn should_exit(&self, now: Instant) -> bool {
+        let Phase::Final { deadline } = self.phase else {
+            return false;
+        };
+        let quiet = self.live == 0
+            && self.sends.in_flight() == 0
+            && self.closing.is_empty()
+            && self.lingering.is_empty()
+            && self.backlog.is_empty()
+            && self.listeners.iter().all(|l| !l.recv_armed);
+        quiet || now >= deadline
+    }
+
+    fn teardown(&mut self) {
+        let submitter = self.ring.submitter();
+        let _ = self.listen_bufs.unregister(&submitter);
+        let _ = self.session_bufs.unregister(&submitter);
+        if self.log_transfers {
+            let c = &self.counters;
+            eprintln!(
+                "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
+                 sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={}",
+                self.index,
+                c.turns,
+                c.requests,
+                c.refused,
+                c.ignored,
+                c.started,
+                c.busy,
+                c.finished,
+                c.datagrams_in,
+                c.sends,
+                c.send_errors,
+                c.send_faults,
+                c.replies_dropped,
+                c.recv_errors,
+                c.rearms,
+                c.ring_dry
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip() {
+        for t in [
+            Token::ListenerRecv(0),
+            Token::ListenerRecv(u32::MAX),
+            Token::SessionRecv { index: 7, epoch: 0 },
+            Token::SessionRecv {
+                index: u32::MAX,
+                epoch: EPOCH_MASK,
+            },
+            Token::Send(12345),
+            Token::Cancel,
+            Token::Wake,
+        ] {
+            assert_eq!(Token::decode(t.encode()), Some(t));
+        }
+        assert_eq!(Token::decode(0), None);
+        assert_eq!(Token::decode(u64::MAX), None);
+        // Epochs are 24 bits: a wrapped epoch is the masked value.
+        let t = Token::SessionRecv {
+            index: 1,
+            epoch: EPOCH_MASK + 5,
+        }
+        .encode();
+        assert_eq!(
+            Token::decode(t),
+            Some(Token::SessionRecv { index: 1, epoch: 4 })
+        );
+    }
+}

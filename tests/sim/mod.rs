@@ -2,6 +2,9 @@
 //! a scripted lossy link and a simulated RFC 1350/7440 client. No sockets,
 //! no sleeping: each scenario runs in microseconds.
 
+// Shared by several test crates, each using a part of it.
+#![allow(dead_code)]
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -63,7 +66,6 @@ pub fn content(len: usize, seed: u64) -> Vec<u8> {
 }
 
 pub const CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 40000);
-pub const STRANGER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), 40001);
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,591 @@
+//! End-to-end tests of one shard over loopback: a real io_uring, real
+//! sockets, the real endpoint and file root, and a small lock-step TFTP
+//! client on a std `UdpSocket`. Every loop is bounded in count and time.
+
+use std::fs;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{ShardConfig, ShardHandle, Tuning, net, spawn_tuned};
+use crate::endpoint::EndpointConfig;
+use crate::files::FileRoot;
+use crate::session::Limits;
+
+fn limits() -> Limits {
+    Limits {
+        max_blksize: 65464,
+        max_windowsize: 64,
+        mtu_clamp: true,
+        initial_rto: Duration::from_millis(200),
+        rto_min: Duration::from_millis(20),
+        rto_max: Duration::from_secs(1),
+        retries: 3,
+    }
+}
+
+fn small_tuning() -> Tuning {
+    Tuning {
+        sq_entries: 256,
+        cq_entries: 1024,
+        listen_bufs: (64, 2048),
+        session_bufs: (64, 1024),
+        send_slots: 64,
+    }
+}
+
+/// Spawns a shard serving `dir` on `addr`; `None` (test skipped) if this
+/// machine has no io_uring or no such address family.
+fn start(
+    dir: &Path,
+    addr: &str,
+    grace: Duration,
+    tuning: Tuning,
+) -> Option<(ShardHandle, SocketAddr)> {
+    let listener = match net::bind_listener(addr.parse().unwrap(), 1 << 20) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skipping: cannot bind {addr}: {e}");
+            return None;
+        }
+    };
+    let local = listener.local_addr().unwrap();
+    let config = ShardConfig {
+        index: 0,
+        cpu: None,
+        listeners: vec![listener],
+        endpoint: EndpointConfig {
+            max_sessions: 32,
+            limits: limits(),
+            error_replies_per_sec: 100,
+            error_reply_burst: 100,
+        },
+        files: FileRoot::open(dir, true).unwrap(),
+        log_transfers: true,
+        shutdown_grace: grace,
+    };
+    match spawn_tuned(config, tuning) {
+        Ok(h) => Some((h, local)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+            eprintln!("skipping: io_uring unavailable ({e})");
+            None
+        }
+        Err(e) => panic!("spawn: {e}"),
+    }
+}
+
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+fn rrq(name: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    let mut p = vec![0, 1];
+    p.extend_from_slice(name.as_bytes());
+    p.push(0);
+    p.extend_from_slice(b"octet\0");
+    for (k, v) in options {
+        p.extend_from_slice(k.as_bytes());
+        p.push(0);
+        p.extend_from_slice(v.as_bytes());
+        p.push(0);
+    }
+    p
+}
+
+fn ack(block: u16) -> [u8; 4] {
+    let b = block.to_be_bytes();
+    [0, 4, b[0], b[1]]
+}
+
+#[derive(Debug)]
+enum Fetch {
+    Done {
+        data: Vec<u8>,
+        tid: SocketAddr,
+        oack: Vec<(String, String)>,
+    },
+    Error {
+        code: u16,
+        message: String,
+        from: SocketAddr,
+    },
+}
+
+fn client_for(server: SocketAddr) -> UdpSocket {
+    let bind = if server.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let sock = UdpSocket::bind(bind).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    sock
+}
+
+/// A lock-step (or windowed, RFC 7440) read of `name`.
+fn fetch(server: SocketAddr, name: &str, options: &[(&str, &str)]) -> Fetch {
+    let sock = client_for(server);
+    fetch_with(&sock, server, name, options, |_, _| {})
+}
+
+/// As `fetch`, calling `on_block(tid, block)` after each in-order DATA,
+/// before it is acknowledged.
+fn fetch_with(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    name: &str,
+    options: &[(&str, &str)],
+    mut on_block: impl FnMut(SocketAddr, u16),
+) -> Fetch {
+    let request = rrq(name, options);
+    sock.send_to(&request, server).unwrap();
+    let mut last_sent = request;
+    let mut dest = server;
+    let mut tid: Option<SocketAddr> = None;
+    let mut blksize = 512usize;
+    let mut window = 1u16;
+    let mut expected = 1u16;
+    let mut data = Vec::new();
+    let mut oack = Vec::new();
+    let mut timeouts = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = vec![0u8; 70_000];
+    while Instant::now() < deadline {
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                timeouts += 1;
+                assert!(timeouts < 10, "server went silent");
+                sock.send_to(&last_sent, dest).unwrap();
+                continue;
+            }
+            Err(e) => panic!("recv: {e}"),
+        };
+        let p = &buf[..n];
+        assert!(n >= 4, "runt datagram {p:?}");
+        let opcode = u16::from_be_bytes([p[0], p[1]]);
+        if opcode == 5 {
+            let code = u16::from_be_bytes([p[2], p[3]]);
+            let message = String::from_utf8_lossy(&p[4..n - 1]).into_owned();
+            return Fetch::Error {
+                code,
+                message,
+                from,
+            };
+        }
+        match tid {
+            None => {
+                tid = Some(from);
+                dest = from;
+            }
+            Some(t) if t != from => continue,
+            Some(_) => {}
+        }
+        match opcode {
+            6 => {
+                let fields: Vec<&[u8]> = p[2..n - 1].split(|&b| b == 0).collect();
+                for kv in fields.chunks(2) {
+                    let k = String::from_utf8_lossy(kv[0]).to_ascii_lowercase();
+                    let v = String::from_utf8_lossy(kv.get(1).copied().unwrap_or(b"")).into_owned();
+                    match k.as_str() {
+                        "blksize" => blksize = v.parse().unwrap(),
+                        "windowsize" => window = v.parse().unwrap(),
+                        _ => {}
+                    }
+                    oack.push((k, v));
+                }
+                last_sent = ack(0).to_vec();
+                sock.send_to(&last_sent, dest).unwrap();
+            }
+            3 => {
+                let block = u16::from_be_bytes([p[2], p[3]]);
+                let payload = &p[4..];
+                if block != expected {
+                    // Out of order or a duplicate: ack what we have (RFC 7440 §4).
+                    last_sent = ack(expected.wrapping_sub(1)).to_vec();
+                    sock.send_to(&last_sent, dest).unwrap();
+                    continue;
+                }
+                data.extend_from_slice(payload);
+                on_block(dest, block);
+                expected = expected.wrapping_add(1);
+                let last = payload.len() < blksize;
+                if last || block % window == 0 {
+                    last_sent = ack(block).to_vec();
+                    sock.send_to(&last_sent, dest).unwrap();
+                }
+                if last {
+                    return Fetch::Done {
+                        data,
+                        tid: dest,
+                        oack,
+                    };
+                }
+            }
+            other => panic!("unexpected opcode {other}"),
+        }
+    }
+    panic!("transfer did not finish in time");
+}
+
+fn stop(handle: ShardHandle) {
+    handle.shut_down();
+    let started = Instant::now();
+    handle.join().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn lock_step_download_matches_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = content(100_000, 1);
+    fs::write(dir.path().join("boot.img"), &body).unwrap();
+    let Some((handle, addr)) = start(
+        dir.path(),
+        "127.0.0.1:0",
+        Duration::from_secs(1),
+        small_tuning(),
+    ) else {
+        return;
+    };
+    match fetch(addr, "boot.img", &[]) {
+        Fetch::Done { data, tid, .. } => {
+            assert_eq!(data.len(), body.len());
+            assert!(data == body, "content differs");
+            // RFC 1350 §4: a new TID, from the address the request went to.
+            assert_ne!(tid.port(), addr.port());
+            assert_eq!(tid.ip(), addr.ip());
+        }
+        other => panic!("{other:?}"),
+    }
+    stop(handle);
+}
+
+#[test]
+fn windowed_download_with_options_and_exact_multiple_of_blksize() {
+    let dir = tempfile::tempdir().unwrap();
+    // A multiple of the block size: ends with an empty DATA block.
+    let body = content(1024 * 40, 2);
+    fs::write(dir.path().join("k"), &body).unwrap();
+    let big = content(300_000, 3);
+    fs::write(dir.path().join("big"), &big).unwrap();
+    let Some((handle, addr)) = start(
+        dir.path(),
+        "127.0.0.1:0",
+        Duration::from_secs(1),
+        small_tuning(),
+    ) else {
+        return;
+    };
+    match fetch(
+        addr,
+        "k",
+        &[("blksize", "1024"), ("windowsize", "8"), ("tsize", "0")],
+    ) {
+        Fetch::Done { data, oack, .. } => {
+            assert!(
+                data == body,
+                "content differs ({} vs {} bytes)",
+                data.len(),
+                body.len()
+            );
+            assert!(
+                oack.contains(&("tsize".into(), body.len().to_string())),
+                "{oack:?}"
+            );
+            assert!(
+                oack.contains(&("windowsize".into(), "8".into())),
+                "{oack:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Windows bigger than the send pool (64 slots): the ready queue serves
+    // the rest as slots come back; big blocks over loopback (MTU 65536).
+    match fetch(addr, "big", &[("blksize", "8192"), ("windowsize", "64")]) {
+        Fetch::Done { data, .. } => assert!(data == big, "content differs"),
+        other => panic!("{other:?}"),
+    }
+    stop(handle);
+}
+
+#[test]
+fn concurrent_downloads_with_a_tiny_buffer_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = content(64 * 1024, 4);
+    fs::write(dir.path().join("f"), &body).unwrap();
+    // Four session buffers for eight clients: the transfer sockets' receives
+    // run dry (-ENOBUFS) and must be re-armed.
+    let tuning = Tuning {
+        session_bufs: (4, 256),
+        send_slots: 8,
+        ..small_tuning()
+    };
+    let Some((handle, addr)) = start(dir.path(), "127.0.0.1:0", Duration::from_secs(1), tuning)
+    else {
+        return;
+    };
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || match fetch(addr, "f", &[("windowsize", "4")]) {
+                Fetch::Done { data, .. } => data,
+                other => panic!("{other:?}"),
+            })
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().unwrap() == body);
+    }
+    stop(handle);
+}
+
+#[test]
+fn errors_come_from_the_listener_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((handle, addr)) = start(
+        dir.path(),
+        "127.0.0.1:0",
+        Duration::from_secs(1),
+        small_tuning(),
+    ) else {
+        return;
+    };
+    match fetch(addr, "missing", &[]) {
+        Fetch::Error { code, from, .. } => {
+            assert_eq!(code, 1);
+            assert_eq!(from, addr);
+        }
+        other => panic!("{other:?}"),
+    }
+    match fetch(addr, "../etc/passwd", &[]) {
+        Fetch::Error { code, from, .. } => {
+            assert_eq!(code, 2);
+            assert_eq!(from, addr);
+        }
+        other => panic!("{other:?}"),
+    }
+    stop(handle);
+}
+
+#[test]
+fn stranger_gets_error_5_and_transfer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = content(5000, 5);
+    fs::write(dir.path().join("f"), &body).unwrap();
+    let Some((handle, addr)) = start(
+        dir.path(),
+        "127.0.0.1:0",
+        Duration::from_secs(1),
+        small_tuning(),
+    ) else {
+        return;
+    };
+    let client = client_for(addr);
+    let stranger = client_for(addr);
+    let mut poked = false;
+    let got = fetch_with(&client, addr, "f", &[], |tid, block| {
+        if block == 2 && !poked {
+            poked = true;
+            stranger.send_to(&ack(2), tid).unwrap();
+            let mut buf = [0u8; 600];
+            let (n, from) = stranger.recv_from(&mut buf).unwrap();
+            assert_eq!(from, tid);
+            assert_eq!(&buf[..4], &[0, 5, 0, 5], "ERROR 5: {:?}", &buf[..n]);
+        }
+    });
+    match got {
+        Fetch::Done { data, .. } => assert!(data == body),
+        other => panic!("{other:?}"),
+    }
+    assert!(poked);
+    stop(handle);
+}
+
+#[test]
+fn ipv6_and_dual_stack_downloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = content(3000, 6);
+    fs::write(dir.path().join("f"), &body).unwrap();
+    if let Some((handle, addr)) = start(
+        dir.path(),
+        "[::1]:0",
+        Duration::from_secs(1),
+        small_tuning(),
+    ) {
+        match fetch(addr, "f", &[("blksize", "1400")]) {
+            Fetch::Done { data, tid, .. } => {
+                assert!(data == body);
+                assert_eq!(tid.ip(), addr.ip());
+            }
+            other => panic!("{other:?}"),
+        }
+        stop(handle);
+    }
+    // [::] serves IPv4 clients too (v4-mapped), answering from plain IPv4.
+    if let Some((handle, addr)) =
+        start(dir.path(), "[::]:0", Duration::from_secs(1), small_tuning())
+    {
+        let v4: SocketAddr = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+        match fetch(v4, "f", &[]) {
+            Fetch::Done { data, tid, .. } => {
+                assert!(data == body);
+                assert_eq!(tid.ip(), v4.ip());
+            }
+            other => panic!("{other:?}"),
+        }
+        match fetch(v4, "nope", &[]) {
+            Fetch::Error { code, from, .. } => {
+                assert_eq!(code, 1);
+                assert_eq!(from, v4, "ERROR from the address the request was sent to");
+            }
+            other => panic!("{other:?}"),
+        }
+        stop(handle);
+    }
+}
+
+#[test]
+fn truncated_file_aborts_the_transfer_without_sigbus() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shrinks");
+    fs::write(&path, content(256 * 1024, 7)).unwrap();
+    let Some((handle, addr)) = start(
+        dir.path(),
+        "127.0.0.1:0",
+        Duration::from_secs(1),
+        small_tuning(),
+    ) else {
+        return;
+    };
+    let client = client_for(addr);
+    let got = fetch_with(&client, addr, "shrinks", &[], |_, block| {
+        if block == 1 {
+            // Truncate the mapped file under the transfer.
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+        }
+    });
+    match got {
+        Fetch::Error { code, message, .. } => {
+            assert_eq!(code, 0);
+            assert_eq!(message, "file changed during transfer");
+        }
+        other => panic!("expected an ERROR, got {other:?}"),
+    }
+    // The shard is still alive and serving.
+    fs::write(dir.path().join("ok"), b"fine").unwrap();
+    match fetch(addr, "ok", &[]) {
+        Fetch::Done { data, .. } => assert_eq!(data, b"fine"),
+        other => panic!("{other:?}"),
+    }
+    stop(handle);
+}
+
+#[test]
+fn shutdown_aborts_live_transfers_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("f"), content(50_000, 8)).unwrap();
+    let Some((handle, addr)) = start(
+        dir.path(),
+        "127.0.0.1:0",
+        Duration::from_millis(300),
+        small_tuning(),
+    ) else {
+        return;
+    };
+    let client = client_for(addr);
+    client.send_to(&rrq("f", &[]), addr).unwrap();
+    let mut buf = [0u8; 1024];
+    let (_, tid) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..4], &[0, 3, 0, 1]);
+    let asked = Instant::now();
+    handle.shut_down();
+    // New requests are no longer served.
+    let late = client_for(addr);
+    late.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    late.send_to(&rrq("f", &[]), addr).unwrap();
+    // The live transfer never ACKs: after the grace it gets ERROR 0.
+    let mut got_error = false;
+    for _ in 0..50 {
+        match client.recv_from(&mut buf) {
+            Ok((n, from)) if from == tid && buf[..2] == [0, 5] => {
+                assert_eq!(&buf[4..n - 1], b"server shutting down");
+                got_error = true;
+                break;
+            }
+            Ok(_) => continue, // retransmitted DATA 1
+            Err(_) => continue,
+        }
+    }
+    assert!(got_error, "no ERROR after shutdown");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(250),
+        "aborted before the grace period"
+    );
+    handle.join().unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    // The listener is closed or no longer read: no DATA for the late request.
+    let mut lbuf = [0u8; 600];
+    if let Ok((n, _)) = late.recv_from(&mut lbuf) {
+        assert_ne!(
+            &lbuf[..2],
+            &[0, 3],
+            "late request was served: {:?}",
+            &lbuf[..n]
+        );
+    }
+}
+
+#[test]
+fn shutdown_waits_for_a_transfer_that_finishes_within_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = content(20_000, 9);
+    fs::write(dir.path().join("f"), &body).unwrap();
+    let Some((handle, addr)) = start(
+        dir.path(),
+        "127.0.0.1:0",
+        Duration::from_secs(3),
+        small_tuning(),
+    ) else {
+        return;
+    };
+    let client = client_for(addr);
+    let mut handle = Some(handle);
+    let got = fetch_with(&client, addr, "f", &[], |_, block| {
+        if block == 3
+            && let Some(h) = handle.as_ref()
+        {
+            h.shut_down();
+        }
+    });
+    match got {
+        Fetch::Done { data, .. } => {
+            assert!(data == body, "the transfer completed despite the shutdown")
+        }
+        other => panic!("{other:?}"),
+    }
+    let started = Instant::now();
+    handle.take().unwrap().join().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "returned once idle, not at the grace deadline"
+    );
+}

@@ -1,0 +1,696 @@
+//! Sockets for the shard: listeners, per-transfer sockets, socket addresses
+//! to and from their C layout, `IP_PKTINFO`/`IPV6_PKTINFO` control messages
+//! and interface MTUs.
+//!
+//! Addresses handed to the endpoint are canonical: a v4-mapped IPv6 address
+//! (what a dual-stack `[::]` listener reports for IPv4 traffic) becomes plain
+//! IPv4. [`RawAddr::set`] maps back when a datagram leaves an IPv6 socket.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Bytes `msg_controllen` must have for one `IPV6_PKTINFO` plus one
+/// `IP_PKTINFO` (a dual-stack socket may deliver both for IPv4 traffic),
+/// with room to spare.
+pub const RECV_CONTROL_LEN: usize = 128;
+
+/// A `sockaddr_in` or `sockaddr_in6`, to point a `msghdr` at.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union RawAddr {
+    v4: libc::sockaddr_in,
+    v6: libc::sockaddr_in6,
+}
+
+impl RawAddr {
+    pub fn new() -> Self {
+        RawAddr {
+            v6: zeroed_sockaddr_in6(),
+        }
+    }
+
+    /// Stores `addr` in the layout of a socket of family v6 (`true`) or v4,
+    /// and returns the length to put in `msg_namelen`. An IPv4 address on an
+    /// IPv6 socket becomes v4-mapped; an IPv6 address cannot go out of an
+    /// IPv4 socket (`None`).
+    pub fn set(&mut self, addr: SocketAddr, v6_socket: bool) -> Option<libc::socklen_t> {
+        match (addr, v6_socket) {
+            (SocketAddr::V4(a), false) => {
+                let mut sin = zeroed_sockaddr_in();
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                self.v4 = sin;
+                Some(mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            }
+            (SocketAddr::V4(a), true) => {
+                let mapped = SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0);
+                self.set(SocketAddr::V6(mapped), true)
+            }
+            (SocketAddr::V6(a), true) => {
+                let mut sin6 = zeroed_sockaddr_in6();
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_flowinfo = a.flowinfo();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                sin6.sin6_scope_id = a.scope_id();
+                self.v6 = sin6;
+                Some(mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+            }
+            (SocketAddr::V6(_), false) => None,
+        }
+    }
+
+    pub fn as_ptr(&self) -> *const libc::sockaddr {
+        (self as *const RawAddr).cast()
+    }
+}
+
+impl Default for RawAddr {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn zeroed_sockaddr_in() -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    unsafe { mem::zeroed() }
+}
+
+fn zeroed_sockaddr_in6() -> libc::sockaddr_in6 {
+    // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
+    unsafe { mem::zeroed() }
+}
+
+/// Maps a v4-mapped IPv6 address to IPv4; leaves others alone.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+/// Parses the source address the kernel wrote into a `msg_name` field.
+pub fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes(name.get(0..2)?.try_into().ok()?);
+    match i32::from(family) {
+        libc::AF_INET if name.len() >= mem::size_of::<libc::sockaddr_in>() => {
+            let port = u16::from_be_bytes(name[2..4].try_into().ok()?);
+            let ip: [u8; 4] = name[4..8].try_into().ok()?;
+            Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
+        }
+        libc::AF_INET6 if name.len() >= mem::size_of::<libc::sockaddr_in6>() => {
+            let port = u16::from_be_bytes(name[2..4].try_into().ok()?);
+            let flowinfo = u32::from_ne_bytes(name[4..8].try_into().ok()?);
+            let ip: [u8; 16] = name[8..24].try_into().ok()?;
+            let scope = u32::from_ne_bytes(name[24..28].try_into().ok()?);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(ip),
+                port,
+                flowinfo,
+                scope,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Where a datagram was sent to: the local address to answer from and the
+/// interface it came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketInfo {
+    /// Canonical (v4-mapped addresses become IPv4).
+    pub local: IpAddr,
+    pub ifindex: u32,
+}
+
+const fn cmsg_align(len: usize) -> usize {
+    let a = mem::size_of::<usize>();
+    (len + a - 1) & !(a - 1)
+}
+
+const CMSG_HDR: usize = cmsg_align(mem::size_of::<libc::cmsghdr>());
+
+const fn cmsg_space(len: usize) -> usize {
+    CMSG_HDR + cmsg_align(len)
+}
+
+/// Finds the destination address and interface in received control data.
+/// `IP_PKTINFO` wins over `IPV6_PKTINFO` (both come for IPv4 traffic on a
+/// dual-stack socket) because its `ipi_spec_dst` is the local address to
+/// answer from even when the request was a broadcast.
+pub fn parse_pktinfo(control: &[u8]) -> Option<PacketInfo> {
+    let mut v6 = None;
+    let mut offset = 0usize;
+    while offset.checked_add(CMSG_HDR)? <= control.len() {
+        let hdr_bytes = &control[offset..offset + mem::size_of::<libc::cmsghdr>()];
+        // SAFETY: hdr_bytes holds size_of::<cmsghdr>() initialised bytes
+        // (checked above) and cmsghdr is plain old data, so an unaligned
+        // read of it is sound.
+        let hdr: libc::cmsghdr =
+            unsafe { hdr_bytes.as_ptr().cast::<libc::cmsghdr>().read_unaligned() };
+        let len = hdr.cmsg_len as usize;
+        if len < CMSG_HDR || offset.checked_add(len)? > control.len() {
+            break;
+        }
+        let data = &control[offset + CMSG_HDR..offset + len];
+        match (hdr.cmsg_level, hdr.cmsg_type) {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if data.len() >= 12 => {
+                let ifindex = i32::from_ne_bytes(data[0..4].try_into().ok()?);
+                let spec_dst: [u8; 4] = data[4..8].try_into().ok()?;
+                return Some(PacketInfo {
+                    local: IpAddr::V4(Ipv4Addr::from(spec_dst)),
+                    ifindex: u32::try_from(ifindex).unwrap_or(0),
+                });
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) if data.len() >= 20 => {
+                let ip: [u8; 16] = data[0..16].try_into().ok()?;
+                let ifindex = u32::from_ne_bytes(data[16..20].try_into().ok()?);
+                v6 = Some(PacketInfo {
+                    local: Ipv6Addr::from(ip).to_canonical(),
+                    ifindex,
+                });
+            }
+            _ => {}
+        }
+        offset = offset.checked_add(cmsg_align(len))?;
+    }
+    v6
+}
+
+/// Control-message space for one outgoing pktinfo, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct PktinfoCmsg([u8; cmsg_space(mem::size_of::<libc::in6_pktinfo>())]);
+
+impl PktinfoCmsg {
+    pub fn new() -> Self {
+        PktinfoCmsg([0; cmsg_space(mem::size_of::<libc::in6_pktinfo>())])
+    }
+
+    /// Writes a pktinfo that makes the kernel send from `local`, for a socket
+    /// of family v6 (`true`) or v4, and returns the `msg_controllen`. On an
+    /// IPv6 socket an IPv4 `local` goes v4-mapped in an `IPV6_PKTINFO`, which
+    /// the kernel accepts for v4-mapped destinations. `ifindex` only matters
+    /// for IPv6 (link-local); IPv4 lets routing pick the interface.
+    pub fn set(&mut self, local: IpAddr, ifindex: u32, v6_socket: bool) -> Option<usize> {
+        let (level, kind, data): (i32, i32, [u8; 20]) = match (local, v6_socket) {
+            (IpAddr::V4(ip), false) => {
+                let mut d = [0u8; 20];
+                // in_pktinfo { ipi_ifindex = 0, ipi_spec_dst = local, ipi_addr = 0 }
+                d[4..8].copy_from_slice(&ip.octets());
+                (libc::IPPROTO_IP, libc::IP_PKTINFO, d)
+            }
+            (ip, true) => {
+                let v6 = match ip {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                let mut d = [0u8; 20];
+                d[0..16].copy_from_slice(&v6.octets());
+                let ifindex = if v6.to_ipv4_mapped().is_some() {
+                    0
+                } else {
+                    ifindex
+                };
+                d[16..20].copy_from_slice(&ifindex.to_ne_bytes());
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, d)
+            }
+            (IpAddr::V6(_), false) => return None,
+        };
+        let data_len = if level == libc::IPPROTO_IP {
+            mem::size_of::<libc::in_pktinfo>()
+        } else {
+            mem::size_of::<libc::in6_pktinfo>()
+        };
+        self.0.fill(0);
+        // SAFETY: cmsghdr is plain old data; all-zero is a valid value.
+        let mut hdr: libc::cmsghdr = unsafe { mem::zeroed() };
+        hdr.cmsg_len = (CMSG_HDR + data_len) as _;
+        hdr.cmsg_level = level;
+        hdr.cmsg_type = kind;
+        // SAFETY: the buffer is cmsg_space(in6_pktinfo) >= size_of::<cmsghdr>()
+        // bytes long, and write_unaligned has no alignment requirement.
+        unsafe {
+            self.0
+                .as_mut_ptr()
+                .cast::<libc::cmsghdr>()
+                .write_unaligned(hdr)
+        };
+        self.0[CMSG_HDR..CMSG_HDR + data_len].copy_from_slice(&data[..data_len]);
+        Some(cmsg_space(data_len))
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+        self.0.as_mut_ptr().cast()
+    }
+}
+
+impl Default for PktinfoCmsg {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn set_int_opt(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: value is a live c_int and the length passed is its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Reads an `int` socket option (used by tests and diagnostics).
+pub fn get_int_opt(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are live and len holds value's size.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+fn udp_socket(v6: bool) -> io::Result<OwnedFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: socket() has no memory preconditions.
+    let fd = cvt(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: fd was just returned by socket() and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind(fd: RawFd, addr: SocketAddr) -> io::Result<()> {
+    let mut raw = RawAddr::new();
+    let len = raw
+        .set(addr, addr.is_ipv6())
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: raw holds a sockaddr of `len` bytes and outlives the call.
+    cvt(unsafe { libc::bind(fd, raw.as_ptr(), len) }).map(drop)
+}
+
+/// Makes a listening socket for one `--address`: `SO_REUSEADDR` and
+/// `SO_REUSEPORT` (one socket per shard), dual-stack for `[::]`, pktinfo on
+/// (to answer from the address a request was sent to), a large receive
+/// buffer (`SO_RCVBUFFORCE`, else `SO_RCVBUF` capped by `rmem_max`; 0 keeps
+/// the default), nonblocking and close-on-exec.
+pub fn bind_listener(addr: SocketAddr, rcvbuf: usize) -> io::Result<UdpSocket> {
+    let fd = udp_socket(addr.is_ipv6())?;
+    let raw = fd.as_raw_fd();
+    set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    if addr.is_ipv6() {
+        if addr.ip().is_unspecified() {
+            set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+        }
+        set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        // For IPv4 traffic on a dual-stack socket: gives ipi_spec_dst. Not
+        // fatal if refused, IPV6_PKTINFO still comes.
+        let _ = set_int_opt(raw, libc::IPPROTO_IP, libc::IP_PKTINFO, 1);
+    } else {
+        set_int_opt(raw, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+    }
+    if rcvbuf > 0 {
+        let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX / 2);
+        if set_int_opt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size).is_err() {
+            set_int_opt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, size)?;
+        }
+    }
+    bind(raw, addr)?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// Makes the socket of one transfer (its own TID, RFC 1350 §4): bound to
+/// `(local, 0)` so replies leave from the address the request was sent to,
+/// with path-MTU discovery off so no DF bit is set (a large block must get
+/// through fragmented rather than vanish into a PMTU black hole).
+/// `scope_id` is used for an IPv6 link-local `local`.
+pub fn transfer_socket(local: IpAddr, scope_id: u32) -> io::Result<OwnedFd> {
+    let v6 = local.is_ipv6();
+    let fd = udp_socket(v6)?;
+    let raw = fd.as_raw_fd();
+    if v6 {
+        set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+        set_int_opt(
+            raw,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        )?;
+    } else {
+        set_int_opt(
+            raw,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        )?;
+    }
+    let addr = match local {
+        IpAddr::V4(ip) => SocketAddr::V4(SocketAddrV4::new(ip, 0)),
+        IpAddr::V6(ip) => {
+            let scope = if ip.is_unicast_link_local() {
+                scope_id
+            } else {
+                0
+            };
+            SocketAddr::V6(SocketAddrV6::new(ip, 0, 0, scope))
+        }
+    };
+    bind(raw, addr)?;
+    Ok(fd)
+}
+
+/// True if `fd` is an IPv6 socket.
+pub fn is_v6_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(get_int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)? == libc::AF_INET6)
+}
+
+/// The local address a socket is bound to.
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let mut buf = [0u8; mem::size_of::<libc::sockaddr_in6>()];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf is writable for len bytes; the kernel writes at most len.
+    cvt(unsafe { libc::getsockname(fd.as_raw_fd(), buf.as_mut_ptr().cast(), &mut len) })?;
+    let len = (len as usize).min(buf.len());
+    parse_sockaddr(&buf[..len]).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// The MTU of interface `ifindex` (`SIOCGIFMTU`); `fd` is any socket.
+pub fn interface_mtu(fd: BorrowedFd<'_>, ifindex: u32) -> io::Result<u32> {
+    let mut name = [0 as libc::c_char; libc::IFNAMSIZ];
+    // SAFETY: name has IFNAMSIZ bytes, the most if_indextoname writes.
+    let ret = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) };
+    if ret.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { mem::zeroed() };
+    req.ifr_name = name;
+    // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu of the live ifreq.
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SIOCGIFMTU as _,
+            &mut req as *mut libc::ifreq,
+        )
+    })?;
+    // SAFETY: SIOCGIFMTU succeeded, so the kernel filled ifru_mtu.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// The index of interface `name` (e.g. `c"lo"`).
+pub fn interface_index(name: &CStr) -> io::Result<u32> {
+    // SAFETY: name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn sockaddr_round_trip_v4_and_v6() {
+        let mut raw = RawAddr::new();
+        let a: SocketAddr = "127.0.0.1:6969".parse().unwrap();
+        let len = raw.set(a, false).unwrap() as usize;
+        // SAFETY: RawAddr is at least `len` bytes of initialised data.
+        let bytes = unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), len) };
+        assert_eq!(parse_sockaddr(bytes), Some(a));
+
+        let len = raw.set(a, true).unwrap() as usize;
+        // SAFETY: as above.
+        let bytes = unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), len) };
+        let mapped = parse_sockaddr(bytes).unwrap();
+        assert_eq!(
+            mapped,
+            "[::ffff:127.0.0.1]:6969".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(canonical(mapped), a);
+
+        let b: SocketAddr = "[fe80::1%3]:70".parse().unwrap();
+        let len = raw.set(b, true).unwrap() as usize;
+        // SAFETY: as above.
+        let bytes = unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), len) };
+        assert_eq!(parse_sockaddr(bytes), Some(b));
+        assert!(raw.set(b, false).is_none());
+        assert_eq!(parse_sockaddr(&[2, 0, 1]), None);
+        assert_eq!(parse_sockaddr(&[]), None);
+    }
+
+    #[test]
+    fn pktinfo_written_then_parsed() {
+        let mut c = PktinfoCmsg::new();
+        let n = c.set("10.1.2.3".parse().unwrap(), 7, false).unwrap();
+        assert_eq!(n, cmsg_space(12));
+        assert_eq!(
+            parse_pktinfo(&c.0[..n]),
+            Some(PacketInfo {
+                local: "10.1.2.3".parse().unwrap(),
+                ifindex: 0
+            })
+        );
+        let n = c.set("fd00::5".parse().unwrap(), 4, true).unwrap();
+        assert_eq!(
+            parse_pktinfo(&c.0[..n]),
+            Some(PacketInfo {
+                local: "fd00::5".parse().unwrap(),
+                ifindex: 4
+            })
+        );
+        // IPv4 local on an IPv6 socket: v4-mapped, parsed back canonical.
+        let n = c.set("127.0.0.9".parse().unwrap(), 4, true).unwrap();
+        assert_eq!(
+            parse_pktinfo(&c.0[..n]),
+            Some(PacketInfo {
+                local: "127.0.0.9".parse().unwrap(),
+                ifindex: 0
+            })
+        );
+        assert!(c.set("::1".parse().unwrap(), 1, false).is_none());
+    }
+
+    #[test]
+    fn pktinfo_parse_rejects_garbage_without_panicking() {
+        assert_eq!(parse_pktinfo(&[]), None);
+        assert_eq!(parse_pktinfo(&[0xff; 7]), None);
+        assert_eq!(parse_pktinfo(&[0xff; 64]), None);
+        // A header claiming more bytes than there are.
+        let mut c = PktinfoCmsg::new();
+        let n = c.set("10.0.0.1".parse().unwrap(), 0, false).unwrap();
+        assert_eq!(parse_pktinfo(&c.0[..n - 5]), None);
+        // cmsg_len of zero must not loop forever.
+        let zero = [0u8; 48];
+        assert_eq!(parse_pktinfo(&zero), None);
+    }
+
+    #[test]
+    fn pktinfo_prefers_ip_pktinfo_over_ipv6() {
+        let mut a = PktinfoCmsg::new();
+        let n6 = a
+            .set("::ffff:192.0.2.255".parse().unwrap(), 0, true)
+            .unwrap();
+        let mut b = PktinfoCmsg::new();
+        let n4 = b.set("192.0.2.2".parse().unwrap(), 0, false).unwrap();
+        let mut both = a.0[..n6].to_vec();
+        both.extend_from_slice(&b.0[..n4]);
+        assert_eq!(
+            parse_pktinfo(&both).unwrap().local,
+            "192.0.2.2".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn listener_has_reuseport_pktinfo_and_rcvbuf() {
+        let sock = bind_listener("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let fd = sock.as_fd();
+        assert_eq!(
+            get_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT).unwrap(),
+            1
+        );
+        assert_eq!(
+            get_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap(),
+            1
+        );
+        assert_eq!(
+            get_int_opt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO).unwrap(),
+            1
+        );
+        // The kernel doubles the value it was given. Without CAP_NET_ADMIN
+        // (no SO_RCVBUFFORCE) it is capped at rmem_max.
+        let rcv = get_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap();
+        let rmem_max: i32 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(rcv >= (1 << 20).min(rmem_max), "SO_RCVBUF {rcv}");
+        assert!(
+            rcv > 212_992 || rmem_max <= 212_992,
+            "SO_RCVBUF {rcv} left at the default"
+        );
+        // SAFETY: fcntl F_GETFL on a live fd.
+        let fl = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::F_GETFL) };
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+
+        // A second listener on the same port is allowed (one per shard).
+        let port = sock.local_addr().unwrap().port();
+        let again = bind_listener(SocketAddr::from(([127, 0, 0, 1], port)), 0).unwrap();
+        assert_eq!(again.local_addr().unwrap().port(), port);
+    }
+
+    #[test]
+    fn dual_stack_listener_is_not_v6only() {
+        let sock = match bind_listener("[::]:0".parse().unwrap(), 0) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("skipping: no IPv6 ({e})");
+                return;
+            }
+        };
+        let fd = sock.as_fd();
+        assert_eq!(
+            get_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).unwrap(),
+            0
+        );
+        assert_eq!(
+            get_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO).unwrap(),
+            1
+        );
+        assert!(is_v6_socket(fd).unwrap());
+    }
+
+    #[test]
+    fn transfer_socket_has_pmtudisc_dont_and_is_bound() {
+        let fd = transfer_socket("127.0.0.1".parse().unwrap(), 0).unwrap();
+        assert_eq!(
+            get_int_opt(fd.as_fd(), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER).unwrap(),
+            libc::IP_PMTUDISC_DONT
+        );
+        let local = local_addr(fd.as_fd()).unwrap();
+        assert_eq!(local.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_ne!(local.port(), 0);
+        assert!(!is_v6_socket(fd.as_fd()).unwrap());
+
+        if let Ok(fd6) = transfer_socket("::1".parse().unwrap(), 0) {
+            assert_eq!(
+                get_int_opt(fd6.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER).unwrap(),
+                libc::IPV6_PMTUDISC_DONT
+            );
+            assert!(is_v6_socket(fd6.as_fd()).unwrap());
+        }
+    }
+
+    #[test]
+    fn loopback_mtu() {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let lo = interface_index(c"lo").unwrap();
+        assert_eq!(interface_mtu(sock.as_fd(), lo).unwrap(), 65536);
+        assert!(interface_mtu(sock.as_fd(), 0x7fff_fff0).is_err());
+    }
+
+    #[test]
+    fn received_pktinfo_names_the_destination() {
+        let sock = bind_listener("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+        let dest = sock.local_addr().unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"hello", dest).unwrap();
+        let (payload, control) = recvmsg_blocking(&sock);
+        assert_eq!(payload, b"hello");
+        let info = parse_pktinfo(&control).unwrap();
+        assert_eq!(info.local, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(info.ifindex, interface_index(c"lo").unwrap());
+    }
+
+    #[test]
+    fn dual_stack_pktinfo_for_ipv4_traffic_is_canonical() {
+        let Ok(sock) = bind_listener("[::]:0".parse().unwrap(), 0) else {
+            eprintln!("skipping: no IPv6");
+            return;
+        };
+        let port = sock.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"x", ("127.0.0.3", port)).unwrap();
+        let (_, control) = recvmsg_blocking(&sock);
+        let info = parse_pktinfo(&control).unwrap();
+        assert_eq!(info.local, "127.0.0.3".parse::<IpAddr>().unwrap());
+    }
+
+    /// Plain recvmsg with a control buffer, polling for up to 2 s.
+    fn recvmsg_blocking(sock: &UdpSocket) -> (Vec<u8>, Vec<u8>) {
+        let mut payload = [0u8; 64];
+        #[repr(C, align(8))]
+        struct Ctl([u8; RECV_CONTROL_LEN]);
+        let mut control = Ctl([0; RECV_CONTROL_LEN]);
+        let mut name = RawAddr::new();
+        for _ in 0..200 {
+            let mut iov = libc::iovec {
+                iov_base: payload.as_mut_ptr().cast(),
+                iov_len: payload.len(),
+            };
+            // SAFETY: msghdr is plain old data.
+            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+            msg.msg_name = (&mut name as *mut RawAddr).cast();
+            msg.msg_namelen = mem::size_of::<RawAddr>() as _;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.0.as_mut_ptr().cast();
+            msg.msg_controllen = RECV_CONTROL_LEN as _;
+            // SAFETY: every pointer in msg refers to live buffers of the stated sizes.
+            let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+            if n >= 0 {
+                return (
+                    payload[..n as usize].to_vec(),
+                    control.0[..msg.msg_controllen as usize].to_vec(),
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("no datagram within 2 s");
+    }
+}

@@ -1,0 +1,244 @@
+//! A bounded pool of send slots. Each slot owns everything a `SendMsg` SQE
+//! points at (header bytes, iovecs, destination address, pktinfo control,
+//! msghdr) and lives in a slice allocated once, so it never moves while the kernel may read it: a
+//! slot is only reused after its CQE came back.
+
+use std::mem;
+use std::net::{IpAddr, SocketAddr};
+
+use super::net::{PktinfoCmsg, RawAddr};
+use crate::endpoint::SessionId;
+
+/// Room for the header of any transmit: a DATA header, an OACK or an ERROR.
+pub const HEADER_CAP: usize = 640;
+
+/// Whom a send belongs to, so its completion reaches the right place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A transmit of a live (or lingering) session.
+    Session(SessionId),
+    /// A reply that belongs to no session (from a listener, or to a stranger).
+    Reply,
+}
+
+pub struct SendSlot {
+    owner: Owner,
+    pub header: [u8; HEADER_CAP],
+    iov: [libc::iovec; 2],
+    addr: RawAddr,
+    control: PktinfoCmsg,
+    msg: libc::msghdr,
+}
+
+impl SendSlot {
+    fn new() -> Self {
+        SendSlot {
+            owner: Owner::Reply,
+            header: [0; HEADER_CAP],
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 2],
+            addr: RawAddr::new(),
+            control: PktinfoCmsg::new(),
+            // SAFETY: msghdr is plain old data; all-zero is a valid value.
+            msg: unsafe { mem::zeroed() },
+        }
+    }
+
+    #[cfg(test)]
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// Fills the msghdr: `header[..header_len]`, then `payload` (a pointer
+    /// into a file mapping, only ever read by the kernel), to `dest`, from
+    /// `source` (local address and ifindex, as pktinfo) if given. Returns the
+    /// msghdr to put in the SQE, or `None` if the address does not fit the
+    /// socket family.
+    pub fn prepare(
+        &mut self,
+        owner: Owner,
+        header_len: usize,
+        payload: Option<(*const u8, usize)>,
+        dest: SocketAddr,
+        v6_socket: bool,
+        source: Option<(IpAddr, u32)>,
+    ) -> Option<*const libc::msghdr> {
+        self.owner = owner;
+        let namelen = self.addr.set(dest, v6_socket)?;
+        let controllen = match source {
+            Some((local, ifindex)) if !local.is_unspecified() => {
+                self.control.set(local, ifindex, v6_socket)?
+            }
+            _ => 0,
+        };
+        let header_len = header_len.min(HEADER_CAP);
+        self.iov[0] = libc::iovec {
+            iov_base: self.header.as_mut_ptr().cast(),
+            iov_len: header_len,
+        };
+        let mut iovlen = 1;
+        if let Some((ptr, len)) = payload.filter(|&(_, len)| len > 0) {
+            // The kernel copies from the mapping; user space never reads it
+            // (a truncated file would raise SIGBUS here, EFAULT there).
+            self.iov[1] = libc::iovec {
+                iov_base: ptr.cast_mut().cast(),
+                iov_len: len,
+            };
+            iovlen = 2;
+        }
+        self.msg.msg_name = self.addr.as_ptr().cast_mut().cast();
+        self.msg.msg_namelen = namelen;
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = iovlen;
+        if controllen > 0 {
+            self.msg.msg_control = self.control.as_mut_ptr();
+            self.msg.msg_controllen = controllen as _;
+        } else {
+            self.msg.msg_control = std::ptr::null_mut();
+            self.msg.msg_controllen = 0;
+        }
+        self.msg.msg_flags = 0;
+        Some(&self.msg)
+    }
+
+    /// Bytes this send puts on the wire (header plus payload).
+    #[cfg(test)]
+    pub fn wire_len(&self) -> usize {
+        // msg_iovlen is size_t on glibc, int on musl.
+        #[allow(clippy::useless_conversion)]
+        let n = usize::try_from(self.msg.msg_iovlen).unwrap_or(0).min(2);
+        self.iov[..n].iter().map(|v| v.iov_len).sum()
+    }
+}
+
+/// A fixed set of slots and a free list. The slice is allocated once and
+/// never resized, so a slot's address is stable while the kernel reads it.
+pub struct SendPool {
+    slots: Box<[SendSlot]>,
+    free: Vec<u32>,
+}
+
+impl SendPool {
+    pub fn new(size: usize) -> Self {
+        let size = size.clamp(1, u32::MAX as usize);
+        SendPool {
+            slots: (0..size).map(|_| SendSlot::new()).collect(),
+            free: (0..size as u32).rev().collect(),
+        }
+    }
+
+    /// A free slot's index, if any.
+    pub fn alloc(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+
+    /// Returns slot `index` to the pool (after its CQE, or unused).
+    pub fn release(&mut self, index: u32) -> Option<Owner> {
+        let slot = self.slots.get_mut(index as usize)?;
+        let owner = slot.owner;
+        slot.owner = Owner::Reply;
+        self.free.push(index);
+        Some(owner)
+    }
+
+    pub fn slot_mut(&mut self, index: u32) -> Option<&mut SendSlot> {
+        self.slots.get_mut(index as usize)
+    }
+
+    pub fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Slots the kernel (or the SQ) holds now.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_allocates_each_slot_once() {
+        let mut pool = SendPool::new(3);
+        let a = pool.alloc().unwrap();
+        let b = pool.alloc().unwrap();
+        let c = pool.alloc().unwrap();
+        assert!(pool.alloc().is_none());
+        assert_eq!(pool.in_flight(), 3);
+        let mut seen = [a, b, c];
+        seen.sort();
+        assert_eq!(seen, [0, 1, 2]);
+        assert_eq!(pool.release(b), Some(Owner::Reply));
+        assert_eq!(pool.alloc(), Some(b));
+        assert_eq!(pool.release(99), None);
+    }
+
+    #[test]
+    fn prepare_builds_header_and_payload_iovecs() {
+        let mut pool = SendPool::new(1);
+        let i = pool.alloc().unwrap();
+        let data = [7u8; 100];
+        let id = SessionId {
+            index: 3,
+            generation: 9,
+        };
+        let slot = pool.slot_mut(i).unwrap();
+        slot.header[..4].copy_from_slice(&[0, 3, 0, 1]);
+        let msg = slot
+            .prepare(
+                Owner::Session(id),
+                4,
+                Some((data.as_ptr(), 100)),
+                "127.0.0.1:9".parse().unwrap(),
+                false,
+                None,
+            )
+            .unwrap();
+        // SAFETY: msg points into the live slot.
+        let m = unsafe { &*msg };
+        assert_eq!(m.msg_iovlen, 2);
+        assert_eq!(m.msg_controllen, 0);
+        assert_eq!(slot.wire_len(), 104);
+        assert_eq!(slot.owner(), Owner::Session(id));
+        // Zero-length payload: header only.
+        slot.prepare(
+            Owner::Reply,
+            4,
+            Some((data.as_ptr(), 0)),
+            "127.0.0.1:9".parse().unwrap(),
+            false,
+            None,
+        )
+        .unwrap();
+        assert_eq!(slot.wire_len(), 4);
+        // IPv6 destination on an IPv4 socket is refused.
+        assert!(
+            slot.prepare(
+                Owner::Reply,
+                4,
+                None,
+                "[::1]:9".parse().unwrap(),
+                false,
+                None
+            )
+            .is_none()
+        );
+        // With a source address: a control message.
+        let msg = slot
+            .prepare(
+                Owner::Reply,
+                4,
+                None,
+                "127.0.0.1:9".parse().unwrap(),
+                true,
+                Some(("127.0.0.1".parse().unwrap(), 1)),
+            )
+            .unwrap();
+        // SAFETY: msg points into the live slot.
+        assert!(unsafe { (*msg).msg_controllen } > 0);
+    }
+}
