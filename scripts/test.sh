@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The project's one test command. On Debian it first installs, if absent, the
+# TFTP clients the integration tests drive (tftp-hpa, atftp, curl, busybox),
+# then runs every test in the workspace. Safe to re-run: it installs only
+# what is missing and runs `apt-get update` only when it must install.
+#
+# RINGTFTPD_TEST_SERVER=hpa runs the client tests against tftpd-hpa instead
+# of ringtftpd (to validate the tests); it is installed without starting it.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '==> %s\n' "$*"; }
+die() { printf 'test.sh: error: %s\n' "$*" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+
+# Files to remove on exit.
+cleanup=()
+trap 'if ((${#cleanup[@]})); then "${SUDO[@]}" rm -f "${cleanup[@]}"; fi' EXIT
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo -n)
+fi
+
+apt_updated=0
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install by hand: $*"
+    if [[ $apt_updated -eq 0 ]]; then
+        log "apt-get update"
+        "${SUDO[@]}" apt-get update -q </dev/null
+        apt_updated=1
+    fi
+    log "apt-get install -y $*"
+    "${SUDO[@]}" apt-get install -y -q --no-install-recommends "$@" </dev/null
+}
+
+# grep without -q reads all input, so the writer never dies of SIGPIPE
+# (which pipefail would report as "absent").
+have_tftp_hpa() {
+    command -v tftp >/dev/null 2>&1 && tftp -V 2>&1 | grep 'tftp-hpa' >/dev/null
+}
+have_atftp() {
+    command -v atftp >/dev/null 2>&1
+}
+have_curl_tftp() {
+    command -v curl >/dev/null 2>&1 &&
+        curl -V 2>/dev/null | grep '^Protocols:' | grep -w tftp >/dev/null
+}
+have_busybox_tftp() {
+    command -v busybox >/dev/null 2>&1 && busybox --list 2>/dev/null | grep -x tftp >/dev/null
+}
+
+log "checking TFTP clients"
+
+if have_tftp_hpa; then
+    log "tftp-hpa present: $(tftp -V 2>&1 | head -n1)"
+else
+    apt_install tftp-hpa
+    have_tftp_hpa || die "tftp-hpa installed but 'tftp -V' does not say tftp-hpa"
+fi
+
+if have_atftp; then
+    log "atftp present: $(atftp -V 2>&1 | head -n1)"
+else
+    apt_install atftp
+    have_atftp || die "atftp installed but not on PATH"
+fi
+
+if have_curl_tftp; then
+    log "curl with tftp present: $(curl -V | head -n1 | cut -d' ' -f1-2)"
+else
+    apt_install curl
+    have_curl_tftp || die "curl installed but 'curl -V' lists no tftp protocol"
+fi
+
+# Some busybox builds lack the tftp applet; busybox-static is the fallback.
+if have_busybox_tftp; then
+    log "busybox with tftp applet present"
+else
+    command -v busybox >/dev/null 2>&1 || apt_install busybox
+    if ! have_busybox_tftp; then
+        log "busybox lacks the tftp applet; trying busybox-static"
+        apt_install busybox-static
+    fi
+    have_busybox_tftp || die "no busybox with a tftp applet (tried busybox, busybox-static)"
+fi
+bb_pkg=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' busybox busybox-static 2>/dev/null |
+    awk '$1 == "ii" { print $2 }' | head -n1 || true)
+log "busybox tftp applet from package: ${bb_pkg:-unknown}"
+
+if [[ ${RINGTFTPD_TEST_SERVER:-} == hpa && ! -x /usr/sbin/in.tftpd ]]; then
+    # Keep the package's service from starting: policy-rc.d exit 101 denies
+    # it. Remove the policy afterwards only if we created it.
+    policy=/usr/sbin/policy-rc.d
+    if [[ ! -e $policy ]]; then
+        cleanup+=("$policy")
+        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+        "${SUDO[@]}" chmod 755 "$policy"
+    fi
+    apt_install tftpd-hpa
+fi
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust stable first)"
+
+# Client tests fail rather than skip when a client is missing.
+export RINGTFTPD_REQUIRE_CLIENTS=1
+
+log "cargo test --workspace --all-targets --no-fail-fast"
+out=$(mktemp)
+cleanup+=("$out")
+status=0
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$out" || status=$?
+# One closing line over every test binary, for whoever reads only the end.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$out"
+exit "$status"
