@@ -305,10 +305,13 @@ struct Shard {
     touched: Vec<SessionId>,
     rearm: Vec<Rearm>,
     backlog: VecDeque<squeue::Entry>,
-    mtu_cache: HashMap<u32, Option<u32>>,
+    /// Interface MTUs by ifindex, with when they were read.
+    mtu_cache: HashMap<u32, (Option<u32>, Instant)>,
     reply: Box<[u8; REPLY_CAP]>,
     cqes: Vec<cqueue::Entry>,
     expired: Vec<u32>,
+    /// SendMsg SQEs queued since the last enter.
+    sends_queued: u32,
     counters: Counters,
     phase: Phase,
     index: usize,
@@ -354,24 +357,31 @@ fn pin_to(cpu: usize) -> nix::Result<()> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
 }
 
+/// How long a looked-up interface MTU is trusted (MTUs change rarely).
+const MTU_TTL: Duration = Duration::from_secs(30);
+
 /// MTU of the interface a request came in on, cached per ifindex.
 fn lookup_mtu(
-    cache: &mut HashMap<u32, Option<u32>>,
+    cache: &mut HashMap<u32, (Option<u32>, Instant)>,
     listeners: &[Listener],
     li: u32,
     ifindex: u32,
+    now: Instant,
 ) -> Option<u32> {
     if ifindex == 0 {
         return None;
     }
-    if let Some(&m) = cache.get(&ifindex) {
-        return m;
+    if let Some(&(mtu, read_at)) = cache.get(&ifindex)
+        && now.saturating_duration_since(read_at) < MTU_TTL
+    {
+        return mtu;
     }
     let l = listeners.get(li as usize)?;
     let mtu = net::interface_mtu(l.sock.as_fd(), ifindex).ok();
-    if cache.len() < 4096 {
-        cache.insert(ifindex, mtu);
+    if cache.len() >= 4096 {
+        cache.clear();
     }
+    cache.insert(ifindex, (mtu, now));
     mtu
 }
 
@@ -446,6 +456,7 @@ impl Shard {
             reply: Box::new([0; REPLY_CAP]),
             cqes: Vec::with_capacity(tuning.cq_entries as usize),
             expired: Vec::new(),
+            sends_queued: 0,
             counters: Counters::default(),
             phase: Phase::Running,
             index: config.index,
@@ -466,7 +477,11 @@ impl Shard {
             let timeout = self.wait_timeout(Instant::now());
             let ts = types::Timespec::from(timeout);
             let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
+            // Sends on UDP usually complete inside this very enter; wait for
+            // one completion beyond them, so that a lock-step block costs
+            // one enter, not two (the send's CQE would wake us at once).
+            let want = 1 + mem::take(&mut self.sends_queued) as usize;
+            match self.ring.submitter().submit_with_args(want, &args) {
                 Ok(_) => {}
                 Err(e) if is_transient(&e) => {}
                 Err(e) => return Err(e),
@@ -667,7 +682,7 @@ impl Shard {
             if local.is_ipv4() != peer.is_ipv4() {
                 local = unspecified_like(peer.ip());
             }
-            let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex);
+            let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex, now);
             self.counters.requests += 1;
             let outcome = self.endpoint.handle_request(
                 now,
@@ -779,6 +794,7 @@ impl Shard {
                     .build()
                     .user_data(Token::Send(si).encode());
                 self.push(sqe);
+                self.sends_queued += 1;
             }
             None => {
                 self.sends.release(si);
@@ -1017,6 +1033,7 @@ impl Shard {
                         .build()
                         .user_data(Token::Send(si).encode());
                     self.push(sqe);
+                    self.sends_queued += 1;
                     sent += 1;
                 }
                 None => {
