@@ -82,6 +82,11 @@ pub struct Config {
     #[arg(long, default_value_t = 100)]
     pub error_rate: u32,
 
+    /// Milliseconds for which the result of opening a file name (the
+    /// file, or its refusal) is reused; 0 opens the file for every request.
+    #[arg(long, default_value_t = 1000)]
+    pub open_cache_ms: u64,
+
     /// Seconds that running transfers may take to finish after SIGINT or
     /// SIGTERM.
     #[arg(long, default_value_t = 5)]
@@ -151,6 +156,7 @@ impl Config {
             limits: self.limits(),
             error_replies_per_sec: self.error_rate,
             error_reply_burst: self.error_rate.max(1),
+            open_cache_ttl: Duration::from_millis(self.open_cache_ms),
         }
     }
 }

@@ -54,6 +54,19 @@ pub struct EndpointConfig {
     /// Token bucket for ERROR replies to strangers and bad requests.
     pub error_replies_per_sec: u32,
     pub error_reply_burst: u32,
+    /// How long the result of opening a name (the file, or the refusal)
+    /// is reused for later requests of that name; zero opens every time.
+    pub open_cache_ttl: Duration,
+}
+
+/// Most names the open cache holds before it starts afresh.
+const OPEN_CACHE_CAPACITY: usize = 4096;
+
+/// An earlier open of a name, reused while fresh.
+#[derive(Debug)]
+struct CachedOpen<H> {
+    result: Result<(H, u64), OpenError>,
+    opened_at: Instant,
 }
 
 /// A session's address in the slab: index plus generation, so a stale id
@@ -212,10 +225,12 @@ pub struct Endpoint<H> {
     /// requests.
     by_peer: HashMap<SocketAddr, SessionId>,
     error_replies: TokenBucket,
+    /// Recent opens by name, one map per mode (octet, netascii).
+    open_cache: [HashMap<Box<[u8]>, CachedOpen<H>>; 2],
     shutting_down: bool,
 }
 
-impl<H> Endpoint<H> {
+impl<H: Clone> Endpoint<H> {
     pub fn new(config: EndpointConfig) -> Self {
         let error_replies =
             TokenBucket::new(config.error_replies_per_sec, config.error_reply_burst);
@@ -226,6 +241,7 @@ impl<H> Endpoint<H> {
             live: 0,
             by_peer: HashMap::new(),
             error_replies,
+            open_cache: [HashMap::new(), HashMap::new()],
             shutting_down: false,
         }
     }
@@ -373,7 +389,7 @@ impl<H> Endpoint<H> {
         if self.live >= self.config.max_sessions {
             return Self::error_reply(ErrorCode::NotDefined, "server busy, try again later", reply);
         }
-        let (handle, content_len) = match files.open_read(request.filename, request.mode) {
+        let (handle, content_len) = match self.open(now, files, request.filename, request.mode) {
             Ok(opened) => opened,
             Err(error) => {
                 let message = match &error {
@@ -404,6 +420,40 @@ impl<H> Endpoint<H> {
             }
             None => Self::error_reply(ErrorCode::NotDefined, "server busy, try again later", reply),
         }
+    }
+
+    /// Opens `filename`, or reuses an open of it younger than the TTL: a
+    /// fleet asks for the same few files (and probes the same missing
+    /// ones) thousands of times a second.
+    fn open<F: FileSource<Handle = H>>(
+        &mut self,
+        now: Instant,
+        files: &mut F,
+        filename: &[u8],
+        mode: proto::Mode,
+    ) -> Result<(H, u64), OpenError> {
+        let ttl = self.config.open_cache_ttl;
+        if ttl.is_zero() {
+            return files.open_read(filename, mode);
+        }
+        let cache = &mut self.open_cache[mode as usize];
+        if let Some(cached) = cache.get(filename)
+            && now.saturating_duration_since(cached.opened_at) < ttl
+        {
+            return cached.result.clone();
+        }
+        let result = files.open_read(filename, mode);
+        if cache.len() >= OPEN_CACHE_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(
+            filename.into(),
+            CachedOpen {
+                result: result.clone(),
+                opened_at: now,
+            },
+        );
+        result
     }
 
     /// A datagram on session `id`'s socket from `from`.

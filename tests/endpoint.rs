@@ -343,3 +343,49 @@ fn shutting_down_refuses_new_requests() {
     assert_eq!(code, ErrorCode::NotDefined);
     assert!(message.contains("shutting down"));
 }
+
+#[test]
+fn opens_are_reused_for_the_cache_ttl_then_redone() {
+    let ttl = Duration::from_secs(1);
+    let mut f = Fixture::new(EndpointConfig {
+        open_cache_ttl: ttl,
+        ..config()
+    });
+    // A missing name is refused, and the refusal is remembered...
+    assert_eq!(
+        f.error_reply(peer(1), &rrq("late.cfg", "octet", &[])).0,
+        ErrorCode::FileNotFound
+    );
+    f.files
+        .0
+        .insert(b"late.cfg".to_vec(), Arc::new(b"hello".to_vec()));
+    assert_eq!(
+        f.error_reply(peer(2), &rrq("late.cfg", "octet", &[])).0,
+        ErrorCode::FileNotFound
+    );
+    // ...until the TTL has passed.
+    f.now += ttl;
+    let RequestOutcome::Started(id) = f.request(peer(3), &rrq("late.cfg", "octet", &[])) else {
+        panic!()
+    };
+    assert_eq!(**f.endpoint.session(id).unwrap().handle, b"hello".to_vec());
+    // A replaced file is picked up after the TTL too.
+    f.files
+        .0
+        .insert(b"late.cfg".to_vec(), Arc::new(b"bye".to_vec()));
+    let RequestOutcome::Started(id) = f.request(peer(4), &rrq("late.cfg", "octet", &[])) else {
+        panic!()
+    };
+    assert_eq!(**f.endpoint.session(id).unwrap().handle, b"hello".to_vec());
+    f.now += ttl;
+    let RequestOutcome::Started(id) = f.request(peer(5), &rrq("late.cfg", "octet", &[])) else {
+        panic!()
+    };
+    assert_eq!(**f.endpoint.session(id).unwrap().handle, b"bye".to_vec());
+    // Modes are cached apart.
+    f.files.0.remove(b"late.cfg".as_slice());
+    assert!(matches!(
+        f.error_reply(peer(6), &rrq("late.cfg", "netascii", &[])).0,
+        ErrorCode::FileNotFound
+    ));
+}

@@ -60,6 +60,7 @@ fn start(
             limits: limits(),
             error_replies_per_sec: 100,
             error_reply_burst: 100,
+            open_cache_ttl: Duration::from_secs(1),
         },
         files: FileRoot::open(dir, true).unwrap(),
         log_transfers: true,

@@ -34,6 +34,7 @@ pub fn config() -> EndpointConfig {
         limits: limits(),
         error_replies_per_sec: 10,
         error_reply_burst: 5,
+        open_cache_ttl: Duration::ZERO,
     }
 }
 
