@@ -23,7 +23,14 @@
 //! file mapping, which is kept alive (lingering) after the session is
 //! removed until its last send completed; a transfer socket is closed only
 //! after its multishot receive ended and after an `io_uring_enter` consumed
-//! every SQE that names it. Payload pointers are never read in user space:
+//! every SQE that names it.
+//!
+//! Transfer sockets are pooled: when a transfer ends, its socket (still
+//! bound, its multishot receive still armed) waits idle for the next
+//! transfer on the same local address, and is never handed to the client
+//! that used it last, so each transfer of a client still gets a new TID.
+//! That saves a socket, a setsockopt, a bind, a close and a receive re-arm
+//! per transfer. Payload pointers are never read in user space:
 //! a file truncated under us makes the kernel's copy fail with `EFAULT`
 //! (and the session is aborted) instead of raising SIGBUS here.
 
@@ -243,14 +250,32 @@ struct Listener {
     recv_armed: bool,
 }
 
-/// The transfer socket of a live session, at `SessionId::index`.
-struct LiveSock {
-    id: SessionId,
+/// A transfer socket: owned by a live session, or idle in the pool.
+struct TransferSock {
     fd: OwnedFd,
-    peer: SocketAddr,
     v6: bool,
+    /// The local address (and IPv6 link-local scope) it is bound to.
+    key: (IpAddr, u32),
     /// The token of its armed multishot receive, if armed.
     recv: Option<u64>,
+    owner: Option<SessionId>,
+    /// The peer of its last transfer: never handed to that peer again,
+    /// so that each transfer of a client has a new TID (RFC 1350).
+    last_peer: Option<SocketAddr>,
+    /// A receive failed: close it rather than pool it.
+    broken: bool,
+}
+
+/// Most idle transfer sockets a shard keeps for reuse.
+const MAX_IDLE_SOCKS: usize = 1024;
+
+/// A live session's driver state, at `SessionId::index`.
+struct LiveSock {
+    id: SessionId,
+    /// Index of its socket in `Shard::tsocks`.
+    sock: u32,
+    peer: SocketAddr,
+    v6: bool,
     /// Sends of this session not yet completed.
     inflight: u32,
     touched: bool,
@@ -274,7 +299,7 @@ enum Phase {
 #[derive(Debug, Clone, Copy)]
 enum Rearm {
     Listener(u32),
-    Session(SessionId),
+    Sock(u32),
 }
 
 struct Shard {
@@ -292,6 +317,13 @@ struct Shard {
     files: FileRoot,
     wheel: TimerWheel,
     socks: Vec<Option<LiveSock>>,
+    /// Transfer sockets, live and idle; receive tokens carry their index.
+    tsocks: Vec<Option<TransferSock>>,
+    tsocks_free: Vec<u32>,
+    /// Idle sockets by bound address, reused by new transfers: a socket,
+    /// its options, its bind, its close and its receive re-arm saved.
+    idle: HashMap<(IpAddr, u32), Vec<u32>>,
+    idle_count: usize,
     live: usize,
     next_epoch: u32,
     sends: SendPool,
@@ -442,6 +474,10 @@ impl Shard {
             files: config.files,
             wheel: TimerWheel::new(capacity, TICK, now),
             socks: (0..capacity).map(|_| None).collect(),
+            tsocks: Vec::new(),
+            tsocks_free: Vec::new(),
+            idle: HashMap::new(),
+            idle_count: 0,
             live: 0,
             next_epoch: 0,
             sends: SendPool::new(tuning.send_slots),
@@ -589,23 +625,122 @@ impl Shard {
         self.push(sqe);
     }
 
-    fn arm_session_recv(&mut self, id: SessionId) {
+    fn arm_sock_recv(&mut self, si: u32) {
         let epoch = self.next_epoch;
         self.next_epoch = self.next_epoch.wrapping_add(1) & EPOCH_MASK;
-        let token = Token::SessionRecv {
-            index: id.index,
-            epoch,
-        }
-        .encode();
-        let Some(live) = self.live_mut(id) else {
+        let token = Token::SessionRecv { index: si, epoch }.encode();
+        let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) else {
             return;
         };
-        let fd = live.fd.as_raw_fd();
-        live.recv = Some(token);
+        let fd = ts.fd.as_raw_fd();
+        ts.recv = Some(token);
         let sqe = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.session_msghdr, SESSION_BGID)
             .build()
             .user_data(token);
         self.push(sqe);
+    }
+
+    fn tsock_fd(&self, si: u32) -> Option<RawFd> {
+        let ts = self.tsocks.get(si as usize)?.as_ref()?;
+        Some(ts.fd.as_raw_fd())
+    }
+
+    /// A transfer socket bound to `local` for `peer`: an idle one from the
+    /// pool (never the one `peer` used last), else a new one.
+    fn acquire_sock(
+        &mut self,
+        id: SessionId,
+        local: IpAddr,
+        ifindex: u32,
+        peer: SocketAddr,
+    ) -> io::Result<u32> {
+        let scope = match local {
+            IpAddr::V6(ip) if ip.is_unicast_link_local() => ifindex,
+            _ => 0,
+        };
+        let key = (local, scope);
+        if let Some(list) = self.idle.get_mut(&key) {
+            let tsocks = &self.tsocks;
+            let usable = list.iter().rev().take(4).position(|&si| {
+                tsocks
+                    .get(si as usize)
+                    .and_then(|t| t.as_ref())
+                    .is_some_and(|t| t.last_peer != Some(peer))
+            });
+            if let Some(from_end) = usable {
+                let si = list.swap_remove(list.len() - 1 - from_end);
+                self.idle_count -= 1;
+                if let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) {
+                    ts.owner = Some(id);
+                    if ts.recv.is_none() {
+                        self.rearm.push(Rearm::Sock(si));
+                    }
+                    return Ok(si);
+                }
+            }
+        }
+        let fd = net::transfer_socket(local, ifindex)?;
+        let ts = TransferSock {
+            fd,
+            v6: local.is_ipv6(),
+            key,
+            recv: None,
+            owner: Some(id),
+            last_peer: None,
+            broken: false,
+        };
+        let si = match self.tsocks_free.pop() {
+            Some(si) => {
+                self.tsocks[si as usize] = Some(ts);
+                si
+            }
+            None => {
+                self.tsocks.push(Some(ts));
+                (self.tsocks.len() - 1) as u32
+            }
+        };
+        self.arm_sock_recv(si);
+        Ok(si)
+    }
+
+    /// Takes socket `si` out of the table and closes it once the kernel is
+    /// done with it.
+    fn close_sock(&mut self, si: u32) {
+        let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.take()) else {
+            return;
+        };
+        self.tsocks_free.push(si);
+        match ts.recv {
+            Some(token) => {
+                let sqe = opcode::AsyncCancel::new(token)
+                    .build()
+                    .user_data(Token::Cancel.encode());
+                self.push(sqe);
+                self.closing.insert(token, ts.fd);
+            }
+            None => self.to_close.push(ts.fd),
+        }
+    }
+
+    /// Returns socket `si` to the pool after its transfer, or closes it.
+    fn release_sock(&mut self, si: u32, peer: SocketAddr) {
+        let poolable = self.phase == Phase::Running
+            && self.idle_count < MAX_IDLE_SOCKS
+            && self
+                .tsocks
+                .get(si as usize)
+                .and_then(|t| t.as_ref())
+                .is_some_and(|t| !t.broken && t.recv.is_some());
+        if !poolable {
+            self.close_sock(si);
+            return;
+        }
+        if let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) {
+            ts.owner = None;
+            ts.last_peer = Some(peer);
+            self.idle.entry(ts.key).or_default().push(si);
+            self.idle_count += 1;
+        }
     }
 
     fn live_mut(&mut self, id: SessionId) -> Option<&mut LiveSock> {
@@ -714,21 +849,19 @@ impl Shard {
             .socks
             .get(id.index as usize)
             .is_some_and(|s| s.is_none());
-        let socket = if !slot_free || local.is_ipv4() != peer.is_ipv4() {
+        let sock = if !slot_free || local.is_ipv4() != peer.is_ipv4() {
             Err(io::Error::from(io::ErrorKind::InvalidInput))
         } else {
-            net::transfer_socket(local, ifindex)
+            self.acquire_sock(id, local, ifindex, peer)
         };
-        match socket {
-            Ok(fd) => {
-                let v6 = local.is_ipv6();
+        match sock {
+            Ok(si) => {
                 if let Some(slot) = self.socks.get_mut(id.index as usize) {
                     *slot = Some(LiveSock {
                         id,
-                        fd,
+                        sock: si,
                         peer,
-                        v6,
-                        recv: None,
+                        v6: local.is_ipv6(),
                         inflight: 0,
                         touched: false,
                         queued: false,
@@ -737,7 +870,6 @@ impl Shard {
                     self.live += 1;
                 }
                 self.counters.started += 1;
-                self.arm_session_recv(id);
                 self.touch(id);
             }
             Err(_) => {
@@ -802,16 +934,16 @@ impl Shard {
         }
     }
 
-    fn on_session_recv(&mut self, now: Instant, token: u64, index: u32, res: i32, flags: u32) {
+    fn on_session_recv(&mut self, now: Instant, token: u64, si: u32, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
-        let live = self
-            .socks
-            .get_mut(index as usize)
+        let ts = self
+            .tsocks
+            .get_mut(si as usize)
             .and_then(|s| s.as_mut())
-            .filter(|l| l.recv == Some(token));
-        let Some(live) = live else {
+            .filter(|t| t.recv == Some(token));
+        let Some(ts) = ts else {
             drop(bid.and_then(|b| self.session_bufs.take(b, 0)));
-            // A removed session's receive: its final CQE lets the socket close.
+            // A closed socket's receive: its final CQE lets the socket close.
             if !cqueue::more(flags)
                 && let Some(fd) = self.closing.remove(&token)
             {
@@ -819,12 +951,12 @@ impl Shard {
             }
             return;
         };
-        let id = live.id;
-        let (fd, v6) = (live.fd.as_raw_fd(), live.v6);
+        let owner = ts.owner;
+        let (fd, v6) = (ts.fd.as_raw_fd(), ts.v6);
         if !cqueue::more(flags) {
-            live.recv = None;
+            ts.recv = None;
             if res >= 0 || res == -libc::ENOBUFS {
-                self.rearm.push(Rearm::Session(id));
+                self.rearm.push(Rearm::Sock(si));
                 self.counters.rearms += 1;
             }
         }
@@ -834,23 +966,37 @@ impl Shard {
                 libc::ENOBUFS => self.counters.ring_dry += 1,
                 libc::ECANCELED => {}
                 _ => {
-                    // The socket cannot receive: end the transfer rather
-                    // than spin re-arming.
+                    // The socket cannot receive: end its transfer rather
+                    // than spin re-arming, and never pool it again.
                     self.counters.recv_errors += 1;
                     if !cqueue::more(flags) {
-                        self.endpoint
-                            .abort(now, id, ErrorCode::NotDefined, "receive failed");
-                        self.touch(id);
+                        ts.broken = true;
+                        match owner {
+                            Some(id) => {
+                                self.endpoint.abort(
+                                    now,
+                                    id,
+                                    ErrorCode::NotDefined,
+                                    "receive failed",
+                                );
+                                self.touch(id);
+                            }
+                            None => self.drop_idle(si),
+                        }
                     }
                 }
             }
             return;
         }
-        let (outcome, from) = {
+        let (outcome, from, id) = {
             let Some(buf) = bid.and_then(|b| self.session_bufs.take(b, res as usize)) else {
                 return;
             };
             self.counters.datagrams_in += 1;
+            // An idle pooled socket: a late packet of a finished transfer.
+            let Some(id) = owner else {
+                return;
+            };
             let Ok(out) = types::RecvMsgOut::parse(&buf, &self.session_msghdr) else {
                 return;
             };
@@ -866,6 +1012,7 @@ impl Shard {
                     &mut self.reply[..],
                 ),
                 from,
+                id,
             )
         };
         match outcome {
@@ -873,6 +1020,25 @@ impl Shard {
             DatagramOutcome::Reply(n) => self.send_reply(fd, v6, n, from, None),
             DatagramOutcome::Ignored => {}
         }
+    }
+
+    /// Closes an idle socket that can no longer receive.
+    fn drop_idle(&mut self, si: u32) {
+        let Some(key) = self
+            .tsocks
+            .get(si as usize)
+            .and_then(|t| t.as_ref())
+            .map(|t| t.key)
+        else {
+            return;
+        };
+        if let Some(list) = self.idle.get_mut(&key)
+            && let Some(pos) = list.iter().position(|&x| x == si)
+        {
+            list.swap_remove(pos);
+            self.idle_count -= 1;
+        }
+        self.close_sock(si);
     }
 
     fn on_send(&mut self, now: Instant, si: u32, res: i32) {
@@ -980,7 +1146,10 @@ impl Shard {
         let Some(live) = self.live_mut(id) else {
             return;
         };
-        let (fd, peer, v6) = (live.fd.as_raw_fd(), live.peer, live.v6);
+        let (si, peer, v6) = (live.sock, live.peer, live.v6);
+        let Some(fd) = self.tsock_fd(si) else {
+            return;
+        };
         let mut sent = 0u32;
         let mut budget = SERVE_BUDGET;
         loop {
@@ -1066,16 +1235,7 @@ impl Shard {
             return;
         };
         self.live -= 1;
-        match live.recv {
-            Some(token) => {
-                let sqe = opcode::AsyncCancel::new(token)
-                    .build()
-                    .user_data(Token::Cancel.encode());
-                self.push(sqe);
-                self.closing.insert(token, live.fd);
-            }
-            None => self.to_close.push(live.fd),
-        }
+        self.release_sock(live.sock, live.peer);
         if let Some(f) = finished {
             if self.log_transfers {
                 eprintln!("{f}");
@@ -1096,9 +1256,14 @@ impl Shard {
                         self.arm_listener(i);
                     }
                 }
-                Rearm::Session(id) => {
-                    if self.live_mut(id).is_some_and(|l| l.recv.is_none()) {
-                        self.arm_session_recv(id);
+                Rearm::Sock(si) => {
+                    let unarmed = self
+                        .tsocks
+                        .get(si as usize)
+                        .and_then(|t| t.as_ref())
+                        .is_some_and(|t| t.recv.is_none());
+                    if unarmed {
+                        self.arm_sock_recv(si);
                     }
                 }
             }

@@ -590,3 +590,38 @@ fn shutdown_waits_for_a_transfer_that_finishes_within_the_grace() {
         "returned once idle, not at the grace deadline"
     );
 }
+
+#[test]
+fn transfer_sockets_are_reused_but_never_for_the_same_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = content(3000, 7);
+    fs::write(dir.path().join("f"), &body).unwrap();
+    let Some((handle, addr)) = start(
+        dir.path(),
+        "127.0.0.1:0",
+        Duration::from_secs(1),
+        small_tuning(),
+    ) else {
+        return;
+    };
+    let tid_of = |sock: &UdpSocket| match fetch_with(sock, addr, "f", &[], |_, _| {}) {
+        Fetch::Done { data, tid, .. } => {
+            assert!(data == body, "content differs");
+            tid
+        }
+        other => panic!("{other:?}"),
+    };
+    let a = client_for(addr);
+    let b = client_for(addr);
+    let first = tid_of(&a);
+    // Let the shard see the final ACK and pool the socket.
+    std::thread::sleep(Duration::from_millis(50));
+    // Another client gets the pooled socket: same port, a new TID for it.
+    let second = tid_of(&b);
+    assert_eq!(second, first, "the idle socket was not reused");
+    std::thread::sleep(Duration::from_millis(50));
+    // The client that used it last gets another one (RFC 1350: new TID).
+    let third = tid_of(&b);
+    assert_ne!(third, second);
+    stop(handle);
+}
