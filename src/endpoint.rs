@@ -106,6 +106,8 @@ pub struct SessionView<'a, H> {
     pub peer: SocketAddr,
     pub local: IpAddr,
     pub handle: &'a H,
+    pub blksize: u16,
+    pub windowsize: u16,
 }
 
 /// A removed session: everything the transfer log line needs.
@@ -515,6 +517,8 @@ impl<H: Clone> Endpoint<H> {
             peer: e.peer,
             local: e.local,
             handle: &e.handle,
+            blksize: e.transfer.stats().blksize,
+            windowsize: e.transfer.stats().windowsize,
         })
     }
 

@@ -52,12 +52,14 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use crate::endpoint::{
+    DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId, SessionView,
+};
 use crate::files::{FileData, FileRoot};
 use crate::proto::{self, ErrorCode};
 use crate::timer::TimerWheel;
 use bufring::BufRing;
-use send::{HEADER_CAP, Owner, SendPool};
+use send::{HEADER_CAP, MAX_SEGMENTS, Owner, SendPool};
 
 /// What one shard needs; the server builds one per core.
 pub struct ShardConfig {
@@ -276,6 +278,9 @@ struct LiveSock {
     sock: u32,
     peer: SocketAddr,
     v6: bool,
+    blksize: u16,
+    /// DATA packets one send may carry (UDP GSO); 1: one per send.
+    segments: u16,
     /// Sends of this session not yet completed.
     inflight: u32,
     touched: bool,
@@ -344,6 +349,8 @@ struct Shard {
     expired: Vec<u32>,
     /// SendMsg SQEs queued since the last enter.
     sends_queued: u32,
+    /// UDP GSO failed once: one packet per send.
+    gso_off: bool,
     counters: Counters,
     phase: Phase,
     index: usize,
@@ -493,6 +500,7 @@ impl Shard {
             cqes: Vec::with_capacity(tuning.cq_entries as usize),
             expired: Vec::new(),
             sends_queued: 0,
+            gso_off: false,
             counters: Counters::default(),
             phase: Phase::Running,
             index: config.index,
@@ -796,7 +804,7 @@ impl Shard {
         }
         // The guard lives in this block only: the buffer goes back to the
         // ring on every path, right after the endpoint has seen it.
-        let (outcome, peer, local, ifindex) = {
+        let (outcome, peer, local, ifindex, mtu) = {
             let Some(buf) = bid.and_then(|b| self.listen_bufs.take(b, res as usize)) else {
                 return;
             };
@@ -828,10 +836,10 @@ impl Shard {
                 &mut self.files,
                 &mut self.reply[..],
             );
-            (outcome, peer, local, ifindex)
+            (outcome, peer, local, ifindex, mtu)
         };
         match outcome {
-            RequestOutcome::Started(id) => self.start_session(id, li, ifindex),
+            RequestOutcome::Started(id) => self.start_session(id, li, ifindex, mtu),
             RequestOutcome::Reply(n) => {
                 self.counters.refused += 1;
                 self.reply_from_listener(li, n, peer, local, ifindex);
@@ -840,11 +848,12 @@ impl Shard {
         }
     }
 
-    fn start_session(&mut self, id: SessionId, li: u32, ifindex: u32) {
+    fn start_session(&mut self, id: SessionId, li: u32, ifindex: u32, mtu: Option<u32>) {
         let Some(view) = self.endpoint.session(id) else {
             return;
         };
         let (peer, local) = (view.peer, view.local);
+        let (blksize, segments) = (view.blksize, self.gso_segments(&view, mtu));
         let slot_free = self
             .socks
             .get(id.index as usize)
@@ -862,6 +871,8 @@ impl Shard {
                         sock: si,
                         peer,
                         v6: local.is_ipv6(),
+                        blksize,
+                        segments,
                         inflight: 0,
                         touched: false,
                         queued: false,
@@ -1042,9 +1053,20 @@ impl Shard {
     }
 
     fn on_send(&mut self, now: Instant, si: u32, res: i32) {
+        let segmented = self.sends.slot_mut(si).is_some_and(|s| s.segments() > 1);
         let Some(owner) = self.sends.release(si) else {
             return;
         };
+        if segmented && res < 0 && res != -libc::EFAULT && !self.gso_off {
+            // E.g. EIO from a device without checksum offload: send one
+            // packet per send from now on; the retransmit timer resends.
+            self.gso_off = true;
+            eprintln!(
+                "shard {}: UDP GSO send failed ({}); sending packets one by one",
+                self.index,
+                io::Error::from_raw_os_error(-res)
+            );
+        }
         if res >= 0 {
             self.counters.sends += 1;
         } else {
@@ -1140,63 +1162,142 @@ impl Shard {
         }
     }
 
+    /// How many DATA packets of a window one send may carry: UDP GSO cuts
+    /// one send into packets of blksize + 4 bytes, which must fit the
+    /// interface MTU unfragmented, and the whole send 64 KiB.
+    fn gso_segments(&self, view: &SessionView<'_, FileData>, mtu: Option<u32>) -> u16 {
+        let ip_udp = if view.local.is_ipv6() { 48 } else { 28 };
+        let packet = u32::from(view.blksize) + 4;
+        match mtu {
+            Some(mtu) if !self.gso_off && view.windowsize > 1 && packet + ip_udp <= mtu => {
+                let fit = 65_000 / packet;
+                fit.min(MAX_SEGMENTS as u32).min(u32::from(view.windowsize)) as u16
+            }
+            _ => 1,
+        }
+    }
+
+    /// The session's next transmit, its header in `buf`, its payload
+    /// resolved to a pointer into the file (None for OACK and ERROR).
+    fn poll_one(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        buf: &mut [u8],
+    ) -> Option<(usize, Option<(*const u8, usize)>)> {
+        loop {
+            let t = self.endpoint.poll_transmit(now, id, buf)?;
+            let Some(p) = t.payload else {
+                return Some((t.header_len, None));
+            };
+            let range = self
+                .endpoint
+                .session(id)
+                .and_then(|v| v.handle.range_ptr(p.offset, p.len));
+            match range {
+                Some((ptr, len)) if len == p.len => return Some((t.header_len, Some((ptr, len)))),
+                // The mapping does not cover the block: the file shrank.
+                // Send the ERROR instead.
+                _ => self.endpoint.abort(
+                    now,
+                    id,
+                    ErrorCode::NotDefined,
+                    "file changed during transfer",
+                ),
+            }
+        }
+    }
+
     /// Drains a session's transmits into sends, re-arms its timer, and
-    /// removes it once finished.
+    /// removes it once finished. Consecutive DATA packets of a window go
+    /// out as one UDP GSO send where the session allows it.
     fn serve(&mut self, now: Instant, id: SessionId) {
         let Some(live) = self.live_mut(id) else {
             return;
         };
-        let (si, peer, v6) = (live.sock, live.peer, live.v6);
-        let Some(fd) = self.tsock_fd(si) else {
+        let (sock, peer, v6) = (live.sock, live.peer, live.v6);
+        let (blksize, max_segments) = (usize::from(live.blksize), usize::from(live.segments));
+        let Some(fd) = self.tsock_fd(sock) else {
             return;
         };
+        let mut scratch = [0u8; HEADER_CAP];
+        let mut payloads = [(std::ptr::null::<u8>(), 0usize); MAX_SEGMENTS];
+        // A transmit polled into `scratch` that did not fit the last send.
+        let mut carried: Option<(usize, Option<(*const u8, usize)>)> = None;
         let mut sent = 0u32;
         let mut budget = SERVE_BUDGET;
         loop {
-            if budget == 0 {
+            if carried.is_none() && budget == 0 {
                 self.enqueue_ready(id);
                 break;
             }
-            budget -= 1;
             let Some(si) = self.sends.alloc() else {
                 self.enqueue_ready(id);
                 break;
             };
-            let Some(slot) = self.sends.slot_mut(si) else {
-                break;
-            };
-            let Some(t) = self.endpoint.poll_transmit(now, id, &mut slot.header) else {
-                self.sends.release(si);
-                break;
-            };
-            let payload = match t.payload {
-                None => None,
-                Some(p) => {
-                    let range = self
-                        .endpoint
-                        .session(id)
-                        .and_then(|v| v.handle.range_ptr(p.offset, p.len));
-                    match range {
-                        Some((ptr, len)) if len == p.len => Some((ptr, len)),
-                        _ => {
-                            // The mapping does not cover the block: the file
-                            // shrank. Send the ERROR instead.
+            let first = match carried.take() {
+                Some(first) => first,
+                None => {
+                    budget -= 1;
+                    match self.poll_one(now, id, &mut scratch) {
+                        Some(first) => first,
+                        None => {
                             self.sends.release(si);
-                            self.endpoint.abort(
-                                now,
-                                id,
-                                ErrorCode::NotDefined,
-                                "file changed during transfer",
-                            );
-                            continue;
+                            break;
                         }
                     }
                 }
             };
+            let (header_len, payload) = first;
             let Some(slot) = self.sends.slot_mut(si) else {
                 break;
             };
-            match slot.prepare(Owner::Session(id), t.header_len, payload, peer, v6, None) {
+            slot.header[..header_len].copy_from_slice(&scratch[..header_len]);
+            // Batch only from a full DATA block: a shorter one is the last.
+            let mut count = 0;
+            if let Some(p) =
+                payload.filter(|p| max_segments > 1 && header_len == 4 && p.1 == blksize)
+            {
+                payloads[0] = p;
+                count = 1;
+                // Keep a slot free for a transmit that does not fit.
+                while count < max_segments && budget > 0 && self.sends.has_free() {
+                    budget -= 1;
+                    match self.poll_one(now, id, &mut scratch) {
+                        None => break,
+                        Some((4, Some(p))) if p.1 <= blksize => {
+                            if let Some(slot) = self.sends.slot_mut(si) {
+                                slot.header[4 * count..4 * count + 4]
+                                    .copy_from_slice(&scratch[..4]);
+                            }
+                            payloads[count] = p;
+                            count += 1;
+                            if p.1 < blksize {
+                                break;
+                            }
+                        }
+                        Some(other) => {
+                            carried = Some(other);
+                            break;
+                        }
+                    }
+                }
+            }
+            let Some(slot) = self.sends.slot_mut(si) else {
+                break;
+            };
+            let msg = if count > 1 {
+                slot.prepare_segments(
+                    Owner::Session(id),
+                    &payloads[..count],
+                    (blksize + 4) as u16,
+                    peer,
+                    v6,
+                )
+            } else {
+                slot.prepare(Owner::Session(id), header_len, payload, peer, v6, None)
+            };
+            match msg {
                 Some(msg) => {
                     let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
                         .build()

@@ -12,6 +12,27 @@ use crate::endpoint::SessionId;
 /// Room for the header of any transmit: a DATA header, an OACK or an ERROR.
 pub const HEADER_CAP: usize = 640;
 
+/// Most DATA packets one segmented (UDP GSO) send carries.
+pub const MAX_SEGMENTS: usize = 64;
+
+/// `SOL_UDP` / `UDP_SEGMENT` (linux/udp.h; not in the libc crate for glibc).
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Control-message space for one `UDP_SEGMENT` (a u16), aligned for cmsghdr.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct GsoCmsg([u8; GSO_CMSG_SPACE]);
+
+/// CMSG_ALIGN(x): cmsg data is aligned to size_t.
+const fn cmsg_align(len: usize) -> usize {
+    let align = mem::size_of::<usize>();
+    (len + align - 1) & !(align - 1)
+}
+/// CMSG_DATA offset and CMSG_SPACE(sizeof(u16)).
+const GSO_CMSG_DATA: usize = cmsg_align(mem::size_of::<libc::cmsghdr>());
+const GSO_CMSG_SPACE: usize = GSO_CMSG_DATA + cmsg_align(2);
+
 /// Whom a send belongs to, so its completion reaches the right place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
@@ -24,9 +45,12 @@ pub enum Owner {
 pub struct SendSlot {
     owner: Owner,
     pub header: [u8; HEADER_CAP],
-    iov: [libc::iovec; 2],
+    iov: [libc::iovec; 2 * MAX_SEGMENTS],
     addr: RawAddr,
     control: PktinfoCmsg,
+    gso: GsoCmsg,
+    /// DATA packets in this send (more than one: a GSO send).
+    segments: u16,
     msg: libc::msghdr,
 }
 
@@ -38,9 +62,11 @@ impl SendSlot {
             iov: [libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
-            }; 2],
+            }; 2 * MAX_SEGMENTS],
             addr: RawAddr::new(),
             control: PktinfoCmsg::new(),
+            gso: GsoCmsg([0; GSO_CMSG_SPACE]),
+            segments: 1,
             // SAFETY: msghdr is plain old data; all-zero is a valid value.
             msg: unsafe { mem::zeroed() },
         }
@@ -66,6 +92,7 @@ impl SendSlot {
         source: Option<(IpAddr, u32)>,
     ) -> Option<*const libc::msghdr> {
         self.owner = owner;
+        self.segments = 1;
         let namelen = self.addr.set(dest, v6_socket)?;
         let controllen = match source {
             Some((local, ifindex)) if !local.is_unspecified() => {
@@ -103,12 +130,80 @@ impl SendSlot {
         Some(&self.msg)
     }
 
+    /// Fills the msghdr for one UDP GSO send of `payloads.len()` DATA
+    /// packets: packet `i` is `header[4 * i..4 * i + 4]` then `payloads[i]`
+    /// (pointers into a file mapping, only read by the kernel), each
+    /// `segment` bytes long but the last, which may be shorter. The kernel
+    /// cuts the send into those packets (`UDP_SEGMENT`).
+    pub fn prepare_segments(
+        &mut self,
+        owner: Owner,
+        payloads: &[(*const u8, usize)],
+        segment: u16,
+        dest: SocketAddr,
+        v6_socket: bool,
+    ) -> Option<*const libc::msghdr> {
+        if payloads.is_empty() || payloads.len() > MAX_SEGMENTS {
+            return None;
+        }
+        self.owner = owner;
+        self.segments = payloads.len() as u16;
+        let namelen = self.addr.set(dest, v6_socket)?;
+        let mut iovlen = 0;
+        for (i, &(ptr, len)) in payloads.iter().enumerate() {
+            self.iov[iovlen] = libc::iovec {
+                iov_base: self.header[4 * i..].as_mut_ptr().cast(),
+                iov_len: 4,
+            };
+            iovlen += 1;
+            if len > 0 {
+                self.iov[iovlen] = libc::iovec {
+                    iov_base: ptr.cast_mut().cast(),
+                    iov_len: len,
+                };
+                iovlen += 1;
+            }
+        }
+        // SAFETY: cmsghdr is plain old data; all-zero is a valid value.
+        let mut hdr: libc::cmsghdr = unsafe { mem::zeroed() };
+        let data_at = GSO_CMSG_DATA;
+        hdr.cmsg_len = (data_at + 2) as _;
+        hdr.cmsg_level = SOL_UDP;
+        hdr.cmsg_type = UDP_SEGMENT;
+        self.gso.0.fill(0);
+        // SAFETY: the buffer is GSO_CMSG_SPACE >= size_of::<cmsghdr>() bytes
+        // long, and write_unaligned has no alignment requirement.
+        unsafe {
+            self.gso
+                .0
+                .as_mut_ptr()
+                .cast::<libc::cmsghdr>()
+                .write_unaligned(hdr)
+        };
+        self.gso.0[data_at..data_at + 2].copy_from_slice(&segment.to_ne_bytes());
+        self.msg.msg_name = self.addr.as_ptr().cast_mut().cast();
+        self.msg.msg_namelen = namelen;
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = iovlen as _;
+        self.msg.msg_control = self.gso.0.as_mut_ptr().cast();
+        self.msg.msg_controllen = GSO_CMSG_SPACE as _;
+        self.msg.msg_flags = 0;
+        Some(&self.msg)
+    }
+
+    /// DATA packets in the prepared send.
+    pub fn segments(&self) -> u16 {
+        self.segments
+    }
+
     /// Bytes this send puts on the wire (header plus payload).
     #[cfg(test)]
     pub fn wire_len(&self) -> usize {
         // msg_iovlen is size_t on glibc, int on musl.
         #[allow(clippy::useless_conversion)]
-        let n = usize::try_from(self.msg.msg_iovlen).unwrap_or(0).min(2);
+        let n = usize::try_from(self.msg.msg_iovlen)
+            .unwrap_or(0)
+            .min(2 * MAX_SEGMENTS);
         self.iov[..n].iter().map(|v| v.iov_len).sum()
     }
 }
