@@ -336,4 +336,61 @@ mod tests {
         // SAFETY: msg points into the live slot.
         assert!(unsafe { (*msg).msg_controllen } > 0);
     }
+
+    #[test]
+    fn prepare_segments_interleaves_headers_and_sets_udp_segment() {
+        let mut pool = SendPool::new(1);
+        let i = pool.alloc().unwrap();
+        let data = [9u8; 3 * 1468 + 100];
+        let slot = pool.slot_mut(i).unwrap();
+        for (k, block) in [5u16, 6, 7, 8].iter().enumerate() {
+            let b = block.to_be_bytes();
+            slot.header[4 * k..4 * k + 4].copy_from_slice(&[0, 3, b[0], b[1]]);
+        }
+        let base = data.as_ptr();
+        // SAFETY: the offsets stay inside `data`.
+        let payloads = unsafe {
+            [
+                (base, 1468),
+                (base.add(1468), 1468),
+                (base.add(2936), 1468),
+                (base.add(4404), 100),
+            ]
+        };
+        let msg = slot
+            .prepare_segments(
+                Owner::Reply,
+                &payloads,
+                1472,
+                "127.0.0.1:9".parse().unwrap(),
+                false,
+            )
+            .unwrap();
+        // SAFETY: msg points into the live slot.
+        let m = unsafe { &*msg };
+        assert_eq!(m.msg_iovlen, 8);
+        assert_eq!(slot.segments(), 4);
+        assert_eq!(slot.wire_len(), 3 * 1472 + 104);
+        // SAFETY: msg_control points at the slot's cmsg buffer.
+        let cmsg = unsafe { &*(m.msg_control as *const libc::cmsghdr) };
+        assert_eq!((cmsg.cmsg_level, cmsg.cmsg_type), (SOL_UDP, UDP_SEGMENT));
+        let seg = &slot.gso.0[GSO_CMSG_DATA..GSO_CMSG_DATA + 2];
+        assert_eq!(u16::from_ne_bytes([seg[0], seg[1]]), 1472);
+        // The iovecs alternate header (4 bytes) and payload.
+        // SAFETY: msg_iov points at the slot's iovec array of msg_iovlen entries.
+        let iov = unsafe { std::slice::from_raw_parts(m.msg_iov, 8) };
+        let lens: Vec<usize> = iov.iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, [4, 1468, 4, 1468, 4, 1468, 4, 100]);
+        // A plain send afterwards is one packet again.
+        slot.prepare(
+            Owner::Reply,
+            4,
+            None,
+            "127.0.0.1:9".parse().unwrap(),
+            false,
+            None,
+        )
+        .unwrap();
+        assert_eq!(slot.segments(), 1);
+    }
 }
