@@ -9,6 +9,39 @@ use ringtftpd::proto::{ErrorCode, Options, Packet};
 use ringtftpd::session::{self, Outcome};
 use sim::*;
 
+/// A link that does `fate` to the first packet matching `hit` and delivers
+/// everything else.
+fn first(
+    fate: Fate,
+    mut hit: impl FnMut(Dir, &Packet<'_>) -> bool,
+) -> impl FnMut(Dir, &Packet<'_>, usize) -> Fate {
+    let mut done = false;
+    move |dir, p, _| {
+        if !done && hit(dir, p) {
+            done = true;
+            fate
+        } else {
+            Fate::Deliver
+        }
+    }
+}
+
+/// A link that drops the first `count` packets matching `hit`.
+fn drop_n(
+    count: u32,
+    mut hit: impl FnMut(Dir, &Packet<'_>) -> bool,
+) -> impl FnMut(Dir, &Packet<'_>, usize) -> Fate {
+    let mut dropped = 0;
+    move |dir, p, _| {
+        if dropped < count && hit(dir, p) {
+            dropped += 1;
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    }
+}
+
 fn assert_complete(sim: &Sim, file: &[u8]) {
     assert_eq!(
         sim.outcome,
@@ -37,16 +70,9 @@ fn lock_step_sizes_around_block_boundaries() {
 #[test]
 fn lost_data_is_resent_after_timeout_only() {
     let file = content(10 * 512 + 7, 1);
-    let mut sim = Sim::new(&file, &[]).link(|dir, p, _| {
-        if dir == Dir::ToClient && is_data(p, 3) {
-            // Drop only the first DATA 3.
-            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Fate::Drop;
-            }
-        }
-        Fate::Deliver
-    });
+    let mut sim = Sim::new(&file, &[]).link(first(Fate::Drop, |dir, p| {
+        dir == Dir::ToClient && is_data(p, 3)
+    }));
     sim.drive();
     assert_complete(&sim, &file);
     assert_eq!(sim.data_sent(), 11 + 1);
@@ -55,15 +81,9 @@ fn lost_data_is_resent_after_timeout_only() {
 #[test]
 fn lost_ack_is_recovered_by_server_timeout() {
     let file = content(4 * 512, 2);
-    let mut sim = Sim::new(&file, &[]).link(|dir, p, _| {
-        if dir == Dir::ToServer && is_ack(p, 2) {
-            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Fate::Drop;
-            }
-        }
-        Fate::Deliver
-    });
+    let mut sim = Sim::new(&file, &[]).link(first(Fate::Drop, |dir, p| {
+        dir == Dir::ToServer && is_ack(p, 2)
+    }));
     sim.drive();
     assert_complete(&sim, &file);
     // DATA 2 sent twice; the client re-ACKs the duplicate.
@@ -89,22 +109,26 @@ fn duplicate_acks_never_trigger_resends() {
 
 #[test]
 fn delayed_data_does_not_start_the_sorcerers_apprentice() {
-    // DATA 2 is delayed past the server's RTO: the server resends it, the
-    // client ACKs both copies. The duplicate ACK 2 must not cause a
-    // duplicate DATA 3, nor any later duplicates.
+    // DATA 2 is delayed to arrive just before the server's resend of it (the
+    // RTO sits at its 20 ms floor after DATA 1's sample): the client ACKs
+    // both copies, and the duplicate ACK 2 reaches the server after it sent
+    // DATA 3. A naive server would resend DATA 3, and every later block
+    // would then go out twice.
     let file = content(20 * 512 + 1, 4);
-    let mut sim = Sim::new(&file, &[]).link(|dir, p, _| {
-        if dir == Dir::ToClient && is_data(p, 2) {
-            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Fate::Delay(Duration::from_millis(1500));
-            }
-        }
-        Fate::Deliver
-    });
+    let mut sim = Sim::new(&file, &[]).link(first(
+        Fate::Delay(Duration::from_micros(19_950)),
+        |dir, p| dir == Dir::ToClient && is_data(p, 2),
+    ));
     sim.drive();
     assert_complete(&sim, &file);
-    // One resend of DATA 2 (timer) and nothing else extra.
+    // The client did see DATA 2 twice and ACKed it twice...
+    let acks_of_2 = sim
+        .client_sent
+        .iter()
+        .filter(|d| matches!(Packet::parse(d), Ok(Packet::Ack { block: 2 })))
+        .count();
+    assert_eq!(acks_of_2, 2);
+    // ...yet one resend of DATA 2 (the timer's) is all the extra the server sent.
     assert_eq!(sim.data_sent(), 21 + 1);
 }
 
@@ -140,15 +164,9 @@ fn ack_in_the_middle_of_a_window_resumes_after_it() {
     // Lose DATA 6 (first window is 1..=8): the client ACKs 5 when 7 arrives
     // out of order; the server resumes at 6 without waiting for a timeout.
     let file = content(32 * 512, 7);
-    let mut sim = Sim::new(&file, &[("windowsize", "8")]).link(|dir, p, _| {
-        if dir == Dir::ToClient && is_data(p, 6) {
-            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Fate::Drop;
-            }
-        }
-        Fate::Deliver
-    });
+    let mut sim = Sim::new(&file, &[("windowsize", "8")]).link(first(Fate::Drop, |dir, p| {
+        dir == Dir::ToClient && is_data(p, 6)
+    }));
     sim.drive();
     assert_complete(&sim, &file);
     // No timeout was needed: well under the initial 1 s RTO.
@@ -251,15 +269,11 @@ fn block_numbers_roll_over_past_65535() {
 #[test]
 fn rollover_with_windows_and_loss_around_the_wrap() {
     let file = content(70000 * 8, 10);
-    let mut sim = Sim::new(&file, &[("blksize", "8"), ("windowsize", "16")]).link(|dir, p, _| {
-        static DROPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let hit = (dir == Dir::ToClient && (is_data(p, 65535) || is_data(p, 0) || is_data(p, 3)))
-            || (dir == Dir::ToServer && is_ack(p, 65535));
-        if hit && DROPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 4 {
-            return Fate::Drop;
-        }
-        Fate::Deliver
-    });
+    let mut sim =
+        Sim::new(&file, &[("blksize", "8"), ("windowsize", "16")]).link(drop_n(4, |dir, p| {
+            (dir == Dir::ToClient && (is_data(p, 65535) || is_data(p, 0) || is_data(p, 3)))
+                || (dir == Dir::ToServer && is_ack(p, 65535))
+        }));
     sim.drive();
     assert_complete(&sim, &file);
 }
@@ -361,15 +375,9 @@ fn blksize_is_clamped_to_the_interface_mtu() {
 #[test]
 fn negotiated_timeout_fixes_the_retransmission_interval() {
     let file = content(3 * 512, 14);
-    let mut sim = Sim::new(&file, &[("timeout", "3")]).link(|dir, p, _| {
-        if dir == Dir::ToClient && is_data(p, 2) {
-            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Fate::Drop;
-            }
-        }
-        Fate::Deliver
-    });
+    let mut sim = Sim::new(&file, &[("timeout", "3")]).link(first(Fate::Drop, |dir, p| {
+        dir == Dir::ToClient && is_data(p, 2)
+    }));
     sim.client.timeout = Duration::from_secs(10);
     sim.drive();
     assert_complete(&sim, &file);
@@ -388,15 +396,9 @@ fn adaptive_rto_makes_a_lan_loss_cost_milliseconds() {
     // RTT 0.2 ms: after a few samples the RTO sits at its 20 ms floor, so a
     // lost DATA late in the transfer costs ~20 ms, not a second.
     let file = content(200 * 512, 15);
-    let mut sim = Sim::new(&file, &[]).link(|dir, p, _| {
-        if dir == Dir::ToClient && is_data(p, 150) {
-            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Fate::Drop;
-            }
-        }
-        Fate::Deliver
-    });
+    let mut sim = Sim::new(&file, &[]).link(first(Fate::Drop, |dir, p| {
+        dir == Dir::ToClient && is_data(p, 150)
+    }));
     sim.drive();
     assert_complete(&sim, &file);
     let resend_gap = {
@@ -417,16 +419,10 @@ fn adaptive_rto_makes_a_lan_loss_cost_milliseconds() {
 #[test]
 fn lost_oack_is_resent_and_lost_final_ack_is_recovered() {
     let file = content(700, 16);
-    let mut sim = Sim::new(&file, &[("blksize", "512")]).link(|dir, p, _| {
-        static DROPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let first_oack = dir == Dir::ToClient && matches!(p, Packet::Oack(_));
-        let final_ack = dir == Dir::ToServer && is_ack(p, 2);
-        if (first_oack || final_ack) && DROPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2
-        {
-            return Fate::Drop;
-        }
-        Fate::Deliver
-    });
+    let mut sim = Sim::new(&file, &[("blksize", "512")]).link(drop_n(2, |dir, p| {
+        (dir == Dir::ToClient && matches!(p, Packet::Oack(_)))
+            || (dir == Dir::ToServer && is_ack(p, 2))
+    }));
     sim.drive();
     assert_complete(&sim, &file);
 }
@@ -434,15 +430,9 @@ fn lost_oack_is_resent_and_lost_final_ack_is_recovered() {
 #[test]
 fn lost_first_reply_retransmitted_rrq_does_not_start_a_second_transfer() {
     let file = content(2000, 17);
-    let mut sim = Sim::new(&file, &[("blksize", "1024")]).link(|dir, p, _| {
-        if dir == Dir::ToClient && matches!(p, Packet::Oack(_)) {
-            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Fate::Drop;
-            }
-        }
-        Fate::Deliver
-    });
+    let mut sim = Sim::new(&file, &[("blksize", "1024")]).link(first(Fate::Drop, |dir, p| {
+        dir == Dir::ToClient && matches!(p, Packet::Oack(_))
+    }));
     // The client's RRQ retransmit comes before the server's OACK resend.
     sim.client.timeout = Duration::from_millis(300);
     sim.drive();

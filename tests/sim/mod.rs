@@ -253,6 +253,8 @@ pub struct Sim {
     rule: Rule,
     /// Every datagram the server sent, with the time it was sent.
     pub server_sent: Vec<(Instant, Vec<u8>)>,
+    /// Every datagram the client sent.
+    pub client_sent: Vec<Vec<u8>>,
     /// How many datagrams of each direction passed the link so far.
     counts: [usize; 2],
     pub outcome: Option<Outcome>,
@@ -289,6 +291,7 @@ impl Sim {
             in_flight: vec![(start, Dir::ToServer, rrq)],
             rule: Box::new(|_, _, _| Fate::Deliver),
             server_sent: Vec::new(),
+            client_sent: Vec::new(),
             counts: [0, 0],
             outcome: None,
             log_line: None,
@@ -304,6 +307,9 @@ impl Sim {
     }
 
     fn send(&mut self, dir: Dir, bytes: Vec<u8>) {
+        if dir == Dir::ToServer {
+            self.client_sent.push(bytes.clone());
+        }
         let index = self.counts[dir as usize];
         self.counts[dir as usize] += 1;
         let fate = match Packet::parse(&bytes) {
