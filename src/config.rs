@@ -52,8 +52,9 @@ pub struct Config {
     #[arg(long, default_value_t = 8)]
     pub retries: u32,
 
-    /// Floor of the adaptive retransmission timeout, in milliseconds.
-    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Floor of the adaptive retransmission timeout, in milliseconds. Below
+    /// ~100 ms, slow firmware's ACK jitter causes spurious resends.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub rto_min_ms: u64,
 
     /// Ceiling of the adaptive retransmission timeout, in milliseconds.
