@@ -51,6 +51,9 @@ pub struct RunConfig {
     /// Probability of dropping each datagram sent or received (simulated loss, for testing
     /// retransmission on loopback). 0 disables.
     pub loss: f64,
+    /// Abort (fail what is in flight, launch no more) when nothing at all has been received
+    /// for this long while transfers are in flight: a server that hung.
+    pub stall: Option<Duration>,
 }
 
 struct Session {
@@ -74,6 +77,8 @@ struct Driver<'a> {
     in_flight: usize,
     sendbuf: Vec<u8>,
     loss: Loss,
+    /// When a datagram last arrived (or the run started).
+    last_rx: Instant,
 }
 
 /// Seeded coin for simulated loss.
@@ -123,6 +128,7 @@ pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
             p: cfg.loss,
             state: cfg.seed | 1,
         },
+        last_rx: Instant::now(),
     };
     let mut recvbuf = vec![0u8; BUF_LEN];
     let mut events = vec![EpollEvent::empty(); EVENTS];
@@ -145,7 +151,20 @@ pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
             && now.duration_since(start) >= max
         {
             aborted = true;
-            d.abort_all(max, stats);
+            d.abort_all(&format!("run aborted after --max-time {max:?}"), stats);
+            continue;
+        }
+        if let Some(stall) = cfg.stall
+            && !aborted
+            && d.in_flight > 0
+            && now.duration_since(d.last_rx) >= stall
+        {
+            aborted = true;
+            stats.stalled = true;
+            d.abort_all(
+                &format!("run aborted: nothing received from the server for {stall:?} (--stall)"),
+                stats,
+            );
             continue;
         }
 
@@ -231,6 +250,10 @@ impl Driver<'_> {
             let stop = start + max;
             next = Some(next.map_or(stop, |t| t.min(stop)));
         }
+        if let Some(stall) = self.cfg.stall {
+            let stop = self.last_rx + stall;
+            next = Some(next.map_or(stop, |t| t.min(stop)));
+        }
         let ms = match next {
             None => 1000,
             Some(t) if t <= now => 0,
@@ -253,6 +276,7 @@ impl Driver<'_> {
         for _ in 0..RECV_BURST {
             match s.sock.recv_from(buf) {
                 Ok((len, from)) => {
+                    self.last_rx = Instant::now();
                     if self.loss.drop() {
                         stats.injected_drops += 1;
                         continue;
@@ -343,11 +367,10 @@ impl Driver<'_> {
         }
     }
 
-    fn abort_all(&mut self, max: Duration, stats: &mut Stats) {
+    fn abort_all(&mut self, why: &str, stats: &mut Stats) {
         for idx in 0..self.slots.len() as u32 {
             if let Some(s) = self.slots[idx as usize].session.as_mut() {
-                s.xfer
-                    .fail_local(format!("run aborted after --max-time {max:?}"));
+                s.xfer.fail_local(why.to_string());
                 self.flush(idx, stats);
             }
         }
@@ -471,6 +494,7 @@ mod tests {
             seed: 1,
             max_time: Some(Duration::from_secs(20)),
             loss,
+            stall: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();
@@ -522,6 +546,42 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_server_stalls_the_run_early() {
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cfg = RunConfig {
+            server: silent.local_addr().unwrap(),
+            n: 10,
+            concurrency: 4,
+            client: ClientConfig {
+                options: RequestOptions::default(),
+                timeout: Duration::from_secs(5),
+                retries: 5,
+                backoff: false,
+            },
+            files: vec![FileSpec {
+                name: "f".into(),
+                content: Arc::from(&b"x"[..]),
+            }],
+            seed: 1,
+            max_time: Some(Duration::from_secs(20)),
+            loss: 0.0,
+            stall: Some(Duration::from_millis(200)),
+        };
+        let mut stats = Stats::new();
+        let elapsed = run(&cfg, &mut stats).unwrap();
+        // Well before the first 5 s retransmit timeout: the stall ended it.
+        assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+        assert!(stats.stalled);
+        assert_eq!(stats.launched, 4, "no launches after the stall");
+        assert_eq!(stats.failures.get("local"), Some(&4));
+        assert!(
+            stats.failure_lines[0].contains("--stall"),
+            "{:?}",
+            stats.failure_lines
+        );
+    }
+
+    #[test]
     fn silent_server_times_out() {
         // A bound socket that never answers.
         let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -543,6 +603,7 @@ mod tests {
             seed: 1,
             max_time: Some(Duration::from_secs(10)),
             loss: 0.0,
+            stall: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();

@@ -88,6 +88,10 @@ struct Args {
     /// Abort the run (failing what is in flight) after this many seconds.
     #[arg(long)]
     max_time: Option<f64>,
+    /// Abort the run (failing what is in flight, launching no more) when nothing at all has
+    /// been received for this many seconds: a server that hung.
+    #[arg(long)]
+    stall: Option<f64>,
     /// Drop each datagram sent or received with this probability (0..1), to exercise
     /// retransmission on a lossless loopback.
     #[arg(long, default_value_t = 0.0)]
@@ -190,6 +194,7 @@ fn run(args: &Args) -> Result<bool, String> {
         .max_time
         .map(|s| seconds("--max-time", s))
         .transpose()?;
+    let stall = args.stall.map(|s| seconds("--stall", s)).transpose()?;
     if !(0.0..1.0).contains(&args.loss) {
         return Err(format!("--loss must be in [0, 1), got {}", args.loss));
     }
@@ -216,6 +221,7 @@ fn run(args: &Args) -> Result<bool, String> {
         seed: args.seed,
         max_time,
         loss: args.loss,
+        stall,
     };
     let info = RunInfo {
         server: args.server.to_string(),

@@ -31,6 +31,8 @@ pub struct Stats {
     pub send_drops: u64,
     /// Datagrams dropped on purpose by `--loss`.
     pub injected_drops: u64,
+    /// The run was cut short by `--stall` (the server went silent).
+    pub stalled: bool,
     /// Transfers answered with an OACK / with DATA 1 (options ignored).
     pub oack: u64,
     pub no_oack: u64,
@@ -81,6 +83,7 @@ impl Stats {
             foreign_tid: 0,
             send_drops: 0,
             injected_drops: 0,
+            stalled: false,
             oack: 0,
             no_oack: 0,
             blksize_granted: None,
@@ -212,6 +215,7 @@ pub struct Report {
     pub foreign_tid: u64,
     pub send_drops: u64,
     pub injected_drops: u64,
+    pub stalled: bool,
     pub oack: u64,
     pub no_oack: u64,
     pub blksize_granted: Option<(u16, u16)>,
@@ -249,6 +253,7 @@ impl Report {
             foreign_tid: stats.foreign_tid,
             send_drops: stats.send_drops,
             injected_drops: stats.injected_drops,
+            stalled: stats.stalled,
             oack: stats.oack,
             no_oack: stats.no_oack,
             blksize_granted: stats.blksize_granted,
@@ -306,6 +311,7 @@ impl Report {
             "foreign_tid": self.foreign_tid,
             "send_drops": self.send_drops,
             "injected_drops": self.injected_drops,
+            "stalled": self.stalled,
             "oack": self.oack,
             "no_oack": self.no_oack,
             "blksize_granted": range(self.blksize_granted),
@@ -359,6 +365,12 @@ impl Report {
         }
         let status = if self.success() { "OK" } else { "FAILED" };
         let _ = writeln!(s, "  result               {status}");
+        if self.stalled {
+            let _ = writeln!(
+                s,
+                "  stalled              the server went silent; the run was cut short"
+            );
+        }
         let _ = writeln!(
             s,
             "  completed/launched   {}/{} of {}  (failed {})",

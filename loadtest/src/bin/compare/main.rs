@@ -1,0 +1,765 @@
+//! `compare`: runs scenarios S1–S6 against ringtftpd, tftpd-hpa, atftpd and dnsmasq on
+//! loopback, one server at a time, and writes docs/benchmarks.md, its PNG charts and the raw
+//! JSON lines. `--quick` runs ringtftpd alone at tiny sizes and checks correctness only.
+//!
+//! Normally started by `scripts/compare.sh`, which builds the binaries and installs the
+//! peers. Each server runs pinned to one CPU inside a cgroup of its own; this process and the
+//! load generator are pinned to another. Exit status: 0 when the run finished (in `--quick`:
+//! and every transfer completed byte-exact), 1 otherwise, 2 on a usage error.
+#![forbid(unsafe_code)]
+
+mod cgroup;
+mod chart;
+mod procfs;
+mod report;
+mod run;
+mod scenario;
+mod server;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{Value, json};
+
+use report::{Agg, sig3};
+use run::{Ctx, log};
+use scenario::Scenario;
+use server::{Kind, Server};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "compare",
+    about = "Benchmark ringtftpd beside tftpd-hpa, atftpd and dnsmasq on loopback"
+)]
+struct Args {
+    /// Tiny sizes, ringtftpd only, one repetition, no docs: a correctness smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Servers to run, comma-separated (default: all four; with --quick: ringtftpd).
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<String>,
+    /// Scenarios to run, comma-separated (default: S1..S6).
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Repetitions per scenario and server (default 3; 1 with --quick).
+    #[arg(long)]
+    reps: Option<u32>,
+    /// Directory holding the built `loadtest`, `floor` and `ringtftpd` (default: this binary's).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    #[arg(long)]
+    ringtftpd: Option<PathBuf>,
+    #[arg(long, default_value = "/usr/sbin/in.tftpd")]
+    tftpd_hpa: PathBuf,
+    /// atftpd binary (scripts/compare.sh unpacks Debian's under target/peers/).
+    #[arg(long)]
+    atftpd: Option<PathBuf>,
+    #[arg(long, default_value = "/usr/sbin/dnsmasq")]
+    dnsmasq: PathBuf,
+    /// valgrind able to run the servers (3.21+ for openat2); without it no instruction counts.
+    #[arg(long)]
+    valgrind: Option<PathBuf>,
+    /// Where benchmarks.md and benchmarks/ are written.
+    #[arg(long, default_value = "docs")]
+    docs: PathBuf,
+    /// Do not write the docs (the summary still goes to stdout).
+    #[arg(long)]
+    no_docs: bool,
+    /// Skip the traced runs (syscalls, instructions, profile).
+    #[arg(long)]
+    no_extras: bool,
+    /// CPU for the servers (default 1 when there are two or more).
+    #[arg(long)]
+    server_cpu: Option<usize>,
+    /// CPU for the load generator and this harness (default 0).
+    #[arg(long)]
+    client_cpu: Option<usize>,
+    /// Stop launching measured runs after this many seconds (the rest are recorded as skipped).
+    #[arg(long, default_value_t = 1320)]
+    budget: u64,
+    /// Before each measured run, wait up to this many seconds for the machine to go quiet
+    /// (less than 0.3 CPUs busy): other people's jobs on a shared machine skew every figure.
+    #[arg(long, default_value_t = 60)]
+    quiet_wait: u64,
+    /// Total seconds of such waiting allowed (not counted in --budget).
+    #[arg(long, default_value_t = 420)]
+    wait_budget: u64,
+    /// The command line stated in the docs.
+    #[arg(long, default_value = "scripts/compare.sh")]
+    command: String,
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match real_main(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("compare: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| executable(p))
+}
+
+fn first_line(cmd: &Path, arg: &str) -> Option<String> {
+    let out = Command::new(cmd)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+}
+
+fn pin_self(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        // This thread only; threads and children created later inherit it.
+        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+            log(&format!("cannot pin to CPU {cpu}: {e}"));
+        }
+    }
+}
+
+fn now_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn real_main(a: &Args) -> Result<bool, String> {
+    let started = Instant::now();
+    let machine = procfs::machine();
+    let bin_dir = match &a.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or("cannot locate the binary directory")?,
+    };
+    let loadtest = bin_dir.join("loadtest");
+    let floor = bin_dir.join("floor");
+    for p in [&loadtest, &floor] {
+        if !executable(p) {
+            return Err(format!(
+                "{} is not built (cargo build -p loadtest)",
+                p.display()
+            ));
+        }
+    }
+
+    // Scenarios.
+    let all = if a.quick {
+        scenario::quick()
+    } else {
+        scenario::full()
+    };
+    let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {
+        all
+    } else {
+        let mut v = Vec::new();
+        for id in &a.scenarios {
+            let s = all
+                .iter()
+                .find(|s| s.id.eq_ignore_ascii_case(id))
+                .ok_or_else(|| format!("unknown scenario {id} (S1..S6)"))?;
+            v.push(s.clone());
+        }
+        v
+    };
+    let reps = a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1);
+
+    // Servers.
+    let wanted: Vec<Kind> = if a.servers.is_empty() {
+        if a.quick {
+            vec![Kind::Ringtftpd]
+        } else {
+            server::ALL.to_vec()
+        }
+    } else {
+        a.servers
+            .iter()
+            .map(|s| Kind::parse(s).ok_or_else(|| format!("unknown server {s}")))
+            .collect::<Result<_, _>>()?
+    };
+    let mut servers: Vec<Server> = Vec::new();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    let mut versions: Vec<(String, String)> = Vec::new();
+    for k in wanted {
+        let bin = match k {
+            Kind::Ringtftpd => a
+                .ringtftpd
+                .clone()
+                .unwrap_or_else(|| bin_dir.join("ringtftpd")),
+            Kind::TftpdHpa => a.tftpd_hpa.clone(),
+            Kind::Atftpd => a
+                .atftpd
+                .clone()
+                .or_else(|| which("atftpd"))
+                .unwrap_or_else(|| PathBuf::from("atftpd")),
+            Kind::Dnsmasq => a.dnsmasq.clone(),
+        };
+        if !executable(&bin) {
+            skipped.push((
+                k.name().into(),
+                format!("{} not found or not executable", bin.display()),
+            ));
+            continue;
+        }
+        if k == Kind::Dnsmasq && procfs::port_in_use(69) {
+            skipped.push((
+                k.name().into(),
+                "UDP port 69 is in use by another program; dnsmasq serves TFTP on 69 only".into(),
+            ));
+            continue;
+        }
+        let v = match k {
+            Kind::Ringtftpd | Kind::Dnsmasq => first_line(&bin, "--version"),
+            Kind::TftpdHpa => first_line(&bin, "-V"),
+            Kind::Atftpd => {
+                first_line(&bin, "--version").or_else(|| Some("(version not reported)".into()))
+            }
+        };
+        versions.push((k.name().into(), v.unwrap_or_default()));
+        servers.push(Server {
+            kind: k,
+            binary: bin,
+        });
+    }
+    for (who, why) in &skipped {
+        log(&format!("SKIP {who}: {why}"));
+    }
+    if servers.is_empty() {
+        return Err("no server to run".into());
+    }
+    if a.quick && !servers.iter().any(|s| s.kind == Kind::Ringtftpd) && a.servers.is_empty() {
+        return Err("ringtftpd is not built".into());
+    }
+
+    // Pinning: server on one CPU, everything of ours on another.
+    let two = machine.nproc >= 2 && which("taskset").is_some();
+    let server_cpu = a.server_cpu.or(two.then_some(1));
+    let client_cpu = a.client_cpu.or(two.then_some(0));
+    let pinning = match (server_cpu, client_cpu) {
+        (Some(s), Some(c)) => {
+            pin_self(c);
+            format!("server on CPU {s} (taskset), load generator and harness on CPU {c}")
+        }
+        _ => "none (fewer than 2 CPUs or no taskset)".to_string(),
+    };
+
+    // The served tree.
+    let tmp = std::env::temp_dir().join(format!("ringtftpd-compare-{}", std::process::id()));
+    let root = tmp.join("root");
+    let work = tmp.join("work");
+    fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [&tmp, &root] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        }
+    }
+    let _cleanup = RemoveOnDrop(tmp.clone());
+    run::make_file(&root, run::PROBE_FILE, 4096)?;
+    for sc in &scenarios {
+        run::make_file(&root, &sc.file, sc.size)?;
+    }
+    let ctx = Ctx {
+        loadtest,
+        floor,
+        root: root.clone(),
+        work,
+        server_cpu,
+        client_cpu,
+        verbose: a.verbose,
+    };
+
+    // Other work on the machine skews every figure: measure it before starting.
+    let busy_before = busy_cpus(Duration::from_secs(1));
+    if let Some(b) = busy_before.filter(|b| *b > 0.2) {
+        log(&format!(
+            "WARNING: the machine was already busy ({b:.2} CPUs) before the run: figures will be noisy"
+        ));
+    }
+    let accounting =
+        cgroup::Tracker::new(&format!("compare-probe-{}", std::process::id())).describe();
+    log(&format!(
+        "{} scenario(s) × {reps} rep(s) × {} server(s); {pinning}; accounting: {accounting}",
+        scenarios.len(),
+        servers.len()
+    ));
+
+    let mut records: Vec<Value> = Vec::new();
+    let mut floors: Vec<Value> = Vec::new();
+    let budget = Duration::from_secs(a.budget);
+    // Waiting for a quiet machine does not count against the budget, up to this much.
+    let wait_budget = Duration::from_secs(a.wait_budget);
+    let mut waited_total = Duration::ZERO;
+    for sc in &scenarios {
+        // The floor before each scenario, so a VM that slows down shows in it too.
+        if floors.is_empty() || !a.quick {
+            let f = ctx.floor(if a.quick { 0.2 } else { 2.0 });
+            log(&format!(
+                "floor: {} us per datagram",
+                sig3(f["cpu_us_per_datagram"].as_f64())
+            ));
+            floors.push(f);
+        }
+        for rep in 1..=reps {
+            for s in &servers {
+                if measured(&started, waited_total) > budget {
+                    records.push(
+                        json!({"kind": "run", "server": s.kind.name(), "scenario": sc.id,
+                        "rep": rep, "ok": false, "error": "skipped: time budget exhausted"}),
+                    );
+                    continue;
+                }
+                // A run that other work disturbed is run again once, after waiting for quiet;
+                // the disturbed record is kept in the raw file, marked as discarded.
+                let mut rec = Value::Null;
+                for attempt in 1..=2 {
+                    let wait_left = wait_budget.saturating_sub(waited_total);
+                    let (waited, busy) = if a.quick {
+                        (0.0, None)
+                    } else {
+                        wait_quiet(Duration::from_secs(a.quiet_wait).min(wait_left))
+                    };
+                    waited_total += Duration::from_secs_f64(waited);
+                    if busy.is_some_and(|b| b >= QUIET) {
+                        log(&format!(
+                            "machine still busy ({} CPUs) after waiting {waited:.0} s; running anyway",
+                            sig3(busy)
+                        ));
+                    }
+                    rec = run::with(
+                        ctx.measure(s, sc, rep),
+                        json!({"quiet_wait_s": waited, "busy_before_cpus": busy, "attempt": attempt}),
+                    );
+                    let disturbed = rec["other_load_cpus"].as_f64().is_some_and(|l| l > 0.5);
+                    if a.quick
+                        || !disturbed
+                        || attempt == 2
+                        || measured(&started, waited_total) > budget
+                    {
+                        break;
+                    }
+                    log(&format!(
+                        "{} {} rep {rep}: disturbed ({} CPUs of other work); running it again",
+                        s.kind.name(),
+                        sc.id,
+                        sig3(rec["other_load_cpus"].as_f64())
+                    ));
+                    let mut old = rec.clone();
+                    old["kind"] = json!("run-discarded");
+                    records.push(old);
+                }
+                log(&progress_line(&rec));
+                records.push(rec);
+            }
+        }
+    }
+
+    // Traced runs.
+    let mut syscalls: Vec<Value> = Vec::new();
+    let mut instructions: Vec<Value> = Vec::new();
+    let mut profile: Option<String> = None;
+    if !a.quick
+        && !a.no_extras
+        && let Some(s1) = scenario::full().into_iter().find(|s| s.id == "S1")
+    {
+        run::make_file(&root, &s1.file, s1.size)?;
+        if which("perf").is_some() {
+            for s in &servers {
+                if measured(&started, waited_total) > budget + Duration::from_secs(300) {
+                    log("time budget exhausted: no more syscall counts");
+                    break;
+                }
+                let v = ctx.syscalls(s, &s1);
+                log(&format!(
+                    "syscalls {}: {} per block ({} io_uring_enter) {}",
+                    s.kind.name(),
+                    sig3(v["total_per_block"].as_f64()),
+                    sig3(v["io_uring_enter_per_block"].as_f64()),
+                    v["error"].as_str().unwrap_or("")
+                ));
+                syscalls.push(v);
+            }
+            if let Some(r) = servers.iter().find(|s| s.kind == Kind::Ringtftpd) {
+                // Ten times S1's count, so the profile holds a few seconds of samples.
+                let mut long = s1.clone();
+                long.n *= 10;
+                long.max_time_s = 120;
+                match ctx.profile(r, &long) {
+                    Ok(p) => profile = Some(p),
+                    Err(e) => log(&format!("profile: {e}")),
+                }
+            }
+        } else {
+            log("perf not found: no syscall counts or profile");
+        }
+        match &a.valgrind {
+            Some(vg) if executable(vg) => {
+                let mut w = s1.clone();
+                w.c = 10;
+                w.timeout_s = 5.0;
+                w.max_time_s = 120;
+                for s in &servers {
+                    if measured(&started, waited_total) > budget + Duration::from_secs(300) {
+                        log("time budget exhausted: no more instruction counts");
+                        break;
+                    }
+                    let v = ctx.instructions(s, vg, &w, 10, 60);
+                    log(&format!(
+                        "instructions {}: {} per block {}",
+                        s.kind.name(),
+                        sig3(v["instructions_per_block"].as_f64()),
+                        v["error"].as_str().unwrap_or("")
+                    ));
+                    instructions.push(v);
+                }
+            }
+            _ => log("no usable valgrind given (--valgrind): no instruction counts"),
+        }
+    }
+
+    // Aggregate and report.
+    let aggs: Vec<Agg> = scenarios
+        .iter()
+        .flat_map(|sc| {
+            servers
+                .iter()
+                .map(|s| report::aggregate(s.kind.name(), sc, &records))
+        })
+        .collect();
+    let floor_us = report::median(
+        floors
+            .iter()
+            .filter_map(|f| f["cpu_us_per_datagram"].as_f64())
+            .collect(),
+    );
+    println!("{}", summary_text(&scenarios, &aggs, floor_us));
+
+    if a.quick {
+        let bad: Vec<&Value> = records.iter().filter(|r| r["ok"] != true).collect();
+        let floor_ok = floors
+            .iter()
+            .all(|f| f["received"].as_u64().unwrap_or(0) > 0);
+        for r in &bad {
+            eprintln!(
+                "compare --quick: FAILED {} {}: {} {}",
+                r["server"].as_str().unwrap_or("?"),
+                r["scenario"].as_str().unwrap_or("?"),
+                r["error"].as_str().unwrap_or(""),
+                r["loadtest_stderr"]
+                    .as_array()
+                    .map(|v| v
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" | "))
+                    .unwrap_or_default()
+            );
+        }
+        if !floor_ok {
+            eprintln!("compare --quick: FAILED the loopback floor tool moved no datagram");
+        }
+        let passed = records.len() - bad.len();
+        println!(
+            "compare --quick: {passed} passed, {} failed",
+            bad.len() + usize::from(!floor_ok)
+        );
+        return Ok(bad.is_empty() && floor_ok);
+    }
+
+    if !a.no_docs {
+        let dir = a.docs.join("benchmarks");
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut raw = String::new();
+        for v in floors
+            .iter()
+            .chain(&records)
+            .chain(&syscalls)
+            .chain(&instructions)
+        {
+            raw.push_str(&v.to_string());
+            raw.push('\n');
+        }
+        fs::write(dir.join("raw.jsonl"), raw).map_err(|e| e.to_string())?;
+        let charts = draw_charts(&dir, &scenarios, &servers, &aggs, floor_us);
+        if let Some(p) = &profile {
+            let _ = fs::write(dir.join("ringtftpd-s1-profile.txt"), p);
+        }
+        let md = report::markdown(&report::DocInput {
+            command: &a.command,
+            date: &now_utc(),
+            machine: &machine,
+            accounting: &accounting,
+            pinning: &pinning,
+            versions: &versions,
+            scenarios: &scenarios,
+            reps,
+            aggs: &aggs,
+            skipped: &skipped,
+            floor_us,
+            floor_runs: &floors,
+            syscalls: &syscalls,
+            instructions: &instructions,
+            profile: profile.as_deref(),
+            charts: &charts,
+            elapsed_s: started.elapsed().as_secs_f64(),
+            busy_before,
+        });
+        let out = a.docs.join("benchmarks.md");
+        fs::write(&out, md).map_err(|e| format!("{}: {e}", out.display()))?;
+        log(&format!("wrote {} and {}/", out.display(), dir.display()));
+    }
+    log(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
+    Ok(true)
+}
+
+/// Machine-wide load below which the machine counts as quiet, in CPUs.
+const QUIET: f64 = 0.3;
+
+/// Time spent measuring: wall time less the waiting for a quiet machine.
+fn measured(started: &Instant, waited: Duration) -> Duration {
+    started.elapsed().saturating_sub(waited)
+}
+
+/// CPUs busy machine-wide over `window`.
+fn busy_cpus(window: Duration) -> Option<f64> {
+    let a = procfs::read_cpu_ticks()?;
+    std::thread::sleep(window);
+    let b = procfs::read_cpu_ticks()?;
+    Some(b.0.saturating_sub(a.0) as f64 / 100.0 / window.as_secs_f64())
+}
+
+/// Waits (up to `max`) until less than 0.3 CPUs are busy; returns the seconds waited and
+/// the last load seen.
+fn wait_quiet(max: Duration) -> (f64, Option<f64>) {
+    let t0 = Instant::now();
+    loop {
+        let b = busy_cpus(Duration::from_millis(500));
+        if b.is_none_or(|b| b < QUIET) || t0.elapsed() >= max {
+            return (t0.elapsed().as_secs_f64(), b);
+        }
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn progress_line(r: &Value) -> String {
+    let lt = &r["loadtest"];
+    format!(
+        "{} {} rep {}: {} transfers/s, {} MB/s, {}/{} completed, server CPU {} s/GB{}{}",
+        r["server"].as_str().unwrap_or("?"),
+        r["scenario"].as_str().unwrap_or("?"),
+        r["rep"],
+        sig3(lt["transfers_per_s"].as_f64()),
+        sig3(lt["mb_per_s"].as_f64()),
+        lt["completed"].as_u64().unwrap_or(0),
+        lt["launched"].as_u64().unwrap_or(0),
+        sig3(r["cpu_s_per_gb"].as_f64()),
+        r["listen_drops"]
+            .as_u64()
+            .filter(|d| *d > 0)
+            .map(|d| format!(", {d} listen drops"))
+            .unwrap_or_default(),
+        r["error"]
+            .as_str()
+            .map(|e| format!(" ERROR {e}"))
+            .unwrap_or_default(),
+    )
+}
+
+fn summary_text(scenarios: &[Scenario], aggs: &[Agg], floor_us: Option<f64>) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<4} {:<10} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>7}",
+        "scen",
+        "server",
+        "transfers/s",
+        "MB/s",
+        "p50 ms",
+        "p99 ms",
+        "completed",
+        "CPU s/GB",
+        "us/block",
+        "×floor",
+        "drops"
+    );
+    for sc in scenarios {
+        for a in aggs.iter().filter(|a| a.scenario == sc.id) {
+            let _ = writeln!(
+                s,
+                "{:<4} {:<10} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>7}",
+                sc.id,
+                a.server,
+                sig3(a.transfers_per_s),
+                sig3(a.mb_per_s),
+                sig3(a.total_p50),
+                sig3(a.total_p99),
+                format!("{}/{}", a.completed, a.asked),
+                sig3(a.cpu_s_per_gb),
+                sig3(a.cpu_us_per_block),
+                sig3(match (a.cpu_us_per_block, floor_us) {
+                    (Some(x), Some(f)) if f > 0.0 => Some(x / f),
+                    _ => None,
+                }),
+                a.listen_drops.map_or("–".into(), |d| d.to_string()),
+            );
+        }
+    }
+    if let Some(f) = floor_us {
+        let _ = writeln!(
+            s,
+            "floor: {f:.3} us CPU per 1472-byte datagram (sendmmsg, loopback)"
+        );
+    }
+    s
+}
+
+/// Draws the charts; returns (title, path relative to the docs dir) of those drawn.
+fn draw_charts(
+    dir: &Path,
+    scenarios: &[Scenario],
+    servers: &[Server],
+    aggs: &[Agg],
+    floor_us: Option<f64>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let series =
+        |ids: &[&str], pick: &dyn Fn(&Agg) -> Option<f64>| -> (Vec<String>, Vec<chart::Series>) {
+            let cats: Vec<String> = ids
+                .iter()
+                .filter(|id| scenarios.iter().any(|s| s.id == **id))
+                .map(|s| s.to_string())
+                .collect();
+            let ser = servers
+                .iter()
+                .map(|sv| chart::Series {
+                    name: sv.kind.name().into(),
+                    values: cats
+                        .iter()
+                        .map(|c| {
+                            aggs.iter()
+                                .find(|a| a.server == sv.kind.name() && a.scenario == *c)
+                                .and_then(pick)
+                        })
+                        .collect(),
+                })
+                .collect();
+            (cats, ser)
+        };
+    struct Spec {
+        file: &'static str,
+        title: &'static str,
+        y: &'static str,
+        ids: &'static [&'static str],
+        pick: fn(&Agg) -> Option<f64>,
+        log: bool,
+    }
+    const ALL: &[&str] = &["S1", "S2", "S3", "S4", "S5", "S6"];
+    let specs = [
+        Spec {
+            file: "transfers.png",
+            title: "Small transfers: transfers per second (higher is better)",
+            y: "transfers/s",
+            ids: &["S1", "S2"],
+            pick: |a| a.transfers_per_s,
+            log: false,
+        },
+        Spec {
+            file: "throughput.png",
+            title: "Bulk and crowds: MB/s of payload (higher is better)",
+            y: "MB/s",
+            ids: &["S3", "S4", "S5", "S6"],
+            pick: |a| a.mb_per_s,
+            log: false,
+        },
+        Spec {
+            file: "cpu-per-gb.png",
+            title: "Server CPU seconds per GB served (lower is better, log scale)",
+            y: "CPU s/GB",
+            ids: ALL,
+            pick: |a| a.cpu_s_per_gb,
+            log: true,
+        },
+        Spec {
+            file: "latency-p99.png",
+            title: "p99 time per transfer, ms (lower is better, log scale)",
+            y: "ms",
+            ids: ALL,
+            pick: |a| a.total_p99,
+            log: true,
+        },
+    ];
+    for sp in specs {
+        let (cats, ser) = series(sp.ids, &sp.pick);
+        if cats.is_empty() {
+            continue;
+        }
+        match chart::grouped_bars(&dir.join(sp.file), sp.title, sp.y, &cats, &ser, sp.log) {
+            Ok(()) => out.push((sp.title.to_string(), format!("benchmarks/{}", sp.file))),
+            Err(e) => log(&format!("chart {}: {e}", sp.file)),
+        }
+    }
+    if let Some(f) = floor_us {
+        let (cats, ser) = series(&["S1", "S2", "S3", "S4", "S5", "S6"], &|a: &Agg| {
+            a.cpu_us_per_block.map(|x| x / f)
+        });
+        if !cats.is_empty() {
+            let title = "Server CPU per block as a multiple of the sendmmsg floor (lower is better, log scale)";
+            if chart::grouped_bars(
+                &dir.join("cpu-vs-floor.png"),
+                title,
+                "× floor",
+                &cats,
+                &ser,
+                true,
+            )
+            .is_ok()
+            {
+                out.push((title.to_string(), "benchmarks/cpu-vs-floor.png".into()));
+            }
+        }
+    }
+    out
+}

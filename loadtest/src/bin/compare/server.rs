@@ -1,0 +1,139 @@
+//! The servers compared and the exact command line each is started with (those of
+//! /work/shared/research/peers-measured.md, with limits raised for 10,000 sessions).
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Ringtftpd,
+    TftpdHpa,
+    Atftpd,
+    Dnsmasq,
+}
+
+pub const ALL: [Kind; 4] = [Kind::Ringtftpd, Kind::TftpdHpa, Kind::Atftpd, Kind::Dnsmasq];
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ringtftpd => "ringtftpd",
+            Kind::TftpdHpa => "tftpd-hpa",
+            Kind::Atftpd => "atftpd",
+            Kind::Dnsmasq => "dnsmasq",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// dnsmasq has no TFTP port option: it serves on 69 only.
+    pub fn fixed_port(self) -> Option<u16> {
+        (self == Kind::Dnsmasq).then_some(69)
+    }
+}
+
+/// A server ready to start: its binary and how to call it.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub kind: Kind,
+    pub binary: PathBuf,
+}
+
+impl Server {
+    /// The argument vector (binary first) serving `root` on 127.0.0.1:`port`, in the
+    /// foreground, quiet, with limits that let 10,000 transfers run at once.
+    pub fn command(&self, root: &Path, port: u16) -> Vec<String> {
+        let bin = self.binary.display().to_string();
+        let root = root.display().to_string();
+        let addr = format!("127.0.0.1:{port}");
+        let v: Vec<String> = match self.kind {
+            Kind::Ringtftpd => vec![
+                bin,
+                "--address".into(),
+                addr,
+                "--threads".into(),
+                "1".into(),
+                "-q".into(),
+                root,
+            ],
+            // Drops to nobody; forks a process per transfer.
+            Kind::TftpdHpa => vec![bin, "-L".into(), "-s".into(), root, "-a".into(), addr],
+            // The default --maxthread 100 would refuse most of S1/S5/S6.
+            Kind::Atftpd => vec![
+                bin,
+                "--daemon".into(),
+                "--no-fork".into(),
+                "--port".into(),
+                port.to_string(),
+                "--bind-address".into(),
+                "127.0.0.1".into(),
+                "--user".into(),
+                "root.root".into(),
+                "--logfile".into(),
+                "/dev/null".into(),
+                "--verbose=0".into(),
+                "--maxthread".into(),
+                "20000".into(),
+                root,
+            ],
+            // The default --tftp-max 50 would refuse most transfers.
+            Kind::Dnsmasq => vec![
+                bin,
+                "--no-daemon".into(),
+                "--conf-file=/dev/null".into(),
+                "--port=0".into(),
+                "--enable-tftp".into(),
+                format!("--tftp-root={root}"),
+                "--listen-address=127.0.0.1".into(),
+                "--bind-interfaces".into(),
+                "--user=root".into(),
+                "--group=root".into(),
+                "--pid-file=".into(),
+                "--tftp-max=20000".into(),
+                "--quiet-tftp".into(),
+                "--log-facility=/dev/null".into(),
+            ],
+        };
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands() {
+        let s = |kind, bin: &str| Server {
+            kind,
+            binary: bin.into(),
+        };
+        let root = Path::new("/tmp/r");
+        assert_eq!(
+            s(Kind::Ringtftpd, "/x/ringtftpd")
+                .command(root, 7000)
+                .join(" "),
+            "/x/ringtftpd --address 127.0.0.1:7000 --threads 1 -q /tmp/r"
+        );
+        assert_eq!(
+            s(Kind::TftpdHpa, "/usr/sbin/in.tftpd")
+                .command(root, 7001)
+                .join(" "),
+            "/usr/sbin/in.tftpd -L -s /tmp/r -a 127.0.0.1:7001"
+        );
+        let a = s(Kind::Atftpd, "atftpd").command(root, 7002).join(" ");
+        assert!(
+            a.contains("--port 7002 --bind-address 127.0.0.1") && a.ends_with(" /tmp/r"),
+            "{a}"
+        );
+        let d = s(Kind::Dnsmasq, "dnsmasq").command(root, 69).join(" ");
+        assert!(
+            d.contains("--tftp-root=/tmp/r") && d.contains("--port=0"),
+            "{d}"
+        );
+        assert_eq!(Kind::Dnsmasq.fixed_port(), Some(69));
+        assert_eq!(Kind::parse("tftpd-hpa"), Some(Kind::TftpdHpa));
+        assert_eq!(Kind::parse("x"), None);
+    }
+}
