@@ -112,7 +112,11 @@ out=$(mktemp)
 cleanup+=("$out")
 status=0
 cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$out" || status=$?
+# Smoke test of the benchmark harness: every scenario at a small scale,
+# byte-exact and complete; it asserts no timing.
+log "scripts/compare.sh --quick"
+scripts/compare.sh --quick 2>&1 | tee -a "$out" || status=$?
 # One closing line over every test binary, for whoever reads only the end.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
+awk '/^test result:|^compare --quick:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$out"
 exit "$status"
