@@ -611,13 +611,15 @@ impl Ctx {
         let by_sym = report("dso,symbol", "0.8", 40)?;
         let lt = lr.report.unwrap_or(Value::Null);
         Ok(format!(
-            "perf record -g -p <pid> during {} × 64 KiB, {} in flight, blksize {:?} \
+            "perf record -g -p <pid> during {} × {}, {} in flight, blksize {} \
              (transfers completed {}/{}, {} transfers/s).\n\n\
              By binary (`perf report --no-children --sort dso`):\n{}\n\n\
              Top symbols (`perf report --no-children --sort dso,symbol`):\n{}\n",
             sc.n,
+            crate::scenario::human_size(sc.size),
             sc.c,
-            sc.blksize,
+            sc.blksize
+                .map_or("512 (none asked)".to_string(), |b| b.to_string()),
             lt["completed"],
             lt["launched"],
             lt["transfers_per_s"],
