@@ -363,26 +363,43 @@ struct Shard {
     shutdown_grace: Duration,
 }
 
+/// Flags to ask for, best first: SINGLE_ISSUER + DEFER_TASKRUN (6.1+),
+/// then COOP_TASKRUN + TASKRUN_FLAG (5.19+), then none.
+#[derive(Clone, Copy)]
+enum RingFlags {
+    DeferTaskrun,
+    CoopTaskrun,
+    Plain,
+}
+
 fn build_ring(t: &Tuning) -> io::Result<IoUring> {
-    let mut b = IoUring::builder();
-    b.setup_cqsize(t.cq_entries)
-        .setup_submit_all()
-        .setup_single_issuer()
-        .setup_defer_taskrun();
-    if let Ok(ring) = b.build(t.sq_entries) {
-        return Ok(ring);
+    let mut last = None;
+    for flags in [
+        RingFlags::DeferTaskrun,
+        RingFlags::CoopTaskrun,
+        RingFlags::Plain,
+    ] {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(t.cq_entries);
+        match flags {
+            RingFlags::DeferTaskrun => {
+                b.setup_submit_all()
+                    .setup_single_issuer()
+                    .setup_defer_taskrun();
+            }
+            RingFlags::CoopTaskrun => {
+                b.setup_submit_all()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag();
+            }
+            RingFlags::Plain => {}
+        }
+        match b.build(t.sq_entries) {
+            Ok(ring) => return Ok(ring),
+            Err(e) => last = Some(e),
+        }
     }
-    let mut b = IoUring::builder();
-    b.setup_cqsize(t.cq_entries)
-        .setup_submit_all()
-        .setup_coop_taskrun()
-        .setup_taskrun_flag();
-    if let Ok(ring) = b.build(t.sq_entries) {
-        return Ok(ring);
-    }
-    let mut b = IoUring::builder();
-    b.setup_cqsize(t.cq_entries);
-    b.build(t.sq_entries)
+    Err(last.unwrap_or_else(|| io::Error::other("no io_uring set-up worked")))
 }
 
 fn recv_msghdr(control_len: usize) -> Box<libc::msghdr> {

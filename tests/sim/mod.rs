@@ -348,42 +348,35 @@ impl Sim {
         }
     }
 
+    /// The client's datagram to the listening port.
+    fn request(&mut self, bytes: &[u8], reply: &mut [u8]) -> RequestOutcome {
+        self.endpoint.handle_request(
+            self.now,
+            CLIENT,
+            LOCAL,
+            self.mtu,
+            bytes,
+            &mut self.files,
+            reply,
+        )
+    }
+
     fn deliver(&mut self, dir: Dir, bytes: Vec<u8>) {
         match dir {
             Dir::ToServer => {
                 let mut reply = [0u8; 600];
                 match self.session {
-                    None if self.outcome.is_none() => {
-                        match self.endpoint.handle_request(
-                            self.now,
-                            CLIENT,
-                            LOCAL,
-                            self.mtu,
-                            &bytes,
-                            &mut self.files,
-                            &mut reply,
-                        ) {
-                            RequestOutcome::Started(id) => self.session = Some(id),
-                            RequestOutcome::Reply(n) => {
-                                self.send(Dir::ToClient, reply[..n].to_vec())
-                            }
-                            RequestOutcome::Ignored => {}
-                        }
-                    }
+                    None if self.outcome.is_none() => match self.request(&bytes, &mut reply) {
+                        RequestOutcome::Started(id) => self.session = Some(id),
+                        RequestOutcome::Reply(n) => self.send(Dir::ToClient, reply[..n].to_vec()),
+                        RequestOutcome::Ignored => {}
+                    },
                     None => {}
                     Some(id) => {
                         // Before any reply the client still sends RRQs to
                         // the listener, not to the transfer port.
                         if matches!(Packet::parse(&bytes), Ok(Packet::Rrq(_))) {
-                            let outcome = self.endpoint.handle_request(
-                                self.now,
-                                CLIENT,
-                                LOCAL,
-                                self.mtu,
-                                &bytes,
-                                &mut self.files,
-                                &mut reply,
-                            );
+                            let outcome = self.request(&bytes, &mut reply);
                             assert_eq!(
                                 outcome,
                                 RequestOutcome::Ignored,
