@@ -3,7 +3,8 @@
 # docs/benchmarks.md, docs/benchmarks/*.png and docs/benchmarks/raw.jsonl.
 #
 # Usage:
-#   scripts/compare.sh             full run: S1-S6 x 3 repetitions x 4 servers, plus syscall
+#   scripts/compare.sh             full run: the criterion micro-benchmarks (benches/*.rs),
+#                                  then S1-S6 x 3 repetitions x 4 servers, plus syscall
 #                                  counts, instruction counts and a profile (about 15-25 min)
 #   scripts/compare.sh --quick     smoke test: ringtftpd alone, tiny sizes, checks that every
 #                                  transfer completes byte-exact, asserts no timing (seconds)
@@ -18,6 +19,8 @@
 # puts each server in a cgroup of its own and pins it to CPU 1, the load generator to CPU 0.
 # dnsmasq serves TFTP on port 69 only: it is skipped if anything else holds that port.
 # COMPARE_VALGRIND=0 skips the instruction counts (and the valgrind download).
+# COMPARE_CRITERION=0 skips the micro-benchmarks (cargo bench with short settings, pinned to
+# the servers' CPU, about 1.5-3 min); if they fail the run goes on and the docs say so.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -138,4 +141,42 @@ cargo build --release --workspace -q
 
 args=(--atftpd "$ATFTPD" --command "scripts/compare.sh${*:+ $*}")
 [[ -n $VALGRIND ]] && args+=(--valgrind "$VALGRIND")
+
+# Criterion micro-benchmarks, on the CPU the servers will use (as `compare` picks it: 1 when
+# there are two CPUs or more, or --server-cpu), with short settings so all take ~1.5-3 min.
+# `compare` puts the results written from $since on into the docs, so a stale
+# target/criterion never passes for this run's.
+if [[ ${COMPARE_CRITERION:-1} != 0 ]]; then
+    cpu=""
+    [[ $(nproc) -ge 2 ]] && cpu=1
+    prev=""
+    for a in "$@"; do
+        [[ $prev == --server-cpu ]] && cpu=$a
+        [[ $a == --server-cpu=* ]] && cpu=${a#--server-cpu=}
+        prev=$a
+    done
+    benches=(--bench proto --bench session --bench timer --bench files)
+    bench_cmd=(cargo bench "${benches[@]}" -- --warm-up-time 1 --measurement-time 3 --noplot)
+    [[ -n $cpu ]] && command -v taskset >/dev/null && bench_cmd=(taskset -c "$cpu" "${bench_cmd[@]}")
+    # Build unpinned first, so compiling is neither slowed by the pinning nor timed.
+    say "cargo bench --no-run ${benches[*]}"
+    if cargo bench --no-run -q "${benches[@]}"; then
+        since=$(date +%s)
+        say "${bench_cmd[*]}"
+        status=0
+        # Criterion reports on stdout; keep compare's stdout for its summary.
+        "${bench_cmd[@]}" >&2 || status=$?
+        say "micro-benchmarks done in $(($(date +%s) - since)) s"
+        args+=(--criterion-dir target/criterion --criterion-since "$since"
+               --criterion-command "${bench_cmd[*]}")
+        if [[ $status != 0 ]]; then
+            say "the micro-benchmarks failed (exit status $status): going on without the rest of them"
+            args+=(--criterion-error "exit status $status")
+        fi
+    else
+        say "the micro-benchmarks did not build: going on without them"
+        args+=(--criterion-command "${bench_cmd[*]}" --criterion-error "they did not build")
+    fi
+fi
+
 exec target/release/compare "${args[@]}" "$@"

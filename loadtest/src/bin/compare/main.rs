@@ -10,6 +10,7 @@
 
 mod cgroup;
 mod chart;
+mod criterion;
 mod procfs;
 mod report;
 mod run;
@@ -19,7 +20,7 @@ mod server;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 use serde_json::{Value, json};
@@ -90,6 +91,19 @@ struct Args {
     /// The command line stated in the docs.
     #[arg(long, default_value = "scripts/compare.sh")]
     command: String,
+    /// criterion's output directory (target/criterion) after the benches ran for this
+    /// invocation; its results go into the docs.
+    #[arg(long, requires = "criterion_since")]
+    criterion_dir: Option<PathBuf>,
+    /// Unix time (s) the benches started: results written earlier are stale and left out.
+    #[arg(long)]
+    criterion_since: Option<u64>,
+    /// The bench command line, stated in the docs.
+    #[arg(long, default_value = "cargo bench")]
+    criterion_command: String,
+    /// Why the bench command failed, if it did (the results it wrote are still shown).
+    #[arg(long)]
+    criterion_error: Option<String>,
     #[arg(long, short)]
     verbose: bool,
 }
@@ -158,6 +172,7 @@ fn now_utc() -> String {
 fn real_main(a: &Args) -> Result<bool, String> {
     let started = Instant::now();
     let machine = procfs::machine();
+    let micro = criterion_run(a)?;
     let bin_dir = match &a.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()
@@ -519,6 +534,8 @@ fn real_main(a: &Args) -> Result<bool, String> {
         if let Some(p) = &profile {
             let _ = fs::write(dir.join("ringtftpd-s1-profile.txt"), p);
         }
+        let profile_notes =
+            std::fs::read_to_string(a.docs.join("benchmarks/profile-notes.md")).ok();
         let md = report::markdown(&report::DocInput {
             command: &a.command,
             date: &now_utc(),
@@ -535,6 +552,8 @@ fn real_main(a: &Args) -> Result<bool, String> {
             syscalls: &syscalls,
             instructions: &instructions,
             profile: profile.as_deref(),
+            profile_notes: profile_notes.as_deref(),
+            criterion: micro.as_ref(),
             charts: &charts,
             elapsed_s: started.elapsed().as_secs_f64(),
             busy_before,
@@ -545,6 +564,39 @@ fn real_main(a: &Args) -> Result<bool, String> {
     }
     log(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
     Ok(true)
+}
+
+/// The micro-benchmarks compare.sh ran just before: None when it ran none.
+fn criterion_run(a: &Args) -> Result<Option<criterion::Run>, String> {
+    let mut run = criterion::Run {
+        command: a.criterion_command.clone(),
+        error: a.criterion_error.clone(),
+        ..criterion::Run::default()
+    };
+    match (&a.criterion_dir, a.criterion_since) {
+        (Some(dir), Some(since)) => {
+            let since = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
+            run.seconds = SystemTime::now()
+                .duration_since(since)
+                .ok()
+                .map(|d| d.as_secs_f64());
+            let found = criterion::read(dir, since)?;
+            for p in &found.problems {
+                log(&format!("criterion: {p}"));
+            }
+            log(&format!(
+                "criterion: {} result(s) from this invocation in {}, {} older one(s) left out",
+                found.benches.len(),
+                dir.display(),
+                found.stale
+            ));
+            run.benches = found.benches;
+            Ok(Some(run))
+        }
+        // The benches failed to build: say so in the docs.
+        _ if run.error.is_some() => Ok(Some(run)),
+        _ => Ok(None),
+    }
 }
 
 /// Machine-wide load below which the machine counts as quiet, in CPUs.

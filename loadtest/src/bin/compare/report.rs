@@ -371,6 +371,11 @@ pub struct DocInput<'a> {
     pub syscalls: &'a [Value],
     pub instructions: &'a [Value],
     pub profile: Option<&'a str>,
+    /// Hand-written notes on the profiles (docs/benchmarks/profile-notes.md),
+    /// copied in after the profile.
+    pub profile_notes: Option<&'a str>,
+    /// The criterion micro-benchmarks run for this invocation; None: not run.
+    pub criterion: Option<&'a crate::criterion::Run>,
     pub charts: &'a [(String, String)],
     pub elapsed_s: f64,
     /// CPUs' worth of work the machine did in the second before the run started.
@@ -722,9 +727,14 @@ pub fn markdown(d: &DocInput<'_>) -> String {
         s.push('\n');
     }
 
+    micro_benchmarks(&mut s, d.criterion);
+
     if let Some(p) = d.profile {
         let _ = writeln!(s, "## Where ringtftpd spends its CPU (S1)\n");
         let _ = writeln!(s, "```\n{}```\n", p);
+    }
+    if let Some(notes) = d.profile_notes {
+        let _ = writeln!(s, "{}\n", notes.trim_end());
     }
 
     if !d.charts.is_empty() {
@@ -768,6 +778,100 @@ pub fn markdown(d: &DocInput<'_>) -> String {
          `scripts/compare.sh --quick`.\n"
     );
     s
+}
+
+/// The section on criterion's micro-benchmarks (benches/*.rs).
+fn micro_benchmarks(s: &mut String, run: Option<&crate::criterion::Run>) {
+    use crate::criterion::{Throughput, describe};
+    let _ = writeln!(s, "## Micro-benchmarks (criterion)\n");
+    let Some(r) = run else {
+        let _ = writeln!(
+            s,
+            "Not run in this invocation (`COMPARE_CRITERION=0`, or `compare` started without \
+             `--criterion-dir`). Run them with `cargo bench` (benches/proto.rs, session.rs, \
+             timer.rs, files.rs); criterion prints ns per iteration and keeps the figures under \
+             `target/criterion/`.\n"
+        );
+        return;
+    };
+    // compare.sh pins the benches with `taskset -c <server CPU>` when it pins the servers.
+    let pinned = r
+        .command
+        .strip_prefix("taskset -c ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .map_or("unpinned".to_string(), |cpu| {
+            format!("pinned to CPU {cpu}, the servers' CPU")
+        });
+    let took = r
+        .seconds
+        .map_or(String::new(), |x| format!(", in {x:.0} s"));
+    let _ = write!(
+        s,
+        "`{}`, run by `scripts/compare.sh` in this invocation just before the scenarios ({pinned}{took}).",
+        r.command
+    );
+    match (&r.error, r.benches.is_empty()) {
+        (Some(e), false) => {
+            let _ = write!(
+                s,
+                " **It failed ({e})**: only the benchmarks that finished are listed."
+            );
+        }
+        (Some(e), true) => {
+            let _ = writeln!(
+                s,
+                " **It failed ({e})** before any result. Run them with `cargo bench`.\n"
+            );
+            return;
+        }
+        (None, true) => {
+            let _ = writeln!(s, " It wrote no result. Run them with `cargo bench`.\n");
+            return;
+        }
+        (None, false) => {}
+    }
+    let _ = writeln!(
+        s,
+        " Each figure is criterion's **median time per iteration** with its 95 % confidence \
+         interval (bootstrap over the samples), for the benchmarks whose results were written \
+         during this invocation; the short warm-up and measurement times make the intervals wider \
+         than a plain `cargo bench`. Where an iteration handles several blocks or many bytes, the \
+         description gives the time per block or the rate.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| benchmark | what one iteration does | median ns | 95 % CI ns |\n|---|---|---|---|"
+    );
+    for b in &r.benches {
+        let mut what = describe(&b.id).to_string();
+        match b.throughput {
+            Some(Throughput::Elements(n)) if n > 1 => {
+                let _ = write!(
+                    what,
+                    "; {} ns per block",
+                    sig3(Some(b.median_ns / n as f64))
+                );
+            }
+            Some(Throughput::Bytes(n)) if b.median_ns > 0.0 => {
+                let _ = write!(what, "; {} GB/s", sig3(Some(n as f64 / b.median_ns)));
+            }
+            _ => {}
+        }
+        let level = if (b.level - 0.95).abs() > 1e-9 {
+            format!(" ({:.0} % CI)", b.level * 100.0)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "| `{}` | {what} | {} | {}–{}{level} |",
+            b.id,
+            sig3(Some(b.median_ns)),
+            sig3(Some(b.lower_ns)),
+            sig3(Some(b.upper_ns))
+        );
+    }
+    s.push('\n');
 }
 
 #[cfg(test)]
@@ -900,6 +1004,8 @@ mod tests {
             syscalls: &[],
             instructions: &[],
             profile: None,
+            profile_notes: Some("## What the profiles changed\n\nnotes\n"),
+            criterion: None,
             charts: &[("c".into(), "benchmarks/c.png".into())],
             elapsed_s: 60.0,
             busy_before: Some(0.05),
@@ -922,6 +1028,136 @@ mod tests {
         );
         assert!(md.contains("**1.500 µs per datagram**"));
         assert!(md.contains("![c](benchmarks/c.png)"));
+        assert!(
+            md.contains("## Micro-benchmarks (criterion)\n\nNot run in this invocation")
+                && md.contains("`cargo bench`")
+                && !md.contains("| benchmark | what one iteration does |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("## What the profiles changed\n\nnotes\n\n## Charts"),
+            "the notes follow the profile section: {md}"
+        );
+    }
+
+    #[test]
+    fn markdown_lists_the_micro_benchmarks_of_this_run() {
+        use crate::criterion::{Bench, Run, Throughput};
+        let bench = |id: &str, median: f64, t: Option<Throughput>| Bench {
+            id: id.into(),
+            median_ns: median,
+            lower_ns: median * 0.9,
+            upper_ns: median * 1.1,
+            level: 0.95,
+            throughput: t,
+        };
+        let run = Run {
+            command: "taskset -c 1 cargo bench --bench proto -- --noplot".into(),
+            benches: vec![
+                bench("proto_parse/ack", 7.58, None),
+                bench(
+                    "session_step/transfer/16",
+                    320.0,
+                    Some(Throughput::Elements(16)),
+                ),
+                bench(
+                    "files/netascii_encode/1MiB_text",
+                    1.5e6,
+                    Some(Throughput::Bytes(1 << 20)),
+                ),
+                bench("new/thing", 1234.4, None),
+            ],
+            seconds: Some(91.0),
+            error: None,
+        };
+        let machine = crate::procfs::Machine {
+            nproc: 2,
+            kernel: "6.1".into(),
+            cpu_model: "Test CPU".into(),
+            mem_total_gib: 4.0,
+        };
+        let instructions = vec![json!({"server": "ringtftpd", "instructions_per_block": 1000.0})];
+        let doc = |c: Option<&Run>| {
+            markdown(&DocInput {
+                command: "scripts/compare.sh",
+                date: "today",
+                machine: &machine,
+                accounting: "cgroup v2",
+                pinning: "server on CPU 1",
+                versions: &[],
+                scenarios: &[],
+                reps: 1,
+                aggs: &[],
+                skipped: &[],
+                floor_us: None,
+                floor_runs: &[],
+                syscalls: &[],
+                instructions: &instructions,
+                profile: Some("profile\n"),
+                profile_notes: None,
+                criterion: c,
+                charts: &[],
+                elapsed_s: 1.0,
+                busy_before: None,
+            })
+        };
+        let md = doc(Some(&run));
+        let at = |t: &str| md.find(t).unwrap_or_else(|| panic!("no {t} in {md}"));
+        assert!(at("## User-space instructions") < at("## Micro-benchmarks (criterion)"));
+        assert!(at("## Micro-benchmarks (criterion)") < at("## Where ringtftpd spends"));
+        assert!(md.contains(
+            "`taskset -c 1 cargo bench --bench proto -- --noplot`, run by `scripts/compare.sh` in \
+             this invocation just before the scenarios (pinned to CPU 1, the servers' CPU, in 91 s)"
+        ));
+        assert!(md.contains("**median time per iteration** with its 95 % confidence interval"));
+        assert!(md.contains(
+            "| benchmark | what one iteration does | median ns | 95 % CI ns |\n|---|---|---|---|\n\
+             | `proto_parse/ack` | `Packet::parse` of a 4-byte ACK | 7.58 | 6.82–8.34 |\n"
+        ));
+        assert!(md.contains("16 DATA out, `poll_timeout`; 20.0 ns per block | 320 | 288–352 |"));
+        assert!(md.contains("an occasional CR); 0.699 GB/s | 1500000 | 1350000–1650000 |"));
+        assert!(md.contains("| `new/thing` | – | 1234 | 1111–1358 |"));
+        assert!(!md.contains("failed"));
+
+        // A failed bench command: what finished is shown, and the failure said.
+        let failed = Run {
+            error: Some("exit status 101".into()),
+            benches: run.benches[..1].to_vec(),
+            ..run.clone()
+        };
+        let md = doc(Some(&failed));
+        assert!(md.contains(
+            "(pinned to CPU 1, the servers' CPU, in 91 s). **It failed (exit status 101)**: only \
+             the benchmarks that finished are listed. Each figure"
+        ));
+        assert!(md.contains("| `proto_parse/ack` |"));
+        // Nothing written during this invocation: no table.
+        let empty = Run {
+            benches: vec![],
+            ..run.clone()
+        };
+        let md = doc(Some(&empty));
+        assert!(
+            md.contains("in 91 s). It wrote no result. Run them with `cargo bench`.\n\n## Where")
+        );
+        assert!(!md.contains("| benchmark |"));
+        let unbuilt = Run {
+            benches: vec![],
+            error: Some("they did not build".into()),
+            seconds: None,
+            ..run.clone()
+        };
+        assert!(doc(Some(&unbuilt)).contains(
+            "(pinned to CPU 1, the servers' CPU). **It failed (they did not build)** before any \
+             result. Run them with `cargo bench`.\n\n## Where"
+        ));
+        // Unpinned.
+        let unpinned = Run {
+            command: "cargo bench".into(),
+            seconds: None,
+            ..run
+        };
+        assert!(doc(Some(&unpinned)).contains("before the scenarios (unpinned). Each figure"));
     }
 
     #[test]
