@@ -111,8 +111,13 @@ fn error_budget(elapsed: Duration) -> usize {
     (rate + rate * elapsed.as_secs_f64()).ceil() as usize + 1
 }
 
-fn start_limited() -> Server {
-    Server::start_with(ServerOpts {
+/// A ringtftpd with one shard and `ERROR_RATE`; None (a SKIP) for tftpd-hpa.
+fn start_limited() -> Option<Server> {
+    if server_kind() != ServerKind::Ringtftpd {
+        eprintln!("SKIP: --error-rate is ringtftpd's");
+        return None;
+    }
+    Some(Server::start_with(ServerOpts {
         extra_args: vec![
             "--threads".into(),
             "1".into(),
@@ -120,7 +125,24 @@ fn start_limited() -> Server {
             ERROR_RATE.to_string(),
         ],
         ..ServerOpts::default()
-    })
+    }))
+}
+
+/// The ERRORs a flood of `sent` datagrams drew within `elapsed`: at least
+/// one, each with a code in `allowed`, and within the token bucket.
+fn check_flood_errors(what: &str, sent: usize, elapsed: Duration, codes: &[u16], allowed: &[u16]) {
+    eprintln!("{what}: {sent} sent, {} ERRORs in {elapsed:?}", codes.len());
+    assert!(!codes.is_empty(), "{what}: {sent} datagrams drew no ERROR");
+    assert!(
+        codes.iter().all(|c| allowed.contains(c)),
+        "{what}: ERROR codes {codes:?}, expected only {allowed:?}"
+    );
+    assert!(
+        codes.len() <= error_budget(elapsed),
+        "{what}: {} ERRORs in {elapsed:?} exceed --error-rate {ERROR_RATE} (budget {})",
+        codes.len(),
+        error_budget(elapsed)
+    );
 }
 
 /// Thousands of malformed datagrams at the listener: answered only with
@@ -128,11 +150,9 @@ fn start_limited() -> Server {
 /// afterwards every file still downloads byte-exact.
 #[test]
 fn garbage_flood_at_the_listener_gets_rate_limited_errors() {
-    if server_kind() != ServerKind::Ringtftpd {
-        eprintln!("SKIP: --error-rate is ringtftpd's");
+    let Some(mut s) = start_limited() else {
         return;
-    }
-    let mut s = start_limited();
+    };
     let attacker = RawClient::new(s.addr());
     let mut rng = Rng(0x5eed_f100d);
     let start = Instant::now();
@@ -143,25 +163,7 @@ fn garbage_flood_at_the_listener_gets_rate_limited_errors() {
     }
     let codes = collect_errors(&attacker, Duration::from_millis(1500))
         .unwrap_or_else(|e| panic!("listener flood: {e}"));
-    let elapsed = start.elapsed();
-    eprintln!(
-        "listener flood: {sent} sent, {} ERRORs in {elapsed:?}",
-        codes.len()
-    );
-    assert!(
-        !codes.is_empty(),
-        "{sent} malformed requests got no ERROR at all"
-    );
-    assert!(
-        codes.iter().all(|&c| c == 4 || c == 2),
-        "listener flood: unexpected ERROR codes {codes:?}"
-    );
-    assert!(
-        codes.len() <= error_budget(elapsed),
-        "{} ERRORs in {elapsed:?} exceed --error-rate {ERROR_RATE} (budget {})",
-        codes.len(),
-        error_budget(elapsed)
-    );
+    check_flood_errors("listener flood", sent, start.elapsed(), &codes, &[2, 4]);
     s.assert_running();
     for &(name, _, _) in RANDOM_FILES {
         let c = RawClient::new(s.addr());
@@ -180,11 +182,9 @@ fn garbage_flood_at_the_listener_gets_rate_limited_errors() {
 /// transfer it did not own completes byte-exact.
 #[test]
 fn stranger_flood_at_a_transfer_port_leaves_the_transfer_intact() {
-    if server_kind() != ServerKind::Ringtftpd {
-        eprintln!("SKIP: --error-rate is ringtftpd's");
+    let Some(mut s) = start_limited() else {
         return;
-    }
-    let mut s = start_limited();
+    };
     let client = RawClient::new(s.addr());
     let stranger = RawClient::new(s.addr());
     let mut rng = Rng(0xbad_cafe);
@@ -218,20 +218,7 @@ fn stranger_flood_at_a_transfer_port_leaves_the_transfer_intact() {
         want.len()
     );
     let (sent, elapsed, codes) = flood.expect("the flood ran at block 100");
-    eprintln!(
-        "stranger flood: {sent} sent, {} ERRORs in {elapsed:?}",
-        codes.len()
-    );
-    assert!(!codes.is_empty(), "{sent} stray datagrams got no ERROR 5");
-    assert!(
-        codes.iter().all(|&c| c == 5),
-        "a stranger must only get ERROR 5, got {codes:?}"
-    );
-    assert!(
-        codes.len() <= error_budget(elapsed),
-        "{} ERROR 5s in {elapsed:?} exceed --error-rate {ERROR_RATE}",
-        codes.len()
-    );
+    check_flood_errors("stranger flood", sent, elapsed, &codes, &[5]);
     s.assert_running();
 }
 
