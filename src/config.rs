@@ -97,6 +97,11 @@ pub struct Config {
     #[arg(short = 'q', long)]
     pub quiet: bool,
 
+    /// Once the listening sockets are bound, switch to this user and its
+    /// primary group (as tftpd-hpa's -u); needs root. Default: stay.
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    pub user: Option<String>,
+
     /// Accepted for tftpd-hpa compatibility; ringtftpd always runs standalone.
     #[arg(short = 'l', long = "listen", hide = true)]
     pub listen: bool,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::{Gid, Uid, User};
 
 use crate::config::Config;
 use crate::files::FileRoot;
@@ -33,6 +34,34 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(hard)
 }
 
+/// Switches the whole process to `name` and its primary group, with no
+/// supplementary groups, for good (real, effective and saved IDs). Called
+/// before any thread or io_uring exists, so nothing keeps the old IDs.
+pub fn drop_privileges(name: &str) -> io::Result<()> {
+    let user = User::from_name(name)
+        .map_err(io::Error::from)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no user '{name}'")))?;
+    if user.uid == Uid::effective() && user.gid == Gid::effective() {
+        return Ok(()); // already that user (or root asked to stay root)
+    }
+    let context = |what: &str, e: nix::Error| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("cannot switch to user '{name}' ({what}): {e}"),
+        )
+    };
+    nix::unistd::setgroups(&[user.gid]).map_err(|e| context("setgroups", e))?;
+    nix::unistd::setresgid(user.gid, user.gid, user.gid).map_err(|e| context("setresgid", e))?;
+    nix::unistd::setresuid(user.uid, user.uid, user.uid).map_err(|e| context("setresuid", e))?;
+    // If root could be regained, the switch did not take: refuse to run.
+    if !user.uid.is_root() && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err(io::Error::other(format!(
+            "switched to user '{name}' but could become root again"
+        )));
+    }
+    Ok(())
+}
+
 /// A running server: its shards.
 pub struct Server {
     shards: Vec<ShardHandle>,
@@ -53,9 +82,9 @@ impl Server {
             Some(n) => usize::from(n),
             None => cpus.len().max(1),
         };
-        let mut shards = Vec::with_capacity(count);
         let mut addresses = config.addresses.clone();
-        for index in 0..count {
+        let mut bound = Vec::with_capacity(count);
+        for _ in 0..count {
             let mut listeners = Vec::with_capacity(addresses.len());
             for addr in addresses.iter_mut() {
                 let socket = shard::net::bind_listener(*addr, config.rcvbuf).map_err(|e| {
@@ -66,6 +95,15 @@ impl Server {
                 *addr = socket.local_addr()?;
                 listeners.push(socket);
             }
+            bound.push(listeners);
+        }
+        // Privileged ports are bound and the root is open: nothing after
+        // this needs root.
+        if let Some(user) = &config.user {
+            drop_privileges(user)?;
+        }
+        let mut shards = Vec::with_capacity(count);
+        for (index, listeners) in bound.into_iter().enumerate() {
             let shard_config = ShardConfig {
                 index,
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
@@ -112,6 +150,9 @@ pub fn run(config: &Config) -> io::Result<()> {
     signals.thread_block().map_err(io::Error::from)?;
     if let Err(e) = raise_nofile_limit() {
         eprintln!("ringtftpd: warning: cannot raise RLIMIT_NOFILE: {e}");
+    }
+    if config.user.is_none() && Uid::effective().is_root() {
+        eprintln!("ringtftpd: warning: running as root; --user USER drops to USER once bound");
     }
     let server = Server::start(config)?;
     let listening: Vec<String> = server.addresses.iter().map(|a| a.to_string()).collect();

@@ -165,6 +165,8 @@ pub struct ServerOpts {
     pub max_blksize: Option<u32>,
     /// Extra arguments, passed to ringtftpd only.
     pub extra_args: Vec<String>,
+    /// Where the server's root is made (default: CARGO_TARGET_TMPDIR).
+    pub scratch: Option<PathBuf>,
 }
 
 /// A running server on loopback with its own root; killed on drop.
@@ -218,7 +220,7 @@ impl Server {
         let dir = tempfile::Builder::new()
             .prefix("ringtftpd-it-")
             .tempdir_in({
-                let d = scratch_dir();
+                let d = opts.scratch.clone().unwrap_or_else(scratch_dir);
                 fs::create_dir_all(&d).expect("create CARGO_TARGET_TMPDIR");
                 d
             })
@@ -344,6 +346,10 @@ impl Server {
     /// `tftp://host:port` with IPv6 brackets.
     pub fn url_base(&self) -> String {
         format!("tftp://{}", format_addr(self.addrs[0]))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn root(&self) -> PathBuf {
