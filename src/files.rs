@@ -3,7 +3,8 @@
 //! [`FileRoot`] holds the root directory and a cache shared by every shard
 //! (clone it once per shard; clones share everything). Its
 //! [`FileSource::open_read`] confines the request to the root in the kernel
-//! (`openat2` with `RESOLVE_BENEATH`), checks that the file is regular and,
+//! (`openat2` with `RESOLVE_IN_ROOT`: the root is `/` for the whole lookup,
+//! symlinks included, as under tftpd-hpa's chroot), checks that the file is regular and,
 //! unless permissive, world-readable (as tftpd-hpa does), and returns a
 //! [`FileData`]: the bytes to send.
 //!
@@ -241,8 +242,10 @@ impl FileRoot {
         self.inner.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Opens `rel` (already checked) under the root with the kernel confining it.
-    fn open_beneath(&self, rel: &[u8]) -> Result<File, OpenError> {
+    /// Opens `rel` (already checked) with the kernel treating the root as
+    /// `/`: an absolute symlink resolves inside the root and `..` stops at
+    /// it, so no lookup leaves the tree.
+    fn open_in_root(&self, rel: &[u8]) -> Result<File, OpenError> {
         // O_NONBLOCK: a FIFO must not block the shard; O_NOCTTY: a tty in
         // the tree must not become our controlling terminal.
         let how = OpenHow::new()
@@ -252,8 +255,8 @@ impl FileRoot {
         loop {
             match openat2(self.inner.dir.as_fd(), rel, how) {
                 Ok(fd) => return Ok(File::from(fd)),
-                // EAGAIN: RESOLVE_BENEATH saw a concurrent rename and could
-                // not prove `..` stayed inside; the man page says retry.
+                // EAGAIN: a concurrent rename kept the kernel from proving
+                // that `..` stayed inside; openat2(2) says retry.
                 Err(Errno::EAGAIN | Errno::EINTR) if tries < OPEN_RETRIES => tries += 1,
                 Err(e) => return Err(map_open_errno(e)),
             }
@@ -262,7 +265,7 @@ impl FileRoot {
 }
 
 fn resolve_flags() -> ResolveFlag {
-    ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS
+    ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS
 }
 
 fn map_open_errno(e: Errno) -> OpenError {
@@ -297,8 +300,8 @@ fn relative_name(filename: &[u8]) -> Result<&[u8], OpenError> {
         .position(|&b| b != b'/')
         .unwrap_or(filename.len());
     let rel = &filename[start..];
-    // The kernel would refuse an escaping `..` too; refuse every `..` early
-    // so none reaches it.
+    // `..` is refused outright (as tftpd-hpa -s does), although the
+    // kernel would only stop it at the root.
     if rel.split(|&b| b == b'/').any(|c| c == b"..") {
         return Err(OpenError::Denied("'..' in filename"));
     }
@@ -402,7 +405,7 @@ impl FileSource for FileRoot {
         if rel.is_empty() {
             return Err(OpenError::NotRegular); // the root directory itself
         }
-        let file = self.open_beneath(rel)?;
+        let file = self.open_in_root(rel)?;
         let meta = file
             .metadata()
             .map_err(|_| OpenError::Unservable("cannot stat file"))?;
@@ -704,7 +707,7 @@ mod tests {
     }
 
     #[test]
-    fn symlinks_are_confined_in_the_kernel() {
+    fn symlinks_resolve_inside_the_root_as_under_chroot() {
         let f = fixture();
         write_file(&f.root_dir.join("real"), b"real");
         fs::create_dir(f.root_dir.join("d")).expect("mkdir");
@@ -714,19 +717,38 @@ mod tests {
         symlink("/proc/self/root/etc/passwd", f.root_dir.join("magic")).expect("symlink");
         symlink("../real", f.root_dir.join("d/inside")).expect("symlink");
         symlink("d", f.root_dir.join("dirlink")).expect("symlink");
+        // Absolute as seen from inside the root, as tftpd-hpa -s resolves it.
+        symlink("/real", f.root_dir.join("chroot_abs")).expect("symlink");
+        symlink("/d/inside", f.root_dir.join("d/chained")).expect("symlink");
         let mut r = root(&f, false);
+        // Every way out lands inside the root, where there is no such file:
+        // the outside file is never reached.
         for name in [&b"abs"[..], b"rel", b"d/deep", b"magic"] {
             assert_eq!(
                 open(&mut r, name, Mode::Octet).err(),
-                Some(OpenError::Denied("outside the root")),
+                Some(OpenError::NotFound),
                 "{}",
                 String::from_utf8_lossy(name)
             );
         }
-        let d = open(&mut r, b"d/inside", Mode::Octet).expect("inside");
-        assert_eq!(d.read_all_for_test(), b"real");
-        let d = open(&mut r, b"dirlink/inside", Mode::Octet).expect("dir link");
-        assert_eq!(d.read_all_for_test(), b"real");
+        for name in [
+            &b"d/inside"[..],
+            b"dirlink/inside",
+            b"chroot_abs",
+            b"d/chained",
+        ] {
+            let d = open(&mut r, name, Mode::Octet)
+                .unwrap_or_else(|e| panic!("{}: {e:?}", String::from_utf8_lossy(name)));
+            assert_eq!(d.read_all_for_test(), b"real");
+        }
+        // With a `secret` inside the root too, the escaping links find that
+        // one: `..` stops at the root.
+        write_file(&f.root_dir.join("secret"), b"inside\n");
+        let mut r = root(&f, false);
+        for name in [&b"rel"[..], b"d/deep"] {
+            let d = open(&mut r, name, Mode::Octet).expect("inside");
+            assert_eq!(d.read_all_for_test(), b"inside\n");
+        }
     }
 
     #[test]

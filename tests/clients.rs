@@ -357,6 +357,24 @@ fn path_escaping_root_is_error_2() {
     s.assert_running();
 }
 
+/// A symlink in the root resolves as under tftpd-hpa's `-s` chroot: an
+/// absolute target names a file of the root, and a link pointing out of
+/// the root finds nothing (never the outside file).
+#[test]
+fn symlinks_resolve_inside_the_root() {
+    let mut s = Server::start();
+    let root = s.root();
+    std::os::unix::fs::symlink("/b513.bin", root.join("abs-link")).expect("symlink");
+    std::os::unix::fs::symlink("/etc/hostname", root.join("out-link")).expect("symlink");
+    let c = RawClient::new(s.addr());
+    let got = raw_get(&c, "abs-link", "octet", &[], |_, _| {})
+        .unwrap_or_else(|e| panic!("abs-link: {e}"));
+    assert!(got.data == s.source("b513.bin"), "abs-link content");
+    let (code, msg) = c.expect_error(&rrq("out-link", "octet", &[]));
+    assert_eq!(code, 1, "out-link: ERROR {code} {msg:?}");
+    s.assert_running();
+}
+
 /// ringtftpd-specific message (tftpd-hpa without -c answers ERROR 1 or 2
 /// with its own text).
 #[test]
