@@ -180,6 +180,22 @@ const BATCH_COMPLETIONS: usize = 32;
 /// Size of the reply buffer given to the endpoint; fits in a send slot.
 const REPLY_CAP: usize = HEADER_CAP;
 
+/// Scratch space of `serve`: the packet just polled and the payloads of a
+/// segmented send.
+struct ServeWork {
+    header: [u8; HEADER_CAP],
+    payloads: [(*const u8, usize); MAX_SEGMENTS],
+}
+
+impl Default for ServeWork {
+    fn default() -> Self {
+        ServeWork {
+            header: [0; HEADER_CAP],
+            payloads: [(std::ptr::null(), 0); MAX_SEGMENTS],
+        }
+    }
+}
+
 /// What a CQE belongs to, packed into its `user_data`: kind in the top
 /// byte, a 24-bit epoch (session receives), an index in the low 32 bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +351,8 @@ struct Shard {
     idle: HashMap<(IpAddr, u32), Vec<u32>>,
     idle_count: usize,
     live: usize,
+    /// `serve`'s scratch space, kept between calls (None while in use).
+    serve_work: Option<Box<ServeWork>>,
     next_epoch: u32,
     sends: SendPool,
     /// Removed sessions' sockets whose receive is being cancelled, by token.
@@ -508,6 +526,7 @@ impl Shard {
             idle: HashMap::new(),
             idle_count: 0,
             live: 0,
+            serve_work: Some(Box::default()),
             next_epoch: 0,
             sends: SendPool::new(tuning.send_slots),
             closing: HashMap::new(),
@@ -1251,8 +1270,13 @@ impl Shard {
         let Some(fd) = self.tsock_fd(sock) else {
             return;
         };
-        let mut scratch = [0u8; HEADER_CAP];
-        let mut payloads = [(std::ptr::null::<u8>(), 0usize); MAX_SEGMENTS];
+        // Reused across calls: zeroing 1.7 KiB per call was a tenth of the
+        // user-space instructions per block.
+        let mut work = self.serve_work.take().unwrap_or_default();
+        let ServeWork {
+            header: scratch,
+            payloads,
+        } = &mut *work;
         // A transmit polled into `scratch` that did not fit the last send.
         let mut carried: Option<(usize, Option<(*const u8, usize)>)> = None;
         let mut sent = 0u32;
@@ -1270,7 +1294,7 @@ impl Shard {
                 Some(first) => first,
                 None => {
                     budget -= 1;
-                    match self.poll_one(now, id, &mut scratch) {
+                    match self.poll_one(now, id, scratch) {
                         Some(first) => first,
                         None => {
                             self.sends.release(si);
@@ -1294,7 +1318,7 @@ impl Shard {
                 // Keep a slot free for a transmit that does not fit.
                 while count < max_segments && budget > 0 && self.sends.has_free() {
                     budget -= 1;
-                    match self.poll_one(now, id, &mut scratch) {
+                    match self.poll_one(now, id, scratch) {
                         None => break,
                         Some((4, Some(p))) if p.1 <= blksize => {
                             if let Some(slot) = self.sends.slot_mut(si) {
@@ -1343,6 +1367,7 @@ impl Shard {
                 }
             }
         }
+        self.serve_work = Some(work);
         if let Some(live) = self.live_mut(id) {
             live.inflight += sent;
         }
