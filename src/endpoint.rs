@@ -13,7 +13,7 @@ pub enum OpenError {
     /// ERROR 1.
     #[error("file not found")]
     NotFound,
-    /// ERROR 2: outside the root, `..`, an escaping symlink, a bad name.
+    /// ERROR 2: `..`, a magic link or symlink loop, a bad name.
     #[error("access violation: {0}")]
     Denied(&'static str),
     /// ERROR 2: not world-readable (without `--permissive`) or unreadable.

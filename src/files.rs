@@ -242,6 +242,18 @@ impl FileRoot {
         self.inner.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Fails unless the current (effective) user may look names up in the
+    /// root: checked again after dropping privileges.
+    pub fn check_searchable(&self) -> io::Result<()> {
+        nix::unistd::faccessat(
+            self.inner.dir.as_fd(),
+            c".",
+            nix::unistd::AccessFlags::X_OK,
+            nix::fcntl::AtFlags::AT_EACCESS,
+        )
+        .map_err(io::Error::from)
+    }
+
     /// Opens `rel` (already checked) with the kernel treating the root as
     /// `/`: an absolute symlink resolves inside the root and `..` stops at
     /// it, so no lookup leaves the tree.
@@ -270,7 +282,10 @@ fn resolve_flags() -> ResolveFlag {
 
 fn map_open_errno(e: Errno) -> OpenError {
     match e {
-        Errno::EXDEV | Errno::ELOOP => OpenError::Denied("outside the root"),
+        // EXDEV: the kernel saw an escape (a race); ELOOP: a symlink loop or
+        // a magic link.
+        Errno::EXDEV => OpenError::Denied("outside the root"),
+        Errno::ELOOP => OpenError::Denied("symlink loop or magic link"),
         Errno::ENOENT | Errno::ENOTDIR => OpenError::NotFound,
         Errno::EACCES | Errno::EPERM => OpenError::NotReadable,
         Errno::ENAMETOOLONG => OpenError::Denied("filename too long"),
@@ -300,8 +315,8 @@ fn relative_name(filename: &[u8]) -> Result<&[u8], OpenError> {
         .position(|&b| b != b'/')
         .unwrap_or(filename.len());
     let rel = &filename[start..];
-    // `..` is refused outright (as tftpd-hpa -s does), although the
-    // kernel would only stop it at the root.
+    // `..` is refused outright, although the kernel would only stop it at
+    // the root (stricter than tftpd-hpa -s, which relies on its chroot).
     if rel.split(|&b| b == b'/').any(|c| c == b"..") {
         return Err(OpenError::Denied("'..' in filename"));
     }
@@ -748,6 +763,21 @@ mod tests {
         for name in [&b"rel"[..], b"d/deep"] {
             let d = open(&mut r, name, Mode::Octet).expect("inside");
             assert_eq!(d.read_all_for_test(), b"inside\n");
+        }
+    }
+
+    /// Magic links (/proc/<pid>/root, fd links) are refused even where
+    /// the root contains /proc: here the root is `/` itself.
+    #[test]
+    fn magic_links_are_refused() {
+        let mut r = FileRoot::open(Path::new("/"), true).expect("open /");
+        for name in [&b"proc/self/root/etc/hostname"[..], b"proc/self/exe"] {
+            assert_eq!(
+                open(&mut r, name, Mode::Octet).err(),
+                Some(OpenError::Denied("symlink loop or magic link")),
+                "{}",
+                String::from_utf8_lossy(name)
+            );
         }
     }
 

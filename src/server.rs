@@ -35,31 +35,62 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 }
 
 /// Switches the whole process to `name` and its primary group, with no
-/// supplementary groups, for good (real, effective and saved IDs). Called
-/// before any thread or io_uring exists, so nothing keeps the old IDs.
+/// supplementary groups and no capabilities, for good (real, effective and
+/// saved IDs). Called before any shard thread exists (their rings exist,
+/// disabled: no submission, no io-wq worker yet), so nothing keeps the old
+/// IDs.
 pub fn drop_privileges(name: &str) -> io::Result<()> {
     let user = User::from_name(name)
         .map_err(io::Error::from)?
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no user '{name}'")))?;
-    if user.uid == Uid::effective() && user.gid == Gid::effective() {
-        return Ok(()); // already that user (or root asked to stay root)
+    if !user.uid.is_root() && ids_are(user.uid, user.gid)? {
+        return Ok(()); // already exactly that user: nothing to give up
     }
-    let context = |what: &str, e: nix::Error| {
+    let fail = |what: &str, e: io::Error| {
         io::Error::new(
-            io::Error::from(e).kind(),
+            e.kind(),
             format!("cannot switch to user '{name}' ({what}): {e}"),
         )
     };
-    nix::unistd::setgroups(&[user.gid]).map_err(|e| context("setgroups", e))?;
-    nix::unistd::setresgid(user.gid, user.gid, user.gid).map_err(|e| context("setresgid", e))?;
-    nix::unistd::setresuid(user.uid, user.uid, user.uid).map_err(|e| context("setresuid", e))?;
-    // If root could be regained, the switch did not take: refuse to run.
-    if !user.uid.is_root() && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-        return Err(io::Error::other(format!(
-            "switched to user '{name}' but could become root again"
-        )));
+    // Capabilities must not survive the switch (securebits may still keep
+    // them: checked below).
+    let _ = nix::sys::prctl::set_keepcaps(false);
+    let nix_fail = |what: &'static str| move |e: nix::Error| fail(what, io::Error::from(e));
+    nix::unistd::setgroups(&[user.gid]).map_err(nix_fail("setgroups"))?;
+    nix::unistd::setresgid(user.gid, user.gid, user.gid).map_err(nix_fail("setresgid"))?;
+    nix::unistd::setresuid(user.uid, user.uid, user.uid).map_err(nix_fail("setresuid"))?;
+    if !ids_are(user.uid, user.gid)? {
+        return Err(fail("check", io::Error::other("IDs did not all change")));
+    }
+    if !user.uid.is_root() {
+        if holds_capabilities()? {
+            return Err(fail("check", io::Error::other("capabilities were kept")));
+        }
+        if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+            return Err(fail("check", io::Error::other("root could be regained")));
+        }
     }
     Ok(())
+}
+
+/// Whether the real, effective and saved user and group IDs are all these.
+fn ids_are(uid: Uid, gid: Gid) -> io::Result<bool> {
+    let u = nix::unistd::getresuid().map_err(io::Error::from)?;
+    let g = nix::unistd::getresgid().map_err(io::Error::from)?;
+    Ok([u.real, u.effective, u.saved].iter().all(|&x| x == uid)
+        && [g.real, g.effective, g.saved].iter().all(|&x| x == gid))
+}
+
+/// Whether this thread has any permitted or effective capability.
+fn holds_capabilities() -> io::Result<bool> {
+    let status = std::fs::read_to_string("/proc/thread-self/status")?;
+    Ok(status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("CapPrm:")
+                .or_else(|| l.strip_prefix("CapEff:"))
+        })
+        .any(|v| !v.trim().trim_start_matches('0').is_empty()))
 }
 
 /// A running server: its shards.
@@ -83,8 +114,8 @@ impl Server {
             None => cpus.len().max(1),
         };
         let mut addresses = config.addresses.clone();
-        let mut bound = Vec::with_capacity(count);
-        for _ in 0..count {
+        let mut prepared = Vec::with_capacity(count);
+        for index in 0..count {
             let mut listeners = Vec::with_capacity(addresses.len());
             for addr in addresses.iter_mut() {
                 let socket = shard::net::bind_listener(*addr, config.rcvbuf).map_err(|e| {
@@ -95,15 +126,6 @@ impl Server {
                 *addr = socket.local_addr()?;
                 listeners.push(socket);
             }
-            bound.push(listeners);
-        }
-        // Privileged ports are bound and the root is open: nothing after
-        // this needs root.
-        if let Some(user) = &config.user {
-            drop_privileges(user)?;
-        }
-        let mut shards = Vec::with_capacity(count);
-        for (index, listeners) in bound.into_iter().enumerate() {
             let shard_config = ShardConfig {
                 index,
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
@@ -113,7 +135,30 @@ impl Server {
                 log_transfers: !config.quiet,
                 shutdown_grace: Duration::from_secs(config.shutdown_grace),
             };
-            shards.push(shard::spawn(shard_config)?);
+            let shard = shard::prepare(shard_config)
+                .map_err(|e| io::Error::new(e.kind(), format!("shard {index}: io_uring: {e}")))?;
+            prepared.push(shard);
+        }
+        // Ports are bound, the root is open and the rings exist: nothing
+        // after this needs root.
+        if let Some(user) = &config.user {
+            drop_privileges(user)?;
+            files.check_searchable().map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot serve {} as user '{user}': {e}",
+                        config.directory.display()
+                    ),
+                )
+            })?;
+        }
+        let mut shards = Vec::with_capacity(count);
+        for (index, shard) in prepared.into_iter().enumerate() {
+            let shard = shard
+                .spawn()
+                .map_err(|e| io::Error::new(e.kind(), format!("shard {index}: {e}")))?;
+            shards.push(shard);
         }
         Ok(Server { shards, addresses })
     }
@@ -151,10 +196,10 @@ pub fn run(config: &Config) -> io::Result<()> {
     if let Err(e) = raise_nofile_limit() {
         eprintln!("ringtftpd: warning: cannot raise RLIMIT_NOFILE: {e}");
     }
-    if config.user.is_none() && Uid::effective().is_root() {
+    let server = Server::start(config)?;
+    if Uid::effective().is_root() {
         eprintln!("ringtftpd: warning: running as root; --user USER drops to USER once bound");
     }
-    let server = Server::start(config)?;
     let listening: Vec<String> = server.addresses.iter().map(|a| a.to_string()).collect();
     eprintln!(
         "ringtftpd: serving {} on {} with {} thread(s)",

@@ -122,42 +122,75 @@ impl ShardHandle {
     }
 }
 
-/// Starts a shard thread. Returns once its io_uring is set up and its
-/// listeners are receiving, or with the set-up error.
-pub fn spawn(config: ShardConfig) -> io::Result<ShardHandle> {
-    spawn_tuned(config, Tuning::default())
+#[cfg(test)]
+pub(crate) fn spawn_tuned(config: ShardConfig, tuning: Tuning) -> io::Result<ShardHandle> {
+    prepare_tuned(config, tuning)?.spawn()
 }
 
-pub(crate) fn spawn_tuned(config: ShardConfig, tuning: Tuning) -> io::Result<ShardHandle> {
-    let wake = Arc::new(EventFd::from_flags(
-        EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
-    )?);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
-    let thread_wake = Arc::clone(&wake);
-    let name = format!("shard-{}", config.index);
-    let thread = std::thread::Builder::new().name(name).spawn(move || {
-        let mut shard = match Shard::new(config, tuning, thread_wake) {
-            Ok(shard) => {
-                let _ = tx.send(Ok(()));
-                shard
+/// A shard whose io_uring exists but is not enabled yet: made by the
+/// starting thread, possibly before it drops privileges, and run by the
+/// shard thread, which becomes its only submitter.
+pub struct PreparedShard {
+    config: ShardConfig,
+    tuning: Tuning,
+    ring: IoUring,
+}
+
+/// Creates a shard's io_uring (disabled) in the calling thread. A ring made
+/// by root is not charged to RLIMIT_MEMLOCK, so shards prepared before
+/// `--user` takes effect do not depend on that user's locked-memory limit.
+pub fn prepare(config: ShardConfig) -> io::Result<PreparedShard> {
+    prepare_tuned(config, Tuning::default())
+}
+
+fn prepare_tuned(config: ShardConfig, tuning: Tuning) -> io::Result<PreparedShard> {
+    let ring = build_ring(&tuning)?;
+    Ok(PreparedShard {
+        config,
+        tuning,
+        ring,
+    })
+}
+
+impl PreparedShard {
+    /// Starts the shard thread. Returns once its io_uring is enabled and its
+    /// listeners are receiving, or with the set-up error.
+    pub fn spawn(self) -> io::Result<ShardHandle> {
+        let PreparedShard {
+            config,
+            tuning,
+            ring,
+        } = self;
+        let wake = Arc::new(EventFd::from_flags(
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        )?);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+        let thread_wake = Arc::clone(&wake);
+        let name = format!("shard-{}", config.index);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let mut shard = match Shard::new(config, tuning, ring, thread_wake) {
+                Ok(shard) => {
+                    let _ = tx.send(Ok(()));
+                    shard
+                }
+                Err(e) => {
+                    let kind = e.kind();
+                    let _ = tx.send(Err(e));
+                    return Err(io::Error::new(kind, "shard set-up failed"));
+                }
+            };
+            shard.run()
+        })?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(ShardHandle { wake, thread }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
             }
-            Err(e) => {
-                let kind = e.kind();
-                let _ = tx.send(Err(e));
-                return Err(io::Error::new(kind, "shard set-up failed"));
+            Err(_) => {
+                let _ = thread.join();
+                Err(io::Error::other("shard thread died during set-up"))
             }
-        };
-        shard.run()
-    })?;
-    match rx.recv() {
-        Ok(Ok(())) => Ok(ShardHandle { wake, thread }),
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            Err(e)
-        }
-        Err(_) => {
-            let _ = thread.join();
-            Err(io::Error::other("shard thread died during set-up"))
         }
     }
 }
@@ -398,7 +431,8 @@ fn build_ring(t: &Tuning) -> io::Result<IoUring> {
         RingFlags::Plain,
     ] {
         let mut b = IoUring::builder();
-        b.setup_cqsize(t.cq_entries);
+        // Enabled by the shard thread (PreparedShard::spawn).
+        b.setup_cqsize(t.cq_entries).setup_r_disabled();
         match flags {
             RingFlags::DeferTaskrun => {
                 b.setup_submit_all()
@@ -479,7 +513,14 @@ fn is_transient(err: &io::Error) -> bool {
 }
 
 impl Shard {
-    fn new(config: ShardConfig, tuning: Tuning, wake: Arc<EventFd>) -> io::Result<Self> {
+    fn new(
+        config: ShardConfig,
+        tuning: Tuning,
+        ring: IoUring,
+        wake: Arc<EventFd>,
+    ) -> io::Result<Self> {
+        // This thread becomes the ring's only submitter.
+        ring.submitter().register_enable_rings()?;
         if let Some(cpu) = config.cpu
             && let Err(e) = pin_to(cpu)
         {
@@ -488,7 +529,6 @@ impl Shard {
                 config.index
             );
         }
-        let ring = build_ring(&tuning)?;
         let listen_bufs = BufRing::new(tuning.listen_bufs.0, tuning.listen_bufs.1, LISTEN_BGID)?;
         let session_bufs =
             BufRing::new(tuning.session_bufs.0, tuning.session_bufs.1, SESSION_BGID)?;

@@ -38,18 +38,22 @@ fn user_flag_binds_a_privileged_port_then_runs_as_that_user() {
     let nobody = User::from_name("nobody")
         .expect("getpwnam")
         .expect("a user 'nobody'");
-    let port = free_privileged_port().expect("a free UDP port in 900..1000");
+    let Some(port) = free_privileged_port() else {
+        eprintln!("SKIP: no free UDP port in 900..1000 on 127.0.0.1");
+        return;
+    };
     let privileged = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // More shards than CPUs: each one's io_uring counts against the
+    // user's locked-memory limit once the server is no longer root.
     let mut s = Server::start_with(ServerOpts {
         extra_args: vec![
             "--user".into(),
             "nobody".into(),
             "--address".into(),
             privileged.to_string(),
+            "--threads".into(),
+            "16".into(),
         ],
-        // World-searchable, so that 'nobody' reaches the files wherever
-        // the checkout lives.
-        scratch: Some(std::env::temp_dir()),
         ..ServerOpts::default()
     });
     let (uid, gid, groups) = ids(s.pid());
@@ -75,16 +79,13 @@ fn user_flag_binds_a_privileged_port_then_runs_as_that_user() {
     s.assert_running();
 }
 
-#[test]
-fn unknown_user_is_a_clear_start_up_error() {
-    if server_kind() != ServerKind::Ringtftpd {
-        eprintln!("SKIP: ringtftpd's flag");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Runs ringtftpd with `args` and the root `dir`; it must exit with a
+/// failure within 10 s. Returns its stderr.
+fn start_fails(args: &[&str], dir: &std::path::Path) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringtftpd"))
-        .args(["--user", "no-such-user-4711", "--address", "127.0.0.1:0"])
-        .arg(dir.path())
+        .args(args)
+        .args(["--address", "127.0.0.1:0"])
+        .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -98,15 +99,47 @@ fn unknown_user_is_a_clear_start_up_error() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("ringtftpd kept running with an unknown --user");
+            panic!("ringtftpd {args:?} kept running");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let out = child.wait_with_output().expect("stderr");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!status.success(), "exit status {status}");
+    assert!(!status.success(), "{args:?}: exit status {status}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn unknown_user_is_a_clear_start_up_error() {
+    if server_kind() != ServerKind::Ringtftpd {
+        eprintln!("SKIP: ringtftpd's flag");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr = start_fails(&["--user", "no-such-user-4711"], dir.path());
     assert!(
         stderr.contains("no user 'no-such-user-4711'"),
+        "stderr: {stderr}"
+    );
+}
+
+/// A root the user may not search would refuse every request: start-up
+/// says so instead.
+#[test]
+fn root_the_user_cannot_search_is_a_start_up_error() {
+    if server_kind() != ServerKind::Ringtftpd || !Uid::effective().is_root() {
+        eprintln!("SKIP: needs ringtftpd started by root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("f"), b"x").expect("write");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod 700");
+    let stderr = start_fails(&["--user", "nobody"], dir.path());
+    assert!(
+        stderr.contains("as user 'nobody'") && stderr.contains("ermission denied"),
         "stderr: {stderr}"
     );
 }

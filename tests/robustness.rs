@@ -271,6 +271,17 @@ fn out_of_range_option_values_get_a_sane_transfer_or_error_8() {
             "options {opts:?}: windowsize {}",
             got.windowsize
         );
+        // Any option the OACK grants must carry a legal value.
+        let granted = got.oack.as_deref().unwrap_or_default();
+        if let Some(t) = opt(granted, "timeout") {
+            assert!(
+                t.parse::<u8>().is_ok_and(|t| t >= 1),
+                "options {opts:?}: OACK timeout {t}"
+            );
+        }
+        if let Some(t) = opt(granted, "tsize") {
+            assert_eq!(t, want.len().to_string(), "options {opts:?}: OACK tsize");
+        }
     }
     eprintln!(
         "{served} of {} option sets served, the rest refused with ERROR 8",

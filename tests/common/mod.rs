@@ -165,8 +165,6 @@ pub struct ServerOpts {
     pub max_blksize: Option<u32>,
     /// Extra arguments, passed to ringtftpd only.
     pub extra_args: Vec<String>,
-    /// Where the server's root is made (default: CARGO_TARGET_TMPDIR).
-    pub scratch: Option<PathBuf>,
 }
 
 /// A running server on loopback with its own root; killed on drop.
@@ -220,7 +218,7 @@ impl Server {
         let dir = tempfile::Builder::new()
             .prefix("ringtftpd-it-")
             .tempdir_in({
-                let d = opts.scratch.clone().unwrap_or_else(scratch_dir);
+                let d = scratch_dir();
                 fs::create_dir_all(&d).expect("create CARGO_TARGET_TMPDIR");
                 d
             })

@@ -580,7 +580,16 @@ fn criterion_run(a: &Args) -> Result<Option<criterion::Run>, String> {
                 .duration_since(since)
                 .ok()
                 .map(|d| d.as_secs_f64());
-            let found = criterion::read(dir, since)?;
+            // An unreadable directory (the benches failed before writing
+            // anything) must not stop the scenarios: the docs say why.
+            let found = match criterion::read(dir, since) {
+                Ok(found) => found,
+                Err(e) => {
+                    log(&format!("criterion: {e}"));
+                    run.error.get_or_insert(e);
+                    return Ok(Some(run));
+                }
+            };
             for p in &found.problems {
                 log(&format!("criterion: {p}"));
             }
