@@ -668,7 +668,31 @@ mod tests {
         }
     }
 
-    /// Drains transmits into decoded packets (dest, opcode, block-or-code).
+    /// A plain RFC 1350 request: no options.
+    fn no_options() -> ClientConfig {
+        cfg(None, None, false)
+    }
+
+    /// Transfer 1 of "f" expecting `file`. The id only seeds the backoff jitter.
+    fn start(file: &Arc<[u8]>, c: ClientConfig, now: Instant) -> Transfer {
+        Transfer::new(1, "f".into(), file.clone(), c, SERVER, 7, now)
+    }
+
+    /// Starts a transfer, drops its RRQ and feeds it the server's OACK of `pairs`.
+    /// The reply to the OACK (ACK 0 or nothing) is left queued for the test to check.
+    fn after_oack(
+        file: &Arc<[u8]>,
+        c: ClientConfig,
+        pairs: &[(&str, &str)],
+        now: Instant,
+    ) -> Transfer {
+        let mut t = start(file, c, now);
+        drain(&mut t);
+        t.handle_datagram(now, TID, &oack(pairs));
+        t
+    }
+
+    /// Drains transmits as (dest, raw datagram).
     fn drain(t: &mut Transfer) -> Vec<(SocketAddr, Vec<u8>)> {
         let mut out = Vec::new();
         let mut buf = [0u8; 1024];
@@ -694,6 +718,26 @@ mod tests {
         v
     }
 
+    /// DATA block `n` (1-based, wrapping on the wire) of `file` cut into `blksize` pieces.
+    fn block(file: &[u8], blksize: usize, n: usize) -> Vec<u8> {
+        let lo = (n - 1) * blksize;
+        data(n as u16, &file[lo..(lo + blksize).min(file.len())])
+    }
+
+    /// Sends blocks `ns` of `file` from the server TID; returns the ACKs sent in reply.
+    fn feed(
+        t: &mut Transfer,
+        file: &[u8],
+        blksize: usize,
+        ns: impl IntoIterator<Item = usize>,
+        now: Instant,
+    ) -> Vec<u16> {
+        for n in ns {
+            t.handle_datagram(now, TID, &block(file, blksize, n));
+        }
+        acks(&drain(t))
+    }
+
     fn oack(pairs: &[(&str, &str)]) -> Vec<u8> {
         let mut v = vec![0, 6];
         for (k, val) in pairs {
@@ -705,25 +749,27 @@ mod tests {
         v
     }
 
+    /// The failure `t` ended with; panics unless it failed with `kind`.
+    #[track_caller]
+    fn failure(t: &Transfer, kind: FailureKind) -> &Failure {
+        match t.outcome() {
+            Some(Outcome::Failed(f)) if f.kind == kind => f,
+            o => panic!("expected a {kind:?} failure, got {o:?}"),
+        }
+    }
+
     /// A well-behaved lossless server: sends `file` in windows; returns the ACKs the client sent.
     fn serve(t: &mut Transfer, file: &[u8], blksize: usize, window: u16, now: Instant) -> Vec<u16> {
         let mut all_acks = acks(&drain(t));
         let nblocks = file.len() / blksize + 1;
-        let mut block = 1usize;
+        let mut next = 1usize;
         let mut steps = 0;
-        while t.outcome().is_none() && block <= nblocks {
+        while t.outcome().is_none() && next <= nblocks {
             steps += 1;
             assert!(steps < 10_000_000, "runaway");
-            for _ in 0..window {
-                if block > nblocks {
-                    break;
-                }
-                let lo = (block - 1) * blksize;
-                let hi = (lo + blksize).min(file.len());
-                t.handle_datagram(now, TID, &data(block as u16, &file[lo..hi]));
-                block += 1;
-            }
-            all_acks.extend(acks(&drain(t)));
+            let end = (next + usize::from(window)).min(nblocks + 1);
+            all_acks.extend(feed(t, file, blksize, next..end, now));
+            next = end;
         }
         all_acks
     }
@@ -733,19 +779,11 @@ mod tests {
         for len in [0usize, 1, 511, 512, 513, 1024, 5000] {
             let now = Instant::now();
             let file = content(len);
-            let mut t = Transfer::new(
-                1,
-                "f".into(),
-                file.clone(),
-                cfg(None, None, false),
-                SERVER,
-                7,
-                now,
+            let mut t = start(&file, no_options(), now);
+            assert_eq!(
+                drain(&mut t),
+                vec![(SERVER, b"\x00\x01f\0octet\0".to_vec())]
             );
-            let sent = drain(&mut t);
-            assert_eq!(sent.len(), 1);
-            assert_eq!(sent[0].0, SERVER);
-            assert_eq!(sent[0].1, b"\x00\x01f\0octet\0");
             let acks = serve(&mut t, &file, 512, 1, now);
             assert_eq!(t.outcome(), Some(&Outcome::Done), "len {len}");
             let n = len / 512 + 1;
@@ -761,22 +799,11 @@ mod tests {
     fn oack_then_ack0_and_data_at_granted_blksize() {
         let now = Instant::now();
         let file = content(3000);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(Some(1468), None, true),
-            SERVER,
-            7,
-            now,
-        );
-        drain(&mut t);
         // Server lowers blksize to 1024: legal.
-        t.handle_datagram(now, TID, &oack(&[("blksize", "1024"), ("tsize", "3000")]));
-        let sent = drain(&mut t);
-        assert_eq!(sent, vec![(TID, b"\x00\x04\x00\x00".to_vec())]);
-        let acks = serve(&mut t, &file, 1024, 1, now);
-        assert_eq!(acks, vec![1, 2, 3]);
+        let pairs = [("blksize", "1024"), ("tsize", "3000")];
+        let mut t = after_oack(&file, cfg(Some(1468), None, true), &pairs, now);
+        assert_eq!(drain(&mut t), vec![(TID, b"\x00\x04\x00\x00".to_vec())]);
+        assert_eq!(serve(&mut t, &file, 1024, 1, now), vec![1, 2, 3]);
         assert_eq!(t.outcome(), Some(&Outcome::Done));
         assert_eq!(t.granted().blksize, Some(1024));
         assert_eq!(t.granted().tsize, Some(3000));
@@ -786,49 +813,22 @@ mod tests {
     fn server_ignoring_options_means_512_lock_step() {
         let now = Instant::now();
         let file = content(1500);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(Some(1468), Some(8), true),
-            SERVER,
-            7,
-            now,
-        );
-        let acks = serve(&mut t, &file, 512, 1, now);
-        assert_eq!(acks, vec![1, 2, 3]);
+        let mut t = start(&file, cfg(Some(1468), Some(8), true), now);
+        assert_eq!(serve(&mut t, &file, 512, 1, now), vec![1, 2, 3]);
         assert_eq!(t.outcome(), Some(&Outcome::Done));
         // A 1468-byte block would now be too long.
-        let mut t = Transfer::new(
-            2,
-            "f".into(),
-            file.clone(),
-            cfg(Some(1468), None, false),
-            SERVER,
-            7,
-            now,
-        );
+        let mut t = start(&file, cfg(Some(1468), None, false), now);
         t.handle_datagram(now, TID, &data(1, &file[..1468]));
-        assert!(matches!(t.outcome(), Some(Outcome::Failed(f)) if f.kind == FailureKind::Length));
+        failure(&t, FailureKind::Length);
     }
 
     #[test]
     fn windowed_acks_every_window_and_the_last() {
         let now = Instant::now();
         let file = content(512 * 10 + 100);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(Some(512), Some(4), false),
-            SERVER,
-            7,
-            now,
-        );
-        drain(&mut t);
-        t.handle_datagram(now, TID, &oack(&[("blksize", "512"), ("windowsize", "4")]));
-        let acks = serve(&mut t, &file, 512, 4, now);
-        assert_eq!(acks, vec![0, 4, 8, 11]);
+        let pairs = [("blksize", "512"), ("windowsize", "4")];
+        let mut t = after_oack(&file, cfg(Some(512), Some(4), false), &pairs, now);
+        assert_eq!(serve(&mut t, &file, 512, 4, now), vec![0, 4, 8, 11]);
         assert_eq!(t.outcome(), Some(&Outcome::Done));
     }
 
@@ -836,34 +836,15 @@ mod tests {
     fn windowed_gap_acks_last_in_order_once() {
         let now = Instant::now();
         let file = content(512 * 8 + 10);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(Some(512), Some(4), false),
-            SERVER,
-            7,
-            now,
-        );
+        let pairs = [("blksize", "512"), ("windowsize", "4")];
+        let mut t = after_oack(&file, cfg(Some(512), Some(4), false), &pairs, now);
         drain(&mut t);
-        t.handle_datagram(now, TID, &oack(&[("blksize", "512"), ("windowsize", "4")]));
-        drain(&mut t);
-        let blk = |n: usize| data(n as u16, &file[(n - 1) * 512..(n * 512).min(file.len())]);
-        t.handle_datagram(now, TID, &blk(1));
         // Block 2 is lost; 3 and 4 arrive out of order.
-        t.handle_datagram(now, TID, &blk(3));
-        t.handle_datagram(now, TID, &blk(4));
-        assert_eq!(acks(&drain(&mut t)), vec![1]);
+        assert_eq!(feed(&mut t, &file, 512, [1, 3, 4], now), vec![1]);
         assert_eq!(t.counters().out_of_order, 2);
         // Server restarts the window at 2.
-        for n in 2..=5 {
-            t.handle_datagram(now, TID, &blk(n));
-        }
-        assert_eq!(acks(&drain(&mut t)), vec![5]);
-        for n in 6..=9 {
-            t.handle_datagram(now, TID, &blk(n));
-        }
-        assert_eq!(acks(&drain(&mut t)), vec![9]);
+        assert_eq!(feed(&mut t, &file, 512, 2..=5, now), vec![5]);
+        assert_eq!(feed(&mut t, &file, 512, 6..=9, now), vec![9]);
         assert_eq!(t.outcome(), Some(&Outcome::Done));
     }
 
@@ -872,21 +853,9 @@ mod tests {
         let now = Instant::now();
         // 70,000 blocks of 8 bytes: past 65535 and back through 0.
         let file = content(8 * 70_000 + 3);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(Some(8), None, true),
-            SERVER,
-            7,
-            now,
-        );
-        drain(&mut t);
-        t.handle_datagram(
-            now,
-            TID,
-            &oack(&[("blksize", "8"), ("tsize", &file.len().to_string())]),
-        );
+        let len = file.len().to_string();
+        let pairs = [("blksize", "8"), ("tsize", len.as_str())];
+        let mut t = after_oack(&file, cfg(Some(8), None, true), &pairs, now);
         let acks = serve(&mut t, &file, 8, 1, now);
         assert_eq!(t.outcome(), Some(&Outcome::Done));
         assert_eq!(acks.len(), 70_002);
@@ -898,22 +867,12 @@ mod tests {
     fn duplicate_data_in_lock_step_is_reacked() {
         let now = Instant::now();
         let file = content(1500);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(None, None, false),
-            SERVER,
-            7,
-            now,
-        );
+        let mut t = start(&file, no_options(), now);
         drain(&mut t);
-        t.handle_datagram(now, TID, &data(1, &file[..512]));
-        assert_eq!(acks(&drain(&mut t)), vec![1]);
-        t.handle_datagram(now, TID, &data(1, &file[..512]));
-        assert_eq!(acks(&drain(&mut t)), vec![1]);
+        assert_eq!(feed(&mut t, &file, 512, [1], now), vec![1]);
+        assert_eq!(feed(&mut t, &file, 512, [1], now), vec![1]);
         // A second duplicate in the same gap is not answered again (no ACK storm).
-        t.handle_datagram(now, TID, &data(1, &file[..512]));
+        t.handle_datagram(now, TID, &block(&file, 512, 1));
         assert!(drain(&mut t).is_empty());
         assert_eq!(t.outcome(), None);
     }
@@ -922,26 +881,13 @@ mod tests {
     fn mismatch_names_the_byte() {
         let now = Instant::now();
         let file = content(1000);
-        let mut t = Transfer::new(
-            3,
-            "f".into(),
-            file.clone(),
-            cfg(None, None, false),
-            SERVER,
-            7,
-            now,
-        );
+        let mut t = start(&file, no_options(), now);
         t.handle_datagram(now, TID, &data(1, &file[..512]));
         let mut bad = file[512..].to_vec();
         bad[17] ^= 0xff;
         t.handle_datagram(now, TID, &data(2, &bad));
-        match t.outcome() {
-            Some(Outcome::Failed(f)) => {
-                assert_eq!(f.kind, FailureKind::Mismatch);
-                assert!(f.detail.contains("byte 529"), "{}", f.detail);
-            }
-            o => panic!("expected mismatch, got {o:?}"),
-        }
+        let f = failure(&t, FailureKind::Mismatch);
+        assert!(f.detail.contains("byte 529"), "{}", f.detail);
     }
 
     #[test]
@@ -949,31 +895,15 @@ mod tests {
         let now = Instant::now();
         let file = content(600);
         // Ends early: a short block at 100 bytes.
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(None, None, false),
-            SERVER,
-            7,
-            now,
-        );
+        let mut t = start(&file, no_options(), now);
         t.handle_datagram(now, TID, &data(1, &file[..100]));
-        assert!(matches!(t.outcome(), Some(Outcome::Failed(f)) if f.kind == FailureKind::Length));
+        failure(&t, FailureKind::Length);
         // Too much: the file is exactly 512 bytes but the server sends a full second block.
         let file = content(512);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(None, None, false),
-            SERVER,
-            7,
-            now,
-        );
+        let mut t = start(&file, no_options(), now);
         t.handle_datagram(now, TID, &data(1, &file));
         t.handle_datagram(now, TID, &data(2, &[0u8; 10]));
-        assert!(matches!(t.outcome(), Some(Outcome::Failed(f)) if f.kind == FailureKind::Length));
+        failure(&t, FailureKind::Length);
     }
 
     #[test]
@@ -993,11 +923,11 @@ mod tests {
             ),
             (cfg(Some(1024), None, false), oack(&[("foo", "1")])),
             (cfg(Some(1024), None, false), oack(&[("blksize", "x")])),
-            (cfg(None, None, false), oack(&[])),
+            (no_options(), oack(&[])),
         ];
         for (c, pkt) in cases {
             let now = Instant::now();
-            let mut t = Transfer::new(1, "f".into(), content(600), *c, SERVER, 7, now);
+            let mut t = start(&content(600), *c, now);
             t.handle_datagram(now, TID, pkt);
             assert!(
                 matches!(t.outcome(), Some(Outcome::Failed(f)) if f.kind == FailureKind::BadOack),
@@ -1057,19 +987,10 @@ mod tests {
     fn foreign_tid_gets_error5_and_transfer_continues() {
         let now = Instant::now();
         let file = content(700);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(None, None, false),
-            SERVER,
-            7,
-            now,
-        );
+        let mut t = start(&file, no_options(), now);
         drain(&mut t);
-        t.handle_datagram(now, TID, &data(1, &file[..512]));
-        drain(&mut t);
-        t.handle_datagram(now, STRANGER, &data(2, &file[512..]));
+        feed(&mut t, &file, 512, [1], now);
+        t.handle_datagram(now, STRANGER, &block(&file, 512, 2));
         let sent = drain(&mut t);
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].0, STRANGER);
@@ -1078,12 +999,12 @@ mod tests {
             Ok(Packet::Error { code: 5, .. })
         ));
         assert_eq!(t.outcome(), None);
-        t.handle_datagram(now, TID, &data(2, &file[512..]));
+        t.handle_datagram(now, TID, &block(&file, 512, 2));
         assert_eq!(t.outcome(), Some(&Outcome::Done));
         assert_eq!(t.counters().foreign_tid, 1);
         // Before the TID is known, only the server's address may answer.
         let other_ip: SocketAddr = "127.0.0.2:69".parse().unwrap();
-        let mut t = Transfer::new(2, "f".into(), file, cfg(None, None, false), SERVER, 7, now);
+        let mut t = start(&file, no_options(), now);
         drain(&mut t);
         t.handle_datagram(now, other_ip, &data(1, &[0u8; 512]));
         assert_eq!(drain(&mut t)[0].0, other_ip);
@@ -1093,23 +1014,10 @@ mod tests {
     #[test]
     fn server_error_fails_with_message() {
         let now = Instant::now();
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            content(10),
-            cfg(None, None, false),
-            SERVER,
-            7,
-            now,
-        );
+        let mut t = start(&content(10), no_options(), now);
         t.handle_datagram(now, TID, b"\x00\x05\x00\x01File not found\0");
-        match t.outcome() {
-            Some(Outcome::Failed(f)) => {
-                assert_eq!(f.kind, FailureKind::ServerError);
-                assert!(f.detail.contains("ERROR 1: File not found"));
-            }
-            o => panic!("{o:?}"),
-        }
+        let f = failure(&t, FailureKind::ServerError);
+        assert!(f.detail.contains("ERROR 1: File not found"));
     }
 
     #[test]
@@ -1117,9 +1025,9 @@ mod tests {
         let t0 = Instant::now();
         let c = ClientConfig {
             retries: 3,
-            ..cfg(None, None, false)
+            ..no_options()
         };
-        let mut t = Transfer::new(1, "f".into(), content(10), c, SERVER, 7, t0);
+        let mut t = start(&content(10), c, t0);
         drain(&mut t);
         // A spurious early call does nothing.
         t.handle_timeout(t0 + Duration::from_millis(500));
@@ -1134,7 +1042,7 @@ mod tests {
             assert_eq!(sent[0].0, SERVER, "RRQ is resent to the server port");
         }
         t.handle_timeout(t.poll_timeout().unwrap());
-        assert!(matches!(t.outcome(), Some(Outcome::Failed(f)) if f.kind == FailureKind::Timeout));
+        failure(&t, FailureKind::Timeout);
         assert_eq!(t.counters().retransmits, 3);
         assert!(now > t0);
     }
@@ -1145,10 +1053,10 @@ mod tests {
         let c = ClientConfig {
             retries: 6,
             backoff: true,
-            ..cfg(None, None, false)
+            ..no_options()
         };
         let file = content(2000);
-        let mut t = Transfer::new(1, "f".into(), file.clone(), c, SERVER, 7, t0);
+        let mut t = start(&file, c, t0);
         drain(&mut t);
         let mut prev = t0;
         let mut gaps = Vec::new();
@@ -1167,8 +1075,7 @@ mod tests {
             );
         }
         // Progress resets the backoff and the retry budget; the next timeout re-ACKs block 1.
-        t.handle_datagram(prev, TID, &data(1, &file[..512]));
-        drain(&mut t);
+        feed(&mut t, &file, 512, [1], prev);
         let d = t.poll_timeout().unwrap();
         assert!(d - prev <= Duration::from_millis(1250));
         t.handle_timeout(d);
@@ -1179,19 +1086,10 @@ mod tests {
     fn lost_ack0_is_resent_on_duplicate_oack() {
         let now = Instant::now();
         let file = content(100);
-        let mut t = Transfer::new(
-            1,
-            "f".into(),
-            file.clone(),
-            cfg(Some(1024), None, false),
-            SERVER,
-            7,
-            now,
-        );
-        drain(&mut t);
-        t.handle_datagram(now, TID, &oack(&[("blksize", "1024")]));
+        let pairs = [("blksize", "1024")];
+        let mut t = after_oack(&file, cfg(Some(1024), None, false), &pairs, now);
         assert_eq!(acks(&drain(&mut t)), vec![0]);
-        t.handle_datagram(now, TID, &oack(&[("blksize", "1024")]));
+        t.handle_datagram(now, TID, &oack(&pairs));
         assert_eq!(acks(&drain(&mut t)), vec![0]);
         t.handle_datagram(now, TID, &data(1, &file));
         assert_eq!(t.outcome(), Some(&Outcome::Done));

@@ -101,18 +101,97 @@ fn ack(block: u16) -> [u8; 4] {
     [0, 4, b[0], b[1]]
 }
 
+/// A read that ran to the final DATA block.
+#[derive(Debug)]
+struct Download {
+    data: Vec<u8>,
+    /// The server's transfer address (its TID).
+    tid: SocketAddr,
+    oack: Vec<(String, String)>,
+}
+
+/// An ERROR packet that ended a read.
+#[derive(Debug)]
+struct Refusal {
+    code: u16,
+    message: String,
+    from: SocketAddr,
+}
+
 #[derive(Debug)]
 enum Fetch {
-    Done {
-        data: Vec<u8>,
-        tid: SocketAddr,
-        oack: Vec<(String, String)>,
-    },
-    Error {
-        code: u16,
-        message: String,
-        from: SocketAddr,
-    },
+    Done(Download),
+    Error(Refusal),
+}
+
+impl Fetch {
+    #[track_caller]
+    fn expect_done(self) -> Download {
+        match self {
+            Fetch::Done(d) => d,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The download, checked to be exactly `want`.
+    #[track_caller]
+    fn expect_body(self, want: &[u8]) -> Download {
+        let got = self.expect_done();
+        assert!(
+            got.data == want,
+            "content differs ({} vs {} bytes)",
+            got.data.len(),
+            want.len()
+        );
+        got
+    }
+
+    /// The ERROR, checked to carry `code`.
+    #[track_caller]
+    fn expect_error(self, code: u16) -> Refusal {
+        match self {
+            Fetch::Error(e) => {
+                assert_eq!(e.code, code, "{e:?}");
+                e
+            }
+            other => panic!("expected an ERROR, got {other:?}"),
+        }
+    }
+}
+
+/// A temporary file root holding `files` (name, content).
+fn root_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in files {
+        fs::write(dir.path().join(name), body).unwrap();
+    }
+    dir
+}
+
+/// A shard and the temporary root it serves (kept until the test ends).
+struct Served {
+    root: tempfile::TempDir,
+    handle: ShardHandle,
+    addr: SocketAddr,
+}
+
+/// `files` served with the usual settings: IPv4 loopback, 1 s grace, small
+/// rings; `None` as for `start`.
+fn serve(files: &[(&str, &[u8])]) -> Option<Served> {
+    let root = root_with(files);
+    let (handle, addr) = start(
+        root.path(),
+        "127.0.0.1:0",
+        Duration::from_secs(1),
+        small_tuning(),
+    )?;
+    Some(Served { root, handle, addr })
+}
+
+impl Served {
+    fn stop(self) {
+        stop(self.handle);
+    }
 }
 
 fn client_for(server: SocketAddr) -> UdpSocket {
@@ -129,13 +208,52 @@ fn client_for(server: SocketAddr) -> UdpSocket {
 
 /// A lock-step (or windowed, RFC 7440) read of `name`.
 fn fetch(server: SocketAddr, name: &str, options: &[(&str, &str)]) -> Fetch {
-    let sock = client_for(server);
-    fetch_with(&sock, server, name, options, |_, _| {})
+    fetch_with(server, name, options, |_, _| {})
 }
 
 /// As `fetch`, calling `on_block(tid, block)` after each in-order DATA,
 /// before it is acknowledged.
 fn fetch_with(
+    server: SocketAddr,
+    name: &str,
+    options: &[(&str, &str)],
+    on_block: impl FnMut(SocketAddr, u16),
+) -> Fetch {
+    fetch_from(&client_for(server), server, name, options, on_block)
+}
+
+/// Checks that `name` is refused with ERROR `code`, sent from `server`
+/// itself (the listener), not from a transfer socket.
+#[track_caller]
+fn assert_refused(server: SocketAddr, name: &str, code: u16) {
+    let e = fetch(server, name, &[]).expect_error(code);
+    assert_eq!(
+        e.from, server,
+        "ERROR from the address the request was sent to"
+    );
+}
+
+/// Sends ACK `block` to `dest`, keeping it for retransmission.
+fn send_ack(sock: &UdpSocket, dest: SocketAddr, block: u16, last_sent: &mut Vec<u8>) {
+    *last_sent = ack(block).to_vec();
+    sock.send_to(last_sent, dest).unwrap();
+}
+
+/// The lower-cased name/value pairs of an OACK's option fields.
+fn parse_oack(fields: &[u8]) -> Vec<(String, String)> {
+    let fields: Vec<&[u8]> = fields.split(|&b| b == 0).collect();
+    fields
+        .chunks(2)
+        .map(|kv| {
+            let k = String::from_utf8_lossy(kv[0]).to_ascii_lowercase();
+            let v = String::from_utf8_lossy(kv.get(1).copied().unwrap_or(b"")).into_owned();
+            (k, v)
+        })
+        .collect()
+}
+
+/// As `fetch_with`, from the client socket `sock`.
+fn fetch_from(
     sock: &UdpSocket,
     server: SocketAddr,
     name: &str,
@@ -175,13 +293,11 @@ fn fetch_with(
         assert!(n >= 4, "runt datagram {p:?}");
         let opcode = u16::from_be_bytes([p[0], p[1]]);
         if opcode == 5 {
-            let code = u16::from_be_bytes([p[2], p[3]]);
-            let message = String::from_utf8_lossy(&p[4..n - 1]).into_owned();
-            return Fetch::Error {
-                code,
-                message,
+            return Fetch::Error(Refusal {
+                code: u16::from_be_bytes([p[2], p[3]]),
+                message: String::from_utf8_lossy(&p[4..n - 1]).into_owned(),
                 from,
-            };
+            });
         }
         match tid {
             None => {
@@ -193,10 +309,7 @@ fn fetch_with(
         }
         match opcode {
             6 => {
-                let fields: Vec<&[u8]> = p[2..n - 1].split(|&b| b == 0).collect();
-                for kv in fields.chunks(2) {
-                    let k = String::from_utf8_lossy(kv[0]).to_ascii_lowercase();
-                    let v = String::from_utf8_lossy(kv.get(1).copied().unwrap_or(b"")).into_owned();
+                for (k, v) in parse_oack(&p[2..n - 1]) {
                     match k.as_str() {
                         "blksize" => blksize = v.parse().unwrap(),
                         "windowsize" => window = v.parse().unwrap(),
@@ -204,16 +317,14 @@ fn fetch_with(
                     }
                     oack.push((k, v));
                 }
-                last_sent = ack(0).to_vec();
-                sock.send_to(&last_sent, dest).unwrap();
+                send_ack(sock, dest, 0, &mut last_sent);
             }
             3 => {
                 let block = u16::from_be_bytes([p[2], p[3]]);
                 let payload = &p[4..];
                 if block != expected {
                     // Out of order or a duplicate: ack what we have (RFC 7440 §4).
-                    last_sent = ack(expected.wrapping_sub(1)).to_vec();
-                    sock.send_to(&last_sent, dest).unwrap();
+                    send_ack(sock, dest, expected.wrapping_sub(1), &mut last_sent);
                     continue;
                 }
                 data.extend_from_slice(payload);
@@ -221,15 +332,14 @@ fn fetch_with(
                 expected = expected.wrapping_add(1);
                 let last = payload.len() < blksize;
                 if last || block % window == 0 {
-                    last_sent = ack(block).to_vec();
-                    sock.send_to(&last_sent, dest).unwrap();
+                    send_ack(sock, dest, block, &mut last_sent);
                 }
                 if last {
-                    return Fetch::Done {
+                    return Fetch::Done(Download {
                         data,
                         tid: dest,
                         oack,
-                    };
+                    });
                 }
             }
             other => panic!("unexpected opcode {other}"),
@@ -251,83 +361,44 @@ fn stop(handle: ShardHandle) {
 
 #[test]
 fn lock_step_download_matches_the_file() {
-    let dir = tempfile::tempdir().unwrap();
     let body = content(100_000, 1);
-    fs::write(dir.path().join("boot.img"), &body).unwrap();
-    let Some((handle, addr)) = start(
-        dir.path(),
-        "127.0.0.1:0",
-        Duration::from_secs(1),
-        small_tuning(),
-    ) else {
+    let Some(shard) = serve(&[("boot.img", &body)]) else {
         return;
     };
-    match fetch(addr, "boot.img", &[]) {
-        Fetch::Done { data, tid, .. } => {
-            assert_eq!(data.len(), body.len());
-            assert!(data == body, "content differs");
-            // RFC 1350 §4: a new TID, from the address the request went to.
-            assert_ne!(tid.port(), addr.port());
-            assert_eq!(tid.ip(), addr.ip());
-        }
-        other => panic!("{other:?}"),
-    }
-    stop(handle);
+    let got = fetch(shard.addr, "boot.img", &[]).expect_body(&body);
+    // RFC 1350 §4: a new TID, from the address the request went to.
+    assert_ne!(got.tid.port(), shard.addr.port());
+    assert_eq!(got.tid.ip(), shard.addr.ip());
+    shard.stop();
 }
 
 #[test]
 fn windowed_download_with_options_and_exact_multiple_of_blksize() {
-    let dir = tempfile::tempdir().unwrap();
     // A multiple of the block size: ends with an empty DATA block.
     let body = content(1024 * 40, 2);
-    fs::write(dir.path().join("k"), &body).unwrap();
     let big = content(300_000, 3);
-    fs::write(dir.path().join("big"), &big).unwrap();
-    let Some((handle, addr)) = start(
-        dir.path(),
-        "127.0.0.1:0",
-        Duration::from_secs(1),
-        small_tuning(),
-    ) else {
+    let Some(shard) = serve(&[("k", &body), ("big", &big)]) else {
         return;
     };
-    match fetch(
-        addr,
-        "k",
-        &[("blksize", "1024"), ("windowsize", "8"), ("tsize", "0")],
-    ) {
-        Fetch::Done { data, oack, .. } => {
-            assert!(
-                data == body,
-                "content differs ({} vs {} bytes)",
-                data.len(),
-                body.len()
-            );
-            assert!(
-                oack.contains(&("tsize".into(), body.len().to_string())),
-                "{oack:?}"
-            );
-            assert!(
-                oack.contains(&("windowsize".into(), "8".into())),
-                "{oack:?}"
-            );
-        }
-        other => panic!("{other:?}"),
-    }
+    let options = [("blksize", "1024"), ("windowsize", "8"), ("tsize", "0")];
+    let oack = fetch(shard.addr, "k", &options).expect_body(&body).oack;
+    let tsize = ("tsize".into(), body.len().to_string());
+    let windowsize = ("windowsize".into(), "8".into());
+    assert!(
+        oack.contains(&tsize) && oack.contains(&windowsize),
+        "{oack:?}"
+    );
     // Windows bigger than the send pool (64 slots): the ready queue serves
     // the rest as slots come back; big blocks over loopback (MTU 65536).
-    match fetch(addr, "big", &[("blksize", "8192"), ("windowsize", "64")]) {
-        Fetch::Done { data, .. } => assert!(data == big, "content differs"),
-        other => panic!("{other:?}"),
-    }
-    stop(handle);
+    let options = [("blksize", "8192"), ("windowsize", "64")];
+    fetch(shard.addr, "big", &options).expect_body(&big);
+    shard.stop();
 }
 
 #[test]
 fn concurrent_downloads_with_a_tiny_buffer_ring() {
-    let dir = tempfile::tempdir().unwrap();
     let body = content(64 * 1024, 4);
-    fs::write(dir.path().join("f"), &body).unwrap();
+    let dir = root_with(&[("f", &body)]);
     // Four session buffers for eight clients: the transfer sockets' receives
     // run dry (-ENOBUFS) and must be re-armed.
     let tuning = Tuning {
@@ -339,65 +410,34 @@ fn concurrent_downloads_with_a_tiny_buffer_ring() {
     else {
         return;
     };
-    let threads: Vec<_> = (0..8)
-        .map(|_| {
-            std::thread::spawn(move || match fetch(addr, "f", &[("windowsize", "4")]) {
-                Fetch::Done { data, .. } => data,
-                other => panic!("{other:?}"),
-            })
-        })
-        .collect();
-    for t in threads {
-        assert!(t.join().unwrap() == body);
-    }
+    // All eight run at once; a panic in any fails the scope.
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| fetch(addr, "f", &[("windowsize", "4")]).expect_body(&body));
+        }
+    });
     stop(handle);
 }
 
 #[test]
 fn errors_come_from_the_listener_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((handle, addr)) = start(
-        dir.path(),
-        "127.0.0.1:0",
-        Duration::from_secs(1),
-        small_tuning(),
-    ) else {
+    let Some(shard) = serve(&[]) else {
         return;
     };
-    match fetch(addr, "missing", &[]) {
-        Fetch::Error { code, from, .. } => {
-            assert_eq!(code, 1);
-            assert_eq!(from, addr);
-        }
-        other => panic!("{other:?}"),
-    }
-    match fetch(addr, "../etc/passwd", &[]) {
-        Fetch::Error { code, from, .. } => {
-            assert_eq!(code, 2);
-            assert_eq!(from, addr);
-        }
-        other => panic!("{other:?}"),
-    }
-    stop(handle);
+    assert_refused(shard.addr, "missing", 1);
+    assert_refused(shard.addr, "../etc/passwd", 2);
+    shard.stop();
 }
 
 #[test]
 fn stranger_gets_error_5_and_transfer_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
     let body = content(5000, 5);
-    fs::write(dir.path().join("f"), &body).unwrap();
-    let Some((handle, addr)) = start(
-        dir.path(),
-        "127.0.0.1:0",
-        Duration::from_secs(1),
-        small_tuning(),
-    ) else {
+    let Some(shard) = serve(&[("f", &body)]) else {
         return;
     };
-    let client = client_for(addr);
-    let stranger = client_for(addr);
+    let stranger = client_for(shard.addr);
     let mut poked = false;
-    let got = fetch_with(&client, addr, "f", &[], |tid, block| {
+    fetch_with(shard.addr, "f", &[], |tid, block| {
         if block == 2 && !poked {
             poked = true;
             stranger.send_to(&ack(2), tid).unwrap();
@@ -406,73 +446,39 @@ fn stranger_gets_error_5_and_transfer_goes_on() {
             assert_eq!(from, tid);
             assert_eq!(&buf[..4], &[0, 5, 0, 5], "ERROR 5: {:?}", &buf[..n]);
         }
-    });
-    match got {
-        Fetch::Done { data, .. } => assert!(data == body),
-        other => panic!("{other:?}"),
-    }
+    })
+    .expect_body(&body);
     assert!(poked);
-    stop(handle);
+    shard.stop();
 }
 
 #[test]
 fn ipv6_and_dual_stack_downloads() {
-    let dir = tempfile::tempdir().unwrap();
     let body = content(3000, 6);
-    fs::write(dir.path().join("f"), &body).unwrap();
-    if let Some((handle, addr)) = start(
-        dir.path(),
-        "[::1]:0",
-        Duration::from_secs(1),
-        small_tuning(),
-    ) {
-        match fetch(addr, "f", &[("blksize", "1400")]) {
-            Fetch::Done { data, tid, .. } => {
-                assert!(data == body);
-                assert_eq!(tid.ip(), addr.ip());
-            }
-            other => panic!("{other:?}"),
-        }
+    let dir = root_with(&[("f", &body)]);
+    let grace = Duration::from_secs(1);
+    if let Some((handle, addr)) = start(dir.path(), "[::1]:0", grace, small_tuning()) {
+        let got = fetch(addr, "f", &[("blksize", "1400")]).expect_body(&body);
+        assert_eq!(got.tid.ip(), addr.ip());
         stop(handle);
     }
     // [::] serves IPv4 clients too (v4-mapped), answering from plain IPv4.
-    if let Some((handle, addr)) =
-        start(dir.path(), "[::]:0", Duration::from_secs(1), small_tuning())
-    {
+    if let Some((handle, addr)) = start(dir.path(), "[::]:0", grace, small_tuning()) {
         let v4: SocketAddr = SocketAddr::from(([127, 0, 0, 1], addr.port()));
-        match fetch(v4, "f", &[]) {
-            Fetch::Done { data, tid, .. } => {
-                assert!(data == body);
-                assert_eq!(tid.ip(), v4.ip());
-            }
-            other => panic!("{other:?}"),
-        }
-        match fetch(v4, "nope", &[]) {
-            Fetch::Error { code, from, .. } => {
-                assert_eq!(code, 1);
-                assert_eq!(from, v4, "ERROR from the address the request was sent to");
-            }
-            other => panic!("{other:?}"),
-        }
+        let got = fetch(v4, "f", &[]).expect_body(&body);
+        assert_eq!(got.tid.ip(), v4.ip());
+        assert_refused(v4, "nope", 1);
         stop(handle);
     }
 }
 
 #[test]
 fn truncated_file_aborts_the_transfer_without_sigbus() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shrinks");
-    fs::write(&path, content(256 * 1024, 7)).unwrap();
-    let Some((handle, addr)) = start(
-        dir.path(),
-        "127.0.0.1:0",
-        Duration::from_secs(1),
-        small_tuning(),
-    ) else {
+    let Some(shard) = serve(&[("shrinks", &content(256 * 1024, 7))]) else {
         return;
     };
-    let client = client_for(addr);
-    let got = fetch_with(&client, addr, "shrinks", &[], |_, block| {
+    let path = shard.root.path().join("shrinks");
+    let got = fetch_with(shard.addr, "shrinks", &[], |_, block| {
         if block == 1 {
             // Truncate the mapped file under the transfer.
             fs::OpenOptions::new()
@@ -483,32 +489,18 @@ fn truncated_file_aborts_the_transfer_without_sigbus() {
                 .unwrap();
         }
     });
-    match got {
-        Fetch::Error { code, message, .. } => {
-            assert_eq!(code, 0);
-            assert_eq!(message, "file changed during transfer");
-        }
-        other => panic!("expected an ERROR, got {other:?}"),
-    }
+    assert_eq!(got.expect_error(0).message, "file changed during transfer");
     // The shard is still alive and serving.
-    fs::write(dir.path().join("ok"), b"fine").unwrap();
-    match fetch(addr, "ok", &[]) {
-        Fetch::Done { data, .. } => assert_eq!(data, b"fine"),
-        other => panic!("{other:?}"),
-    }
-    stop(handle);
+    fs::write(shard.root.path().join("ok"), b"fine").unwrap();
+    fetch(shard.addr, "ok", &[]).expect_body(b"fine");
+    shard.stop();
 }
 
 #[test]
 fn shutdown_aborts_live_transfers_after_the_grace_period() {
-    let dir = tempfile::tempdir().unwrap();
-    fs::write(dir.path().join("f"), content(50_000, 8)).unwrap();
-    let Some((handle, addr)) = start(
-        dir.path(),
-        "127.0.0.1:0",
-        Duration::from_millis(300),
-        small_tuning(),
-    ) else {
+    let dir = root_with(&[("f", &content(50_000, 8))]);
+    let grace = Duration::from_millis(300);
+    let Some((handle, addr)) = start(dir.path(), "127.0.0.1:0", grace, small_tuning()) else {
         return;
     };
     let client = client_for(addr);
@@ -557,32 +549,24 @@ fn shutdown_aborts_live_transfers_after_the_grace_period() {
 
 #[test]
 fn shutdown_waits_for_a_transfer_that_finishes_within_the_grace() {
-    let dir = tempfile::tempdir().unwrap();
     let body = content(20_000, 9);
-    fs::write(dir.path().join("f"), &body).unwrap();
-    let Some((handle, addr)) = start(
-        dir.path(),
-        "127.0.0.1:0",
-        Duration::from_secs(3),
-        small_tuning(),
-    ) else {
+    let dir = root_with(&[("f", &body)]);
+    let grace = Duration::from_secs(3);
+    let Some((handle, addr)) = start(dir.path(), "127.0.0.1:0", grace, small_tuning()) else {
         return;
     };
-    let client = client_for(addr);
     let mut handle = Some(handle);
-    let got = fetch_with(&client, addr, "f", &[], |_, block| {
+    let got = fetch_with(addr, "f", &[], |_, block| {
         if block == 3
             && let Some(h) = handle.as_ref()
         {
             h.shut_down();
         }
     });
-    match got {
-        Fetch::Done { data, .. } => {
-            assert!(data == body, "the transfer completed despite the shutdown")
-        }
-        other => panic!("{other:?}"),
-    }
+    assert!(
+        got.expect_done().data == body,
+        "the transfer completed despite the shutdown"
+    );
     let started = Instant::now();
     handle.take().unwrap().join().unwrap();
     assert!(
@@ -593,26 +577,17 @@ fn shutdown_waits_for_a_transfer_that_finishes_within_the_grace() {
 
 #[test]
 fn transfer_sockets_are_reused_but_never_for_the_same_client() {
-    let dir = tempfile::tempdir().unwrap();
     let body = content(3000, 7);
-    fs::write(dir.path().join("f"), &body).unwrap();
-    let Some((handle, addr)) = start(
-        dir.path(),
-        "127.0.0.1:0",
-        Duration::from_secs(1),
-        small_tuning(),
-    ) else {
+    let Some(shard) = serve(&[("f", &body)]) else {
         return;
     };
-    let tid_of = |sock: &UdpSocket| match fetch_with(sock, addr, "f", &[], |_, _| {}) {
-        Fetch::Done { data, tid, .. } => {
-            assert!(data == body, "content differs");
-            tid
-        }
-        other => panic!("{other:?}"),
+    let tid_of = |sock: &UdpSocket| {
+        fetch_from(sock, shard.addr, "f", &[], |_, _| {})
+            .expect_body(&body)
+            .tid
     };
-    let a = client_for(addr);
-    let b = client_for(addr);
+    let a = client_for(shard.addr);
+    let b = client_for(shard.addr);
     let first = tid_of(&a);
     // Let the shard see the final ACK and pool the socket.
     std::thread::sleep(Duration::from_millis(50));
@@ -623,5 +598,5 @@ fn transfer_sockets_are_reused_but_never_for_the_same_client() {
     // The client that used it last gets another one (RFC 1350: new TID).
     let third = tid_of(&b);
     assert_ne!(third, second);
-    stop(handle);
+    shard.stop();
 }
