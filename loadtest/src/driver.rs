@@ -140,7 +140,7 @@ pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
         while !aborted && d.in_flight < cfg.concurrency && launched < cfg.n {
             d.launch(launched, stats);
             launched += 1;
-            stats.launched = launched;
+            stats.counts.launched = launched;
         }
         if d.in_flight == 0 && (launched >= cfg.n || aborted) {
             break;
@@ -160,7 +160,7 @@ pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
             && now.duration_since(d.last_rx) >= stall
         {
             aborted = true;
-            stats.stalled = true;
+            stats.counts.stalled = true;
             d.abort_all(
                 &format!("run aborted: nothing received from the server for {stall:?} (--stall)"),
                 stats,
@@ -278,7 +278,7 @@ impl Driver<'_> {
                 Ok((len, from)) => {
                     self.last_rx = Instant::now();
                     if self.loss.drop() {
-                        stats.injected_drops += 1;
+                        stats.counts.injected_drops += 1;
                         continue;
                     }
                     s.xfer.handle_datagram(Instant::now(), from, &buf[..len]);
@@ -333,7 +333,7 @@ impl Driver<'_> {
         };
         while let Some(tx) = s.xfer.poll_transmit(&mut self.sendbuf) {
             if self.loss.drop() {
-                stats.injected_drops += 1;
+                stats.counts.injected_drops += 1;
                 continue;
             }
             match s.sock.send_to(&self.sendbuf[..tx.len], tx.dest) {
@@ -344,7 +344,7 @@ impl Driver<'_> {
                     if e.kind() == io::ErrorKind::WouldBlock
                         || e.raw_os_error() == Some(nix::libc::ENOBUFS) =>
                 {
-                    stats.send_drops += 1;
+                    stats.counts.send_drops += 1;
                 }
                 Err(e) => s.xfer.fail_local(format!("sendto {}: {e}", tx.dest)),
             }
@@ -508,12 +508,16 @@ mod tests {
         let (addr, stop) = toy_server(content.clone(), false);
         let stats = run_against(addr, content.clone(), 30, 8, Some(1024));
         stop.store(true, Ordering::Relaxed);
-        assert_eq!(stats.launched, 30);
-        assert_eq!(stats.completed, 30, "failures: {:?}", stats.failure_lines);
-        assert_eq!(stats.failed, 0);
-        assert_eq!(stats.payload_bytes, 30 * 10_000);
-        assert_eq!(stats.blocks, 30 * 10);
-        assert_eq!(stats.oack, 30);
+        assert_eq!(stats.counts.launched, 30);
+        assert_eq!(
+            stats.counts.completed, 30,
+            "failures: {:?}",
+            stats.failure_lines
+        );
+        assert_eq!(stats.counts.failed, 0);
+        assert_eq!(stats.counts.payload_bytes, 30 * 10_000);
+        assert_eq!(stats.counts.blocks, 30 * 10);
+        assert_eq!(stats.counts.oack, 30);
         assert_eq!(stats.total_us.len(), 30);
     }
 
@@ -524,10 +528,14 @@ mod tests {
         // Generous retries: a transfer fails only after 9 losses in a row on one block.
         let stats = run_lossy(addr, content, 10, 10, None, 0.1, 8);
         stop.store(true, Ordering::Relaxed);
-        assert_eq!(stats.completed, 10, "failures: {:?}", stats.failure_lines);
-        assert!(stats.injected_drops > 0);
-        assert!(stats.retransmits > 0 || stats.resync_acks > 0);
-        assert_eq!(stats.payload_bytes, 10 * 5000);
+        assert_eq!(
+            stats.counts.completed, 10,
+            "failures: {:?}",
+            stats.failure_lines
+        );
+        assert!(stats.counts.injected_drops > 0);
+        assert!(stats.counts.retransmits > 0 || stats.counts.resync_acks > 0);
+        assert_eq!(stats.counts.payload_bytes, 10 * 5000);
     }
 
     #[test]
@@ -536,8 +544,8 @@ mod tests {
         let (addr, stop) = toy_server(content.clone(), true);
         let stats = run_against(addr, content, 5, 5, None);
         stop.store(true, Ordering::Relaxed);
-        assert_eq!(stats.completed, 0);
-        assert_eq!(stats.failures.get("mismatch"), Some(&5));
+        assert_eq!(stats.counts.completed, 0);
+        assert_eq!(stats.counts.failures.get("mismatch"), Some(&5));
         assert!(
             stats.failure_lines[0].contains("byte 512 (block 2"),
             "{:?}",
@@ -571,9 +579,9 @@ mod tests {
         let elapsed = run(&cfg, &mut stats).unwrap();
         // Well before the first 5 s retransmit timeout: the stall ended it.
         assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
-        assert!(stats.stalled);
-        assert_eq!(stats.launched, 4, "no launches after the stall");
-        assert_eq!(stats.failures.get("local"), Some(&4));
+        assert!(stats.counts.stalled);
+        assert_eq!(stats.counts.launched, 4, "no launches after the stall");
+        assert_eq!(stats.counts.failures.get("local"), Some(&4));
         assert!(
             stats.failure_lines[0].contains("--stall"),
             "{:?}",
@@ -607,8 +615,8 @@ mod tests {
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();
-        assert_eq!(stats.failures.get("timeout"), Some(&3));
-        assert_eq!(stats.retransmits, 6);
+        assert_eq!(stats.counts.failures.get("timeout"), Some(&3));
+        assert_eq!(stats.counts.retransmits, 6);
         // 3 timeouts of 50 ms each, not much more.
         assert!(
             elapsed >= Duration::from_millis(150) && elapsed < Duration::from_secs(2),

@@ -251,6 +251,7 @@ fn run(args: &Args) -> Result<bool, String> {
         eprintln!("FAIL {line}");
     }
     let unshown = stats
+        .counts
         .failed
         .saturating_sub(stats.failure_lines.len() as u64);
     if unshown > 0 {

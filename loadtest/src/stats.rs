@@ -13,14 +13,13 @@ use crate::client::{Outcome, Transfer};
 /// Failure lines printed verbatim; beyond this only the counts by kind are shown.
 pub const MAX_FAILURE_LINES: usize = 20;
 
-#[derive(Debug)]
-pub struct Stats {
+/// What a run counts; kept by [`Stats`] and copied into the [`Report`].
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
     pub launched: u64,
     pub completed: u64,
     pub failed: u64,
     pub failures: BTreeMap<&'static str, u64>,
-    /// First failures, as "transfer #i (name): kind: detail".
-    pub failure_lines: Vec<String>,
     pub retransmits: u64,
     pub blocks: u64,
     pub payload_bytes: u64,
@@ -41,6 +40,13 @@ pub struct Stats {
     /// Completed transfers whose OACK carried tsize / timeout.
     pub tsize_granted: u64,
     pub timeout_granted: u64,
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    pub counts: Counts,
+    /// First failures, as "transfer #i (name): kind: detail".
+    pub failure_lines: Vec<String>,
     /// Microseconds, completed transfers only.
     pub first_data_us: Histogram<u64>,
     pub total_us: Histogram<u64>,
@@ -70,26 +76,8 @@ fn widen(r: &mut Option<(u16, u16)>, v: u16) {
 impl Stats {
     pub fn new() -> Self {
         Stats {
-            launched: 0,
-            completed: 0,
-            failed: 0,
-            failures: BTreeMap::new(),
+            counts: Counts::default(),
             failure_lines: Vec::new(),
-            retransmits: 0,
-            blocks: 0,
-            payload_bytes: 0,
-            out_of_order: 0,
-            resync_acks: 0,
-            foreign_tid: 0,
-            send_drops: 0,
-            injected_drops: 0,
-            stalled: false,
-            oack: 0,
-            no_oack: 0,
-            blksize_granted: None,
-            windowsize_granted: None,
-            tsize_granted: 0,
-            timeout_granted: 0,
             first_data_us: histogram(),
             total_us: histogram(),
         }
@@ -98,28 +86,29 @@ impl Stats {
     /// Adds one finished transfer. Returns the failure line if it failed.
     pub fn record(&mut self, t: &Transfer) -> Option<String> {
         let c = t.counters();
-        self.retransmits += c.retransmits;
-        self.blocks += c.blocks;
-        self.payload_bytes += c.bytes;
-        self.out_of_order += c.out_of_order;
-        self.resync_acks += c.resync_acks;
-        self.foreign_tid += c.foreign_tid;
+        let n = &mut self.counts;
+        n.retransmits += c.retransmits;
+        n.blocks += c.blocks;
+        n.payload_bytes += c.bytes;
+        n.out_of_order += c.out_of_order;
+        n.resync_acks += c.resync_acks;
+        n.foreign_tid += c.foreign_tid;
         match t.outcome() {
             Some(Outcome::Done) => {
-                self.completed += 1;
+                n.completed += 1;
                 let g = t.granted();
                 if g.oack {
-                    self.oack += 1;
+                    n.oack += 1;
                 } else {
-                    self.no_oack += 1;
+                    n.no_oack += 1;
                 }
                 widen(
-                    &mut self.blksize_granted,
+                    &mut n.blksize_granted,
                     g.blksize.unwrap_or(crate::client::DEFAULT_BLKSIZE as u16),
                 );
-                widen(&mut self.windowsize_granted, g.windowsize.unwrap_or(1));
-                self.tsize_granted += u64::from(g.tsize.is_some());
-                self.timeout_granted += u64::from(g.timeout.is_some());
+                widen(&mut n.windowsize_granted, g.windowsize.unwrap_or(1));
+                n.tsize_granted += u64::from(g.tsize.is_some());
+                n.timeout_granted += u64::from(g.timeout.is_some());
                 if let Some(d) = t.time_to_first_data() {
                     self.first_data_us.saturating_record(micros(d));
                 }
@@ -129,8 +118,8 @@ impl Stats {
                 None
             }
             Some(Outcome::Failed(f)) => {
-                self.failed += 1;
-                *self.failures.entry(f.kind.as_str()).or_insert(0) += 1;
+                n.failed += 1;
+                *n.failures.entry(f.kind.as_str()).or_insert(0) += 1;
                 let line = format!(
                     "transfer #{} ({}): {}: {}",
                     t.id(),
@@ -201,27 +190,9 @@ fn percentiles_ms(h: &Histogram<u64>) -> Percentiles {
 pub struct Report {
     pub info: RunInfo,
     pub elapsed: Duration,
-    pub launched: u64,
-    pub completed: u64,
-    pub failed: u64,
-    pub failures: BTreeMap<&'static str, u64>,
+    pub counts: Counts,
     pub transfers_per_s: f64,
     pub mb_per_s: f64,
-    pub payload_bytes: u64,
-    pub blocks: u64,
-    pub retransmits: u64,
-    pub out_of_order: u64,
-    pub resync_acks: u64,
-    pub foreign_tid: u64,
-    pub send_drops: u64,
-    pub injected_drops: u64,
-    pub stalled: bool,
-    pub oack: u64,
-    pub no_oack: u64,
-    pub blksize_granted: Option<(u16, u16)>,
-    pub windowsize_granted: Option<(u16, u16)>,
-    pub tsize_granted: u64,
-    pub timeout_granted: u64,
     pub first_data_ms: Percentiles,
     pub total_ms: Percentiles,
     pub cpu: Cpu,
@@ -236,36 +207,19 @@ impl Report {
         let secs = elapsed.as_secs_f64();
         let per_s = |x: f64| if secs > 0.0 { x / secs } else { 0.0 };
         let cpu_s = (cpu.user + cpu.sys).as_secs_f64();
+        let n = &stats.counts;
         Report {
             info,
             elapsed,
-            launched: stats.launched,
-            completed: stats.completed,
-            failed: stats.failed,
-            failures: stats.failures.clone(),
-            transfers_per_s: per_s(stats.completed as f64),
-            mb_per_s: per_s(stats.payload_bytes as f64 / 1e6),
-            payload_bytes: stats.payload_bytes,
-            blocks: stats.blocks,
-            retransmits: stats.retransmits,
-            out_of_order: stats.out_of_order,
-            resync_acks: stats.resync_acks,
-            foreign_tid: stats.foreign_tid,
-            send_drops: stats.send_drops,
-            injected_drops: stats.injected_drops,
-            stalled: stats.stalled,
-            oack: stats.oack,
-            no_oack: stats.no_oack,
-            blksize_granted: stats.blksize_granted,
-            windowsize_granted: stats.windowsize_granted,
-            tsize_granted: stats.tsize_granted,
-            timeout_granted: stats.timeout_granted,
+            counts: n.clone(),
+            transfers_per_s: per_s(n.completed as f64),
+            mb_per_s: per_s(n.payload_bytes as f64 / 1e6),
             first_data_ms: percentiles_ms(&stats.first_data_us),
             total_ms: percentiles_ms(&stats.total_us),
             cpu,
             cpu_pct: per_s(cpu_s) * 100.0,
-            cpu_us_per_block: if stats.blocks > 0 {
-                cpu_s * 1e6 / stats.blocks as f64
+            cpu_us_per_block: if n.blocks > 0 {
+                cpu_s * 1e6 / n.blocks as f64
             } else {
                 0.0
             },
@@ -273,7 +227,9 @@ impl Report {
     }
 
     pub fn success(&self) -> bool {
-        self.failed == 0 && self.completed == self.info.n && self.launched == self.info.n
+        self.counts.failed == 0
+            && self.counts.completed == self.info.n
+            && self.counts.launched == self.info.n
     }
 
     pub fn to_json(&self) -> Value {
@@ -296,28 +252,28 @@ impl Report {
             "backoff": self.info.backoff,
             "loss": self.info.loss,
             "ok": self.success(),
-            "launched": self.launched,
-            "completed": self.completed,
-            "failed": self.failed,
-            "failures": self.failures,
+            "launched": self.counts.launched,
+            "completed": self.counts.completed,
+            "failed": self.counts.failed,
+            "failures": self.counts.failures,
             "elapsed_s": round3(self.elapsed.as_secs_f64()),
             "transfers_per_s": round3(self.transfers_per_s),
             "mb_per_s": round3(self.mb_per_s),
-            "payload_bytes": self.payload_bytes,
-            "blocks": self.blocks,
-            "client_retransmits": self.retransmits,
-            "out_of_order": self.out_of_order,
-            "resync_acks": self.resync_acks,
-            "foreign_tid": self.foreign_tid,
-            "send_drops": self.send_drops,
-            "injected_drops": self.injected_drops,
-            "stalled": self.stalled,
-            "oack": self.oack,
-            "no_oack": self.no_oack,
-            "blksize_granted": range(self.blksize_granted),
-            "windowsize_granted": range(self.windowsize_granted),
-            "tsize_granted": self.tsize_granted,
-            "timeout_granted": self.timeout_granted,
+            "payload_bytes": self.counts.payload_bytes,
+            "blocks": self.counts.blocks,
+            "client_retransmits": self.counts.retransmits,
+            "out_of_order": self.counts.out_of_order,
+            "resync_acks": self.counts.resync_acks,
+            "foreign_tid": self.counts.foreign_tid,
+            "send_drops": self.counts.send_drops,
+            "injected_drops": self.counts.injected_drops,
+            "stalled": self.counts.stalled,
+            "oack": self.counts.oack,
+            "no_oack": self.counts.no_oack,
+            "blksize_granted": range(self.counts.blksize_granted),
+            "windowsize_granted": range(self.counts.windowsize_granted),
+            "tsize_granted": self.counts.tsize_granted,
+            "timeout_granted": self.counts.timeout_granted,
             "first_data_ms": pct(&self.first_data_ms),
             "total_ms": pct(&self.total_ms),
             "cpu_user_s": round3(self.cpu.user.as_secs_f64()),
@@ -365,7 +321,7 @@ impl Report {
         }
         let status = if self.success() { "OK" } else { "FAILED" };
         let _ = writeln!(s, "  result               {status}");
-        if self.stalled {
+        if self.counts.stalled {
             let _ = writeln!(
                 s,
                 "  stalled              the server went silent; the run was cut short"
@@ -374,10 +330,11 @@ impl Report {
         let _ = writeln!(
             s,
             "  completed/launched   {}/{} of {}  (failed {})",
-            self.completed, self.launched, i.n, self.failed
+            self.counts.completed, self.counts.launched, i.n, self.counts.failed
         );
-        if !self.failures.is_empty() {
+        if !self.counts.failures.is_empty() {
             let kinds: Vec<String> = self
+                .counts
                 .failures
                 .iter()
                 .map(|(k, v)| format!("{k} {v}"))
@@ -393,26 +350,26 @@ impl Report {
         let _ = writeln!(
             s,
             "  MB/s (payload)       {:.2}   ({} bytes in {} blocks)",
-            self.mb_per_s, self.payload_bytes, self.blocks
+            self.mb_per_s, self.counts.payload_bytes, self.counts.blocks
         );
         let _ = writeln!(
             s,
             "  client retransmits   {}   (out-of-order/dup DATA {}, resync ACKs {}, foreign TID {}, send drops {})",
-            self.retransmits,
-            self.out_of_order,
-            self.resync_acks,
-            self.foreign_tid,
-            self.send_drops
+            self.counts.retransmits,
+            self.counts.out_of_order,
+            self.counts.resync_acks,
+            self.counts.foreign_tid,
+            self.counts.send_drops
         );
         let _ = writeln!(
             s,
             "  options              OACK {}, ignored {}; blksize {}, windowsize {}, tsize {}, timeout {}",
-            self.oack,
-            self.no_oack,
-            range(self.blksize_granted),
-            range(self.windowsize_granted),
-            self.tsize_granted,
-            self.timeout_granted
+            self.counts.oack,
+            self.counts.no_oack,
+            range(self.counts.blksize_granted),
+            range(self.counts.windowsize_granted),
+            self.counts.tsize_granted,
+            self.counts.timeout_granted
         );
         let _ = writeln!(s, "  latency (ms)              p50        p99        max");
         for (name, p) in [
@@ -473,7 +430,7 @@ mod tests {
         let file: Arc<[u8]> = vec![7u8; 100].into();
         let t0 = Instant::now();
         let mut stats = Stats::new();
-        stats.launched = 2;
+        stats.counts.launched = 2;
 
         let mut ok = Transfer::new(
             0,
@@ -499,8 +456,8 @@ mod tests {
 
         let r = Report::new(info(2), &stats, Duration::from_secs(2), Cpu::default());
         assert!(!r.success());
-        assert_eq!(r.completed, 1);
-        assert_eq!(r.failures.get("server_error"), Some(&1));
+        assert_eq!(r.counts.completed, 1);
+        assert_eq!(r.counts.failures.get("server_error"), Some(&1));
         assert!((r.transfers_per_s - 0.5).abs() < 1e-9);
         assert!((r.total_ms.p50 - 4.0).abs() < 0.01, "{:?}", r.total_ms);
         let j = r.to_json();
