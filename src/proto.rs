@@ -186,11 +186,17 @@ fn saturate_u32(n: u64) -> u32 {
 }
 
 /// Parses `name\0value\0` pairs (RFC 2347). Unknown names are skipped;
-/// names are case-insensitive; a later duplicate wins.
+/// names are case-insensitive; a later duplicate with a valid value wins
+/// (an unparseable one does not erase an earlier valid one). Stray NULs
+/// (empty names: padding some clients add) are skipped, as tftpd-hpa does.
 fn parse_options(mut rest: &[u8]) -> Result<Options, ParseError> {
     let mut options = Options::default();
     let mut count = 0;
     while !rest.is_empty() {
+        if rest[0] == 0 {
+            rest = &rest[1..];
+            continue;
+        }
         count += 1;
         if count > MAX_OPTIONS {
             return Err(ParseError::BadOptions);
@@ -198,18 +204,20 @@ fn parse_options(mut rest: &[u8]) -> Result<Options, ParseError> {
         let (name, after) = take_cstr(rest)?;
         let (value, after) = take_cstr(after)?;
         rest = after;
-        if name.is_empty() || name.len() > MAX_OPTION_LEN || value.len() > MAX_OPTION_LEN {
+        if name.len() > MAX_OPTION_LEN || value.len() > MAX_OPTION_LEN {
             return Err(ParseError::BadOptions);
         }
-        let parsed = parse_decimal(value);
+        let Some(parsed) = parse_decimal(value) else {
+            continue;
+        };
         if name.eq_ignore_ascii_case(b"blksize") {
-            options.blksize = parsed.map(saturate_u32);
+            options.blksize = Some(saturate_u32(parsed));
         } else if name.eq_ignore_ascii_case(b"timeout") {
-            options.timeout = parsed.map(saturate_u32);
+            options.timeout = Some(saturate_u32(parsed));
         } else if name.eq_ignore_ascii_case(b"tsize") {
-            options.tsize = parsed;
+            options.tsize = Some(parsed);
         } else if name.eq_ignore_ascii_case(b"windowsize") {
-            options.windowsize = parsed.map(saturate_u32);
+            options.windowsize = Some(saturate_u32(parsed));
         }
     }
     Ok(options)
@@ -539,6 +547,34 @@ mod tests {
             Packet::parse(b"\x00\x01f\x00octet\x00blksize\x0099999999999999999999999\x00").unwrap();
         let Packet::Rrq(r) = p else { panic!() };
         assert_eq!(r.options.blksize, Some(u32::MAX));
+    }
+
+    #[test]
+    fn padding_nuls_are_skipped_like_tftpd_hpa() {
+        for datagram in [
+            &b"\x00\x01f\x00octet\x00\x00"[..],
+            b"\x00\x01f\x00octet\x00\x00\x00\x00",
+            b"\x00\x01f\x00octet\x00\x00blksize\x001468\x00\x00\x00",
+        ] {
+            let Ok(Packet::Rrq(r)) = Packet::parse(datagram) else {
+                panic!("{datagram:?} did not parse");
+            };
+            assert_eq!(r.filename, b"f");
+            assert!(r.options.blksize.is_none_or(|b| b == 1468));
+        }
+    }
+
+    #[test]
+    fn a_later_unparseable_duplicate_keeps_the_earlier_value() {
+        let p = Packet::parse(b"\x00\x01f\x00octet\x00blksize\x001468\x00BLKSIZE\x00x1\x00")
+            .unwrap();
+        let Packet::Rrq(r) = p else { panic!() };
+        assert_eq!(r.options.blksize, Some(1468));
+        // A later valid duplicate still wins.
+        let p = Packet::parse(b"\x00\x01f\x00octet\x00blksize\x001468\x00blksize\x00512\x00")
+            .unwrap();
+        let Packet::Rrq(r) = p else { panic!() };
+        assert_eq!(r.options.blksize, Some(512));
     }
 
     #[test]
