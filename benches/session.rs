@@ -33,6 +33,7 @@ fn limits() -> Limits {
         rto_min: Duration::from_millis(20),
         rto_max: Duration::from_secs(2),
         retries: 5,
+        max_stall: Duration::from_secs(60),
     }
 }
 

@@ -151,6 +151,7 @@ impl Config {
             rto_min,
             rto_max: Duration::from_millis(self.rto_max_ms).max(rto_min),
             retries: self.retries,
+            ..Limits::default()
         }
     }
 

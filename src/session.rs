@@ -31,7 +31,34 @@ pub struct Limits {
     pub rto_max: Duration,
     /// Retransmissions of one packet before giving up.
     pub retries: u32,
+    /// Longest a transfer may go without progress (a newly acknowledged
+    /// block) before it is given up, whatever its timers say.
+    pub max_stall: Duration,
 }
+
+impl Default for Limits {
+    /// The command line's defaults.
+    fn default() -> Self {
+        Limits {
+            max_blksize: proto::MAX_BLKSIZE,
+            max_windowsize: 64,
+            mtu_clamp: true,
+            initial_rto: Duration::from_millis(1000),
+            rto_min: Duration::from_millis(DEFAULT_RTO_MIN_MS),
+            rto_max: Duration::from_millis(3000),
+            retries: 8,
+            max_stall: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Default starting floor of each session's RTO, in milliseconds. Low, so
+/// that a loss on a LAN costs milliseconds; a session whose client proves
+/// slower (a spurious retransmission) raises its own floor.
+pub const DEFAULT_RTO_MIN_MS: u64 = 5;
+
+/// Recent timeout resends a transfer remembers, to tell spurious ones.
+const SPURIOUS_PROBES: usize = 4;
 
 /// What a DATA transmit carries besides its header: a byte range of the
 /// file, for the driver to send from the mapping without copying.
@@ -125,9 +152,13 @@ pub fn negotiate(
         blksize = u16::try_from(granted).unwrap_or(proto::MAX_BLKSIZE);
         oack.blksize = Some(u32::from(blksize));
     }
+    // RFC 2349 lets us accept the client's value or decline it, not lower
+    // it; one above the RTO ceiling (timeout=255 would hold a slot for
+    // 38 minutes) is declined, and the adaptive RTO serves instead.
     let timeout = requested
         .timeout
         .filter(|t| (1..=255).contains(t))
+        .filter(|&t| Duration::from_secs(u64::from(t)) <= limits.rto_max)
         .and_then(|t| u8::try_from(t).ok());
     oack.timeout = timeout.map(u32::from);
     // RFC 2349: in a read request the client sends 0 and we answer the size.
@@ -146,7 +177,9 @@ pub fn negotiate(
     }
 }
 
-/// Smoothed RTT and retransmission timeout (RFC 6298).
+/// Smoothed RTT and retransmission timeout (RFC 6298), with a floor of its
+/// own per session: it starts at `--rto-min-ms` and rises when a
+/// retransmission proves spurious (a slow client, not a loss).
 #[derive(Debug, Clone, Copy)]
 struct RttEstimator {
     srtt: Option<Duration>,
@@ -160,12 +193,13 @@ struct RttEstimator {
 
 impl RttEstimator {
     fn new(limits: &Limits, fixed: Option<Duration>) -> Self {
+        let max = limits.rto_max.max(limits.rto_min);
         Self {
             srtt: None,
             rttvar: Duration::ZERO,
-            rto: fixed.unwrap_or(limits.initial_rto),
+            rto: fixed.unwrap_or(limits.initial_rto.min(max)),
             min: limits.rto_min,
-            max: limits.rto_max.max(limits.rto_min),
+            max,
             fixed: fixed.is_some(),
         }
     }
@@ -186,9 +220,15 @@ impl RttEstimator {
             }
         };
         self.srtt = Some(srtt);
-        // RFC 6298 §2.3, with a 1 ms clock granularity G.
-        let rto = srtt + (self.rttvar * 4).max(Duration::from_millis(1));
-        self.rto = rto.clamp(self.min, self.max);
+        self.update();
+    }
+
+    fn update(&mut self) {
+        if let Some(srtt) = self.srtt {
+            // RFC 6298 §2.3, with a 1 ms clock granularity G.
+            let rto = srtt + (self.rttvar * 4).max(Duration::from_millis(1));
+            self.rto = rto.clamp(self.min, self.max);
+        }
     }
 
     /// RFC 6298 §5.5: double on each expiry, up to the ceiling.
@@ -196,6 +236,18 @@ impl RttEstimator {
         if !self.fixed {
             self.rto = (self.rto * 2).min(self.max);
         }
+    }
+
+    /// A retransmission was spurious: the original's ACK took `observed`.
+    /// Raise the floor above it (and at least double it), so this client's
+    /// jitter stops causing resends, and undo the back-off (Eifel, RFC 4015).
+    fn spurious(&mut self, observed: Duration) {
+        if self.fixed {
+            return;
+        }
+        self.min = (self.min * 2).max(observed * 5 / 4).min(self.max);
+        self.sample(observed);
+        self.rto = self.rto.max(self.min);
     }
 }
 
@@ -214,6 +266,26 @@ struct Sending {
     next: u64,
     /// Highest block ever sent.
     sent_high: u64,
+    /// Blocks allowed past `acked` now: the windowsize, except after a
+    /// timeout before the peer acknowledged any DATA, when only the head
+    /// block is resent. A forged ACK 0 (from someone who guessed the
+    /// transfer port) then buys one window, not a window per retry.
+    burst: u64,
+    /// The peer acknowledged a DATA block.
+    confirmed: bool,
+    /// When block `acked + 1` was last sent, and when it was first sent.
+    head_sent: Option<(Instant, Instant)>,
+    /// `acked` when the head block was last resent on a duplicate ACK:
+    /// one fast retransmit per step of progress.
+    fast_resent_at: Option<u64>,
+    /// The head block was resent on a timeout: `Some(when it was first
+    /// sent)` until an ACK answers it.
+    timeout_resend: Option<Instant>,
+    /// After an ACK that answered a timeout resend: that block, and when
+    /// its original was sent. A duplicate of that ACK then means both
+    /// copies arrived: the resend was spurious. The last few are kept: a
+    /// late ACK may arrive after later resends.
+    spurious_probes: [Option<(u64, Instant)>; SPURIOUS_PROBES],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,7 +311,12 @@ pub struct Transfer {
     /// Timeouts in a row without progress.
     tries: u32,
     max_retries: u32,
+    /// The retransmission deadline, if armed.
     deadline: Option<Instant>,
+    /// Last progress (start, ACK 0, a newly acknowledged block), and how
+    /// long the transfer may go without it.
+    progress_at: Instant,
+    max_stall: Duration,
     /// When the newest packet went out, and whether it was a resend
     /// (Karn's rule: no RTT sample from a retransmitted packet).
     last_send: Option<(Instant, bool)>,
@@ -258,6 +335,7 @@ impl Transfer {
         limits: &Limits,
     ) -> Self {
         let blksize = negotiated.blksize.max(proto::MIN_BLKSIZE);
+        let windowsize = negotiated.windowsize.max(1);
         let fixed = negotiated
             .timeout
             .map(|t| Duration::from_secs(u64::from(t)));
@@ -271,18 +349,26 @@ impl Transfer {
         Self {
             phase,
             blksize,
-            windowsize: negotiated.windowsize.max(1),
+            windowsize,
             sending: Sending {
                 content_len,
                 total_blocks: content_len / u64::from(blksize) + 1,
                 acked: 0,
                 next: 1,
                 sent_high: 0,
+                burst: u64::from(windowsize),
+                confirmed: false,
+                head_sent: None,
+                fast_resent_at: None,
+                timeout_resend: None,
+                spurious_probes: [None; SPURIOUS_PROBES],
             },
             rtt: RttEstimator::new(limits, fixed),
             tries: 0,
             max_retries: limits.retries,
             deadline: None,
+            progress_at: now,
+            max_stall: limits.max_stall,
             last_send: None,
             error_due: None,
             outcome: None,
@@ -293,7 +379,7 @@ impl Transfer {
                 bytes_acked: 0,
                 retransmits: 0,
                 blksize,
-                windowsize: negotiated.windowsize.max(1),
+                windowsize,
             },
         }
     }
@@ -305,6 +391,11 @@ impl Transfer {
     /// The current retransmission timeout.
     pub fn rto(&self) -> Duration {
         self.rtt.rto
+    }
+
+    /// This session's current RTO floor (raised by spurious resends).
+    pub fn rto_floor(&self) -> Duration {
+        self.rtt.min
     }
 
     pub fn is_ended(&self) -> bool {
@@ -327,6 +418,8 @@ impl Transfer {
     }
 
     /// A datagram from the peer (the endpoint has checked its source).
+    /// Only ACK and ERROR mean anything here; a runt, a stray DATA or a
+    /// repeated request is ignored rather than allowed to end the transfer.
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
         if self.phase == Phase::Ended {
             return;
@@ -343,14 +436,7 @@ impl Transfer {
                 };
                 self.end(now, outcome, None);
             }
-            Ok(_) | Err(_) => {
-                let code = ErrorCode::IllegalOperation;
-                self.end(
-                    now,
-                    Outcome::Aborted(code),
-                    Some((code, "illegal TFTP operation")),
-                );
-            }
+            Ok(_) | Err(_) => {}
         }
     }
 
@@ -360,44 +446,103 @@ impl Transfer {
         }
     }
 
+    fn progress(&mut self, now: Instant) {
+        self.tries = 0;
+        self.deadline = None;
+        self.progress_at = now;
+    }
+
     fn handle_ack(&mut self, now: Instant, block: u16) {
         if let Phase::Negotiating { .. } = self.phase {
             if block == 0 {
                 self.take_rtt_sample(now);
                 self.phase = Phase::Transferring;
-                self.tries = 0;
-                self.deadline = None;
+                self.progress(now);
             }
             return;
         }
-        let s = &mut self.sending;
+        let (prev, sent_high) = (self.sending.acked, self.sending.sent_high);
         // The one block in acked..=sent_high whose number is `block`.
-        let delta = u64::from(block.wrapping_sub(s.acked as u16));
-        let acked = s.acked + delta;
+        let acked = prev + u64::from(block.wrapping_sub(prev as u16));
+        if (acked > sent_high || acked == prev) && self.proves_resend_spurious(now, block) {
+            return;
+        }
+        let s = &mut self.sending;
         if acked > s.sent_high {
             return; // stale (from before the window) or never sent
         }
         if acked == s.acked {
-            // RFC 1123 §4.2.3.1: never resend on a duplicate ACK (Sorcerer's
-            // Apprentice); the retransmission timer recovers real losses.
+            self.handle_duplicate_ack(now);
             return;
         }
         if acked == s.sent_high {
             self.take_rtt_sample(now);
         }
         let s = &mut self.sending;
+        if let Some(first_sent) = s.timeout_resend.take() {
+            s.spurious_probes.rotate_right(1);
+            s.spurious_probes[0] = Some((acked, first_sent));
+        }
+        // RFC 7440 receivers ACK only after a full window: never send less.
+        s.burst = u64::from(self.windowsize);
+        s.confirmed = true;
         s.acked = acked;
         // RFC 7440 §4: an ACK inside the window restarts it after that block.
         s.next = acked + 1;
+        s.head_sent = None;
+        s.fast_resent_at = None;
         self.stats.bytes_acked = (acked * u64::from(self.blksize)).min(s.content_len);
-        self.tries = 0;
-        self.deadline = None;
-        if acked == s.total_blocks {
+        let done = acked == s.total_blocks;
+        self.progress(now);
+        if done {
             self.end(now, Outcome::Completed, None);
         }
     }
 
-    /// The retransmission deadline passed (spurious calls are no-ops).
+    /// An ACK of the block already acknowledged. RFC 1123 §4.2.3.1: a
+    /// plain duplicate never triggers a resend (Sorcerer's Apprentice).
+    /// In a window, though, it is also the client's ACK of its last
+    /// in-order block, sent when the head of our window went missing
+    /// (RFC 7440 §4): resend the window at once, not after an RTO, but only
+    /// once per step of progress and only if the ACK came late enough (half
+    /// an SRTT after the head left) to answer this window rather than be a
+    /// copy of the ACK that opened it. Copies and echoes of our resends
+    /// therefore never cascade.
+    fn handle_duplicate_ack(&mut self, now: Instant) {
+        let s = &mut self.sending;
+        if self.windowsize == 1 || s.sent_high <= s.acked || s.fast_resent_at == Some(s.acked) {
+            return;
+        }
+        let (Some((head_at, _)), Some(srtt)) = (s.head_sent, self.rtt.srtt) else {
+            return;
+        };
+        if now.saturating_duration_since(head_at) < srtt / 2 {
+            return;
+        }
+        s.fast_resent_at = Some(s.acked);
+        s.next = s.acked + 1;
+    }
+
+    /// A second ACK of the block that answered our last timeout resend
+    /// (now a duplicate, or stale once the transfer moved on): both copies
+    /// reached the client, so the resend was spurious. Whichever copy this
+    /// ACK answers, the client took at least this long to answer the
+    /// original: the session's RTO floor rises above that.
+    fn proves_resend_spurious(&mut self, now: Instant, block: u16) -> bool {
+        let acked = self.sending.acked;
+        // Half the block-number space: beyond it a number is ambiguous.
+        let hit = self.sending.spurious_probes.iter_mut().find(|p| {
+            p.is_some_and(|(probed, _)| probed as u16 == block && acked - probed < 0x8000)
+        });
+        let Some((_, first_sent)) = hit.and_then(|p| p.take()) else {
+            return false;
+        };
+        self.rtt.spurious(now.saturating_duration_since(first_sent));
+        true
+    }
+
+    /// The deadline passed (spurious calls are no-ops): resend, or give up
+    /// after `--retries` or once the transfer made no progress for too long.
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.deadline {
             Some(deadline) if now >= deadline => {}
@@ -405,7 +550,8 @@ impl Transfer {
         }
         self.deadline = None;
         self.tries += 1;
-        if self.tries > self.max_retries {
+        let stalled = now.saturating_duration_since(self.progress_at) >= self.max_stall;
+        if self.tries > self.max_retries || stalled {
             self.end(
                 now,
                 Outcome::TimedOut,
@@ -416,7 +562,16 @@ impl Transfer {
         self.rtt.back_off();
         match &mut self.phase {
             Phase::Negotiating { oack_due, .. } => *oack_due = true,
-            Phase::Transferring => self.sending.next = self.sending.acked + 1,
+            Phase::Transferring => {
+                let s = &mut self.sending;
+                s.next = s.acked + 1;
+                if !s.confirmed {
+                    s.burst = 1;
+                }
+                if s.timeout_resend.is_none() {
+                    s.timeout_resend = s.head_sent.map(|(_, first)| first);
+                }
+            }
             Phase::Ended => {}
         }
     }
@@ -451,7 +606,7 @@ impl Transfer {
             }
             Phase::Transferring => {
                 let s = &mut self.sending;
-                if s.next > s.total_blocks || s.next > s.acked + u64::from(self.windowsize) {
+                if s.next > s.total_blocks || s.next > s.acked + s.burst {
                     return None;
                 }
                 let block = s.next;
@@ -459,6 +614,10 @@ impl Transfer {
                 let offset = (block - 1) * u64::from(self.blksize);
                 let len = (s.content_len - offset).min(u64::from(self.blksize)) as usize;
                 let resend = block <= s.sent_high;
+                if block == s.acked + 1 {
+                    let first = s.head_sent.map_or(now, |(_, first)| first);
+                    s.head_sent = Some((now, first));
+                }
                 s.next += 1;
                 s.sent_high = s.sent_high.max(block);
                 self.note_send(now, resend);
@@ -475,7 +634,8 @@ impl Transfer {
             self.stats.retransmits += 1;
         }
         self.last_send = Some((now, resend));
-        self.deadline = Some(now + self.rtt.rto);
+        let stall_deadline = self.progress_at + self.max_stall;
+        self.deadline = Some((now + self.rtt.rto).min(stall_deadline));
     }
 
     /// The one next deadline, if any.

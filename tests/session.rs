@@ -315,11 +315,22 @@ fn options_at_and_past_their_limits() {
     assert_eq!(n(o(Some(u32::MAX), None, None)).blksize, 65464);
     let below = n(o(Some(7), None, None));
     assert_eq!((below.blksize, below.oack), (512, None));
-    // timeout: 1..=255 accepted; 0 and 256 ignored.
+    // timeout: 1 up to the RTO ceiling (2 s here) accepted; 0, 256, and
+    // anything above the ceiling declined (RFC 2349 allows no lower value).
     assert_eq!(n(o(None, Some(1), None)).timeout, Some(1));
-    assert_eq!(n(o(None, Some(255), None)).timeout, Some(255));
+    assert_eq!(n(o(None, Some(2), None)).timeout, Some(2));
+    assert_eq!(n(o(None, Some(3), None)).oack, None);
+    assert_eq!(n(o(None, Some(255), None)).oack, None);
     assert_eq!(n(o(None, Some(0), None)).oack, None);
     assert_eq!(n(o(None, Some(256), None)).oack, None);
+    let patient = ringtftpd::session::Limits {
+        rto_max: Duration::from_secs(255),
+        ..limits()
+    };
+    assert_eq!(
+        session::negotiate(&o(None, Some(255), None), 0, None, false, &patient).timeout,
+        Some(255)
+    );
     // windowsize: 1 granted; 0 ignored; above the limit capped.
     assert_eq!(n(o(None, None, Some(1))).windowsize, 1);
     assert_eq!(n(o(None, None, Some(0))).oack, None);
@@ -375,7 +386,7 @@ fn blksize_is_clamped_to_the_interface_mtu() {
 #[test]
 fn negotiated_timeout_fixes_the_retransmission_interval() {
     let file = content(3 * 512, 14);
-    let mut sim = Sim::new(&file, &[("timeout", "3")]).link(first(Fate::Drop, |dir, p| {
+    let mut sim = Sim::new(&file, &[("timeout", "2")]).link(first(Fate::Drop, |dir, p| {
         dir == Dir::ToClient && is_data(p, 2)
     }));
     sim.client.timeout = Duration::from_secs(10);
@@ -388,7 +399,7 @@ fn negotiated_timeout_fixes_the_retransmission_interval() {
         .map(|(t, _)| *t)
         .collect();
     assert_eq!(times.len(), 2);
-    assert_eq!(times[1] - times[0], Duration::from_secs(3));
+    assert_eq!(times[1] - times[0], Duration::from_secs(2));
 }
 
 #[test]
@@ -466,4 +477,231 @@ fn the_log_line_names_what_happened() {
     ] {
         assert!(line.contains(part), "{part} missing from {line}");
     }
+}
+
+/// The command line's default limits (a 5 ms starting RTO floor).
+fn default_config() -> ringtftpd::endpoint::EndpointConfig {
+    ringtftpd::endpoint::EndpointConfig {
+        limits: session::Limits::default(),
+        ..config()
+    }
+}
+
+/// A link that drops each packet with probability `percent`/100, both ways
+/// (seeded, so a failure replays).
+fn lossy(seed: u64, percent: u64) -> impl FnMut(Dir, &Packet<'_>, usize) -> Fate {
+    let mut rng = seed * 2 + 1;
+    move |_, _, _| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        if rng % 100 < percent {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    }
+}
+
+fn data_times(sim: &Sim, block: u16) -> Vec<std::time::Instant> {
+    sim.server_sent
+        .iter()
+        .filter(
+            |(_, d)| matches!(Packet::parse(d), Ok(Packet::Data { block: b, .. }) if b == block),
+        )
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+#[test]
+fn lost_window_head_is_resent_on_the_gap_ack_without_waiting_for_the_rto() {
+    // Window 2 is blocks 9..=16; its head is lost. The client re-ACKs 8 when
+    // 10 arrives (RFC 7440 §4); the server resends the window at once.
+    let file = content(40 * 512, 21);
+    let mut sim = Sim::with_config(&file, &[("windowsize", "8")], default_config())
+        .link(first(Fate::Drop, |dir, p| {
+            dir == Dir::ToClient && is_data(p, 9)
+        }));
+    sim.drive();
+    assert_complete(&sim, &file);
+    let resend = data_times(&sim, 9);
+    assert_eq!(resend.len(), 2, "block 9 sent twice");
+    // An RTO would be at least the 5 ms floor; the round trip is 0.2 ms.
+    let gap = resend[1] - resend[0];
+    assert!(gap < Duration::from_millis(1), "resent after {gap:?}");
+    // One window resent, nothing more.
+    assert_eq!(sim.data_sent(), 41 + 8);
+}
+
+#[test]
+fn duplicated_acks_never_resend_a_window() {
+    // Every ACK arrives twice: a plain duplicate must not be taken for a
+    // gap (RFC 1123 §4.2.3.1), in lock-step or windowed.
+    for window in ["1", "8"] {
+        let file = content(64 * 512, 22);
+        let mut sim = Sim::with_config(&file, &[("windowsize", window)], default_config()).link(
+            |dir, p, _| {
+                if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) {
+                    Fate::Duplicate
+                } else {
+                    Fate::Deliver
+                }
+            },
+        );
+        sim.drive();
+        assert_complete(&sim, &file);
+        assert_eq!(sim.data_sent(), 65, "windowsize {window}");
+    }
+}
+
+#[test]
+fn echoes_of_a_fast_resend_do_not_cascade() {
+    // The head of each window is lost once, and every ACK is duplicated:
+    // each loss costs exactly one resent window, never a chain of them.
+    let file = content(64 * 512, 23);
+    let mut lost = std::collections::HashSet::new();
+    let mut sim =
+        Sim::with_config(&file, &[("windowsize", "8")], default_config()).link(move |dir, p, _| {
+            match (dir, p) {
+                (Dir::ToClient, Packet::Data { block, .. })
+                    if block % 8 == 1 && lost.insert(*block) =>
+                {
+                    Fate::Drop
+                }
+                (Dir::ToServer, Packet::Ack { .. }) => Fate::Duplicate,
+                _ => Fate::Deliver,
+            }
+        });
+    sim.drive();
+    assert_complete(&sim, &file);
+    // 8 windows, each resent once (the last one: blocks 57..=65).
+    assert_eq!(sim.data_sent(), 65 + 7 * 8 + 9);
+}
+
+#[test]
+fn loss_on_a_fast_link_costs_milliseconds() {
+    // 0.2 ms round trip, 5 % loss each way, lock-step: the per-session RTO
+    // starts at its 5 ms floor, so the lossy transfer keeps well over 10 %
+    // of the loss-free rate (a 100 ms floor would give ~2 %).
+    let file = content(2000 * 512, 24);
+    let mut clean = Sim::with_config(&file, &[], default_config());
+    clean.drive();
+    assert_complete(&clean, &file);
+    for seed in [1, 2, 3] {
+        let mut sim = Sim::with_config(&file, &[], default_config()).link(lossy(seed, 5));
+        sim.client.timeout = Duration::from_secs(1);
+        sim.drive();
+        assert_complete(&sim, &file);
+        let ratio = clean.elapsed().as_secs_f64() / sim.elapsed().as_secs_f64();
+        println!(
+            "seed {seed}: lossy {:?} clean {:?} ratio {ratio:.3}",
+            sim.elapsed(),
+            clean.elapsed()
+        );
+        assert!(
+            ratio > 0.10,
+            "seed {seed}: lossy {:?} vs clean {:?} ({:.1} %)",
+            sim.elapsed(),
+            clean.elapsed(),
+            ratio * 100.0
+        );
+    }
+}
+
+#[test]
+fn a_jittery_slow_client_raises_its_own_rto_floor() {
+    // Every 50th ACK is 40 ms late (a PXE guest descheduled). A late ACK
+    // costs a spurious resend until the first late original arrives after
+    // its echo (the client re-ACKs the duplicate DATA): that proves the
+    // resend spurious and the session's floor rises above the jitter. The
+    // late ACKs of the first 40 ms (4 of them, 10 ms apart) cost a resend
+    // each; the other 36 cost nothing.
+    let file = content(2000 * 512, 25);
+    let mut sim = Sim::with_config(&file, &[], default_config()).link(|dir, p, i| {
+        if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) && i % 50 == 25 {
+            Fate::Delay(Duration::from_millis(40))
+        } else {
+            Fate::Deliver
+        }
+    });
+    sim.client.timeout = Duration::from_secs(1);
+    sim.drive();
+    assert_complete(&sim, &file);
+    let resent = sim.data_sent() - 2001;
+    assert!(resent <= 4, "{resent} spurious resends for 40 late ACKs");
+    assert!(resent >= 1, "the first late ACK should have caused one");
+}
+
+#[test]
+fn without_the_floor_rise_jitter_would_resend_every_time() {
+    // The control for the test above: a client that never re-ACKs a
+    // duplicate DATA gives no proof of a spurious resend, so the floor
+    // stays low and each late ACK costs a resend.
+    let file = content(2000 * 512, 25);
+    let mut sim = Sim::with_config(&file, &[], default_config()).link(|dir, p, i| match p {
+        Packet::Ack { .. } if dir == Dir::ToServer && i % 50 == 25 => {
+            Fate::Delay(Duration::from_millis(40))
+        }
+        _ => Fate::Deliver,
+    });
+    sim.client.ignore_duplicate_data = true;
+    sim.client.timeout = Duration::from_secs(1);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert!(sim.data_sent() - 2001 >= 30, "{}", sim.data_sent());
+}
+
+#[test]
+fn a_transfer_without_progress_ends_at_the_stall_limit() {
+    // Generous retries and a long fixed timeout would keep a vanished
+    // client's slot for minutes; the stall limit ends it.
+    let file = content(100 * 512, 26);
+    let mut config = default_config();
+    config.limits.retries = 1000;
+    config.limits.rto_max = Duration::from_secs(60);
+    config.limits.max_stall = Duration::from_secs(20);
+    let mut sim = Sim::with_config(&file, &[("timeout", "7")], config).link(|dir, p, _| {
+        if dir == Dir::ToServer && matches!(p, Packet::Ack { block } if *block >= 3) {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    sim.client.timeout = Duration::from_secs(1000);
+    sim.drive();
+    assert_eq!(sim.outcome, Some(Outcome::TimedOut));
+    let elapsed = sim.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(20) && elapsed < Duration::from_secs(21),
+        "{elapsed:?}"
+    );
+}
+
+#[test]
+fn runts_and_stray_packets_from_the_peer_are_ignored() {
+    let file = content(10 * 512, 27);
+    let limits = session::Limits::default();
+    let negotiated =
+        session::negotiate(&Options::default(), file.len() as u64, None, false, &limits);
+    let now = std::time::Instant::now();
+    let mut t = session::Transfer::new_read(now, &negotiated, file.len() as u64, &limits);
+    let mut buf = [0u8; 600];
+    for block in 1..=11u16 {
+        let sent = t.poll_transmit(now, &mut buf).expect("DATA");
+        assert_eq!(&buf[..4], &[0, 3, 0, block as u8]);
+        assert!(sent.payload.is_some());
+        assert!(t.poll_transmit(now, &mut buf).is_none());
+        // Garbage between the blocks: a runt, a DATA, a stray RRQ, an OACK.
+        for junk in [
+            &b"\x00"[..],
+            b"\x00\x03\x00\x01xyz",
+            b"\x00\x01f\x00octet\x00",
+            b"\x00\x06",
+        ] {
+            t.handle_datagram(now, junk);
+            assert!(!t.is_ended(), "{junk:?} ended the transfer");
+        }
+        t.handle_datagram(now, &[0, 4, 0, block as u8]);
+    }
+    assert_eq!(t.poll_event(), Some(Outcome::Completed));
 }

@@ -22,6 +22,7 @@ fn limits() -> Limits {
         rto_min: Duration::from_millis(20),
         rto_max: Duration::from_secs(1),
         retries: 3,
+        max_stall: Duration::from_secs(60),
     }
 }
 

@@ -25,6 +25,7 @@ pub fn limits() -> Limits {
         rto_min: Duration::from_millis(20),
         rto_max: Duration::from_secs(2),
         retries: 5,
+        max_stall: Duration::from_secs(60),
     }
 }
 
@@ -103,6 +104,10 @@ pub struct Client {
     pub retransmits: u32,
     /// Answer an OACK with ERROR 8 (like OVMF's tsize probe).
     pub decline_oack: bool,
+    /// The last in-order block was already re-ACKed for the current gap.
+    gap_acked: bool,
+    /// Do not re-ACK a duplicate DATA in lock-step (some firmware).
+    pub ignore_duplicate_data: bool,
 }
 
 impl Client {
@@ -123,6 +128,8 @@ impl Client {
             last_sent: request.to_vec(),
             retransmits: 0,
             decline_oack: false,
+            gap_acked: false,
+            ignore_duplicate_data: false,
         }
     }
 
@@ -186,6 +193,7 @@ impl Client {
                 if block == self.expected_block as u16 {
                     self.received.extend_from_slice(payload);
                     self.expected_block += 1;
+                    self.gap_acked = false;
                     self.since_ack += 1;
                     let last = payload.len() < self.blksize;
                     if last {
@@ -199,12 +207,17 @@ impl Client {
                         return vec![reply];
                     }
                     vec![]
-                } else if self.windowsize == 1 && block == self.last_ack {
+                } else if self.windowsize == 1
+                    && block == self.last_ack
+                    && !self.ignore_duplicate_data
+                {
                     // RFC 1350: a duplicate DATA is ACKed again; this is what
                     // feeds the Sorcerer's Apprentice in a naive server.
                     vec![self.ack(block, now)]
-                } else if self.windowsize > 1 && self.since_ack > 0 {
-                    // RFC 7440: out of order; ACK the last in-order block.
+                } else if self.windowsize > 1 && !self.gap_acked {
+                    // RFC 7440 §4: out of order (or an old block again); ACK
+                    // the last in-order block, once per gap.
+                    self.gap_acked = true;
                     let last_good = (self.expected_block - 1) as u16;
                     vec![self.ack(last_good, now)]
                 } else {
