@@ -164,6 +164,7 @@ impl Config {
             error_replies_per_sec: self.error_rate,
             error_reply_burst: self.error_rate.max(1),
             open_cache_ttl: Duration::from_millis(self.open_cache_ms),
+            ..EndpointConfig::default()
         }
     }
 }

@@ -25,6 +25,10 @@ pub enum OpenError {
     /// ERROR 0: e.g. a netascii translation over its size cap.
     #[error("{0}")]
     Unservable(&'static str),
+    /// ERROR 0: out of descriptors or memory for now (EMFILE, ENFILE,
+    /// ENOMEM...). Never cached: the next request may well succeed.
+    #[error("{0}")]
+    Transient(&'static str),
 }
 
 /// Where files come from. The shard gives the real confined file cache;
@@ -57,7 +61,105 @@ pub struct EndpointConfig {
     /// How long the result of opening a name (the file, or the refusal)
     /// is reused for later requests of that name; zero opens every time.
     pub open_cache_ttl: Duration,
+    /// Most concurrent sessions of one client address on this shard, so
+    /// one address cannot take every slot.
+    pub max_sessions_per_client: usize,
+    /// Token bucket per client address for datagrams at the listener;
+    /// beyond it requests are dropped unanswered (the client retries).
+    pub requests_per_sec_per_client: u32,
+    pub request_burst_per_client: u32,
+    /// Token bucket for ERROR replies to well-formed requests (missing
+    /// file, denied, busy, uploads): high enough for a boot storm's probes
+    /// of missing per-MAC configs, bounded all the same.
+    pub refusal_replies_per_sec: u32,
 }
+
+impl Default for EndpointConfig {
+    /// The command line's defaults for a one-shard server.
+    fn default() -> Self {
+        EndpointConfig {
+            max_sessions: 20_000,
+            limits: Limits::default(),
+            error_replies_per_sec: 100,
+            error_reply_burst: 100,
+            open_cache_ttl: Duration::from_secs(1),
+            max_sessions_per_client: 256,
+            requests_per_sec_per_client: 200,
+            request_burst_per_client: 400,
+            refusal_replies_per_sec: 20_000,
+        }
+    }
+}
+
+/// Why a request was refused or dropped, for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NotFound,
+    Denied,
+    Busy,
+    PerClientCap,
+    RateLimited,
+    UploadsDisabled,
+    Malformed,
+    ShuttingDown,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 8] = [
+        Refusal::NotFound,
+        Refusal::Denied,
+        Refusal::Busy,
+        Refusal::PerClientCap,
+        Refusal::RateLimited,
+        Refusal::UploadsDisabled,
+        Refusal::Malformed,
+        Refusal::ShuttingDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not_found",
+            Refusal::Denied => "denied",
+            Refusal::Busy => "busy",
+            Refusal::PerClientCap => "per_client_cap",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::UploadsDisabled => "uploads_disabled",
+            Refusal::Malformed => "malformed",
+            Refusal::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Refusals by reason, and ERROR replies the rate limits held back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefusalCounts {
+    pub by_reason: [u64; Refusal::ALL.len()],
+    /// ERROR replies not sent because a token bucket was empty.
+    pub replies_suppressed: u64,
+}
+
+impl RefusalCounts {
+    pub fn get(&self, reason: Refusal) -> u64 {
+        self.by_reason[reason as usize]
+    }
+}
+
+impl std::fmt::Display for RefusalCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for reason in Refusal::ALL {
+            write!(f, "refused_{}={} ", reason.as_str(), self.get(reason))?;
+        }
+        write!(f, "replies_suppressed={}", self.replies_suppressed)
+    }
+}
+
+/// Most client addresses the per-client request buckets track before idle
+/// ones are forgotten (a forgotten bucket is a full one: no harm done).
+const CLIENT_BUCKETS_CAPACITY: usize = 65_536;
+
+/// Most bytes of content the open cache may keep alive (netascii copies
+/// are heap memory; mappings of deleted files pin disk space).
+const OPEN_CACHE_MAX_BYTES: u64 = 1 << 30;
 
 /// Most names the open cache holds before it starts afresh.
 const OPEN_CACHE_CAPACITY: usize = 4096;
@@ -128,7 +230,7 @@ impl OpenError {
             OpenError::Denied(_) | OpenError::NotReadable | OpenError::NotRegular => {
                 ErrorCode::AccessViolation
             }
-            OpenError::Unservable(_) => ErrorCode::NotDefined,
+            OpenError::Unservable(_) | OpenError::Transient(_) => ErrorCode::NotDefined,
         }
     }
 }
@@ -155,6 +257,15 @@ impl TokenBucket {
             level: burst * Self::SCALE,
             last: None,
         }
+    }
+
+    /// Would be full by `now`: as good as a fresh one, so it may be dropped.
+    fn refilled_by(&self, now: Instant) -> bool {
+        let Some(last) = self.last else { return true };
+        let missing = self.burst * Self::SCALE - self.level.min(self.burst * Self::SCALE);
+        let nanos =
+            u64::try_from(now.saturating_duration_since(last).as_nanos()).unwrap_or(u64::MAX);
+        nanos.saturating_mul(self.per_sec) >= missing
     }
 
     fn take(&mut self, now: Instant) -> bool {
@@ -227,8 +338,17 @@ pub struct Endpoint<H> {
     /// requests.
     by_peer: HashMap<SocketAddr, SessionId>,
     error_replies: TokenBucket,
+    refusal_replies: TokenBucket,
+    /// Request buckets by client address (bounded: see `admit_datagram`).
+    client_buckets: HashMap<IpAddr, TokenBucket>,
+    /// Live sessions by client address.
+    per_client: HashMap<IpAddr, usize>,
     /// Recent opens by name, one map per mode (octet, netascii).
     open_cache: [HashMap<Box<[u8]>, CachedOpen<H>>; 2],
+    /// Content bytes held by the open cache, and when it was last swept.
+    open_cache_bytes: u64,
+    open_cache_swept: Option<Instant>,
+    refusals: RefusalCounts,
     shutting_down: bool,
 }
 
@@ -236,6 +356,10 @@ impl<H: Clone> Endpoint<H> {
     pub fn new(config: EndpointConfig) -> Self {
         let error_replies =
             TokenBucket::new(config.error_replies_per_sec, config.error_reply_burst);
+        let refusal_replies = TokenBucket::new(
+            config.refusal_replies_per_sec,
+            config.refusal_replies_per_sec,
+        );
         Self {
             config,
             slots: Vec::new(),
@@ -243,9 +367,94 @@ impl<H: Clone> Endpoint<H> {
             live: 0,
             by_peer: HashMap::new(),
             error_replies,
+            refusal_replies,
+            client_buckets: HashMap::new(),
+            per_client: HashMap::new(),
             open_cache: [HashMap::new(), HashMap::new()],
+            open_cache_bytes: 0,
+            open_cache_swept: None,
+            refusals: RefusalCounts::default(),
             shutting_down: false,
         }
+    }
+
+    /// Refusals so far, by reason.
+    pub fn refusals(&self) -> &RefusalCounts {
+        &self.refusals
+    }
+
+    /// Takes a token from the client's request bucket. The map is bounded:
+    /// when full, buckets that have refilled (equal to fresh ones) go.
+    fn admit_datagram(&mut self, now: Instant, client: IpAddr) -> bool {
+        let (rate, burst) = (
+            self.config.requests_per_sec_per_client,
+            self.config.request_burst_per_client,
+        );
+        if rate == 0 {
+            return true;
+        }
+        if self.client_buckets.len() >= CLIENT_BUCKETS_CAPACITY
+            && !self.client_buckets.contains_key(&client)
+        {
+            self.client_buckets.retain(|_, b| !b.refilled_by(now));
+            if self.client_buckets.len() >= CLIENT_BUCKETS_CAPACITY {
+                // Every tracked address is mid-burst: a flood of spoofed
+                // sources. Start afresh rather than grow.
+                self.client_buckets.clear();
+            }
+        }
+        self.client_buckets
+            .entry(client)
+            .or_insert_with(|| TokenBucket::new(rate, burst))
+            .take(now)
+    }
+
+    /// An ERROR refusing a well-formed request, within the refusal limit.
+    fn refuse(
+        &mut self,
+        now: Instant,
+        reason: Refusal,
+        code: ErrorCode,
+        message: &str,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        self.refusals.by_reason[reason as usize] += 1;
+        if self.refusal_replies.take(now) {
+            Self::error_reply(code, message, reply)
+        } else {
+            self.refusals.replies_suppressed += 1;
+            RequestOutcome::Ignored
+        }
+    }
+
+    /// For the driver: an admitted request could not get a transfer socket.
+    /// Its session is removed and the client told to retry, within limits.
+    pub fn refuse_busy(&mut self, now: Instant, id: SessionId, reply: &mut [u8]) -> RequestOutcome {
+        let _ = self.remove(id);
+        self.refuse(
+            now,
+            Refusal::Busy,
+            ErrorCode::NotDefined,
+            "server busy, try again later",
+            reply,
+        )
+    }
+
+    /// A malformed or stray datagram, counted; its ERROR within the
+    /// (stricter) limit for input that may be forged.
+    fn refuse_malformed(
+        &mut self,
+        now: Instant,
+        code: ErrorCode,
+        message: &str,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        self.refusals.by_reason[Refusal::Malformed as usize] += 1;
+        let outcome = self.limited_error_reply(now, code, message, reply);
+        if outcome == RequestOutcome::Ignored {
+            self.refusals.replies_suppressed += 1;
+        }
+        outcome
     }
 
     /// Slab capacity: every `SessionId::index` is below it.
@@ -293,6 +502,7 @@ impl<H: Clone> Endpoint<H> {
                 index
             }
         };
+        *self.per_client.entry(entry.peer.ip()).or_default() += 1;
         let slot = &mut self.slots[index as usize];
         slot.entry = Some(entry);
         self.live += 1;
@@ -338,10 +548,16 @@ impl<H: Clone> Endpoint<H> {
         files: &mut F,
         reply: &mut [u8],
     ) -> RequestOutcome {
+        if !self.admit_datagram(now, peer.ip()) {
+            self.refusals.by_reason[Refusal::RateLimited as usize] += 1;
+            return RequestOutcome::Ignored;
+        }
         let request = match Packet::parse(datagram) {
             Ok(Packet::Rrq(request)) => request,
             Ok(Packet::Wrq(_)) => {
-                return Self::error_reply(
+                return self.refuse(
+                    now,
+                    Refusal::UploadsDisabled,
                     ErrorCode::AccessViolation,
                     "uploads are disabled",
                     reply,
@@ -350,10 +566,9 @@ impl<H: Clone> Endpoint<H> {
             // Never answer an ERROR with an ERROR.
             Ok(Packet::Error { .. }) => return RequestOutcome::Ignored,
             Ok(_) => {
-                let code = ErrorCode::IllegalOperation;
-                return self.limited_error_reply(
+                return self.refuse_malformed(
                     now,
-                    code,
+                    ErrorCode::IllegalOperation,
                     "expected a read or write request",
                     reply,
                 );
@@ -372,11 +587,17 @@ impl<H: Clone> Endpoint<H> {
                     ParseError::UnknownOpcode(_) => (ErrorCode::IllegalOperation, "unknown opcode"),
                     _ => (ErrorCode::IllegalOperation, "malformed request"),
                 };
-                return self.limited_error_reply(now, code, message, reply);
+                return self.refuse_malformed(now, code, message, reply);
             }
         };
         if self.shutting_down {
-            return Self::error_reply(ErrorCode::NotDefined, "server shutting down", reply);
+            return self.refuse(
+                now,
+                Refusal::ShuttingDown,
+                ErrorCode::NotDefined,
+                "server shutting down",
+                reply,
+            );
         }
         let key = RequestKey::of(&request);
         if let Some(&previous) = self.by_peer.get(&peer) {
@@ -389,19 +610,37 @@ impl<H: Clone> Endpoint<H> {
             }
         }
         if self.live >= self.config.max_sessions {
-            return Self::error_reply(ErrorCode::NotDefined, "server busy, try again later", reply);
+            return self.refuse(
+                now,
+                Refusal::Busy,
+                ErrorCode::NotDefined,
+                "server busy, try again later",
+                reply,
+            );
+        }
+        if self.per_client.get(&peer.ip()).copied().unwrap_or(0)
+            >= self.config.max_sessions_per_client
+        {
+            return self.refuse(
+                now,
+                Refusal::PerClientCap,
+                ErrorCode::NotDefined,
+                "too many transfers from this address, try again later",
+                reply,
+            );
         }
         let (handle, content_len) = match self.open(now, files, request.filename, request.mode) {
             Ok(opened) => opened,
             Err(error) => {
-                let message = match &error {
-                    OpenError::NotFound => "file not found",
-                    OpenError::Denied(reason) => reason,
-                    OpenError::NotReadable => "permission denied",
-                    OpenError::NotRegular => "not a regular file",
-                    OpenError::Unservable(reason) => reason,
+                let (reason, message) = match &error {
+                    OpenError::NotFound => (Refusal::NotFound, "file not found"),
+                    OpenError::Denied(reason) => (Refusal::Denied, *reason),
+                    OpenError::NotReadable => (Refusal::Denied, "permission denied"),
+                    OpenError::NotRegular => (Refusal::Denied, "not a regular file"),
+                    OpenError::Unservable(reason) => (Refusal::Denied, *reason),
+                    OpenError::Transient(reason) => (Refusal::Busy, *reason),
                 };
-                return Self::error_reply(error.error_code(), message, reply);
+                return self.refuse(now, reason, error.error_code(), message, reply);
             }
         };
         let ipv6 = matches!(peer, SocketAddr::V6(_));
@@ -420,7 +659,13 @@ impl<H: Clone> Endpoint<H> {
                 self.by_peer.insert(peer, id);
                 RequestOutcome::Started(id)
             }
-            None => Self::error_reply(ErrorCode::NotDefined, "server busy, try again later", reply),
+            None => self.refuse(
+                now,
+                Refusal::Busy,
+                ErrorCode::NotDefined,
+                "server busy, try again later",
+                reply,
+            ),
         }
     }
 
@@ -438,6 +683,7 @@ impl<H: Clone> Endpoint<H> {
         if ttl.is_zero() {
             return files.open_read(filename, mode);
         }
+        self.sweep_open_cache(now);
         let cache = &mut self.open_cache[mode as usize];
         if let Some(cached) = cache.get(filename)
             && now.saturating_duration_since(cached.opened_at) < ttl
@@ -445,17 +691,65 @@ impl<H: Clone> Endpoint<H> {
             return cached.result.clone();
         }
         let result = files.open_read(filename, mode);
-        if cache.len() >= OPEN_CACHE_CAPACITY {
-            cache.clear();
+        if matches!(result, Err(OpenError::Transient(_))) {
+            return result;
         }
-        cache.insert(
+        let bytes = result.as_ref().map_or(0, |(_, len)| *len);
+        if cache.len() >= OPEN_CACHE_CAPACITY
+            || self.open_cache_bytes.saturating_add(bytes) > OPEN_CACHE_MAX_BYTES
+        {
+            for cache in &mut self.open_cache {
+                cache.clear();
+            }
+            self.open_cache_bytes = 0;
+        }
+        let cache = &mut self.open_cache[mode as usize];
+        let old = cache.insert(
             filename.into(),
             CachedOpen {
                 result: result.clone(),
                 opened_at: now,
             },
         );
+        self.open_cache_bytes += bytes;
+        self.open_cache_bytes -= old.map_or(0, |o| Self::cached_bytes(&o));
         result
+    }
+
+    fn cached_bytes(cached: &CachedOpen<H>) -> u64 {
+        cached.result.as_ref().map_or(0, |(_, len)| *len)
+    }
+
+    /// Drops expired entries once per TTL, so the cache never keeps a
+    /// netascii copy or a deleted file's mapping alive much past it.
+    fn sweep_open_cache(&mut self, now: Instant) {
+        let ttl = self.config.open_cache_ttl;
+        if self
+            .open_cache_swept
+            .is_some_and(|at| now.saturating_duration_since(at) < ttl)
+        {
+            return;
+        }
+        self.open_cache_swept = Some(now);
+        let mut freed = 0;
+        for cache in &mut self.open_cache {
+            cache.retain(|_, c| {
+                let fresh = now.saturating_duration_since(c.opened_at) < ttl;
+                if !fresh {
+                    freed += Self::cached_bytes(c);
+                }
+                fresh
+            });
+        }
+        self.open_cache_bytes -= freed;
+    }
+
+    /// Entries and content bytes the open cache holds now.
+    pub fn open_cache_usage(&self) -> (usize, u64) {
+        (
+            self.open_cache.iter().map(HashMap::len).sum(),
+            self.open_cache_bytes,
+        )
     }
 
     /// A datagram on session `id`'s socket from `from`.
@@ -481,7 +775,10 @@ impl<H: Clone> Endpoint<H> {
         }
         match self.limited_error_reply(now, ErrorCode::UnknownTid, "unknown transfer ID", reply) {
             RequestOutcome::Reply(n) => DatagramOutcome::Reply(n),
-            _ => DatagramOutcome::Ignored,
+            _ => {
+                self.refusals.replies_suppressed += 1;
+                DatagramOutcome::Ignored
+            }
         }
     }
 
@@ -542,6 +839,12 @@ impl<H: Clone> Endpoint<H> {
         self.live -= 1;
         if self.by_peer.get(&entry.peer) == Some(&id) {
             self.by_peer.remove(&entry.peer);
+        }
+        if let Some(count) = self.per_client.get_mut(&entry.peer.ip()) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_client.remove(&entry.peer.ip());
+            }
         }
         let stats = *entry.transfer.stats();
         Some(Finished {

@@ -566,13 +566,13 @@ mod tests {
 
     #[test]
     fn a_later_unparseable_duplicate_keeps_the_earlier_value() {
-        let p = Packet::parse(b"\x00\x01f\x00octet\x00blksize\x001468\x00BLKSIZE\x00x1\x00")
-            .unwrap();
+        let p =
+            Packet::parse(b"\x00\x01f\x00octet\x00blksize\x001468\x00BLKSIZE\x00x1\x00").unwrap();
         let Packet::Rrq(r) = p else { panic!() };
         assert_eq!(r.options.blksize, Some(1468));
         // A later valid duplicate still wins.
-        let p = Packet::parse(b"\x00\x01f\x00octet\x00blksize\x001468\x00blksize\x00512\x00")
-            .unwrap();
+        let p =
+            Packet::parse(b"\x00\x01f\x00octet\x00blksize\x001468\x00blksize\x00512\x00").unwrap();
         let Packet::Rrq(r) = p else { panic!() };
         assert_eq!(r.options.blksize, Some(512));
     }

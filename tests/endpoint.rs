@@ -389,3 +389,194 @@ fn opens_are_reused_for_the_cache_ttl_then_redone() {
         ErrorCode::FileNotFound
     ));
 }
+
+fn other_peer(last_octet: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet)), port)
+}
+
+#[test]
+fn one_address_cannot_take_every_slot() {
+    // Fill the per-client cap from one address: it is refused, while a
+    // second address is still served at once.
+    let mut f = Fixture::new(EndpointConfig {
+        max_sessions: 16,
+        max_sessions_per_client: 4,
+        ..config()
+    });
+    for port in 1..=4 {
+        assert!(matches!(
+            f.request(peer(port), &rrq("boot.img", "octet", &[])),
+            RequestOutcome::Started(_)
+        ));
+    }
+    let (code, message) = f.error_reply(peer(5), &rrq("boot.img", "octet", &[]));
+    assert_eq!(code, ErrorCode::NotDefined);
+    assert!(message.contains("too many transfers"), "{message}");
+    assert!(matches!(
+        f.request(other_peer(3, 1), &rrq("boot.img", "octet", &[])),
+        RequestOutcome::Started(_)
+    ));
+    let counts = *f.endpoint.refusals();
+    assert_eq!(counts.get(ringtftpd::endpoint::Refusal::PerClientCap), 1);
+    // A finished session frees its client's slot.
+    let ids: Vec<SessionId> = f.endpoint.session_ids().collect();
+    f.endpoint.remove(ids[0]).unwrap();
+    assert!(matches!(
+        f.request(peer(6), &rrq("boot.img", "octet", &[])),
+        RequestOutcome::Started(_)
+    ));
+}
+
+#[test]
+fn a_flooding_address_is_rate_limited_and_others_are_not() {
+    let mut f = Fixture::new(EndpointConfig {
+        requests_per_sec_per_client: 10,
+        request_burst_per_client: 20,
+        ..config()
+    });
+    // 100 requests for a missing file from one address within a second:
+    // the burst of 20 is answered, the rest dropped unanswered.
+    let mut answered = 0;
+    for port in 0..100 {
+        if let RequestOutcome::Reply(_) = f.request(peer(1000 + port), &rrq("nope", "octet", &[])) {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 20);
+    let counts = *f.endpoint.refusals();
+    assert_eq!(counts.get(ringtftpd::endpoint::Refusal::RateLimited), 80);
+    // Another address is served at once.
+    let (code, _) = f.error_reply(other_peer(7, 1), &rrq("nope", "octet", &[]));
+    assert_eq!(code, ErrorCode::FileNotFound);
+    // The flooder's bucket refills: 10 per second.
+    f.now += Duration::from_millis(500);
+    let refilled = (0..10)
+        .filter(|&p| {
+            matches!(
+                f.request(peer(3000 + p), &rrq("nope", "octet", &[])),
+                RequestOutcome::Reply(_)
+            )
+        })
+        .count();
+    assert_eq!(refilled, 5);
+}
+
+#[test]
+fn every_refusal_goes_through_a_token_bucket() {
+    // WRQs and "busy" are refused within the refusal limit,
+    // however many distinct (possibly spoofed) addresses ask.
+    let mut f = Fixture::new(EndpointConfig {
+        refusal_replies_per_sec: 10,
+        max_sessions: 1,
+        ..config()
+    });
+    assert!(matches!(
+        f.request(other_peer(200, 1), &rrq("boot.img", "octet", &[])),
+        RequestOutcome::Started(_)
+    ));
+    let mut wrq = rrq("up.bin", "octet", &[]);
+    wrq[1] = 2;
+    let mut replies = 0;
+    for i in 0..90u16 {
+        let from = other_peer(10 + (i % 90) as u8, 2000 + i);
+        let datagram = match i % 3 {
+            0 => rrq("nope", "octet", &[]),
+            1 => wrq.clone(),
+            _ => rrq("boot.img", "octet", &[]),
+        };
+        if let RequestOutcome::Reply(_) = f.request(from, &datagram) {
+            replies += 1;
+        }
+    }
+    assert_eq!(replies, 10);
+    let counts = *f.endpoint.refusals();
+    assert_eq!(counts.replies_suppressed, 80);
+    use ringtftpd::endpoint::Refusal;
+    // The one slot is taken, so reads are refused as busy before any open.
+    assert_eq!(counts.get(Refusal::UploadsDisabled), 30);
+    assert_eq!(counts.get(Refusal::Busy), 60);
+}
+
+/// Files whose opens fail transiently (out of descriptors) until told not to.
+struct Flaky {
+    inner: MemFiles,
+    failing: bool,
+    opens: usize,
+}
+
+impl ringtftpd::endpoint::FileSource for Flaky {
+    type Handle = Arc<Vec<u8>>;
+    fn open_read(
+        &mut self,
+        filename: &[u8],
+        mode: ringtftpd::proto::Mode,
+    ) -> Result<(Self::Handle, u64), ringtftpd::endpoint::OpenError> {
+        self.opens += 1;
+        if self.failing {
+            return Err(ringtftpd::endpoint::OpenError::Transient(
+                "server busy, try again later",
+            ));
+        }
+        self.inner.open_read(filename, mode)
+    }
+}
+
+#[test]
+fn transient_open_errors_are_not_cached_and_expired_opens_are_released() {
+    let mut files = Flaky {
+        inner: MemFiles::default(),
+        failing: true,
+        opens: 0,
+    };
+    let data = Arc::new(content(5000, 3));
+    files.inner.0.insert(b"f".to_vec(), data.clone());
+    let mut endpoint = Endpoint::new(EndpointConfig {
+        open_cache_ttl: Duration::from_secs(1),
+        ..config()
+    });
+    let now = Instant::now();
+    let mut reply = [0u8; 600];
+    let mut ask = |endpoint: &mut Endpoint<_>, files: &mut Flaky, now, port| {
+        endpoint.handle_request(
+            now,
+            peer(port),
+            LOCAL,
+            None,
+            &rrq("f", "octet", &[]),
+            files,
+            &mut reply,
+        )
+    };
+    assert!(matches!(
+        ask(&mut endpoint, &mut files, now, 1),
+        RequestOutcome::Reply(_)
+    ));
+    files.failing = false;
+    // Within the TTL, but the failure was transient: opened again, served.
+    let started = ask(&mut endpoint, &mut files, now, 2);
+    assert!(matches!(started, RequestOutcome::Started(_)), "{started:?}");
+    assert_eq!(files.opens, 2);
+    let RequestOutcome::Started(id) = started else {
+        unreachable!()
+    };
+    endpoint.remove(id).unwrap();
+    // The cache holds the file (one reference here, one in the cache)...
+    assert_eq!(Arc::strong_count(&data), 3); // MemFiles, the cache, `data`
+    assert_eq!(endpoint.open_cache_usage(), (1, 5000));
+    // ...until it expires: any later request sweeps it out.
+    let later = now + Duration::from_secs(2);
+    assert!(matches!(
+        endpoint.handle_request(
+            later,
+            peer(3),
+            LOCAL,
+            None,
+            &rrq("missing", "octet", &[]),
+            &mut files,
+            &mut [0u8; 600]
+        ),
+        RequestOutcome::Reply(_)
+    ));
+    assert_eq!(Arc::strong_count(&data), 2);
+    assert_eq!(endpoint.open_cache_usage(), (1, 0)); // the refusal of "missing"
+}

@@ -62,6 +62,7 @@ fn start(
             error_replies_per_sec: 100,
             error_reply_burst: 100,
             open_cache_ttl: Duration::from_secs(1),
+            ..EndpointConfig::default()
         },
         files: FileRoot::open(dir, true).unwrap(),
         log_transfers: true,

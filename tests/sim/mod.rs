@@ -36,6 +36,7 @@ pub fn config() -> EndpointConfig {
         error_replies_per_sec: 10,
         error_reply_burst: 5,
         open_cache_ttl: Duration::ZERO,
+        ..EndpointConfig::default()
     }
 }
 
