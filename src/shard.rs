@@ -30,7 +30,10 @@
 //! transfer on the same local address, and is never handed to the client
 //! that used it last, so each transfer of a client still gets a new TID.
 //! That saves a socket, a setsockopt, a bind, a close and a receive re-arm
-//! per transfer. Payload pointers are never read in user space:
+//! per transfer. The next port must not be guessable (a spoofer could
+//! forge ACK 0 from a victim): an idle socket is drawn at random, and only
+//! from a pool of at least `ports::MIN_IDLE_CHOICE` candidates; below that
+//! a fresh socket gets a port of the kernel's choosing. Payload pointers are never read in user space:
 //! a file truncated under us makes the kernel's copy fail with `EFAULT`
 //! (and the session is aborted) instead of raising SIGBUS here.
 
@@ -38,6 +41,7 @@ mod bufring;
 #[cfg(test)]
 mod e2e;
 pub mod net;
+mod ports;
 mod send;
 
 use std::collections::{HashMap, VecDeque};
@@ -59,6 +63,9 @@ use crate::files::{FileData, FileRoot};
 use crate::proto::{self, ErrorCode};
 use crate::timer::TimerWheel;
 use bufring::BufRing;
+use ports::Idle;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use send::{HEADER_CAP, MAX_SEGMENTS, Owner, SendPool};
 
 /// What one shard needs; the server builds one per core.
@@ -86,6 +93,8 @@ pub(crate) struct Tuning {
     /// Transfer-socket buffers (ACK/ERROR; longer datagrams are truncated).
     pub session_bufs: (u16, usize),
     pub send_slots: usize,
+    /// Idle sockets a local address must offer before one is reused.
+    pub min_idle_choice: usize,
 }
 
 impl Default for Tuning {
@@ -96,6 +105,7 @@ impl Default for Tuning {
             listen_bufs: (2048, 2048),
             session_bufs: (4096, 1024),
             send_slots: 2048,
+            min_idle_choice: ports::MIN_IDLE_CHOICE,
         }
     }
 }
@@ -315,9 +325,6 @@ struct TransferSock {
     /// The token of its armed multishot receive, if armed.
     recv: Option<u64>,
     owner: Option<SessionId>,
-    /// The peer of its last transfer: never handed to that peer again,
-    /// so that each transfer of a client has a new TID (RFC 1350).
-    last_peer: Option<SocketAddr>,
     /// A receive failed: close it rather than pool it.
     broken: bool,
 }
@@ -381,8 +388,11 @@ struct Shard {
     tsocks_free: Vec<u32>,
     /// Idle sockets by bound address, reused by new transfers: a socket,
     /// its options, its bind, its close and its receive re-arm saved.
-    idle: HashMap<(IpAddr, u32), Vec<u32>>,
+    idle: HashMap<(IpAddr, u32), Vec<Idle>>,
     idle_count: usize,
+    min_idle_choice: usize,
+    /// Picks idle sockets (ports must not be guessable).
+    rng: StdRng,
     live: usize,
     /// `serve`'s scratch space, kept between calls (None while in use).
     serve_work: Option<Box<ServeWork>>,
@@ -565,6 +575,8 @@ impl Shard {
             tsocks_free: Vec::new(),
             idle: HashMap::new(),
             idle_count: 0,
+            min_idle_choice: tuning.min_idle_choice,
+            rng: StdRng::from_os_rng(),
             live: 0,
             serve_work: Some(Box::default()),
             next_epoch: 0,
@@ -743,8 +755,9 @@ impl Shard {
         Some(ts.fd.as_raw_fd())
     }
 
-    /// A transfer socket bound to `local` for `peer`: an idle one from the
-    /// pool (never the one `peer` used last), else a new one.
+    /// A transfer socket bound to `local` for `peer`: an idle one drawn at
+    /// random from the pool if it offers enough (never the one `peer` used
+    /// last), else a new one.
     fn acquire_sock(
         &mut self,
         id: SessionId,
@@ -758,15 +771,9 @@ impl Shard {
         };
         let key = (local, scope);
         if let Some(list) = self.idle.get_mut(&key) {
-            let tsocks = &self.tsocks;
-            let usable = list.iter().rev().take(4).position(|&si| {
-                tsocks
-                    .get(si as usize)
-                    .and_then(|t| t.as_ref())
-                    .is_some_and(|t| t.last_peer != Some(peer))
-            });
-            if let Some(from_end) = usable {
-                let si = list.swap_remove(list.len() - 1 - from_end);
+            let usable = ports::pick_idle(list, peer, self.min_idle_choice, &mut self.rng);
+            if let Some(pos) = usable {
+                let si = list.swap_remove(pos).sock;
                 self.idle_count -= 1;
                 if let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) {
                     ts.owner = Some(id);
@@ -784,7 +791,6 @@ impl Shard {
             key,
             recv: None,
             owner: Some(id),
-            last_peer: None,
             broken: false,
         };
         let si = match self.tsocks_free.pop() {
@@ -835,8 +841,10 @@ impl Shard {
         }
         if let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) {
             ts.owner = None;
-            ts.last_peer = Some(peer);
-            self.idle.entry(ts.key).or_default().push(si);
+            self.idle.entry(ts.key).or_default().push(Idle {
+                sock: si,
+                last_peer: peer,
+            });
             self.idle_count += 1;
         }
     }
@@ -1134,7 +1142,7 @@ impl Shard {
             return;
         };
         if let Some(list) = self.idle.get_mut(&key)
-            && let Some(pos) = list.iter().position(|&x| x == si)
+            && let Some(pos) = list.iter().position(|x| x.sock == si)
         {
             list.swap_remove(pos);
             self.idle_count -= 1;

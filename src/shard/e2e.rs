@@ -32,6 +32,7 @@ fn small_tuning() -> Tuning {
         listen_bufs: (64, 2048),
         session_bufs: (64, 1024),
         send_slots: 64,
+        min_idle_choice: super::ports::MIN_IDLE_CHOICE,
     }
 }
 
@@ -578,16 +579,23 @@ fn shutdown_waits_for_a_transfer_that_finishes_within_the_grace() {
 #[test]
 fn transfer_sockets_are_reused_but_never_for_the_same_client() {
     let body = content(3000, 7);
-    let Some(shard) = serve(&[("f", &body)]) else {
+    let dir = root_with(&[("f", &body)]);
+    // Reuse from a pool of one, so the test can tell which socket it got.
+    let tuning = Tuning {
+        min_idle_choice: 1,
+        ..small_tuning()
+    };
+    let Some((handle, addr)) = start(dir.path(), "127.0.0.1:0", Duration::from_secs(1), tuning)
+    else {
         return;
     };
     let tid_of = |sock: &UdpSocket| {
-        fetch_from(sock, shard.addr, "f", &[], |_, _| {})
+        fetch_from(sock, addr, "f", &[], |_, _| {})
             .expect_body(&body)
             .tid
     };
-    let a = client_for(shard.addr);
-    let b = client_for(shard.addr);
+    let a = client_for(addr);
+    let b = client_for(addr);
     let first = tid_of(&a);
     // Let the shard see the final ACK and pool the socket.
     std::thread::sleep(Duration::from_millis(50));
@@ -598,5 +606,27 @@ fn transfer_sockets_are_reused_but_never_for_the_same_client() {
     // The client that used it last gets another one (RFC 1350: new TID).
     let third = tid_of(&b);
     assert_ne!(third, second);
+    stop(handle);
+}
+
+/// A small pool is not drawn from: each of these consecutive clients gets a
+/// port of the kernel's choosing, never the one the client before saw (a
+/// spoofer who learnt it could forge ACK 0 from a victim).
+#[test]
+fn consecutive_transfers_do_not_reuse_the_previous_port() {
+    let body = content(700, 8);
+    let Some(shard) = serve(&[("f", &body)]) else {
+        return;
+    };
+    let mut tids = Vec::new();
+    for _ in 0..12 {
+        tids.push(fetch(shard.addr, "f", &[]).expect_body(&body).tid);
+        // Let the shard see the final ACK and pool the socket.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut distinct = tids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), tids.len(), "a port came back: {tids:?}");
     shard.stop();
 }
