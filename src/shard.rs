@@ -40,6 +40,7 @@
 mod bufring;
 #[cfg(test)]
 mod e2e;
+mod log;
 pub mod net;
 mod ports;
 mod send;
@@ -220,6 +221,8 @@ const SERVE_BUDGET: usize = 256;
 const BATCH_SESSIONS: usize = 64;
 const BATCH_WAIT: Duration = Duration::from_micros(50);
 const BATCH_COMPLETIONS: usize = 32;
+/// Longest a shard waits at exit for its log lines to be written.
+const LOG_FLUSH: Duration = Duration::from_millis(500);
 /// Size of the reply buffer given to the endpoint; fits in a send slot.
 const REPLY_CAP: usize = HEADER_CAP;
 
@@ -307,6 +310,8 @@ struct Counters {
     rearms: u64,
     /// Of those, how many ended because a buffer ring ran dry.
     ring_dry: u64,
+    /// Log lines dropped because the logger's queue was full.
+    log_dropped: u64,
 }
 
 struct Listener {
@@ -534,10 +539,10 @@ impl Shard {
         if let Some(cpu) = config.cpu
             && let Err(e) = pin_to(cpu)
         {
-            eprintln!(
+            log::line(format!(
                 "shard {}: cannot pin to cpu {cpu}: {e}; running unpinned",
                 config.index
-            );
+            ));
         }
         let listen_bufs = BufRing::new(tuning.listen_bufs.0, tuning.listen_bufs.1, LISTEN_BGID)?;
         let session_bufs =
@@ -1159,11 +1164,11 @@ impl Shard {
             // E.g. EIO from a device without checksum offload: send one
             // packet per send from now on; the retransmit timer resends.
             self.gso_off = true;
-            eprintln!(
+            self.log(format!(
                 "shard {}: UDP GSO send failed ({}); sending packets one by one",
                 self.index,
                 io::Error::from_raw_os_error(-res)
-            );
+            ));
         }
         if res >= 0 {
             self.counters.sends += 1;
@@ -1190,6 +1195,13 @@ impl Shard {
             if entry.1 == 0 {
                 self.lingering.remove(&id);
             }
+        }
+    }
+
+    /// Queues a log line; never blocks (see `log`).
+    fn log(&mut self, line: String) {
+        if !log::line(line) {
+            self.counters.log_dropped += 1;
         }
     }
 
@@ -1443,7 +1455,7 @@ impl Shard {
         self.release_sock(live.sock, live.peer);
         if let Some(f) = finished {
             if self.log_transfers {
-                eprintln!("{f}");
+                self.log(f.to_string());
             }
             if live.inflight > 0 {
                 self.lingering.insert(id, (f.handle, live.inflight));
@@ -1535,10 +1547,11 @@ impl Shard {
         let _ = self.listen_bufs.unregister(&submitter);
         let _ = self.session_bufs.unregister(&submitter);
         if self.log_transfers {
-            let c = &self.counters;
-            eprintln!(
+            let c = self.counters;
+            self.log(format!(
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
-                 sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={}",
+                 sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
+                 log_dropped={}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -1554,8 +1567,12 @@ impl Shard {
                 c.replies_dropped,
                 c.recv_errors,
                 c.rearms,
-                c.ring_dry
-            );
+                c.ring_dry,
+                c.log_dropped
+            ));
+            // The last lines out before the process may end; bounded, as
+            // stderr may be stuck.
+            log::flush(LOG_FLUSH);
         }
     }
 }
