@@ -312,6 +312,9 @@ struct Counters {
     ring_dry: u64,
     /// Log lines dropped because the logger's queue was full.
     log_dropped: u64,
+    /// Times a transfer socket could not be made for lack of descriptors
+    /// or memory and the idle pool was closed to make room.
+    pool_flushes: u64,
 }
 
 struct Listener {
@@ -518,6 +521,14 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     }
+}
+
+/// Errors of socket creation that closing idle sockets can relieve.
+fn is_resource_shortage(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn is_transient(err: &io::Error) -> bool {
@@ -789,7 +800,17 @@ impl Shard {
                 }
             }
         }
-        let fd = net::transfer_socket(local, ifindex)?;
+        let fd = match net::transfer_socket(local, ifindex) {
+            Ok(fd) => fd,
+            // Out of descriptors or socket memory: idle pooled sockets hold
+            // both; give them up and try once more.
+            Err(e) if is_resource_shortage(&e) && self.idle_count > 0 => {
+                self.counters.pool_flushes += 1;
+                self.close_idle_now();
+                net::transfer_socket(local, ifindex)?
+            }
+            Err(e) => return Err(e),
+        };
         let ts = TransferSock {
             fd,
             v6: local.is_ipv6(),
@@ -810,6 +831,31 @@ impl Shard {
         };
         self.arm_sock_recv(si);
         Ok(si)
+    }
+
+    /// Closes every idle pooled socket, at once if possible so that their
+    /// descriptors are free for the caller: once an enter consumed every
+    /// queued SQE, no SQE names them any more, and an armed receive holds
+    /// its own reference to the socket until its cancel ends it.
+    fn close_idle_now(&mut self) {
+        self.flush_backlog();
+        let _ = self.ring.submit();
+        let consumed = self.backlog.is_empty() && self.ring.submission().is_empty();
+        let idle: Vec<u32> = self
+            .idle
+            .drain()
+            .flat_map(|(_, list)| list.into_iter().map(|i| i.sock))
+            .collect();
+        self.idle_count = 0;
+        for si in idle {
+            self.close_sock(si);
+        }
+        if consumed {
+            // Sockets only waiting for their receive's final CQE (that CQE
+            // finds no entry and is ignored) or for the SQ to drain.
+            self.closing.clear();
+            self.to_close.clear();
+        }
     }
 
     /// Takes socket `si` out of the table and closes it once the kernel is
@@ -1551,7 +1597,7 @@ impl Shard {
             self.log(format!(
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
                  sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
-                 log_dropped={}",
+                 log_dropped={} pool_flushes={}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -1568,7 +1614,8 @@ impl Shard {
                 c.recv_errors,
                 c.rearms,
                 c.ring_dry,
-                c.log_dropped
+                c.log_dropped,
+                c.pool_flushes
             ));
             // The last lines out before the process may end; bounded, as
             // stderr may be stuck.

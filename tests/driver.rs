@@ -148,3 +148,27 @@ fn a_full_stderr_pipe_does_not_stall_transfers() {
         "a transfer took {slowest:?}: it waited for a retransmission"
     );
 }
+
+/// Idle pooled sockets hold descriptors: when a new transfer socket cannot
+/// be made (EMFILE), the shard closes them and tries again instead of
+/// answering "server busy". A limit of 14 descriptors leaves room for
+/// about six sockets beside the ring, eventfd, listener and root.
+#[test]
+fn descriptor_shortage_closes_idle_sockets_and_serves() {
+    const TRANSFERS: usize = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("f"), b"some bytes").expect("write fixture");
+    let server = spawn(dir.path(), false, Some(14));
+    for i in 0..TRANSFERS {
+        // A new client each time, so no idle socket is its own last one;
+        // the pool stays below the reuse threshold, so each transfer
+        // needs a fresh socket and the pool only grows.
+        let c = RawClient::new(server.addr);
+        match raw_get(&c, "f", "octet", &[], |_, _| {}) {
+            Ok(dl) => assert_eq!(dl.data, b"some bytes"),
+            Err(e) => panic!("transfer {i} of {TRANSFERS}: {e}"),
+        }
+        // Let the shard see the final ACK and pool the socket.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
