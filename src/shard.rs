@@ -315,6 +315,8 @@ struct Counters {
     /// Times a transfer socket could not be made for lack of descriptors
     /// or memory and the idle pool was closed to make room.
     pool_flushes: u64,
+    /// Session datagrams longer than a buffer, ignored.
+    truncated: u64,
 }
 
 struct Listener {
@@ -1160,6 +1162,12 @@ impl Shard {
             let Ok(out) = types::RecvMsgOut::parse(&buf, &self.session_msghdr) else {
                 return;
             };
+            // Longer than a session buffer (MSG_TRUNC): no ACK or ERROR is
+            // that long, and a cut datagram must not be read as whole.
+            if out.is_payload_truncated() {
+                self.counters.truncated += 1;
+                return;
+            }
             let Some(from) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
                 return;
             };
@@ -1597,7 +1605,7 @@ impl Shard {
             self.log(format!(
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
                  sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
-                 log_dropped={} pool_flushes={}",
+                 log_dropped={} pool_flushes={} truncated={}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -1615,7 +1623,8 @@ impl Shard {
                 c.rearms,
                 c.ring_dry,
                 c.log_dropped,
-                c.pool_flushes
+                c.pool_flushes,
+                c.truncated
             ));
             // The last lines out before the process may end; bounded, as
             // stderr may be stuck.

@@ -630,3 +630,31 @@ fn consecutive_transfers_do_not_reuse_the_previous_port() {
     assert_eq!(distinct.len(), tids.len(), "a port came back: {tids:?}");
     shard.stop();
 }
+
+/// A datagram longer than a session buffer arrives cut (MSG_TRUNC): it is
+/// ignored, not read as the ACK its first bytes look like.
+#[test]
+fn truncated_session_datagram_is_ignored() {
+    let body = content(2000, 10);
+    let Some(shard) = serve(&[("f", &body)]) else {
+        return;
+    };
+    let client = client_for(shard.addr);
+    client.send_to(&rrq("f", &[]), shard.addr).unwrap();
+    let mut buf = [0u8; 1024];
+    let (_, tid) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..4], &[0, 3, 0, 1]);
+    // "ACK 1" padded to 2000 bytes: more than the 1024-byte session buffer.
+    let mut long = ack(1).to_vec();
+    long.resize(2000, 0);
+    client.send_to(&long, tid).unwrap();
+    // Not taken as ACK 1: DATA 1 comes again (retransmission), not DATA 2.
+    let (n, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(from, tid);
+    assert_eq!(&buf[..4], &[0, 3, 0, 1], "{:?}", &buf[..n.min(8)]);
+    // A whole ACK 1 goes on as usual.
+    client.send_to(&ack(1), tid).unwrap();
+    let (_, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!((from, &buf[..4]), (tid, &[0u8, 3, 0, 2][..]));
+    shard.stop();
+}
