@@ -30,14 +30,19 @@
 //! transfer on the same local address, and is never handed to the client
 //! that used it last, so each transfer of a client still gets a new TID.
 //! That saves a socket, a setsockopt, a bind, a close and a receive re-arm
-//! per transfer. Payload pointers are never read in user space:
+//! per transfer. The next port must not be guessable (a spoofer could
+//! forge ACK 0 from a victim): an idle socket is drawn at random, and only
+//! from a pool of at least `ports::MIN_IDLE_CHOICE` candidates; below that
+//! a fresh socket gets a port of the kernel's choosing. Payload pointers are never read in user space:
 //! a file truncated under us makes the kernel's copy fail with `EFAULT`
 //! (and the session is aborted) instead of raising SIGBUS here.
 
 mod bufring;
 #[cfg(test)]
 mod e2e;
+mod log;
 pub mod net;
+mod ports;
 mod send;
 
 use std::collections::{HashMap, VecDeque};
@@ -59,6 +64,9 @@ use crate::files::{FileData, FileRoot};
 use crate::proto::{self, ErrorCode};
 use crate::timer::TimerWheel;
 use bufring::BufRing;
+use ports::Idle;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use send::{HEADER_CAP, MAX_SEGMENTS, Owner, SendPool};
 
 /// What one shard needs; the server builds one per core.
@@ -86,6 +94,8 @@ pub(crate) struct Tuning {
     /// Transfer-socket buffers (ACK/ERROR; longer datagrams are truncated).
     pub session_bufs: (u16, usize),
     pub send_slots: usize,
+    /// Idle sockets a local address must offer before one is reused.
+    pub min_idle_choice: usize,
 }
 
 impl Default for Tuning {
@@ -96,6 +106,7 @@ impl Default for Tuning {
             listen_bufs: (2048, 2048),
             session_bufs: (4096, 1024),
             send_slots: 2048,
+            min_idle_choice: ports::MIN_IDLE_CHOICE,
         }
     }
 }
@@ -210,6 +221,8 @@ const SERVE_BUDGET: usize = 256;
 const BATCH_SESSIONS: usize = 64;
 const BATCH_WAIT: Duration = Duration::from_micros(50);
 const BATCH_COMPLETIONS: usize = 32;
+/// Longest a shard waits at exit for its log lines to be written.
+const LOG_FLUSH: Duration = Duration::from_millis(500);
 /// Size of the reply buffer given to the endpoint; fits in a send slot.
 const REPLY_CAP: usize = HEADER_CAP;
 
@@ -297,6 +310,13 @@ struct Counters {
     rearms: u64,
     /// Of those, how many ended because a buffer ring ran dry.
     ring_dry: u64,
+    /// Log lines dropped because the logger's queue was full.
+    log_dropped: u64,
+    /// Times a transfer socket could not be made for lack of descriptors
+    /// or memory and the idle pool was closed to make room.
+    pool_flushes: u64,
+    /// Session datagrams longer than a buffer, ignored.
+    truncated: u64,
 }
 
 struct Listener {
@@ -315,9 +335,6 @@ struct TransferSock {
     /// The token of its armed multishot receive, if armed.
     recv: Option<u64>,
     owner: Option<SessionId>,
-    /// The peer of its last transfer: never handed to that peer again,
-    /// so that each transfer of a client has a new TID (RFC 1350).
-    last_peer: Option<SocketAddr>,
     /// A receive failed: close it rather than pool it.
     broken: bool,
 }
@@ -381,8 +398,11 @@ struct Shard {
     tsocks_free: Vec<u32>,
     /// Idle sockets by bound address, reused by new transfers: a socket,
     /// its options, its bind, its close and its receive re-arm saved.
-    idle: HashMap<(IpAddr, u32), Vec<u32>>,
+    idle: HashMap<(IpAddr, u32), Vec<Idle>>,
     idle_count: usize,
+    min_idle_choice: usize,
+    /// Picks idle sockets (ports must not be guessable).
+    rng: StdRng,
     live: usize,
     /// `serve`'s scratch space, kept between calls (None while in use).
     serve_work: Option<Box<ServeWork>>,
@@ -505,6 +525,14 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Errors of socket creation that closing idle sockets can relieve.
+fn is_resource_shortage(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 fn is_transient(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
@@ -524,10 +552,10 @@ impl Shard {
         if let Some(cpu) = config.cpu
             && let Err(e) = pin_to(cpu)
         {
-            eprintln!(
+            log::line(format!(
                 "shard {}: cannot pin to cpu {cpu}: {e}; running unpinned",
                 config.index
-            );
+            ));
         }
         let listen_bufs = BufRing::new(tuning.listen_bufs.0, tuning.listen_bufs.1, LISTEN_BGID)?;
         let session_bufs =
@@ -565,6 +593,8 @@ impl Shard {
             tsocks_free: Vec::new(),
             idle: HashMap::new(),
             idle_count: 0,
+            min_idle_choice: tuning.min_idle_choice,
+            rng: StdRng::from_os_rng(),
             live: 0,
             serve_work: Some(Box::default()),
             next_epoch: 0,
@@ -743,8 +773,9 @@ impl Shard {
         Some(ts.fd.as_raw_fd())
     }
 
-    /// A transfer socket bound to `local` for `peer`: an idle one from the
-    /// pool (never the one `peer` used last), else a new one.
+    /// A transfer socket bound to `local` for `peer`: an idle one drawn at
+    /// random from the pool if it offers enough (never the one `peer` used
+    /// last), else a new one.
     fn acquire_sock(
         &mut self,
         id: SessionId,
@@ -758,15 +789,9 @@ impl Shard {
         };
         let key = (local, scope);
         if let Some(list) = self.idle.get_mut(&key) {
-            let tsocks = &self.tsocks;
-            let usable = list.iter().rev().take(4).position(|&si| {
-                tsocks
-                    .get(si as usize)
-                    .and_then(|t| t.as_ref())
-                    .is_some_and(|t| t.last_peer != Some(peer))
-            });
-            if let Some(from_end) = usable {
-                let si = list.swap_remove(list.len() - 1 - from_end);
+            let usable = ports::pick_idle(list, peer, self.min_idle_choice, &mut self.rng);
+            if let Some(pos) = usable {
+                let si = list.swap_remove(pos).sock;
                 self.idle_count -= 1;
                 if let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) {
                     ts.owner = Some(id);
@@ -777,14 +802,23 @@ impl Shard {
                 }
             }
         }
-        let fd = net::transfer_socket(local, ifindex)?;
+        let fd = match net::transfer_socket(local, ifindex) {
+            Ok(fd) => fd,
+            // Out of descriptors or socket memory: idle pooled sockets hold
+            // both; give them up and try once more.
+            Err(e) if is_resource_shortage(&e) && self.idle_count > 0 => {
+                self.counters.pool_flushes += 1;
+                self.close_idle_now();
+                net::transfer_socket(local, ifindex)?
+            }
+            Err(e) => return Err(e),
+        };
         let ts = TransferSock {
             fd,
             v6: local.is_ipv6(),
             key,
             recv: None,
             owner: Some(id),
-            last_peer: None,
             broken: false,
         };
         let si = match self.tsocks_free.pop() {
@@ -799,6 +833,31 @@ impl Shard {
         };
         self.arm_sock_recv(si);
         Ok(si)
+    }
+
+    /// Closes every idle pooled socket, at once if possible so that their
+    /// descriptors are free for the caller: once an enter consumed every
+    /// queued SQE, no SQE names them any more, and an armed receive holds
+    /// its own reference to the socket until its cancel ends it.
+    fn close_idle_now(&mut self) {
+        self.flush_backlog();
+        let _ = self.ring.submit();
+        let consumed = self.backlog.is_empty() && self.ring.submission().is_empty();
+        let idle: Vec<u32> = self
+            .idle
+            .drain()
+            .flat_map(|(_, list)| list.into_iter().map(|i| i.sock))
+            .collect();
+        self.idle_count = 0;
+        for si in idle {
+            self.close_sock(si);
+        }
+        if consumed {
+            // Sockets only waiting for their receive's final CQE (that CQE
+            // finds no entry and is ignored) or for the SQ to drain.
+            self.closing.clear();
+            self.to_close.clear();
+        }
     }
 
     /// Takes socket `si` out of the table and closes it once the kernel is
@@ -835,8 +894,10 @@ impl Shard {
         }
         if let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) {
             ts.owner = None;
-            ts.last_peer = Some(peer);
-            self.idle.entry(ts.key).or_default().push(si);
+            self.idle.entry(ts.key).or_default().push(Idle {
+                sock: si,
+                last_peer: peer,
+            });
             self.idle_count += 1;
         }
     }
@@ -1101,6 +1162,12 @@ impl Shard {
             let Ok(out) = types::RecvMsgOut::parse(&buf, &self.session_msghdr) else {
                 return;
             };
+            // Longer than a session buffer (MSG_TRUNC): no ACK or ERROR is
+            // that long, and a cut datagram must not be read as whole.
+            if out.is_payload_truncated() {
+                self.counters.truncated += 1;
+                return;
+            }
             let Some(from) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
                 return;
             };
@@ -1134,7 +1201,7 @@ impl Shard {
             return;
         };
         if let Some(list) = self.idle.get_mut(&key)
-            && let Some(pos) = list.iter().position(|&x| x == si)
+            && let Some(pos) = list.iter().position(|x| x.sock == si)
         {
             list.swap_remove(pos);
             self.idle_count -= 1;
@@ -1151,11 +1218,11 @@ impl Shard {
             // E.g. EIO from a device without checksum offload: send one
             // packet per send from now on; the retransmit timer resends.
             self.gso_off = true;
-            eprintln!(
+            self.log(format!(
                 "shard {}: UDP GSO send failed ({}); sending packets one by one",
                 self.index,
                 io::Error::from_raw_os_error(-res)
-            );
+            ));
         }
         if res >= 0 {
             self.counters.sends += 1;
@@ -1182,6 +1249,13 @@ impl Shard {
             if entry.1 == 0 {
                 self.lingering.remove(&id);
             }
+        }
+    }
+
+    /// Queues a log line; never blocks (see `log`).
+    fn log(&mut self, line: String) {
+        if !log::line(line) {
+            self.counters.log_dropped += 1;
         }
     }
 
@@ -1435,7 +1509,7 @@ impl Shard {
         self.release_sock(live.sock, live.peer);
         if let Some(f) = finished {
             if self.log_transfers {
-                eprintln!("{f}");
+                self.log(f.to_string());
             }
             if live.inflight > 0 {
                 self.lingering.insert(id, (f.handle, live.inflight));
@@ -1527,10 +1601,11 @@ impl Shard {
         let _ = self.listen_bufs.unregister(&submitter);
         let _ = self.session_bufs.unregister(&submitter);
         if self.log_transfers {
-            let c = &self.counters;
-            eprintln!(
+            let c = self.counters;
+            self.log(format!(
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
-                 sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={}",
+                 sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
+                 log_dropped={} pool_flushes={} truncated={}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -1546,8 +1621,14 @@ impl Shard {
                 c.replies_dropped,
                 c.recv_errors,
                 c.rearms,
-                c.ring_dry
-            );
+                c.ring_dry,
+                c.log_dropped,
+                c.pool_flushes,
+                c.truncated
+            ));
+            // The last lines out before the process may end; bounded, as
+            // stderr may be stuck.
+            log::flush(LOG_FLUSH);
         }
     }
 }

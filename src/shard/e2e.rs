@@ -33,6 +33,7 @@ fn small_tuning() -> Tuning {
         listen_bufs: (64, 2048),
         session_bufs: (64, 1024),
         send_slots: 64,
+        min_idle_choice: super::ports::MIN_IDLE_CHOICE,
     }
 }
 
@@ -580,16 +581,23 @@ fn shutdown_waits_for_a_transfer_that_finishes_within_the_grace() {
 #[test]
 fn transfer_sockets_are_reused_but_never_for_the_same_client() {
     let body = content(3000, 7);
-    let Some(shard) = serve(&[("f", &body)]) else {
+    let dir = root_with(&[("f", &body)]);
+    // Reuse from a pool of one, so the test can tell which socket it got.
+    let tuning = Tuning {
+        min_idle_choice: 1,
+        ..small_tuning()
+    };
+    let Some((handle, addr)) = start(dir.path(), "127.0.0.1:0", Duration::from_secs(1), tuning)
+    else {
         return;
     };
     let tid_of = |sock: &UdpSocket| {
-        fetch_from(sock, shard.addr, "f", &[], |_, _| {})
+        fetch_from(sock, addr, "f", &[], |_, _| {})
             .expect_body(&body)
             .tid
     };
-    let a = client_for(shard.addr);
-    let b = client_for(shard.addr);
+    let a = client_for(addr);
+    let b = client_for(addr);
     let first = tid_of(&a);
     // Let the shard see the final ACK and pool the socket.
     std::thread::sleep(Duration::from_millis(50));
@@ -600,5 +608,55 @@ fn transfer_sockets_are_reused_but_never_for_the_same_client() {
     // The client that used it last gets another one (RFC 1350: new TID).
     let third = tid_of(&b);
     assert_ne!(third, second);
+    stop(handle);
+}
+
+/// A small pool is not drawn from: each of these consecutive clients gets a
+/// port of the kernel's choosing, never the one the client before saw (a
+/// spoofer who learnt it could forge ACK 0 from a victim).
+#[test]
+fn consecutive_transfers_do_not_reuse_the_previous_port() {
+    let body = content(700, 8);
+    let Some(shard) = serve(&[("f", &body)]) else {
+        return;
+    };
+    let mut tids = Vec::new();
+    for _ in 0..12 {
+        tids.push(fetch(shard.addr, "f", &[]).expect_body(&body).tid);
+        // Let the shard see the final ACK and pool the socket.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut distinct = tids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), tids.len(), "a port came back: {tids:?}");
+    shard.stop();
+}
+
+/// A datagram longer than a session buffer arrives cut (MSG_TRUNC): it is
+/// ignored, not read as the ACK its first bytes look like.
+#[test]
+fn truncated_session_datagram_is_ignored() {
+    let body = content(2000, 10);
+    let Some(shard) = serve(&[("f", &body)]) else {
+        return;
+    };
+    let client = client_for(shard.addr);
+    client.send_to(&rrq("f", &[]), shard.addr).unwrap();
+    let mut buf = [0u8; 1024];
+    let (_, tid) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..4], &[0, 3, 0, 1]);
+    // "ACK 1" padded to 2000 bytes: more than the 1024-byte session buffer.
+    let mut long = ack(1).to_vec();
+    long.resize(2000, 0);
+    client.send_to(&long, tid).unwrap();
+    // Not taken as ACK 1: DATA 1 comes again (retransmission), not DATA 2.
+    let (n, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(from, tid);
+    assert_eq!(&buf[..4], &[0, 3, 0, 1], "{:?}", &buf[..n.min(8)]);
+    // A whole ACK 1 goes on as usual.
+    client.send_to(&ack(1), tid).unwrap();
+    let (_, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!((from, &buf[..4]), (tid, &[0u8, 3, 0, 2][..]));
     shard.stop();
 }
