@@ -440,6 +440,21 @@ impl<H: Clone> Endpoint<H> {
         )
     }
 
+    /// For the driver: a datagram at the listener longer than its buffer
+    /// (MSG_TRUNC). Refused as malformed, never parsed cut short.
+    pub fn refuse_oversized(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        if !self.admit_datagram(now, peer.ip()) {
+            self.refusals.by_reason[Refusal::RateLimited as usize] += 1;
+            return RequestOutcome::Ignored;
+        }
+        self.refuse_malformed(now, ErrorCode::IllegalOperation, "request too long", reply)
+    }
+
     /// A malformed or stray datagram, counted; its ERROR within the
     /// (stricter) limit for input that may be forged.
     fn refuse_malformed(

@@ -61,7 +61,7 @@ use crate::endpoint::{
     DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId, SessionView,
 };
 use crate::files::{FileData, FileRoot};
-use crate::proto::{self, ErrorCode};
+use crate::proto::ErrorCode;
 use crate::timer::TimerWheel;
 use bufring::BufRing;
 use ports::Idle;
@@ -969,6 +969,7 @@ impl Shard {
             let Some(peer) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
                 return;
             };
+            let oversized = out.is_payload_truncated();
             let (mut local, ifindex) = match net::parse_pktinfo(out.control_data()) {
                 Some(info) => (info.local, info.ifindex),
                 None => (net::canonical(bound).ip(), 0),
@@ -978,15 +979,21 @@ impl Shard {
             }
             let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex, now);
             self.counters.requests += 1;
-            let outcome = self.endpoint.handle_request(
-                now,
-                peer,
-                local,
-                mtu,
-                out.payload_data(),
-                &mut self.files,
-                &mut self.reply[..],
-            );
+            let outcome = if oversized {
+                self.counters.truncated += 1;
+                self.endpoint
+                    .refuse_oversized(now, peer, &mut self.reply[..])
+            } else {
+                self.endpoint.handle_request(
+                    now,
+                    peer,
+                    local,
+                    mtu,
+                    out.payload_data(),
+                    &mut self.files,
+                    &mut self.reply[..],
+                )
+            };
             (outcome, peer, local, ifindex, mtu)
         };
         match outcome {
@@ -1035,13 +1042,15 @@ impl Shard {
                 self.touch(id);
             }
             Err(_) => {
-                // EMFILE and friends: refuse from the listener.
+                // EMFILE and friends: refuse from the listener, within the
+                // endpoint's refusal limit.
                 self.counters.busy += 1;
-                let _ = self.endpoint.remove(id);
-                let n =
-                    proto::emit_error(ErrorCode::NotDefined, "server busy", &mut self.reply[..])
-                        .unwrap_or(0);
-                self.reply_from_listener(li, n, peer, local, ifindex);
+                let now = Instant::now();
+                if let RequestOutcome::Reply(n) =
+                    self.endpoint.refuse_busy(now, id, &mut self.reply[..])
+                {
+                    self.reply_from_listener(li, n, peer, local, ifindex);
+                }
             }
         }
     }
@@ -1605,7 +1614,7 @@ impl Shard {
             self.log(format!(
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
                  sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
-                 log_dropped={} pool_flushes={} truncated={}",
+                 log_dropped={} pool_flushes={} truncated={} {}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -1624,7 +1633,8 @@ impl Shard {
                 c.ring_dry,
                 c.log_dropped,
                 c.pool_flushes,
-                c.truncated
+                c.truncated,
+                self.endpoint.refusals()
             ));
             // The last lines out before the process may end; bounded, as
             // stderr may be stuck.
