@@ -1280,14 +1280,25 @@ impl Shard {
             let Some(p) = t.payload else {
                 return Some((t.header_len, None));
             };
-            let range = self
-                .endpoint
-                .session(id)
-                .and_then(|v| v.handle.range_ptr(p.offset, p.len));
+            let range = self.endpoint.session(id).and_then(|v| {
+                let h = v.handle;
+                // Before the final block (and each resend of it): if the
+                // file changed since it was mapped (rewritten in place), the
+                // blocks sent may mix two versions, so the client must not
+                // get the block that completes it. One fstat per transfer;
+                // netascii content is an in-memory snapshot and never
+                // reports a change.
+                let last = p.offset.checked_add(p.len as u64) == Some(h.len());
+                if last && h.changed_since_open() {
+                    return None;
+                }
+                h.range_ptr(p.offset, p.len)
+            });
             match range {
                 Some((ptr, len)) if len == p.len => return Some((t.header_len, Some((ptr, len)))),
-                // The mapping does not cover the block: the file shrank.
-                // Send the ERROR instead.
+                // The file changed before its final block, or the mapping
+                // does not cover the block (the file shrank): send the
+                // ERROR instead.
                 _ => self.endpoint.abort(
                     now,
                     id,
