@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use crate::endpoint::EndpointConfig;
 use crate::proto;
@@ -14,6 +14,26 @@ use crate::session::{Limits, MAX_WINDOWSIZE};
 
 /// The TFTP port.
 pub const DEFAULT_PORT: u16 = 69;
+
+// Upper bounds of the numeric flags: every time stays far from overflowing
+// an `Instant` (retries × RTO ceiling is at most 100 min), every size from
+// overflowing the kernel's `int`.
+/// Largest `--rto-min-ms`, `--rto-max-ms` and `--initial-rto-ms`.
+pub const MAX_RTO_MS: u64 = 60_000;
+/// Largest `--retries`.
+pub const MAX_RETRIES: u32 = 100;
+/// Largest `--shutdown-grace`, in seconds.
+pub const MAX_SHUTDOWN_GRACE_SECS: u64 = 3600;
+/// Largest `--open-cache-ms`.
+pub const MAX_OPEN_CACHE_MS: u64 = 3_600_000;
+/// Largest `--max-sessions` (each holds a socket).
+pub const MAX_SESSIONS: u32 = 1 << 20;
+/// Largest `--threads`.
+pub const MAX_THREADS: u16 = 1024;
+/// Largest `--rcvbuf`, in bytes.
+pub const MAX_RCVBUF: u64 = 1 << 30;
+/// Largest `--error-rate`, per second and thread.
+pub const MAX_ERROR_RATE: u32 = 1_000_000;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -48,49 +68,56 @@ pub struct Config {
     #[arg(short = 'p', long)]
     pub permissive: bool,
 
-    /// Retransmissions of one packet before a transfer is given up.
-    #[arg(long, default_value_t = 8)]
+    /// Retransmissions of one packet before a transfer is given up
+    /// (0..=100).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RETRIES)))]
     pub retries: u32,
 
     /// Floor of the adaptive retransmission timeout, in milliseconds. Below
-    /// ~100 ms, slow firmware's ACK jitter causes spurious resends.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    /// ~100 ms, slow firmware's ACK jitter causes spurious resends
+    /// (1..=60000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_RTO_MS))]
     pub rto_min_ms: u64,
 
-    /// Ceiling of the adaptive retransmission timeout, in milliseconds.
-    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Ceiling of the adaptive retransmission timeout, in milliseconds
+    /// (1..=60000, not below --rto-min-ms).
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=MAX_RTO_MS))]
     pub rto_max_ms: u64,
 
-    /// Retransmission timeout before the first RTT sample, in milliseconds.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Retransmission timeout before the first RTT sample, in milliseconds
+    /// (1..=60000; clamped to --rto-min-ms..=--rto-max-ms).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_RTO_MS))]
     pub initial_rto_ms: u64,
 
-    /// Most concurrent transfers, across all threads.
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Most concurrent transfers, across all threads (1..=1048576).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SESSIONS)))]
     pub max_sessions: u32,
 
-    /// Worker threads (shards); default: one per CPU this process may run on.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Worker threads (shards), 1..=1024; default: one per CPU this process
+    /// may run on.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_THREADS)))]
     pub threads: Option<u16>,
 
     /// Receive buffer of each listening socket, in bytes (absorbs bursts
-    /// of requests).
-    #[arg(long, default_value_t = 16 << 20)]
+    /// of requests); 0 keeps the system default, at most 1 GiB.
+    #[arg(long, default_value_t = 16 << 20,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_RCVBUF))]
     pub rcvbuf: usize,
 
     /// ERROR replies per second and thread to strangers and malformed
-    /// packets (a bound on reflected traffic).
-    #[arg(long, default_value_t = 100)]
+    /// packets (a bound on reflected traffic), 0..=1000000.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_ERROR_RATE)))]
     pub error_rate: u32,
 
     /// Milliseconds for which the result of opening a file name (the
-    /// file, or its refusal) is reused; 0 opens the file for every request.
-    #[arg(long, default_value_t = 1000)]
+    /// file, or its refusal) is reused; 0 opens the file for every request
+    /// (at most 3600000, an hour).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=MAX_OPEN_CACHE_MS))]
     pub open_cache_ms: u64,
 
     /// Seconds that running transfers may take to finish after SIGINT or
-    /// SIGTERM.
-    #[arg(long, default_value_t = 5)]
+    /// SIGTERM (at most 3600).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECS))]
     pub shutdown_grace: u64,
 
     /// No log line per finished transfer.
@@ -141,15 +168,41 @@ pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
 }
 
 impl Config {
+    /// Parses the command line and checks it, or prints clap's usage error
+    /// and exits with status 2.
+    pub fn parse_checked() -> Config {
+        let config = Config::parse();
+        if let Err(e) = config.check() {
+            e.exit();
+        }
+        config
+    }
+
+    /// Rejects combinations of flags that are each in range but do not fit
+    /// together (single values are bounded by their parsers).
+    pub fn check(&self) -> Result<(), clap::Error> {
+        if self.rto_min_ms > self.rto_max_ms {
+            return Err(Self::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "--rto-min-ms ({}) is above --rto-max-ms ({})",
+                    self.rto_min_ms, self.rto_max_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn limits(&self) -> Limits {
         let rto_min = Duration::from_millis(self.rto_min_ms);
+        let rto_max = Duration::from_millis(self.rto_max_ms).max(rto_min);
         Limits {
             max_blksize: self.max_blksize,
             max_windowsize: self.max_windowsize,
             mtu_clamp: !self.no_mtu_clamp,
-            initial_rto: Duration::from_millis(self.initial_rto_ms),
+            initial_rto: Duration::from_millis(self.initial_rto_ms).clamp(rto_min, rto_max),
             rto_min,
-            rto_max: Duration::from_millis(self.rto_max_ms).max(rto_min),
+            rto_max,
             retries: self.retries,
             ..Limits::default()
         }
@@ -205,5 +258,97 @@ mod tests {
         assert!(Config::try_parse_from(["ringtftpd", "--max-blksize", "7", "/tmp"]).is_err());
         assert!(Config::try_parse_from(["ringtftpd", "--max-windowsize", "0", "/tmp"]).is_err());
         assert_eq!(c.endpoint(3).max_sessions, 6667);
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let mut argv = vec!["ringtftpd"];
+        argv.extend_from_slice(args);
+        argv.push("/tmp");
+        let c = Config::try_parse_from(argv)?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// The message of a rejected command line, checked to name `flag`.
+    #[track_caller]
+    fn rejected(args: &[&str], flag: &str) {
+        match parse(args) {
+            Ok(c) => panic!("{args:?} accepted: {c:?}"),
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.contains(flag), "{args:?}: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn numeric_flags_are_bounded() {
+        // Each at its maximum is accepted ...
+        let c = parse(&[
+            "--rto-min-ms",
+            "60000",
+            "--rto-max-ms",
+            "60000",
+            "--initial-rto-ms",
+            "60000",
+            "--retries",
+            "100",
+            "--shutdown-grace",
+            "3600",
+            "--open-cache-ms",
+            "3600000",
+            "--max-sessions",
+            "1048576",
+            "--threads",
+            "1024",
+            "--rcvbuf",
+            "1073741824",
+            "--error-rate",
+            "1000000",
+        ])
+        .expect("maxima accepted");
+        // ... and builds durations that an Instant can take.
+        let l = c.limits();
+        let now = std::time::Instant::now();
+        let _ = now + l.initial_rto * (l.retries + 1) + l.rto_max * (l.retries + 1);
+        let _ = now + c.endpoint(1).open_cache_ttl + Duration::from_secs(c.shutdown_grace);
+        // ... one past it is refused, naming the flag.
+        for (flag, value) in [
+            ("--rto-min-ms", "60001"),
+            ("--rto-max-ms", "60001"),
+            ("--initial-rto-ms", "18446744073709551615"),
+            ("--initial-rto-ms", "0"),
+            ("--retries", "101"),
+            ("--shutdown-grace", "3601"),
+            ("--shutdown-grace", "18446744073709551615"),
+            ("--open-cache-ms", "3600001"),
+            ("--max-sessions", "1048577"),
+            ("--max-sessions", "0"),
+            ("--threads", "1025"),
+            ("--threads", "0"),
+            ("--rcvbuf", "1073741825"),
+            ("--error-rate", "1000001"),
+        ] {
+            rejected(&[flag, value], flag);
+        }
+        rejected(&["--retries=-1"], "--retries");
+    }
+
+    #[test]
+    fn inconsistent_rto_bounds_are_refused() {
+        rejected(
+            &["--rto-min-ms", "500", "--rto-max-ms", "400"],
+            "--rto-min-ms",
+        );
+        rejected(&["--rto-max-ms", "50"], "--rto-max-ms"); // default floor 100
+        let c = parse(&["--rto-min-ms", "400", "--rto-max-ms", "400"]).expect("equal bounds");
+        assert_eq!(c.limits().rto_min, c.limits().rto_max);
+        // An initial RTO outside the bounds is clamped into them.
+        let c = parse(&["--rto-min-ms", "2000"]).expect("floor above the initial RTO");
+        assert_eq!(c.limits().initial_rto, Duration::from_millis(2000));
+        let c = parse(&["--rto-max-ms", "500"]).expect("ceiling below the initial RTO");
+        assert_eq!(c.limits().initial_rto, Duration::from_millis(500));
+        let d = parse(&[]).expect("defaults");
+        assert_eq!(d.limits().initial_rto, Duration::from_millis(1000));
     }
 }

@@ -21,6 +21,14 @@
 //! taking SIGBUS, and the shard ends that one transfer with an ERROR.
 //! Netascii content is read with `pread` (never through a mapping) and
 //! translated in memory.
+//!
+//! A file rewritten in place (`cp new old`: truncate, then write) changes
+//! the pages under a mapping, so a transfer may have sent a mix of old and
+//! new bytes. A mapped content keeps its file open and what fstat said at
+//! open; [`FileData::changed_since_open`] compares, and the shard asks it
+//! before the final block of a transfer, so such a transfer ends with an
+//! ERROR instead of completing. Replacing by rename leaves the old inode's
+//! bytes alone: those transfers go on.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -31,7 +39,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{Advice, MmapOptions, MmapRaw};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
@@ -41,6 +49,12 @@ use crate::proto::{MAX_FILENAME_LEN, Mode};
 /// Largest source file served in netascii mode: its translation is held in
 /// memory (up to twice this size).
 pub const MAX_NETASCII_SOURCE: u64 = 64 * 1024 * 1024;
+
+/// How much of a newly mapped file the kernel is asked to read ahead at
+/// once (`MADV_WILLNEED`), so the first clients of a cold file fault less
+/// on the shard thread. Bounded: the advice itself allocates and submits
+/// the reads, and the kernel's own readahead follows the clients after it.
+pub const PREFETCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Fewest cache entries before a prune pass is considered.
 const MIN_PRUNE_AT: usize = 64;
@@ -96,15 +110,53 @@ impl Cache {
 
 /// The bytes of a file as sent: shared, immutable.
 enum Content {
+    /// Nothing to map: a consistent snapshot whatever happens later.
     Empty,
-    /// Octet: a read-only shared mapping, never read in user space.
-    Mapped(MmapRaw),
-    /// Netascii: the translated bytes.
+    /// Octet: a read-only shared mapping, never read in user space, with
+    /// the file (to fstat it again) and what fstat said when it was mapped.
+    Mapped {
+        map: MmapRaw,
+        file: File,
+        stamp: Stamp,
+    },
+    /// Netascii: the translated bytes, a snapshot in memory.
     Owned(Box<[u8]>),
 }
 
+/// What fstat says about a file's content, to tell whether it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    nlink: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            nlink: meta.nlink(),
+        }
+    }
+
+    /// Whether `now` may show different bytes than `self` did. Any write
+    /// moves mtime (and a truncate the size); ctime catches a write whose
+    /// mtime was set back (`cp -p`), but it also moves when the last link
+    /// goes (unlink, or a rename over the name), which leaves the bytes
+    /// alone: so ctime counts only while the link count is unchanged.
+    fn differs(&self, now: &Stamp) -> bool {
+        self.size != now.size
+            || self.mtime != now.mtime
+            || (self.nlink == now.nlink && self.ctime != now.ctime)
+    }
+}
+
 /// The content of one opened file, as sent. Cheap to clone (an `Arc`); the
-/// content stays valid while any clone lives. Holds no file descriptor.
+/// content stays valid while any clone lives. A mapped content holds its
+/// file's descriptor (one per live mapping, shared by all its clones).
 #[derive(Clone)]
 pub struct FileData {
     content: Arc<Content>,
@@ -114,7 +166,7 @@ impl std::fmt::Debug for FileData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &*self.content {
             Content::Empty => "empty",
-            Content::Mapped(_) => "mapped",
+            Content::Mapped { .. } => "mapped",
             Content::Owned(_) => "owned",
         };
         f.debug_struct("FileData")
@@ -129,7 +181,7 @@ impl FileData {
     pub fn len(&self) -> u64 {
         let n = match &*self.content {
             Content::Empty => 0,
-            Content::Mapped(m) => m.len(),
+            Content::Mapped { map, .. } => map.len(),
             Content::Owned(b) => b.len(),
         };
         n as u64
@@ -152,7 +204,7 @@ impl FileData {
         let end = start.checked_add(len)?;
         let base = match &*self.content {
             Content::Empty => NonNull::<u8>::dangling().as_ptr().cast_const(),
-            Content::Mapped(m) => m.as_ptr(),
+            Content::Mapped { map, .. } => map.as_ptr(),
             Content::Owned(b) => b.as_ptr(),
         };
         let total = self.len() as usize;
@@ -162,6 +214,22 @@ impl FileData {
         // wrapping_add: no dereference, and `start <= total` keeps it in
         // (or one past) the allocation anyway.
         Some((base.wrapping_add(start), len))
+    }
+
+    /// Whether the file may have changed since it was mapped, so that the
+    /// bytes sent from the mapping may mix two versions: its size, mtime or
+    /// (with the same link count) ctime differ now, or fstat fails. One
+    /// fstat; the shard asks before a transfer's final block. Netascii and
+    /// empty contents are snapshots in memory: never changed.
+    pub fn changed_since_open(&self) -> bool {
+        match &*self.content {
+            Content::Mapped { file, stamp, .. } => match file.metadata() {
+                Ok(meta) => stamp.differs(&Stamp::of(&meta)),
+                // Cannot tell: do not let a client accept what may be mixed.
+                Err(_) => true,
+            },
+            Content::Empty | Content::Owned(_) => false,
+        }
     }
 
     /// Whether two handles share one cached content (one mapping).
@@ -291,10 +359,33 @@ fn map_open_errno(e: Errno) -> OpenError {
         Errno::ENAMETOOLONG => OpenError::Denied("filename too long"),
         // A socket, or a device without a driver.
         Errno::ENXIO | Errno::ENODEV => OpenError::NotRegular,
-        Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM => {
-            OpenError::Unservable("server out of resources")
-        }
+        e if is_transient(e) => OpenError::Unservable(TRANSIENT),
         _ => OpenError::Unservable("cannot open file"),
+    }
+}
+
+/// The refusal sent for a transient failure (see [`is_transient`]).
+pub const TRANSIENT: &str = "server busy, try again later";
+
+/// Errors that say nothing about the file, only about this moment: out of
+/// descriptors (EMFILE, ENFILE) or memory (ENOMEM), a signal (EINTR), a
+/// race or a lock (EAGAIN, after retrying). A refusal for one of these must
+/// not be remembered by an open cache: the same request may succeed a
+/// moment later. They are refused as `Unservable(TRANSIENT)`, an ERROR 0,
+/// and the message is what tells them apart from lasting refusals.
+pub fn is_transient(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM | Errno::EINTR | Errno::EAGAIN
+    )
+}
+
+/// Maps a failure after opening (fstat, mmap, pread): transient as above,
+/// otherwise `Unservable(what)`.
+fn map_resource_error(what: &'static str) -> impl Fn(io::Error) -> OpenError {
+    move |e| match e.raw_os_error().map(Errno::from_raw) {
+        Some(errno) if is_transient(errno) => OpenError::Unservable(TRANSIENT),
+        _ => OpenError::Unservable(what),
     }
 }
 
@@ -381,26 +472,30 @@ fn read_exact_size(file: &File, size: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn build_content(file: &File, size: u64, mode: Mode) -> Result<(Content, bool), OpenError> {
-    if size == 0 {
+fn build_content(file: File, stamp: Stamp, mode: Mode) -> Result<(Content, bool), OpenError> {
+    if stamp.size == 0 {
         return Ok((Content::Empty, true));
     }
-    let len = usize::try_from(size).map_err(|_| OpenError::Unservable("file too large"))?;
+    let len = usize::try_from(stamp.size).map_err(|_| OpenError::Unservable("file too large"))?;
     match mode {
         Mode::Octet => {
             // map_raw_read_only never hands out references, so no unsafe:
             // we only ever pass raw pointers to the kernel.
             let map = MmapOptions::new()
                 .len(len)
-                .map_raw_read_only(file)
-                .map_err(|_| OpenError::Unservable("cannot map file"))?;
-            // No MADV_SEQUENTIAL: it lets the kernel drop pages behind the
-            // reader, and a boot file is read by thousands of clients.
-            Ok((Content::Mapped(map), true))
+                .map_raw_read_only(&file)
+                .map_err(map_resource_error("cannot map file"))?;
+            // Start reading the head of a cold file now, asynchronously,
+            // rather than one page fault at a time in the shard's sends. No
+            // MADV_SEQUENTIAL: it lets the kernel drop pages behind the
+            // reader, and a boot file is read by thousands of clients. A
+            // failed advice costs only speed.
+            let _ = map.advise_range(Advice::WillNeed, 0, len.min(PREFETCH_BYTES));
+            Ok((Content::Mapped { map, file, stamp }, true))
         }
         Mode::Netascii => {
-            let raw = read_exact_size(file, len)
-                .map_err(|_| OpenError::Unservable("cannot read file"))?;
+            let raw =
+                read_exact_size(&file, len).map_err(map_resource_error("cannot read file"))?;
             // A short read means the file changed under us: serve it, but do
             // not cache it under the old key.
             let complete = raw.len() == len;
@@ -423,24 +518,24 @@ impl FileSource for FileRoot {
         let file = self.open_in_root(rel)?;
         let meta = file
             .metadata()
-            .map_err(|_| OpenError::Unservable("cannot stat file"))?;
+            .map_err(map_resource_error("cannot stat file"))?;
         if meta.mode() & libc::S_IFMT != libc::S_IFREG {
             return Err(OpenError::NotRegular);
         }
         if !self.inner.permissive && meta.mode() & libc::S_IROTH == 0 {
             return Err(OpenError::NotReadable);
         }
-        let size = meta.size();
+        let stamp = Stamp::of(&meta);
         let netascii = mode == Mode::Netascii;
-        if netascii && size > MAX_NETASCII_SOURCE {
+        if netascii && stamp.size > MAX_NETASCII_SOURCE {
             return Err(OpenError::Unservable("file too large for netascii"));
         }
         let key = Key {
             dev: meta.dev(),
             ino: meta.ino(),
-            size,
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
+            size: stamp.size,
+            mtime: stamp.mtime,
+            ctime: stamp.ctime,
             netascii,
         };
         if let Some(content) = self.cache().get(&key) {
@@ -450,8 +545,8 @@ impl FileSource for FileRoot {
         }
         // Build outside the lock: a netascii read may take a while and
         // must not stall other shards' opens.
-        let (content, cacheable) = build_content(&file, size, mode)?;
-        drop(file); // the mapping or the copy is enough from here on
+        // A mapping keeps the file open (to fstat it later); a copy drops it.
+        let (content, cacheable) = build_content(file, stamp, mode)?;
         let mut content = Arc::new(content);
         if cacheable {
             let mut cache = self.cache();
@@ -907,5 +1002,173 @@ mod tests {
             FileRoot::open(&f.outside, false).is_err(),
             "a file is not a root"
         );
+    }
+
+    /// Rewrites `path` in place as `cp` does: truncate, then write.
+    fn rewrite_in_place(path: &Path, bytes: &[u8]) {
+        use std::io::Write;
+        let mut h = File::options()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .expect("open for rewrite");
+        h.write_all(bytes).expect("rewrite");
+    }
+
+    /// Timestamps may be as coarse as a kernel tick (before multigrain
+    /// timestamps): let one pass, so a change shows in mtime and ctime.
+    fn next_tick() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    #[test]
+    fn rewrite_in_place_is_a_change_but_replacing_by_rename_is_not() {
+        let f = fixture();
+        let path = f.root_dir.join("boot.img");
+        write_file(&path, &[1u8; 5000]);
+        let mut r = root(&f, false);
+        let d = open(&mut r, b"boot.img", Mode::Octet).expect("open");
+        let text = open(&mut r, b"boot.img", Mode::Netascii).expect("open netascii");
+        assert!(!d.changed_since_open());
+        // A hard link moves ctime, not the bytes.
+        next_tick();
+        fs::hard_link(&path, f.root_dir.join("link")).expect("link");
+        assert!(!d.changed_since_open(), "a new link is no change");
+        // Same length, other bytes: caught by mtime (the size is the same).
+        next_tick();
+        rewrite_in_place(&path, &[2u8; 5000]);
+        assert!(d.changed_since_open(), "rewritten in place");
+        // The netascii copy is a snapshot: still the old bytes.
+        assert!(!text.changed_since_open());
+        assert_eq!(text.read_all_for_test(), vec![1u8; 5000]);
+
+        // `cp -p`: rewritten, then the old mtime set back; ctime shows it.
+        let p2 = f.root_dir.join("kernel");
+        write_file(&p2, &[3u8; 4096]);
+        let mtime = fs::metadata(&p2).and_then(|m| m.modified()).expect("mtime");
+        let k = open(&mut r, b"kernel", Mode::Octet).expect("open");
+        next_tick();
+        rewrite_in_place(&p2, &[4u8; 4096]);
+        File::options()
+            .write(true)
+            .open(&p2)
+            .and_then(|h| h.set_modified(mtime))
+            .expect("set mtime back");
+        assert_eq!(
+            fs::metadata(&p2).and_then(|m| m.modified()).ok(),
+            Some(mtime)
+        );
+        assert!(k.changed_since_open(), "mtime restored, ctime moved");
+
+        // Truncated: the size differs.
+        let p3 = f.root_dir.join("initrd");
+        write_file(&p3, &[5u8; 4096]);
+        let t = open(&mut r, b"initrd", Mode::Octet).expect("open");
+        File::options()
+            .write(true)
+            .open(&p3)
+            .and_then(|h| h.set_len(100))
+            .expect("truncate");
+        assert!(t.changed_since_open(), "truncated");
+
+        // Replaced by rename, or deleted: the old inode's bytes stay, and
+        // so does its snapshot (its ctime moves with its last link).
+        let p4 = f.root_dir.join("pxelinux.0");
+        write_file(&p4, &[6u8; 3000]);
+        let old = open(&mut r, b"pxelinux.0", Mode::Octet).expect("open");
+        next_tick();
+        let tmp = f.root_dir.join(".pxelinux.0.new");
+        write_file(&tmp, &[7u8; 3000]);
+        fs::rename(&tmp, &p4).expect("rename");
+        assert!(!old.changed_since_open(), "replaced by rename");
+        assert_eq!(old.read_all_for_test(), vec![6u8; 3000]);
+        let new = open(&mut r, b"pxelinux.0", Mode::Octet).expect("reopen");
+        assert_eq!(new.read_all_for_test(), vec![7u8; 3000]);
+        next_tick();
+        fs::remove_file(&p4).expect("unlink");
+        assert!(!new.changed_since_open(), "deleted");
+
+        // An empty file has nothing mapped: a snapshot too.
+        let p5 = f.root_dir.join("empty");
+        write_file(&p5, b"");
+        let e = open(&mut r, b"empty", Mode::Octet).expect("open");
+        next_tick();
+        rewrite_in_place(&p5, b"now with bytes");
+        assert!(!e.changed_since_open());
+    }
+
+    #[test]
+    fn transient_errors_are_told_apart_from_refusals() {
+        for e in [
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOMEM,
+            Errno::EINTR,
+            Errno::EAGAIN,
+        ] {
+            assert!(is_transient(e), "{e}");
+            assert_eq!(map_open_errno(e), OpenError::Unservable(TRANSIENT), "{e}");
+            let io = io::Error::from_raw_os_error(e as i32);
+            assert_eq!(
+                map_resource_error("cannot map file")(io),
+                OpenError::Unservable(TRANSIENT)
+            );
+        }
+        for e in [Errno::ENOENT, Errno::EACCES, Errno::EIO, Errno::ELOOP] {
+            assert!(!is_transient(e), "{e}");
+            assert_ne!(map_open_errno(e), OpenError::Unservable(TRANSIENT), "{e}");
+        }
+        assert_eq!(
+            map_resource_error("cannot map file")(io::Error::from_raw_os_error(libc::ENODEV)),
+            OpenError::Unservable("cannot map file")
+        );
+    }
+
+    /// How many of the first `pages` pages of `map` are in the page cache.
+    fn resident_pages(map: &MmapRaw, pages: usize) -> usize {
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range is inside the live mapping (page-aligned start);
+        // mincore only reads the page tables and writes `pages` bytes.
+        let rc = unsafe { libc::mincore(map.as_mut_ptr().cast(), pages * 4096, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    #[test]
+    fn a_new_mapping_is_prefetched() {
+        let f = fixture();
+        let path = f.root_dir.join("cold.img");
+        let len = 4 << 20;
+        write_file(&path, &vec![9u8; len]);
+        // Make it cold: written back, then its pages dropped.
+        let h = File::open(&path).expect("open");
+        h.sync_all().expect("fsync");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&h);
+        // SAFETY: plain syscall on our own descriptor.
+        let rc = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        let pages = len / 4096;
+        // A mapping of our own, never advised nor touched: is the file cold?
+        let probe = MmapOptions::new()
+            .len(len)
+            .map_raw_read_only(&h)
+            .expect("probe map");
+        if resident_pages(&probe, pages) > pages / 8 {
+            eprintln!("SKIP: the page cache keeps this file (tmpfs?)");
+            return;
+        }
+        let mut r = root(&f, false);
+        let d = open(&mut r, b"cold.img", Mode::Octet).expect("open");
+        let Content::Mapped { map, .. } = &*d.content else {
+            panic!("not mapped");
+        };
+        // Readahead is asynchronous: give it a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut resident = resident_pages(map, pages);
+        while resident < pages && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            resident = resident_pages(map, pages);
+        }
+        assert_eq!(resident, pages, "pages resident after open, of {pages}");
     }
 }

@@ -1,7 +1,5 @@
-use clap::Parser;
-
 fn main() {
-    let config = ringtftpd::config::Config::parse();
+    let config = ringtftpd::config::Config::parse_checked();
     if let Err(e) = ringtftpd::server::run(&config) {
         eprintln!("ringtftpd: {e}");
         std::process::exit(1);

@@ -184,14 +184,58 @@ impl Server {
     }
 }
 
+/// What `run` woke up for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// SIGINT or SIGTERM.
+    Stop(Signal),
+    /// A shard thread ended without being asked to (it queued SIGUSR1 with
+    /// its index to this process).
+    ShardDied(usize),
+}
+
+/// Waits for one of `signals` (blocked in every thread). A SIGUSR1 counts
+/// as a shard's death only when this process queued it (`sigqueue` from a
+/// shard thread); one sent from outside is ignored.
+fn wait_wake(signals: &SigSet) -> io::Result<Wake> {
+    loop {
+        // SAFETY: siginfo_t is plain data; sigwaitinfo fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid set and a valid out-pointer.
+        let rc = unsafe { libc::sigwaitinfo(signals.as_ref(), &mut info) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        match Signal::try_from(rc) {
+            Ok(Signal::SIGUSR1) => {
+                // SAFETY: for SI_QUEUE the kernel set si_pid and si_value.
+                let (pid, value) = unsafe { (info.si_pid(), info.si_value()) };
+                if info.si_code == libc::SI_QUEUE && pid == std::process::id() as libc::pid_t {
+                    return Ok(Wake::ShardDied(value.sival_ptr as usize));
+                }
+                eprintln!("ringtftpd: SIGUSR1 from pid {pid} ignored");
+            }
+            Ok(signal) => return Ok(Wake::Stop(signal)),
+            Err(_) => {}
+        }
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM, then drains it. A second
-/// signal exits at once.
+/// signal exits at once. A shard that dies (a panic, its ring failing)
+/// drains the others the same way and makes `run` fail, so the process
+/// exits non-zero and a service manager can restart it.
 pub fn run(config: &Config) -> io::Result<()> {
     // Block the signals before any thread starts, so that every thread
-    // inherits the mask and only `wait` below receives them.
+    // inherits the mask and only `wait_wake` below receives them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGUSR1);
     signals.thread_block().map_err(io::Error::from)?;
     if let Err(e) = raise_nofile_limit() {
         eprintln!("ringtftpd: warning: cannot raise RLIMIT_NOFILE: {e}");
@@ -207,19 +251,38 @@ pub fn run(config: &Config) -> io::Result<()> {
         listening.join(", "),
         server.shards.len()
     );
-    let signal = signals.wait().map_err(io::Error::from)?;
-    eprintln!(
-        "ringtftpd: {signal}: finishing transfers (up to {} s)",
-        config.shutdown_grace
-    );
+    let died = match wait_wake(&signals)? {
+        Wake::Stop(signal) => {
+            eprintln!(
+                "ringtftpd: {signal}: finishing transfers (up to {} s)",
+                config.shutdown_grace
+            );
+            None
+        }
+        Wake::ShardDied(index) => {
+            eprintln!(
+                "ringtftpd: shard {index} died: stopping, finishing the other transfers (up to {} s)",
+                config.shutdown_grace
+            );
+            Some(index)
+        }
+    };
     server.shut_down();
     std::thread::spawn(move || {
-        if signals.wait().is_ok() {
-            eprintln!("ringtftpd: second signal: exiting now");
-            std::process::exit(130);
+        // Another shard dying meanwhile changes nothing; a signal ends it.
+        while let Ok(wake) = wait_wake(&signals) {
+            if let Wake::Stop(_) = wake {
+                eprintln!("ringtftpd: second signal: exiting now");
+                std::process::exit(130);
+            }
         }
     });
-    server.join()?;
+    let joined = server.join();
+    if let Some(index) = died {
+        let why = joined.err().map(|e| format!(": {e}")).unwrap_or_default();
+        return Err(io::Error::other(format!("shard {index} died{why}")));
+    }
+    joined?;
     eprintln!("ringtftpd: stopped");
     Ok(())
 }

@@ -177,7 +177,9 @@ impl PreparedShard {
         )?);
         let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
         let thread_wake = Arc::clone(&wake);
-        let name = format!("shard-{}", config.index);
+        let index = config.index;
+        let name = format!("shard-{index}");
+        let panic_hook = test_panic_hook(index);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let mut shard = match Shard::new(config, tuning, ring, thread_wake) {
                 Ok(shard) => {
@@ -190,7 +192,27 @@ impl PreparedShard {
                     return Err(io::Error::new(kind, "shard set-up failed"));
                 }
             };
-            shard.run()
+            if panic_hook {
+                TEST_PANIC_SHARD.store(index + 1, std::sync::atomic::Ordering::Relaxed);
+            }
+            // `run` returns Ok only after a requested shutdown; an error or
+            // a panic leaves this thread serving nothing: report it.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run())) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    report_death(index, &e.to_string());
+                    Err(e)
+                }
+                Err(payload) => {
+                    let why = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    report_death(index, &format!("panicked: {why}"));
+                    std::panic::resume_unwind(payload)
+                }
+            }
         })?;
         match rx.recv() {
             Ok(Ok(())) => Ok(ShardHandle { wake, thread }),
@@ -203,6 +225,34 @@ impl PreparedShard {
                 Err(io::Error::other("shard thread died during set-up"))
             }
         }
+    }
+}
+
+/// Test hook, off unless the environment names a shard: with
+/// `RINGTFTPD_TEST_PANIC_SHARD=N`, shard N panics when it first sends a
+/// transfer's packet, so tests can check that a dead shard is noticed.
+/// Holds N + 1 once armed (0: off); one relaxed load per polled transmit.
+static TEST_PANIC_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether `RINGTFTPD_TEST_PANIC_SHARD` names shard `index`.
+fn test_panic_hook(index: usize) -> bool {
+    std::env::var("RINGTFTPD_TEST_PANIC_SHARD").is_ok_and(|v| v.trim().parse() == Ok(index))
+}
+
+/// Logs that shard `index` ended without being asked to, and tells
+/// `server::run`: a SIGUSR1 queued to the process with the shard's index,
+/// sent only where SIGUSR1 is blocked (run blocks it and waits for it), so
+/// that a process not expecting it is not killed by it.
+fn report_death(index: usize, why: &str) {
+    eprintln!("ringtftpd: shard {index} died: {why}");
+    let blocked = nix::sys::signal::SigSet::thread_get_mask()
+        .is_ok_and(|m| m.contains(nix::sys::signal::Signal::SIGUSR1));
+    if blocked {
+        let value = libc::sigval {
+            sival_ptr: index as *mut libc::c_void,
+        };
+        // SAFETY: plain syscall; the value is an integer, never dereferenced.
+        unsafe { libc::sigqueue(libc::getpid(), libc::SIGUSR1, value) };
     }
 }
 
@@ -1358,19 +1408,33 @@ impl Shard {
         id: SessionId,
         buf: &mut [u8],
     ) -> Option<(usize, Option<(*const u8, usize)>)> {
+        if TEST_PANIC_SHARD.load(std::sync::atomic::Ordering::Relaxed) == self.index + 1 {
+            panic!("RINGTFTPD_TEST_PANIC_SHARD={}", self.index);
+        }
         loop {
             let t = self.endpoint.poll_transmit(now, id, buf)?;
             let Some(p) = t.payload else {
                 return Some((t.header_len, None));
             };
-            let range = self
-                .endpoint
-                .session(id)
-                .and_then(|v| v.handle.range_ptr(p.offset, p.len));
+            let range = self.endpoint.session(id).and_then(|v| {
+                let h = v.handle;
+                // Before the final block (and each resend of it): if the
+                // file changed since it was mapped (rewritten in place), the
+                // blocks sent may mix two versions, so the client must not
+                // get the block that completes it. One fstat per transfer;
+                // netascii content is an in-memory snapshot and never
+                // reports a change.
+                let last = p.offset.checked_add(p.len as u64) == Some(h.len());
+                if last && h.changed_since_open() {
+                    return None;
+                }
+                h.range_ptr(p.offset, p.len)
+            });
             match range {
                 Some((ptr, len)) if len == p.len => return Some((t.header_len, Some((ptr, len)))),
-                // The mapping does not cover the block: the file shrank.
-                // Send the ERROR instead.
+                // The file changed before its final block, or the mapping
+                // does not cover the block (the file shrank): send the
+                // ERROR instead.
                 _ => self.endpoint.abort(
                     now,
                     id,

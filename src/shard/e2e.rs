@@ -660,3 +660,30 @@ fn truncated_session_datagram_is_ignored() {
     assert_eq!((from, &buf[..4]), (tid, &[0u8, 3, 0, 2][..]));
     shard.stop();
 }
+
+#[test]
+fn file_rewritten_in_place_ends_the_transfer_with_an_error_not_the_final_block() {
+    // 10 blocks; same length after the rewrite, so no fault and no short
+    // mapping: only the change check can stop it.
+    let old = content(5000, 10);
+    let new = content(5000, 11);
+    assert_ne!(old, new);
+    let Some(shard) = serve(&[("boot.img", &old)]) else {
+        return;
+    };
+    let path = shard.root.path().join("boot.img");
+    let got = fetch_with(shard.addr, "boot.img", &[], |_, block| {
+        if block == 2 {
+            // Paused mid-file (block 2 not yet acknowledged): rewrite in
+            // place as `cp new old` does, a tick after the open so the
+            // timestamps can move even where they are coarse.
+            std::thread::sleep(Duration::from_millis(20));
+            fs::write(&path, &new).unwrap();
+        }
+    });
+    assert_eq!(got.expect_error(0).message, "file changed during transfer");
+    // The shard goes on, and serves the new version whole.
+    std::thread::sleep(Duration::from_millis(1100)); // past the open cache
+    fetch(shard.addr, "boot.img", &[]).expect_body(&new);
+    shard.stop();
+}

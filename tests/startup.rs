@@ -1,0 +1,202 @@
+//! The binary at start-up and when a shard dies: bad flags are refused
+//! with a message naming the flag, and a dead shard takes the process down
+//! with a non-zero status, so a service manager restarts it. Every wait is
+//! bounded.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ringtftpd"))
+}
+
+/// Waits up to `limit` for `child` to exit; kills it (by its PID) and
+/// fails if it does not.
+#[track_caller]
+fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn out_of_range_and_inconsistent_flags_exit_non_zero_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--shutdown-grace", "18446744073709551615"],
+            "--shutdown-grace",
+        ),
+        (&["--initial-rto-ms", "99999999999999"], "--initial-rto-ms"),
+        (&["--rto-max-ms", "60001"], "--rto-max-ms"),
+        (&["--retries", "1000"], "--retries"),
+        (
+            &["--open-cache-ms", "18446744073709551615"],
+            "--open-cache-ms",
+        ),
+        (
+            &["--rto-min-ms", "500", "--rto-max-ms", "400"],
+            "--rto-min-ms",
+        ),
+    ];
+    for (args, flag) in cases {
+        let mut child = binary()
+            .args(*args)
+            .args(["--address", "127.0.0.1:0"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringtftpd");
+        // Before the fix some of these started serving: bounded wait.
+        let status = wait_exit(&mut child, Duration::from_secs(5));
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        assert!(!status.success(), "{args:?}: exited {status}");
+        assert_eq!(status.code(), Some(2), "{args:?}: clap's usage status");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}
+
+/// Forwards `child`'s stderr lines to a channel (and to the test's stderr).
+fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("server: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The address in the "serving DIR on ADDR with N thread(s)" line.
+fn serving_address(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = lines.recv_timeout(left) else {
+            break;
+        };
+        seen.push(line.clone());
+        if let Some(rest) = line.split(" on ").nth(1)
+            && let Some(addr) = rest.split(' ').next()
+            && let Ok(addr) = addr.trim_end_matches(',').parse()
+        {
+            return addr;
+        }
+    }
+    panic!("no 'serving' line: {seen:?}");
+}
+
+#[test]
+fn a_dead_shard_is_logged_and_the_process_exits_non_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("boot.img"), vec![7u8; 4000]).expect("write");
+    let mut child = binary()
+        .env("RINGTFTPD_TEST_PANIC_SHARD", "0")
+        .args(["--address", "127.0.0.1:0", "--threads", "1"])
+        .args(["--shutdown-grace", "1", "--permissive"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringtftpd");
+    let lines = stderr_lines(&mut child);
+    let mut seen = Vec::new();
+    let addr = serving_address(&lines, &mut seen);
+    // The first transfer makes shard 0 panic (the hook).
+    let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    client
+        .send_to(b"\0\x01boot.img\0octet\0", addr)
+        .expect("send RRQ");
+    let asked = Instant::now();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let took = asked.elapsed();
+    // The reader thread ends with the pipe.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        seen.push(line);
+    }
+    assert!(!status.success(), "exited {status}: {seen:?}");
+    assert_eq!(status.code(), Some(1), "{seen:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?} to exit after the shard died"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("shard 0 died: panicked: RINGTFTPD_TEST_PANIC_SHARD=0")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.last().is_some_and(|l| l.contains("shard 0 died")),
+        "the last word names the dead shard: {seen:?}"
+    );
+}
+
+#[test]
+fn sigusr1_from_outside_is_ignored_and_sigterm_still_stops_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("f"), vec![1u8; 100]).expect("write");
+    let mut child = binary()
+        .args(["--address", "127.0.0.1:0", "--threads", "1", "--permissive"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringtftpd");
+    let lines = stderr_lines(&mut child);
+    let mut seen = Vec::new();
+    let addr = serving_address(&lines, &mut seen);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Not queued by the server itself: no shard died.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("SIGUSR1");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(child.try_wait().expect("try_wait").is_none(), "{seen:?}");
+    let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    client.send_to(b"\0\x01f\0octet\0", addr).expect("send RRQ");
+    let mut buf = [0u8; 600];
+    let (n, tid) = client.recv_from(&mut buf).expect("DATA 1");
+    assert_eq!(&buf[..4], &[0, 3, 0, 1], "{:?}", &buf[..n]);
+    client.send_to(&[0, 4, 0, 1], tid).expect("ACK 1");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        seen.push(line);
+    }
+    assert!(status.success(), "exited {status}: {seen:?}");
+    assert!(
+        seen.iter().any(|l| l.contains("SIGUSR1 from pid")),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|l| l.contains("died")), "{seen:?}");
+    assert!(
+        seen.last().is_some_and(|l| l.contains("stopped")),
+        "{seen:?}"
+    );
+}
