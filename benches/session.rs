@@ -157,6 +157,7 @@ fn endpoint_session(
         error_replies_per_sec: 10,
         error_reply_burst: 5,
         open_cache_ttl: Duration::ZERO,
+        ..EndpointConfig::default()
     });
     let mut rrq = [0u8; 128];
     let n = Packet::Rrq(Request {

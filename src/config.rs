@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser};
 
 use crate::endpoint::EndpointConfig;
 use crate::proto;
-use crate::session::{Limits, MAX_WINDOWSIZE};
+use crate::session::{self, Limits, MAX_WINDOWSIZE};
 
 /// The TFTP port.
 pub const DEFAULT_PORT: u16 = 69;
@@ -73,11 +73,34 @@ pub struct Config {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RETRIES)))]
     pub retries: u32,
 
-    /// Floor of the adaptive retransmission timeout, in milliseconds. Below
-    /// ~100 ms, slow firmware's ACK jitter causes spurious resends
-    /// (1..=60000).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_RTO_MS))]
+    /// Starting floor of each transfer's adaptive retransmission timeout,
+    /// in milliseconds (1..=60000). Low, so a loss on a LAN costs
+    /// milliseconds; a transfer raises its own floor when a resend proves
+    /// spurious (slow firmware's ACK jitter).
+    #[arg(long, default_value_t = session::DEFAULT_RTO_MIN_MS, value_parser = clap::value_parser!(u64).range(1..=MAX_RTO_MS))]
     pub rto_min_ms: u64,
+
+    /// Seconds a transfer may go without progress before it is given up,
+    /// whatever its retries and timeouts say (1..=3600).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub max_stall_secs: u64,
+
+    /// Most concurrent transfers from one client address (approximate
+    /// across threads: each thread allows its share), 1..=1048576.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SESSIONS)))]
+    pub max_per_client: u32,
+
+    /// Requests per second accepted from one client address, per thread;
+    /// beyond it (after a burst of four times as many) requests are dropped
+    /// unanswered, and the client's own retry brings them back. 0: no limit.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub request_rate: u32,
+
+    /// ERROR replies per second and thread refusing well-formed requests
+    /// (missing file, denied, busy), 1..=1000000: high enough for a boot
+    /// storm's probes of missing per-MAC configs.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub refusal_rate: u32,
 
     /// Ceiling of the adaptive retransmission timeout, in milliseconds
     /// (1..=60000, not below --rto-min-ms).
@@ -204,7 +227,7 @@ impl Config {
             rto_min,
             rto_max,
             retries: self.retries,
-            ..Limits::default()
+            max_stall: Duration::from_secs(self.max_stall_secs),
         }
     }
 
@@ -217,7 +240,10 @@ impl Config {
             error_replies_per_sec: self.error_rate,
             error_reply_burst: self.error_rate.max(1),
             open_cache_ttl: Duration::from_millis(self.open_cache_ms),
-            ..EndpointConfig::default()
+            max_sessions_per_client: self.max_per_client.div_ceil(shards) as usize,
+            requests_per_sec_per_client: self.request_rate,
+            request_burst_per_client: self.request_rate.saturating_mul(4),
+            refusal_replies_per_sec: self.refusal_rate,
         }
     }
 }

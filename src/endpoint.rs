@@ -84,8 +84,8 @@ impl Default for EndpointConfig {
             error_reply_burst: 100,
             open_cache_ttl: Duration::from_secs(1),
             max_sessions_per_client: 256,
-            requests_per_sec_per_client: 200,
-            request_burst_per_client: 400,
+            requests_per_sec_per_client: 1000,
+            request_burst_per_client: 4000,
             refusal_replies_per_sec: 20_000,
         }
     }

@@ -359,7 +359,7 @@ fn map_open_errno(e: Errno) -> OpenError {
         Errno::ENAMETOOLONG => OpenError::Denied("filename too long"),
         // A socket, or a device without a driver.
         Errno::ENXIO | Errno::ENODEV => OpenError::NotRegular,
-        e if is_transient(e) => OpenError::Unservable(TRANSIENT),
+        e if is_transient(e) => OpenError::Transient(TRANSIENT),
         _ => OpenError::Unservable("cannot open file"),
     }
 }
@@ -371,7 +371,7 @@ pub const TRANSIENT: &str = "server busy, try again later";
 /// descriptors (EMFILE, ENFILE) or memory (ENOMEM), a signal (EINTR), a
 /// race or a lock (EAGAIN, after retrying). A refusal for one of these must
 /// not be remembered by an open cache: the same request may succeed a
-/// moment later. They are refused as `Unservable(TRANSIENT)`, an ERROR 0,
+/// moment later. They are refused as `Transient(TRANSIENT)` (ERROR 0, never cached),
 /// and the message is what tells them apart from lasting refusals.
 pub fn is_transient(e: Errno) -> bool {
     matches!(
@@ -384,7 +384,7 @@ pub fn is_transient(e: Errno) -> bool {
 /// otherwise `Unservable(what)`.
 fn map_resource_error(what: &'static str) -> impl Fn(io::Error) -> OpenError {
     move |e| match e.raw_os_error().map(Errno::from_raw) {
-        Some(errno) if is_transient(errno) => OpenError::Unservable(TRANSIENT),
+        Some(errno) if is_transient(errno) => OpenError::Transient(TRANSIENT),
         _ => OpenError::Unservable(what),
     }
 }
@@ -1107,16 +1107,16 @@ mod tests {
             Errno::EAGAIN,
         ] {
             assert!(is_transient(e), "{e}");
-            assert_eq!(map_open_errno(e), OpenError::Unservable(TRANSIENT), "{e}");
+            assert_eq!(map_open_errno(e), OpenError::Transient(TRANSIENT), "{e}");
             let io = io::Error::from_raw_os_error(e as i32);
             assert_eq!(
                 map_resource_error("cannot map file")(io),
-                OpenError::Unservable(TRANSIENT)
+                OpenError::Transient(TRANSIENT)
             );
         }
         for e in [Errno::ENOENT, Errno::EACCES, Errno::EIO, Errno::ELOOP] {
             assert!(!is_transient(e), "{e}");
-            assert_ne!(map_open_errno(e), OpenError::Unservable(TRANSIENT), "{e}");
+            assert_ne!(map_open_errno(e), OpenError::Transient(TRANSIENT), "{e}");
         }
         assert_eq!(
             map_resource_error("cannot map file")(io::Error::from_raw_os_error(libc::ENODEV)),

@@ -55,6 +55,12 @@ impl Server {
                 "--threads".into(),
                 "1".into(),
                 "-q".into(),
+                // Every simulated client shares 127.0.0.1: lift the
+                // per-address cap and rate, which would take them for one.
+                "--max-per-client".into(),
+                "1048576".into(),
+                "--request-rate".into(),
+                "0".into(),
                 root,
             ],
             // Drops to nobody; forks a process per transfer.
