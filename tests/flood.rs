@@ -36,7 +36,8 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Ceilings, far above what a healthy server needs (see the figures in
 /// docs/robustness/churn-flood-soak.md) and far below a leak of one
-/// descriptor or one buffer per datagram.
+/// descriptor or one buffer per datagram. Without a per-client session cap
+/// every never-ACKed RRQ holds a socket: the 50,000 flood then needs ~12,000.
 const MAX_RSS_KIB: u64 = 256 * 1024;
 const MAX_FDS: usize = 4096;
 /// Legitimate transfers: the slowest may take this long (RRQ retries
