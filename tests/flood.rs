@@ -17,7 +17,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,10 @@ const LEGIT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 9);
 const FLOOD_DEADLINE: Duration = Duration::from_secs(20);
 /// Longest wait for the flood's abandoned sessions to give up.
 const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+/// Shortest wait: twice the give-up time of a session that never hears
+/// back under the server flags `flood` uses (0.2 + 0.4 + 3 x 0.8 s, and
+/// the last wait).
+const SETTLE_MIN: Duration = Duration::from_secs(8);
 
 /// Ceilings, far above what a healthy server needs (see the figures in
 /// docs/robustness/churn-flood-soak.md) and far below a leak of one
@@ -225,6 +229,8 @@ struct LegitRun {
     /// Transfers started after it (up to `min` in all).
     after: Vec<Duration>,
     retried: u32,
+    /// "name options latency" of each transfer, in order.
+    log: Vec<String>,
 }
 
 /// Downloads files from `LEGIT_IP` until `stop` (at least `min` of them);
@@ -234,12 +240,17 @@ fn legit_client(
     files: Vec<(&'static str, Vec<u8>)>,
     stop: Arc<AtomicBool>,
     min: usize,
+    ready: Arc<Barrier>,
 ) -> Result<LegitRun, String> {
+    // The flood starts only once this thread runs, so its first transfer
+    // overlaps the flood however threads are scheduled.
+    ready.wait();
     let start = Instant::now();
     let mut run = LegitRun {
         during: Vec::new(),
         after: Vec::new(),
         retried: 0,
+        log: Vec::new(),
     };
     for i in 0..10_000 {
         let flooding = !stop.load(Ordering::Relaxed);
@@ -254,6 +265,9 @@ fn legit_client(
         };
         let t = Instant::now();
         let (got, rrqs) = get_from(LEGIT_IP.into(), server, name, opts)?;
+        let took = t.elapsed();
+        let when = if flooding { "during" } else { "after" };
+        run.log.push(format!("{name} {opts:?} {took:.2?} ({when})"));
         if flooding {
             run.during.push(t.elapsed());
         } else {
@@ -295,8 +309,8 @@ fn finished_transfers(s: &Server) -> usize {
 }
 
 /// Floods `total` datagrams while the legitimate client downloads, then
-/// waits (bounded) until the flood's sessions have ended: no transfer has
-/// finished in the log for 2 s.
+/// waits (bounded) until the flood's sessions have ended: `SETTLE_MIN`
+/// passed and no transfer has finished in the log for 2 s.
 fn flood_round(s: &Server, files: &[(&'static str, Vec<u8>)], total: u64, seed: u64) -> Round {
     let (addr, pid) = (s.addr(), s.pid());
     let stop = Arc::new(AtomicBool::new(false));
@@ -314,11 +328,13 @@ fn flood_round(s: &Server, files: &[(&'static str, Vec<u8>)], total: u64, seed: 
             }
         })
     };
+    let ready = Arc::new(Barrier::new(2));
     let legit = {
-        let stop = stop.clone();
+        let (stop, ready) = (stop.clone(), ready.clone());
         let files = files.to_vec();
-        thread::spawn(move || legit_client(addr, files, stop, 5))
+        thread::spawn(move || legit_client(addr, files, stop, 5, ready))
     };
+    ready.wait();
 
     let stats = Arc::new(FloodStats::default());
     let started = Instant::now();
@@ -345,7 +361,9 @@ fn flood_round(s: &Server, files: &[(&'static str, Vec<u8>)], total: u64, seed: 
 
     let settle = Instant::now();
     let (mut seen, mut quiet_since) = (finished_transfers(s), Instant::now());
-    while settle.elapsed() < SETTLE_LIMIT && quiet_since.elapsed() < Duration::from_secs(2) {
+    while settle.elapsed() < SETTLE_LIMIT
+        && (settle.elapsed() < SETTLE_MIN || quiet_since.elapsed() < Duration::from_secs(2))
+    {
         thread::sleep(Duration::from_millis(200));
         sample_into(pid, &peak);
         let now = finished_transfers(s);
@@ -397,6 +415,10 @@ fn report(n: usize, r: &Round) {
         quantile(&all, 0.5),
         quantile(&all, 1.0),
         r.legit.retried
+    );
+    eprintln!(
+        "flood round {n}: legitimate transfers: {}",
+        r.legit.log.join("; ")
     );
     eprintln!(
         "flood round {n}: server peak RSS {} KiB, peak fds {} ({} samples); {:.1?} later: fds {}, RSS {} KiB",
@@ -465,11 +487,19 @@ fn flood(total: u64) {
         .collect();
 
     // Warm up (mappings, pooled sockets), then take the baseline.
-    for (name, want) in &files {
-        let (got, _) = get_from(LEGIT_IP.into(), addr, name, &[])
-            .unwrap_or_else(|e| panic!("before the flood: {e}"));
-        assert_same(&format!("{name} before the flood"), &got, want);
+    let mut quiet = Vec::new();
+    for round in 0..2 {
+        for (name, want) in &files {
+            let t = Instant::now();
+            let (got, _) = get_from(LEGIT_IP.into(), addr, name, &[])
+                .unwrap_or_else(|e| panic!("before the flood: {e}"));
+            assert_same(&format!("{name} before the flood"), &got, want);
+            if round == 1 {
+                quiet.push(format!("{name} {:.2?}", t.elapsed()));
+            }
+        }
     }
+    eprintln!("flood: lock-step without a flood: {}", quiet.join("; "));
     let base_rss = proc_status_kib(pid, "VmRSS").expect("read VmRSS");
     let base_fds = proc_fd_count(pid).expect("read /proc/PID/fd");
     eprintln!("flood: server before: RSS {base_rss} KiB, {base_fds} fds");
