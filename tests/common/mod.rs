@@ -895,3 +895,34 @@ pub fn small_files() -> Vec<&'static str> {
         .map(|(n, _, _)| *n)
         .collect()
 }
+
+// ------------------------------------------- churn, flood and soak helpers
+// (tests/churn.rs, tests/flood.rs; issue #9)
+
+/// A raw client bound to `ip` (any 127.0.0.0/8 address is loopback on
+/// Linux), so a test can speak from several client addresses.
+pub fn raw_client_on(ip: IpAddr, server: SocketAddr) -> RawClient {
+    let sock = UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+    RawClient { sock, server }
+}
+
+/// A `kB` field of /proc/PID/status (VmRSS, VmHWM, ...), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Open descriptors of process `pid` (entries of /proc/PID/fd).
+pub fn proc_fd_count(pid: u32) -> Option<usize> {
+    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// The `p`-quantile (0..=1) of `sorted`, nearest rank; zero when empty.
+pub fn quantile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
