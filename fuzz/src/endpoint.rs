@@ -22,6 +22,7 @@ use ringtftpd::endpoint::{
     DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
 };
 use ringtftpd::proto::{ErrorCode, Mode, Packet};
+use ringtftpd::session::Outcome;
 
 use crate::input::{Encoder, Input};
 
@@ -112,9 +113,20 @@ struct Harness {
     shut_down: bool,
     known: Vec<Known>,
     last_request: Option<(SocketAddr, Vec<u8>)>,
+    completed: usize,
 }
 
 pub fn run(data: &[u8]) {
+    play(data, true);
+}
+
+/// Sessions that completed during the input, before the closing
+/// expiries (for checking that a seed does what it says).
+pub fn completed_by(data: &[u8]) -> usize {
+    play(data, false)
+}
+
+fn play(data: &[u8], finish: bool) -> usize {
     let mut input = Input::new(data);
     let limits = crate::limits(&mut input);
     let retries = limits.retries;
@@ -138,12 +150,17 @@ pub fn run(data: &[u8]) {
         shut_down: false,
         known: Vec::new(),
         last_request: None,
+        completed: 0,
     };
     while !input.is_empty() {
         h.step(&mut input);
         h.check_counts();
     }
-    h.time_out();
+    let completed = h.completed;
+    if finish {
+        h.time_out();
+    }
+    completed
 }
 
 impl Harness {
@@ -311,6 +328,9 @@ impl Harness {
                 assert!(was_live, "a stale id removed something");
                 assert_eq!(finished.peer, self.known[k].peer);
                 self.known[k].live = false;
+                if finished.outcome == Outcome::Completed {
+                    self.completed += 1;
+                }
             }
             None => assert!(!was_live, "a live session was not removable"),
         }

@@ -37,6 +37,16 @@ fn drain_bound(window: u64) -> usize {
 }
 
 pub fn run(data: &[u8]) {
+    play(data, true);
+}
+
+/// How the transfer stood after the input, before the expiries that end
+/// it (for checking that a seed does what it says).
+pub fn outcome_of(data: &[u8]) -> Option<Outcome> {
+    play(data, false)
+}
+
+fn play(data: &[u8], finish: bool) -> Option<Outcome> {
     let mut input = Input::new(data);
     let limits = crate::limits(&mut input);
     let requested = crate::options(&mut input);
@@ -54,7 +64,10 @@ pub fn run(data: &[u8]) {
     while !input.is_empty() {
         h.step(&mut input);
     }
-    h.time_out();
+    if finish {
+        h.time_out();
+    }
+    h.outcome
 }
 
 fn content_len(input: &mut Input, blksize: u16) -> u64 {
