@@ -1,0 +1,75 @@
+//! Fuzz harnesses for ringtftpd's sans-IO core, written as plain
+//! functions so that libFuzzer (fuzz_targets/) and the stable `cargo test`
+//! replay (tests/replay.rs) run the same code. Each harness decodes its
+//! input into a sequence of operations and panics when an invariant breaks.
+#![forbid(unsafe_code)]
+
+pub mod endpoint;
+pub mod input;
+pub mod packet;
+pub mod seeds;
+pub mod transfer;
+
+use std::time::Duration;
+
+use ringtftpd::proto::Options;
+use ringtftpd::session::Limits;
+
+use input::Input;
+
+/// The one place that builds `Limits` from fuzz input: a field added to
+/// `Limits` is added here.
+pub fn limits(input: &mut Input) -> Limits {
+    Limits {
+        max_blksize: input.u16(),
+        max_windowsize: if input.bool() {
+            1 + u16::from(input.u8() % 64)
+        } else {
+            input.u16()
+        },
+        mtu_clamp: input.bool(),
+        initial_rto: Duration::from_millis(u64::from(input.u16() % 5001)),
+        rto_min: Duration::from_millis(u64::from(input.u16() % 1001)),
+        rto_max: Duration::from_millis(u64::from(input.u16())),
+        retries: u32::from(input.u8() % 11),
+    }
+}
+
+/// Requested options: absent, typical or extreme values per field.
+pub fn options(input: &mut Input) -> Options {
+    let flags = input.u8();
+    let pick = |input: &mut Input, shift: u8| -> Option<u32> {
+        match (flags >> shift) & 3 {
+            0 => None,
+            1 => Some(u32::from(input.u8())),
+            2 => Some(u32::from(input.u16())),
+            _ => Some(input.u32()),
+        }
+    };
+    let blksize = pick(input, 0);
+    let timeout = pick(input, 2);
+    let windowsize = pick(input, 4);
+    let tsize = match flags >> 6 {
+        0 => None,
+        1 => Some(0),
+        _ => Some(input.u64()),
+    };
+    Options {
+        blksize,
+        timeout,
+        tsize,
+        windowsize,
+    }
+}
+
+/// The MTU of the interface a request arrived on.
+pub fn mtu(input: &mut Input) -> Option<u32> {
+    match input.u8() % 6 {
+        0 => None,
+        1 => Some(1500),
+        2 => Some(576),
+        3 => Some(9000),
+        4 => Some(65535),
+        _ => Some(u32::from(input.u16())),
+    }
+}
