@@ -137,6 +137,10 @@ fn play(data: &[u8], finish: bool) -> usize {
         error_replies_per_sec: u32::from(input.u8()),
         error_reply_burst: u32::from(input.u8() % 16),
         open_cache_ttl: Duration::from_millis(u64::from(input.u8()) * 10),
+        max_sessions_per_client: 1 + usize::from(input.u8() % 8),
+        requests_per_sec_per_client: u32::from(input.u8()),
+        request_burst_per_client: u32::from(input.u8()),
+        refusal_replies_per_sec: 1 + u32::from(input.u8()),
     };
     let mut h = Harness {
         ep: Endpoint::new(config),
@@ -528,8 +532,19 @@ fn setup(e: &mut Encoder, max_sessions: u8, lazy: bool) {
         .u16(1000)
         .u16(20)
         .u16(2000)
-        .u8(5);
-    e.u8(max_sessions - 1).u8(10).u8(5).u8(0).u8(u8::from(lazy));
+        .u8(5)
+        .u16(6000);
+    // Sessions, error rate and burst, no open cache, 8 per client, no
+    // per-address request limit, 256 refusals a second.
+    e.u8(max_sessions - 1)
+        .u8(10)
+        .u8(5)
+        .u8(0)
+        .u8(7)
+        .u8(0)
+        .u8(0)
+        .u8(255);
+    e.u8(u8::from(lazy));
 }
 
 /// A raw request from peer byte `from` over an MTU of 1500.

@@ -32,6 +32,7 @@ pub fn limits(input: &mut Input) -> Limits {
         rto_min: Duration::from_millis(u64::from(input.u16() % 1001)),
         rto_max: Duration::from_millis(u64::from(input.u16())),
         retries: u32::from(input.u8() % 11),
+        max_stall: Duration::from_millis(1 + u64::from(input.u16()) * 10),
     }
 }
 

@@ -506,7 +506,7 @@ impl Harness {
 // ------------------------------------------------------------------ seeds
 
 /// Encodes a transfer set-up: limits like the server's defaults (blksize
-/// 65464, windowsize 64, RTO 1 s / 20 ms / 2 s, 5 retries), the options,
+/// 65464, windowsize 64, RTO 1 s / 20 ms / 2 s, 5 retries, 60 s stall), the options,
 /// MTU 1500 over IPv4, and an exact content length.
 fn setup(e: &mut Encoder, options: &Options, content_len: u16) {
     e.u16(65464)
@@ -516,7 +516,8 @@ fn setup(e: &mut Encoder, options: &Options, content_len: u16) {
         .u16(1000)
         .u16(20)
         .u16(2000)
-        .u8(5);
+        .u8(5)
+        .u16(6000);
     let mut flags = 0u8;
     let mut values = Encoder::default();
     for (shift, v) in [
