@@ -102,10 +102,22 @@ if [[ ${RINGTFTPD_TEST_SERVER:-} == hpa && ! -x /usr/sbin/in.tftpd ]]; then
     apt_install tftpd-hpa
 fi
 
+# The real-loss tests (tests/lossy.rs) build network namespaces joined by a
+# veth pair and drop and duplicate packets with nftables.
+if command -v nft >/dev/null 2>&1; then
+    log "nftables present: $(nft --version 2>&1 | head -n1)"
+else
+    apt_install nftables
+    command -v nft >/dev/null 2>&1 || die "nftables installed but nft not on PATH"
+fi
+command -v ip >/dev/null 2>&1 || apt_install iproute2
+
 command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust stable first)"
 
-# Client tests fail rather than skip when a client is missing.
+# Client tests fail rather than skip when a client is missing; the lossy
+# tests fail rather than skip when namespaces or nft cannot be used.
 export RINGTFTPD_REQUIRE_CLIENTS=1
+export RINGTFTPD_REQUIRE_NETNS=1
 
 log "cargo test --workspace --all-targets --no-fail-fast"
 out=$(mktemp)
@@ -116,7 +128,11 @@ cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$out" || status=
 # byte-exact and complete; it asserts no timing.
 log "scripts/compare.sh --quick"
 scripts/compare.sh --quick 2>&1 | tee -a "$out" || status=$?
+# Fuzz smoke run: replay the checked-in corpus, then each coverage-guided
+# target briefly (installs cargo-fuzz on first use; see docs/robustness.md).
+log "fuzz/smoke.sh (FUZZ_SECONDS=${FUZZ_SECONDS:=15})"
+FUZZ_SECONDS=$FUZZ_SECONDS fuzz/smoke.sh 2>&1 | tee -a "$out" || status=$?
 # One closing line over every test binary, for whoever reads only the end.
-awk '/^test result:|^compare --quick:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
+awk '/^test result:|^compare --quick:|^fuzz smoke:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$out"
 exit "$status"
