@@ -580,3 +580,79 @@ fn transient_open_errors_are_not_cached_and_expired_opens_are_released() {
     assert_eq!(Arc::strong_count(&data), 2);
     assert_eq!(endpoint.open_cache_usage(), (1, 0)); // the refusal of "missing"
 }
+
+/// Bytes on the wire (IP + UDP headers included) that one spoofed RRQ
+/// makes the server send to its victim, who never answers; with `forged_ack0`,
+/// the spoofer also guessed the transfer port and forged one ACK 0.
+fn reflected_bytes(options: &[(&str, &str)], forged_ack0: bool) -> (usize, usize) {
+    let mut files = MemFiles::default();
+    files
+        .0
+        .insert(b"big".to_vec(), Arc::new(content(4 << 20, 9)));
+    let mut endpoint = Endpoint::new(EndpointConfig {
+        limits: ringtftpd::session::Limits::default(),
+        ..config()
+    });
+    let request = rrq("big", "octet", options);
+    let mut now = Instant::now();
+    let mut reply = [0u8; 600];
+    let RequestOutcome::Started(id) = endpoint.handle_request(
+        now,
+        peer(9),
+        LOCAL,
+        Some(1500),
+        &request,
+        &mut files,
+        &mut reply,
+    ) else {
+        panic!("not started");
+    };
+    let mut buf = [0u8; 600];
+    let (mut bytes, mut packets) = (0, 0);
+    let mut acked = false;
+    for _ in 0..10_000 {
+        while let Some(t) = endpoint.poll_transmit(now, id, &mut buf) {
+            bytes += 28 + t.header_len + t.payload.map_or(0, |p| p.len);
+            packets += 1;
+            if forged_ack0
+                && !acked
+                && matches!(Packet::parse(&buf[..t.header_len]), Ok(Packet::Oack(_)))
+            {
+                acked = true;
+                endpoint.handle_datagram(now, id, peer(9), &[0, 4, 0, 0], &mut reply);
+            }
+        }
+        if endpoint.is_finished(id) {
+            let request_bytes = 28 + request.len();
+            return (bytes / request_bytes, packets);
+        }
+        now = endpoint.poll_timeout(id).expect("a deadline");
+        endpoint.handle_timeout(now, id);
+    }
+    panic!("never ended");
+}
+
+#[test]
+fn amplification_of_one_spoofed_request_is_bounded() {
+    // Figures for docs/robustness.md: run with --nocapture.
+    let (plain, plain_packets) = reflected_bytes(&[], false);
+    let (oack, _) = reflected_bytes(&[("blksize", "1468"), ("windowsize", "64")], false);
+    let (ack0, ack0_packets) = reflected_bytes(&[("blksize", "1468"), ("windowsize", "64")], true);
+    let (ack0_ws1, _) = reflected_bytes(&[("blksize", "1468")], true);
+    println!(
+        "amplification (bytes out / bytes in, one spoofed RRQ, defaults): no options {plain}x \
+         ({plain_packets} packets); blksize 1468 windowsize 64: {oack}x without a forged ACK, \
+         {ack0}x with a forged ACK 0 ({ack0_packets} packets); blksize 1468 windowsize 1 with a \
+         forged ACK 0: {ack0_ws1}x"
+    );
+    // Without an answer, the first packet is sent 1 + retries (8) times.
+    assert_eq!(plain_packets, 9 + 1, "DATA 1 nine times, then the ERROR");
+    // A forged ACK 0 buys one window of 64, then the head block per retry
+    // (not 64 per retry: that would be 576 DATA packets).
+    assert_eq!(
+        ack0_packets,
+        1 + 64 + 8 + 1,
+        "OACK, a window, 8 head resends, ERROR"
+    );
+    assert!(ack0 < 2500, "{ack0}x");
+}
