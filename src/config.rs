@@ -366,7 +366,7 @@ mod tests {
             &["--rto-min-ms", "500", "--rto-max-ms", "400"],
             "--rto-min-ms",
         );
-        rejected(&["--rto-max-ms", "50"], "--rto-max-ms"); // default floor 100
+        rejected(&["--rto-max-ms", "4"], "--rto-max-ms"); // default floor 5
         let c = parse(&["--rto-min-ms", "400", "--rto-max-ms", "400"]).expect("equal bounds");
         assert_eq!(c.limits().rto_min, c.limits().rto_max);
         // An initial RTO outside the bounds is clamped into them.

@@ -136,10 +136,16 @@ fn check_negotiated(
     match n.timeout {
         Some(t) => {
             assert!(t >= 1 && requested.timeout == Some(u32::from(t)));
+            // Never above the RTO ceiling: a slot is not held for minutes.
+            assert!(Duration::from_secs(u64::from(t)) <= limits.rto_max);
             assert_eq!(oack.timeout, Some(u32::from(t)));
         }
         None => {
-            assert!(!matches!(requested.timeout, Some(1..=255)));
+            let acceptable = requested
+                .timeout
+                .filter(|t| (1..=255).contains(t))
+                .is_some_and(|t| Duration::from_secs(u64::from(t)) <= limits.rto_max);
+            assert!(!acceptable, "an acceptable timeout was declined");
             assert_eq!(oack.timeout, None);
         }
     }

@@ -120,7 +120,8 @@ mod tests {
             s(Kind::Ringtftpd, "/x/ringtftpd")
                 .command(root, 7000)
                 .join(" "),
-            "/x/ringtftpd --address 127.0.0.1:7000 --threads 1 -q /tmp/r"
+            "/x/ringtftpd --address 127.0.0.1:7000 --threads 1 -q --max-per-client 1048576 \
+             --request-rate 0 /tmp/r"
         );
         assert_eq!(
             s(Kind::TftpdHpa, "/usr/sbin/in.tftpd")
