@@ -914,7 +914,7 @@ impl<H> std::fmt::Display for Finished<H> {
             .unwrap_or(Duration::ZERO);
         write!(
             f,
-            "transfer client={} file=\"{}\" bytes={} blksize={} windowsize={} duration_ms={:.3} retransmits={} outcome={}",
+            "transfer client={} file=\"{}\" bytes={} blksize={} windowsize={} duration_ms={:.3} retransmits={} srtt_ms={:.3} rto_floor_ms={:.1} outcome={}",
             self.peer,
             self.filename,
             self.stats.bytes_acked,
@@ -922,6 +922,8 @@ impl<H> std::fmt::Display for Finished<H> {
             self.stats.windowsize,
             duration.as_secs_f64() * 1000.0,
             self.stats.retransmits,
+            self.stats.srtt.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            self.stats.rto_floor.as_secs_f64() * 1000.0,
             self.outcome.as_str(),
         )?;
         match self.outcome {

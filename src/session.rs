@@ -60,6 +60,14 @@ pub const DEFAULT_RTO_MIN_MS: u64 = 5;
 /// Recent timeout resends a transfer remembers, to tell spurious ones.
 const SPURIOUS_PROBES: usize = 4;
 
+/// See `Sending::spurious_probes`.
+#[derive(Debug, Clone, Copy)]
+struct SpuriousProbe {
+    block: u64,
+    sent_before: Instant,
+    first_ack: Instant,
+}
+
 /// What a DATA transmit carries besides its header: a byte range of the
 /// file, for the driver to send from the mapping without copying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +110,9 @@ pub struct Stats {
     pub retransmits: u64,
     pub blksize: u16,
     pub windowsize: u16,
+    /// Smoothed RTT and this transfer's RTO floor when it ended.
+    pub srtt: Option<Duration>,
+    pub rto_floor: Duration,
 }
 
 /// Hard cap on windowsize, whatever the configuration says: the window
@@ -183,6 +194,8 @@ pub fn negotiate(
 #[derive(Debug, Clone, Copy)]
 struct RttEstimator {
     srtt: Option<Duration>,
+    /// The smallest sample: no answer to a packet comes back faster.
+    min_rtt: Option<Duration>,
     rttvar: Duration,
     rto: Duration,
     min: Duration,
@@ -196,6 +209,7 @@ impl RttEstimator {
         let max = limits.rto_max.max(limits.rto_min);
         Self {
             srtt: None,
+            min_rtt: None,
             rttvar: Duration::ZERO,
             rto: fixed.unwrap_or(limits.initial_rto.min(max)),
             min: limits.rto_min,
@@ -208,6 +222,7 @@ impl RttEstimator {
         if self.fixed {
             return;
         }
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
         let srtt = match self.srtt {
             None => {
                 self.rttvar = rtt / 2;
@@ -278,14 +293,15 @@ struct Sending {
     /// `acked` when the head block was last resent on a duplicate ACK:
     /// one fast retransmit per step of progress.
     fast_resent_at: Option<u64>,
-    /// The head block was resent on a timeout: `Some(when it was first
-    /// sent)` until an ACK answers it.
+    /// The head block was resent on a timeout: `Some(when the copy before
+    /// the resend was sent)` until an ACK answers it.
     timeout_resend: Option<Instant>,
-    /// After an ACK that answered a timeout resend: that block, and when
-    /// its original was sent. A duplicate of that ACK then means both
-    /// copies arrived: the resend was spurious. The last few are kept: a
-    /// late ACK may arrive after later resends.
-    spurious_probes: [Option<(u64, Instant)>; SPURIOUS_PROBES],
+    /// After an ACK that answered a timeout resend: that block, when the
+    /// copy before the resend was sent, and when that first ACK came. A
+    /// second ACK of it, clearly later (not a copy made by the network),
+    /// means both copies reached the client: the resend was spurious. The
+    /// last few are kept: a late ACK may arrive after later resends.
+    spurious_probes: [Option<SpuriousProbe>; SPURIOUS_PROBES],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,6 +396,8 @@ impl Transfer {
                 retransmits: 0,
                 blksize,
                 windowsize,
+                srtt: None,
+                rto_floor: limits.rto_min,
             },
         }
     }
@@ -408,6 +426,8 @@ impl Transfer {
         self.error_due = error;
         self.deadline = None;
         self.stats.ended = Some(now);
+        self.stats.srtt = self.rtt.srtt;
+        self.stats.rto_floor = self.rtt.min;
     }
 
     /// Ends the transfer from the server side; the peer gets an ERROR.
@@ -479,10 +499,27 @@ impl Transfer {
             self.take_rtt_sample(now);
         }
         let s = &mut self.sending;
-        if let Some(first_sent) = s.timeout_resend.take() {
-            s.spurious_probes.rotate_right(1);
-            s.spurious_probes[0] = Some((acked, first_sent));
+        if let Some(sent_before) = s.timeout_resend.take() {
+            let resent_at = s.head_sent.map_or(now, |(last, _)| last);
+            let too_fast = self
+                .rtt
+                .min_rtt
+                .is_some_and(|min| now.saturating_duration_since(resent_at) < min / 2);
+            if too_fast {
+                // Eifel (RFC 3522) by timing: no answer to the resend could
+                // come back this soon, so this ACK answers the original.
+                self.rtt
+                    .spurious(now.saturating_duration_since(sent_before));
+            } else {
+                s.spurious_probes.rotate_right(1);
+                s.spurious_probes[0] = Some(SpuriousProbe {
+                    block: acked,
+                    sent_before,
+                    first_ack: now,
+                });
+            }
         }
+        let s = &mut self.sending;
         // RFC 7440 receivers ACK only after a full window: never send less.
         s.burst = u64::from(self.windowsize);
         s.confirmed = true;
@@ -530,14 +567,23 @@ impl Transfer {
     /// original: the session's RTO floor rises above that.
     fn proves_resend_spurious(&mut self, now: Instant, block: u16) -> bool {
         let acked = self.sending.acked;
+        // A copy the network made comes within microseconds of the first.
+        let apart = self.rtt.srtt.map_or(Duration::from_millis(1), |srtt| {
+            (srtt / 2).max(Duration::from_millis(1))
+        });
         // Half the block-number space: beyond it a number is ambiguous.
         let hit = self.sending.spurious_probes.iter_mut().find(|p| {
-            p.is_some_and(|(probed, _)| probed as u16 == block && acked - probed < 0x8000)
+            p.is_some_and(|p| {
+                p.block as u16 == block
+                    && acked - p.block < 0x8000
+                    && now.saturating_duration_since(p.first_ack) >= apart
+            })
         });
-        let Some((_, first_sent)) = hit.and_then(|p| p.take()) else {
+        let Some(probe) = hit.and_then(|p| p.take()) else {
             return false;
         };
-        self.rtt.spurious(now.saturating_duration_since(first_sent));
+        self.rtt
+            .spurious(now.saturating_duration_since(probe.sent_before));
         true
     }
 
@@ -568,9 +614,14 @@ impl Transfer {
                 if !s.confirmed {
                     s.burst = 1;
                 }
-                if s.timeout_resend.is_none() {
-                    s.timeout_resend = s.head_sent.map(|(_, first)| first);
-                }
+                // Only a single resend can be proven spurious: two ACKs
+                // then mean both copies arrived. After several resends two
+                // ACKs may answer two of the resends.
+                s.timeout_resend = if self.tries == 1 {
+                    s.head_sent.map(|(last, _)| last)
+                } else {
+                    None
+                };
             }
             Phase::Ended => {}
         }

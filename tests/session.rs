@@ -487,18 +487,20 @@ fn default_config() -> ringtftpd::endpoint::EndpointConfig {
     }
 }
 
-/// A link that drops each packet with probability `percent`/100, both ways
-/// (seeded, so a failure replays).
+/// A link that drops each packet with probability `percent`/100 and
+/// duplicates 1 %, both ways (seeded, so a failure replays).
 fn lossy(seed: u64, percent: u64) -> impl FnMut(Dir, &Packet<'_>, usize) -> Fate {
     let mut rng = seed * 2 + 1;
     move |_, _, _| {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        if rng % 100 < percent {
-            Fate::Drop
-        } else {
-            Fate::Deliver
+        match rng % 100 {
+            r if r < percent => Fate::Drop,
+            // And 1 % duplicated, as on the real lossy link of tests/lossy.rs:
+            // a copied ACK must not pass for proof of a spurious resend.
+            r if r == percent => Fate::Duplicate,
+            _ => Fate::Deliver,
         }
     }
 }
@@ -580,7 +582,7 @@ fn echoes_of_a_fast_resend_do_not_cascade() {
 
 #[test]
 fn loss_on_a_fast_link_costs_milliseconds() {
-    // 0.2 ms round trip, 5 % loss each way, lock-step: the per-session RTO
+    // 0.2 ms round trip, 5 % loss and 1 % duplication each way, lock-step: the per-session RTO
     // starts at its 5 ms floor, so the lossy transfer keeps well over 10 %
     // of the loss-free rate (a 100 ms floor would give ~2 %).
     let file = content(2000 * 512, 24);
