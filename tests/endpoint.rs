@@ -64,6 +64,16 @@ impl Fixture {
         )
     }
 
+    /// Requests `name` (octet, no options) from `from`; it must start.
+    #[track_caller]
+    fn start(&mut self, from: SocketAddr, name: &str) {
+        let outcome = self.request(from, &rrq(name, "octet", &[]));
+        assert!(
+            matches!(outcome, RequestOutcome::Started(_)),
+            "{from}: {outcome:?}"
+        );
+    }
+
     fn error_reply(&mut self, from: SocketAddr, datagram: &[u8]) -> (ErrorCode, String) {
         match self.request(from, datagram) {
             RequestOutcome::Reply(n) => match Packet::parse(&self.reply[..n]) {
@@ -277,10 +287,7 @@ fn beyond_max_sessions_the_server_says_it_is_busy() {
         ..config()
     });
     for port in 1..=3 {
-        assert!(matches!(
-            f.request(peer(port), &rrq("boot.img", "octet", &[])),
-            RequestOutcome::Started(_)
-        ));
+        f.start(peer(port), "boot.img");
     }
     let (code, message) = f.error_reply(peer(4), &rrq("boot.img", "octet", &[]));
     assert_eq!(code, ErrorCode::NotDefined);
@@ -404,27 +411,18 @@ fn one_address_cannot_take_every_slot() {
         ..config()
     });
     for port in 1..=4 {
-        assert!(matches!(
-            f.request(peer(port), &rrq("boot.img", "octet", &[])),
-            RequestOutcome::Started(_)
-        ));
+        f.start(peer(port), "boot.img");
     }
     let (code, message) = f.error_reply(peer(5), &rrq("boot.img", "octet", &[]));
     assert_eq!(code, ErrorCode::NotDefined);
     assert!(message.contains("too many transfers"), "{message}");
-    assert!(matches!(
-        f.request(other_peer(3, 1), &rrq("boot.img", "octet", &[])),
-        RequestOutcome::Started(_)
-    ));
+    f.start(other_peer(3, 1), "boot.img");
     let counts = *f.endpoint.refusals();
     assert_eq!(counts.get(ringtftpd::endpoint::Refusal::PerClientCap), 1);
     // A finished session frees its client's slot.
     let ids: Vec<SessionId> = f.endpoint.session_ids().collect();
     f.endpoint.remove(ids[0]).unwrap();
-    assert!(matches!(
-        f.request(peer(6), &rrq("boot.img", "octet", &[])),
-        RequestOutcome::Started(_)
-    ));
+    f.start(peer(6), "boot.img");
 }
 
 #[test]
@@ -470,10 +468,7 @@ fn every_refusal_goes_through_a_token_bucket() {
         max_sessions: 1,
         ..config()
     });
-    assert!(matches!(
-        f.request(other_peer(200, 1), &rrq("boot.img", "octet", &[])),
-        RequestOutcome::Started(_)
-    ));
+    f.start(other_peer(200, 1), "boot.img");
     let mut wrq = rrq("up.bin", "octet", &[]);
     wrq[1] = 2;
     let mut replies = 0;

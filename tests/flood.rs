@@ -49,26 +49,6 @@ const MAX_FDS: usize = 4096;
 const MAX_LEGIT_LATENCY: Duration = Duration::from_secs(10);
 const MAX_LEGIT_P50: Duration = Duration::from_secs(1);
 
-/// xorshift64*, so a failing flood replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// Kinds of flood datagram, counted separately.
 const KINDS: [&str; 7] = [
     "missing",

@@ -16,28 +16,6 @@ use common::*;
 /// `--error-rate` given to the server under test (also its burst).
 const ERROR_RATE: u32 = 40;
 
-/// A small deterministic generator (xorshift64*), so a failure replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// Random bytes, fewer than `max` of them.
-    fn bytes_below(&mut self, max: u64) -> Vec<u8> {
-        let len = self.below(max);
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// One malformed datagram for a listening port: every kind the parser must
 /// refuse (unknown opcode, truncation, missing NULs, unknown mode, empty
 /// name, too many options, DATA/ACK/OACK at the listener, random bytes).

@@ -109,15 +109,19 @@ fn serving_address(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> So
     panic!("no 'serving' line: {seen:?}");
 }
 
-#[test]
-fn a_dead_shard_is_logged_and_the_process_exits_non_zero() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("boot.img"), vec![7u8; 4000]).expect("write");
-    let mut child = binary()
-        .env("RINGTFTPD_TEST_PANIC_SHARD", "0")
-        .args(["--address", "127.0.0.1:0", "--threads", "1"])
-        .args(["--shutdown-grace", "1", "--permissive"])
-        .arg(dir.path())
+/// A server started on an ephemeral loopback port, one thread, with its
+/// stderr lines forwarded.
+struct Serving {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    addr: SocketAddr,
+}
+
+fn serve(mut cmd: Command, root: &std::path::Path) -> Serving {
+    let mut child = cmd
+        .args(["--address", "127.0.0.1:0", "--threads", "1", "--permissive"])
+        .arg(root)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -126,6 +130,35 @@ fn a_dead_shard_is_logged_and_the_process_exits_non_zero() {
     let lines = stderr_lines(&mut child);
     let mut seen = Vec::new();
     let addr = serving_address(&lines, &mut seen);
+    Serving {
+        child,
+        lines,
+        seen,
+        addr,
+    }
+}
+
+/// Collects the lines left after the child exited (the reader thread ends
+/// with the pipe).
+fn drain(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) {
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        seen.push(line);
+    }
+}
+
+#[test]
+fn a_dead_shard_is_logged_and_the_process_exits_non_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("boot.img"), vec![7u8; 4000]).expect("write");
+    let mut cmd = binary();
+    cmd.env("RINGTFTPD_TEST_PANIC_SHARD", "0")
+        .args(["--shutdown-grace", "1"]);
+    let Serving {
+        mut child,
+        lines,
+        mut seen,
+        addr,
+    } = serve(cmd, dir.path());
     // The first transfer makes shard 0 panic (the hook).
     let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
     client
@@ -134,10 +167,7 @@ fn a_dead_shard_is_logged_and_the_process_exits_non_zero() {
     let asked = Instant::now();
     let status = wait_exit(&mut child, Duration::from_secs(10));
     let took = asked.elapsed();
-    // The reader thread ends with the pipe.
-    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
-        seen.push(line);
-    }
+    drain(&lines, &mut seen);
     assert!(!status.success(), "exited {status}: {seen:?}");
     assert_eq!(status.code(), Some(1), "{seen:?}");
     assert!(
@@ -159,17 +189,12 @@ fn a_dead_shard_is_logged_and_the_process_exits_non_zero() {
 fn sigusr1_from_outside_is_ignored_and_sigterm_still_stops_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("f"), vec![1u8; 100]).expect("write");
-    let mut child = binary()
-        .args(["--address", "127.0.0.1:0", "--threads", "1", "--permissive"])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ringtftpd");
-    let lines = stderr_lines(&mut child);
-    let mut seen = Vec::new();
-    let addr = serving_address(&lines, &mut seen);
+    let Serving {
+        mut child,
+        lines,
+        mut seen,
+        addr,
+    } = serve(binary(), dir.path());
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     // Not queued by the server itself: no shard died.
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("SIGUSR1");
@@ -186,9 +211,7 @@ fn sigusr1_from_outside_is_ignored_and_sigterm_still_stops_cleanly() {
     client.send_to(&[0, 4, 0, 1], tid).expect("ACK 1");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let status = wait_exit(&mut child, Duration::from_secs(10));
-    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
-        seen.push(line);
-    }
+    drain(&lines, &mut seen);
     assert!(status.success(), "exited {status}: {seen:?}");
     assert!(
         seen.iter().any(|l| l.contains("SIGUSR1 from pid")),

@@ -525,15 +525,7 @@ fn build_rrq(input: &mut Input) -> Vec<u8> {
 
 /// Server-like limits and config; `lazy` leaves removals to the input.
 fn setup(e: &mut Encoder, max_sessions: u8, lazy: bool) {
-    e.u16(65464)
-        .u8(1)
-        .u8(63)
-        .u8(1)
-        .u16(1000)
-        .u16(20)
-        .u16(2000)
-        .u8(5)
-        .u16(6000);
+    crate::encode_server_limits(e);
     // Sessions, error rate and burst, no open cache, 8 per client, no
     // per-address request limit, 256 refusals a second.
     e.u8(max_sessions - 1)

@@ -15,7 +15,7 @@ use std::time::Duration;
 use ringtftpd::proto::Options;
 use ringtftpd::session::Limits;
 
-use input::Input;
+use input::{Encoder, Input};
 
 /// The one place that builds `Limits` from fuzz input: a field added to
 /// `Limits` is added here.
@@ -34,6 +34,21 @@ pub fn limits(input: &mut Input) -> Limits {
         retries: u32::from(input.u8() % 11),
         max_stall: Duration::from_millis(1 + u64::from(input.u16()) * 10),
     }
+}
+
+/// Encodes, for `limits`, server-like limits the seeds share: blksize
+/// 65464, windowsize 64, MTU clamp, RTO 1 s / 20 ms / 2 s, 5 retries,
+/// 60 s stall.
+pub fn encode_server_limits(e: &mut Encoder) {
+    e.u16(65464)
+        .u8(1)
+        .u8(63)
+        .u8(1)
+        .u16(1000)
+        .u16(20)
+        .u16(2000)
+        .u8(5)
+        .u16(6000);
 }
 
 /// Requested options: absent, typical or extreme values per field.

@@ -69,10 +69,10 @@ pub fn ack(block: u16) -> [u8; 4] {
     [0, 4, b[0], b[1]]
 }
 
-/// Named seed inputs per target.
 /// Named inputs of one target.
 pub type Inputs = Vec<(String, Vec<u8>)>;
 
+/// Named seed inputs per target.
 pub fn all() -> Vec<(&'static str, Inputs)> {
     let packets = datagrams()
         .into_iter()

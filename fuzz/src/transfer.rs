@@ -511,19 +511,10 @@ impl Harness {
 
 // ------------------------------------------------------------------ seeds
 
-/// Encodes a transfer set-up: limits like the server's defaults (blksize
-/// 65464, windowsize 64, RTO 1 s / 20 ms / 2 s, 5 retries, 60 s stall), the options,
-/// MTU 1500 over IPv4, and an exact content length.
+/// Encodes a transfer set-up: server-like limits, the options, MTU 1500
+/// over IPv4, and an exact content length.
 fn setup(e: &mut Encoder, options: &Options, content_len: u16) {
-    e.u16(65464)
-        .u8(1)
-        .u8(63)
-        .u8(1)
-        .u16(1000)
-        .u16(20)
-        .u16(2000)
-        .u8(5)
-        .u16(6000);
+    crate::encode_server_limits(e);
     let mut flags = 0u8;
     let mut values = Encoder::default();
     for (shift, v) in [

@@ -86,6 +86,33 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A small deterministic generator (xorshift64*), so a failing flood or
+/// fuzz-like test replays from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+
+    /// Random bytes, fewer than `max` of them.
+    pub fn bytes_below(&mut self, max: u64) -> Vec<u8> {
+        let len = self.below(max) as usize;
+        self.bytes(len)
+    }
+}
+
 /// ASCII text with LF, CRLF and lone CR. The first line puts the CR of its
 /// netascii CRLF as the last byte of block 1 (512-byte blocks) and the next
 /// puts a lone CR's CR NUL across blocks 2 and 3.
