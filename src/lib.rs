@@ -17,3 +17,4 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod timer;
+pub mod upload;
