@@ -40,6 +40,7 @@
 mod bufring;
 #[cfg(test)]
 mod e2e;
+mod gso;
 mod log;
 pub mod net;
 mod ports;
@@ -64,6 +65,7 @@ use crate::files::{FileData, FileRoot};
 use crate::proto::ErrorCode;
 use crate::timer::TimerWheel;
 use bufring::BufRing;
+use gso::NoGsoPaths;
 use ports::Idle;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -367,6 +369,10 @@ struct Counters {
     pool_flushes: u64,
     /// Session datagrams longer than a buffer, ignored.
     truncated: u64,
+    /// Segmented (UDP GSO) sends completed.
+    gso_sends: u64,
+    /// Segmented sends refused by their path and resent one by one.
+    gso_fallbacks: u64,
 }
 
 struct Listener {
@@ -398,6 +404,8 @@ struct LiveSock {
     /// Index of its socket in `Shard::tsocks`.
     sock: u32,
     peer: SocketAddr,
+    /// The address its socket is bound to (with `peer`, the GSO path).
+    local: IpAddr,
     v6: bool,
     blksize: u16,
     /// DATA packets one send may carry (UDP GSO); 1: one per send.
@@ -475,8 +483,8 @@ struct Shard {
     expired: Vec<u32>,
     /// SendMsg SQEs queued since the last enter.
     sends_queued: u32,
-    /// UDP GSO failed once: one packet per send.
-    gso_off: bool,
+    /// Paths that refused a GSO send lately: one packet per send there.
+    no_gso: NoGsoPaths,
     counters: Counters,
     phase: Phase,
     index: usize,
@@ -566,6 +574,21 @@ fn lookup_mtu(
     }
     cache.insert(ifindex, (mtu, now));
     mtu
+}
+
+/// How many DATA packets of a window one send may carry: UDP GSO cuts one
+/// send into packets of blksize + 4 bytes, which must fit the interface MTU
+/// unfragmented, and the whole send 64 KiB.
+fn gso_segments(view: &SessionView<'_, FileData>, mtu: Option<u32>) -> u16 {
+    let ip_udp = if view.local.is_ipv6() { 48 } else { 28 };
+    let packet = u32::from(view.blksize) + 4;
+    match mtu {
+        Some(mtu) if view.windowsize > 1 && packet + ip_udp <= mtu => {
+            let fit = 65_000 / packet;
+            fit.min(MAX_SEGMENTS as u32).min(u32::from(view.windowsize)) as u16
+        }
+        _ => 1,
+    }
 }
 
 fn unspecified_like(ip: IpAddr) -> IpAddr {
@@ -661,7 +684,7 @@ impl Shard {
             cqes: Vec::with_capacity(tuning.cq_entries as usize),
             expired: Vec::new(),
             sends_queued: 0,
-            gso_off: false,
+            no_gso: NoGsoPaths::new(gso::NO_GSO_PATHS, gso::NO_GSO_TTL),
             counters: Counters::default(),
             phase: Phase::Running,
             index: config.index,
@@ -1047,7 +1070,7 @@ impl Shard {
             (outcome, peer, local, ifindex, mtu)
         };
         match outcome {
-            RequestOutcome::Started(id) => self.start_session(id, li, ifindex, mtu),
+            RequestOutcome::Started(id) => self.start_session(now, id, li, ifindex, mtu),
             RequestOutcome::Reply(n) => {
                 self.counters.refused += 1;
                 self.reply_from_listener(li, n, peer, local, ifindex);
@@ -1056,12 +1079,23 @@ impl Shard {
         }
     }
 
-    fn start_session(&mut self, id: SessionId, li: u32, ifindex: u32, mtu: Option<u32>) {
+    fn start_session(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        li: u32,
+        ifindex: u32,
+        mtu: Option<u32>,
+    ) {
         let Some(view) = self.endpoint.session(id) else {
             return;
         };
         let (peer, local) = (view.peer, view.local);
-        let (blksize, segments) = (view.blksize, self.gso_segments(&view, mtu));
+        let mut segments = gso_segments(&view, mtu);
+        let blksize = view.blksize;
+        if segments > 1 && !self.no_gso.allows(now, local, peer.ip()) {
+            segments = 1;
+        }
         let slot_free = self
             .socks
             .get(id.index as usize)
@@ -1078,6 +1112,7 @@ impl Shard {
                         id,
                         sock: si,
                         peer,
+                        local,
                         v6: local.is_ipv6(),
                         blksize,
                         segments,
@@ -1095,7 +1130,6 @@ impl Shard {
                 // EMFILE and friends: refuse from the listener, within the
                 // endpoint's refusal limit.
                 self.counters.busy += 1;
-                let now = Instant::now();
                 if let RequestOutcome::Reply(n) =
                     self.endpoint.refuse_busy(now, id, &mut self.reply[..])
                 {
@@ -1270,21 +1304,18 @@ impl Shard {
 
     fn on_send(&mut self, now: Instant, si: u32, res: i32) {
         let segmented = self.sends.slot_mut(si).is_some_and(|s| s.segments() > 1);
+        if segmented && res < 0 && gso::refuses_gso(-res) && self.resend_unsegmented(now, si, -res)
+        {
+            return;
+        }
         let Some(owner) = self.sends.release(si) else {
             return;
         };
-        if segmented && res < 0 && res != -libc::EFAULT && !self.gso_off {
-            // E.g. EIO from a device without checksum offload: send one
-            // packet per send from now on; the retransmit timer resends.
-            self.gso_off = true;
-            self.log(format!(
-                "shard {}: UDP GSO send failed ({}); sending packets one by one",
-                self.index,
-                io::Error::from_raw_os_error(-res)
-            ));
-        }
         if res >= 0 {
             self.counters.sends += 1;
+            if segmented {
+                self.counters.gso_sends += 1;
+            }
         } else {
             // ECONNREFUSED (ICMP), EAGAIN...: the retransmit timer covers it.
             self.counters.send_errors += 1;
@@ -1309,6 +1340,81 @@ impl Shard {
                 self.lingering.remove(&id);
             }
         }
+    }
+
+    /// A segmented send in slot `si` failed with `errno`, which its path
+    /// gives GSO sends only: remember the path, stop segmenting for every
+    /// live session on it, and send the same packets one per send now, so
+    /// the window does not wait for a retransmit timeout. Returns false
+    /// (slot untouched) when its session is gone: nothing to resend.
+    fn resend_unsegmented(&mut self, now: Instant, si: u32, errno: i32) -> bool {
+        let Some(Owner::Session(id)) = self.sends.slot_mut(si).map(|s| s.owner()) else {
+            return false;
+        };
+        let Some(live) = self.live_mut(id) else {
+            return false;
+        };
+        let (local, peer, sock, v6) = (live.local, live.peer, live.sock, live.v6);
+        let Some(fd) = self.tsock_fd(sock) else {
+            return false;
+        };
+        self.counters.gso_fallbacks += 1;
+        if self.no_gso.refuse(now, local, peer.ip()) {
+            self.log(format!(
+                "shard {}: UDP GSO to {} from {local} failed ({}); one packet per send there for {} s",
+                self.index,
+                peer.ip(),
+                io::Error::from_raw_os_error(errno),
+                gso::NO_GSO_TTL.as_secs()
+            ));
+        }
+        for l in self.socks.iter_mut().flatten() {
+            if l.local == local && l.peer.ip() == peer.ip() {
+                l.segments = 1;
+            }
+        }
+        let mut work = self.serve_work.take().unwrap_or_default();
+        let ServeWork { header, payloads } = &mut *work;
+        let n = self
+            .sends
+            .slot_mut(si)
+            .map_or(0, |s| s.unsegment(header, payloads));
+        // Packet 0 reuses the failed send's slot (its header is in place);
+        // packets without a free slot are left to the retransmit timer.
+        let mut queued = 0u32;
+        for k in 0..n {
+            let slot_index = if k == 0 { Some(si) } else { self.sends.alloc() };
+            let Some(sj) = slot_index else { break };
+            let Some(slot) = self.sends.slot_mut(sj) else {
+                break;
+            };
+            slot.header[..4].copy_from_slice(&header[4 * k..4 * k + 4]);
+            let payload = Some(payloads[k]).filter(|p| p.1 > 0);
+            match slot.prepare(Owner::Session(id), 4, payload, peer, v6, None) {
+                Some(msg) => {
+                    let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
+                        .build()
+                        .user_data(Token::Send(sj).encode());
+                    self.push(sqe);
+                    self.sends_queued += 1;
+                    queued += 1;
+                }
+                None => {
+                    self.sends.release(sj);
+                    break;
+                }
+            }
+        }
+        self.serve_work = Some(work);
+        if queued == 0 {
+            // Nothing went out in its place: complete it as a failed send.
+            return false;
+        }
+        if let Some(live) = self.live_mut(id) {
+            // The failed send's completion is replaced by `queued` sends.
+            live.inflight += queued - 1;
+        }
+        true
     }
 
     /// Queues a log line; never blocks (see `log`).
@@ -1382,21 +1488,6 @@ impl Shard {
         list.clear();
         if self.touched.is_empty() {
             self.touched = list;
-        }
-    }
-
-    /// How many DATA packets of a window one send may carry: UDP GSO cuts
-    /// one send into packets of blksize + 4 bytes, which must fit the
-    /// interface MTU unfragmented, and the whole send 64 KiB.
-    fn gso_segments(&self, view: &SessionView<'_, FileData>, mtu: Option<u32>) -> u16 {
-        let ip_udp = if view.local.is_ipv6() { 48 } else { 28 };
-        let packet = u32::from(view.blksize) + 4;
-        match mtu {
-            Some(mtu) if !self.gso_off && view.windowsize > 1 && packet + ip_udp <= mtu => {
-                let fit = 65_000 / packet;
-                fit.min(MAX_SEGMENTS as u32).min(u32::from(view.windowsize)) as u16
-            }
-            _ => 1,
         }
     }
 
@@ -1678,7 +1769,7 @@ impl Shard {
             self.log(format!(
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
                  sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
-                 log_dropped={} pool_flushes={} truncated={} {}",
+                 log_dropped={} pool_flushes={} truncated={} gso_sends={} gso_fallbacks={} {}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -1698,6 +1789,8 @@ impl Shard {
                 c.log_dropped,
                 c.pool_flushes,
                 c.truncated,
+                c.gso_sends,
+                c.gso_fallbacks,
                 self.endpoint.refusals()
             ));
             // The last lines out before the process may end; bounded, as
