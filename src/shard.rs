@@ -23,7 +23,11 @@
 //! file mapping, which is kept alive (lingering) after the session is
 //! removed until its last send completed; a transfer socket is closed only
 //! after its multishot receive ended and after an `io_uring_enter` consumed
-//! every SQE that names it.
+//! every SQE that names it. The shard counts the operations the kernel holds
+//! (each SQE +1, each final CQE -1); at exit it cancels them all and reaps
+//! until none is left before it frees buffer rings, send slots or mappings,
+//! and if the kernel does not finish in time it leaks those instead
+//! (`teardown`, `abandon`): closing the ring does not wait for them.
 //!
 //! Transfer sockets are pooled: when a transfer ends, its socket (still
 //! bound, its multishot receive still armed) waits idle for the next
@@ -98,6 +102,12 @@ pub(crate) struct Tuning {
     pub send_slots: usize,
     /// Idle sockets a local address must offer before one is reused.
     pub min_idle_choice: usize,
+    /// After the grace period (or once idle): how long to wait for the last
+    /// sends, cancels and closes before tearing down anyway.
+    pub final_drain: Duration,
+    /// At teardown: how long to wait for cancelled operations to complete
+    /// before leaking the memory they may still use.
+    pub reap_bound: Duration,
 }
 
 impl Default for Tuning {
@@ -109,14 +119,29 @@ impl Default for Tuning {
             session_bufs: (4096, 1024),
             send_slots: 2048,
             min_idle_choice: ports::MIN_IDLE_CHOICE,
+            final_drain: FINAL_DRAIN,
+            reap_bound: REAP_BOUND,
         }
     }
+}
+
+/// How a shard ended, for tests and the last log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ExitReport {
+    pub counters: Counters,
+    /// Ring operations outstanding when teardown began (then cancelled).
+    pub outstanding_at_teardown: u64,
+    /// Ring operations outstanding when memory was freed (or leaked).
+    pub outstanding_at_free: u64,
+    /// The kernel did not finish in time: send slots, mappings and buffer
+    /// rings were leaked rather than freed.
+    pub leaked: bool,
 }
 
 /// A running shard thread.
 pub struct ShardHandle {
     wake: Arc<EventFd>,
-    thread: JoinHandle<io::Result<()>>,
+    thread: JoinHandle<io::Result<ExitReport>>,
 }
 
 impl ShardHandle {
@@ -129,6 +154,11 @@ impl ShardHandle {
 
     /// Waits for the shard thread to end.
     pub fn join(self) -> io::Result<()> {
+        self.join_report().map(|_| ())
+    }
+
+    /// Waits for the shard thread to end; how it ended.
+    pub(crate) fn join_report(self) -> io::Result<ExitReport> {
         self.thread
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")))
@@ -200,12 +230,15 @@ impl PreparedShard {
             // `run` returns Ok only after a requested shutdown; an error or
             // a panic leaves this thread serving nothing: report it.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run())) {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Ok(shard.free()),
                 Ok(Err(e)) => {
                     report_death(index, &e.to_string());
+                    shard.free();
                     Err(e)
                 }
                 Err(payload) => {
+                    // Its operations were neither cancelled nor reaped.
+                    shard.abandon();
                     let why = payload
                         .downcast_ref::<&str>()
                         .map(|s| (*s).to_string())
@@ -265,6 +298,10 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 /// After the grace period (or once idle): how long to wait for the last
 /// sends, cancels and closes before returning anyway.
 const FINAL_DRAIN: Duration = Duration::from_secs(2);
+/// At teardown: how long cancelled operations may take to complete.
+const REAP_BOUND: Duration = Duration::from_secs(1);
+/// Most waits of one teardown (each up to the rest of `REAP_BOUND`).
+const REAP_TURNS: u32 = 1000;
 /// Most sends one session may queue per service, so one big window does
 /// not starve the others.
 const SERVE_BUDGET: usize = 256;
@@ -339,7 +376,7 @@ impl Token {
 
 /// Per-shard counters, plain fields.
 #[derive(Debug, Default, Clone, Copy)]
-struct Counters {
+pub(crate) struct Counters {
     /// Loop turns (one `io_uring_enter` each, barring a full SQ).
     turns: u64,
     requests: u64,
@@ -437,8 +474,8 @@ enum Rearm {
 }
 
 struct Shard {
-    // Declared first so it is dropped first: closing the io_uring ends every
-    // operation that points into the buffers, slots and msghdrs below.
+    // Closing it does not wait for its operations: `teardown` does, and
+    // `abandon` leaks what they may still touch.
     ring: IoUring,
     listen_bufs: BufRing,
     session_bufs: BufRing,
@@ -483,6 +520,12 @@ struct Shard {
     expired: Vec<u32>,
     /// SendMsg SQEs queued since the last enter.
     sends_queued: u32,
+    /// Operations the kernel holds: SQEs put in the SQ whose final CQE
+    /// (for a multishot receive, the one without `F_MORE`) was not reaped.
+    outstanding: u64,
+    final_drain: Duration,
+    reap_bound: Duration,
+    exit: ExitReport,
     /// Paths that refused a GSO send lately: one packet per send there.
     no_gso: NoGsoPaths,
     counters: Counters,
@@ -684,6 +727,10 @@ impl Shard {
             cqes: Vec::with_capacity(tuning.cq_entries as usize),
             expired: Vec::new(),
             sends_queued: 0,
+            outstanding: 0,
+            final_drain: tuning.final_drain,
+            reap_bound: tuning.reap_bound,
+            exit: ExitReport::default(),
             no_gso: NoGsoPaths::new(gso::NO_GSO_PATHS, gso::NO_GSO_TTL),
             counters: Counters::default(),
             phase: Phase::Running,
@@ -700,6 +747,12 @@ impl Shard {
     }
 
     fn run(&mut self) -> io::Result<()> {
+        let served = self.serve_loop();
+        self.teardown();
+        served
+    }
+
+    fn serve_loop(&mut self) -> io::Result<()> {
         loop {
             self.flush_backlog();
             let timeout = self.wait_timeout(Instant::now());
@@ -732,6 +785,7 @@ impl Shard {
             let mut cqes = mem::take(&mut self.cqes);
             cqes.extend(self.ring.completion());
             for cqe in cqes.drain(..) {
+                self.account(&cqe);
                 self.on_cqe(now, &cqe);
             }
             self.cqes = cqes;
@@ -741,11 +795,18 @@ impl Shard {
             self.serve_touched(now);
             self.rearm_recvs();
             if self.should_exit(now) {
-                break;
+                return Ok(());
             }
         }
-        self.teardown();
-        Ok(())
+    }
+
+    /// One operation fewer in the kernel if `cqe` is its last: a multishot
+    /// receive goes on while its CQEs carry `IORING_CQE_F_MORE`.
+    fn account(&mut self, cqe: &cqueue::Entry) {
+        if !cqueue::more(cqe.flags()) {
+            debug_assert!(self.outstanding > 0, "a CQE for no outstanding operation");
+            self.outstanding = self.outstanding.saturating_sub(1);
+        }
     }
 
     fn wait_timeout(&self, now: Instant) -> Duration {
@@ -777,11 +838,14 @@ impl Shard {
         // reused before their CQE) and file mappings (kept by the session,
         // then by `lingering`, until the send's CQE).
         if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            self.outstanding += 1;
             return;
         }
         let _ = self.ring.submit();
         // SAFETY: as above.
-        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            self.outstanding += 1;
+        } else {
             self.backlog.push_back(sqe);
         }
     }
@@ -796,6 +860,7 @@ impl Shard {
                 }
                 continue;
             }
+            self.outstanding += 1;
             self.backlog.pop_front();
         }
     }
@@ -1732,7 +1797,7 @@ impl Shard {
         };
         if self.live == 0 {
             self.phase = Phase::Final {
-                deadline: now + FINAL_DRAIN,
+                deadline: now + self.final_drain,
             };
         } else if now >= deadline {
             let ids: Vec<SessionId> = self.socks.iter().flatten().map(|l| l.id).collect();
@@ -1742,7 +1807,7 @@ impl Shard {
                 self.touch(id);
             }
             self.phase = Phase::Final {
-                deadline: now + FINAL_DRAIN,
+                deadline: now + self.final_drain,
             };
         }
     }
@@ -1760,16 +1825,63 @@ impl Shard {
         quiet || now >= deadline
     }
 
+    /// Cancels every operation still in the kernel and reaps completions
+    /// until none is left (bounded by `reap_bound`); only then may buffer
+    /// rings, send slots and mappings be freed (`free`). Past the bound they
+    /// are marked for leaking instead.
     fn teardown(&mut self) {
-        let submitter = self.ring.submitter();
-        let _ = self.listen_bufs.unregister(&submitter);
-        let _ = self.session_bufs.unregister(&submitter);
+        // Never reached the kernel: nothing to wait for.
+        self.backlog.clear();
+        self.exit.outstanding_at_teardown = self.outstanding;
+        if self.outstanding > 0 {
+            self.push(
+                opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                    .build()
+                    .user_data(Token::Cancel.encode()),
+            );
+        }
+        let deadline = Instant::now() + self.reap_bound;
+        let mut cqes = mem::take(&mut self.cqes);
+        for _ in 0..REAP_TURNS {
+            let now = Instant::now();
+            if self.outstanding == 0 || now >= deadline {
+                break;
+            }
+            self.flush_backlog();
+            let ts = types::Timespec::from(deadline - now);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if is_transient(&e) => {}
+                Err(_) => break,
+            }
+            cqes.extend(self.ring.completion());
+            for cqe in cqes.drain(..) {
+                self.account(&cqe);
+            }
+        }
+        self.cqes = cqes;
+        self.exit.outstanding_at_free = self.outstanding;
+        if self.outstanding == 0 {
+            let submitter = self.ring.submitter();
+            let _ = self.listen_bufs.unregister(&submitter);
+            let _ = self.session_bufs.unregister(&submitter);
+        } else {
+            self.exit.leaked = true;
+            self.log(format!(
+                "shard {}: {} ring operations still outstanding {:?} after cancelling them; \
+                 leaking send slots, file mappings and buffer rings",
+                self.index, self.outstanding, self.reap_bound
+            ));
+        }
+        self.exit.counters = self.counters;
         if self.log_transfers {
             let c = self.counters;
             self.log(format!(
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
                  sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
-                 log_dropped={} pool_flushes={} truncated={} gso_sends={} gso_fallbacks={} {}",
+                 log_dropped={} pool_flushes={} truncated={} gso_sends={} gso_fallbacks={} \
+                 cancelled_at_exit={} outstanding_at_free={} {}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -1791,12 +1903,55 @@ impl Shard {
                 c.truncated,
                 c.gso_sends,
                 c.gso_fallbacks,
+                self.exit.outstanding_at_teardown,
+                self.exit.outstanding_at_free,
                 self.endpoint.refusals()
             ));
-            // The last lines out before the process may end; bounded, as
-            // stderr may be stuck.
-            log::flush(LOG_FLUSH);
         }
+        // The last lines out before the process may end; bounded, as
+        // stderr may be stuck.
+        log::flush(LOG_FLUSH);
+    }
+
+    /// Drops the shard after `teardown`, or `abandon`s it if the kernel may
+    /// still use its memory.
+    fn free(self) -> ExitReport {
+        let report = self.exit;
+        if report.leaked {
+            self.abandon();
+        }
+        report
+    }
+
+    /// Frees nothing the kernel may still read or write: buffer rings, send
+    /// slots (msghdrs, iovecs, headers), the mappings their iovecs point
+    /// into (live and lingering sessions'), the receive msghdrs and the wake
+    /// buffer are leaked; the ring and the sockets are closed (the kernel
+    /// holds its own references to files it is using).
+    fn abandon(self) {
+        let Shard {
+            ring,
+            listen_bufs,
+            session_bufs,
+            listen_msghdr,
+            session_msghdr,
+            wake_buf,
+            endpoint,
+            sends,
+            lingering,
+            ..
+        } = self;
+        mem::forget((
+            listen_bufs,
+            session_bufs,
+            listen_msghdr,
+            session_msghdr,
+            wake_buf,
+            endpoint,
+            sends,
+            lingering,
+        ));
+        drop(ring);
     }
 }
 

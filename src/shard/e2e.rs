@@ -34,6 +34,7 @@ fn small_tuning() -> Tuning {
         session_bufs: (64, 1024),
         send_slots: 64,
         min_idle_choice: super::ports::MIN_IDLE_CHOICE,
+        ..Tuning::default()
     }
 }
 
@@ -44,6 +45,17 @@ fn start(
     addr: &str,
     grace: Duration,
     tuning: Tuning,
+) -> Option<(ShardHandle, SocketAddr)> {
+    start_with(dir, addr, grace, tuning, limits())
+}
+
+/// As `start`, with the sessions' `limits`.
+fn start_with(
+    dir: &Path,
+    addr: &str,
+    grace: Duration,
+    tuning: Tuning,
+    limits: Limits,
 ) -> Option<(ShardHandle, SocketAddr)> {
     let listener = match net::bind_listener(addr.parse().unwrap(), 1 << 20) {
         Ok(l) => l,
@@ -59,7 +71,7 @@ fn start(
         listeners: vec![listener],
         endpoint: EndpointConfig {
             max_sessions: 32,
-            limits: limits(),
+            limits,
             error_replies_per_sec: 100,
             error_reply_burst: 100,
             open_cache_ttl: Duration::from_secs(1),
