@@ -447,6 +447,8 @@ struct LiveSock {
     blksize: u16,
     /// DATA packets one send may carry (UDP GSO); 1: one per send.
     segments: u16,
+    /// A segmented send of this session has succeeded: its path takes GSO.
+    gso_proven: bool,
     /// Sends of this session not yet completed.
     inflight: u32,
     touched: bool,
@@ -520,6 +522,9 @@ struct Shard {
     expired: Vec<u32>,
     /// SendMsg SQEs queued since the last enter.
     sends_queued: u32,
+    /// Of those, a segmented send on a path not yet proven to take GSO: its
+    /// completion must be seen at once (a refusal means a resend now).
+    gso_probe_queued: bool,
     /// Operations the kernel holds: SQEs put in the SQ whose final CQE
     /// (for a multishot receive, the one without `F_MORE`) was not reaped.
     outstanding: u64,
@@ -727,6 +732,7 @@ impl Shard {
             cqes: Vec::with_capacity(tuning.cq_entries as usize),
             expired: Vec::new(),
             sends_queued: 0,
+            gso_probe_queued: false,
             outstanding: 0,
             final_drain: tuning.final_drain,
             reap_bound: tuning.reap_bound,
@@ -763,7 +769,11 @@ impl Shard {
             // many sessions, linger up to BATCH_WAIT for a batch of them:
             // a few tens of µs of latency buys far fewer enters per block.
             let sends = mem::take(&mut self.sends_queued) as usize;
-            let (want, args) = if self.live >= BATCH_SESSIONS {
+            let (want, args) = if mem::take(&mut self.gso_probe_queued) {
+                // Only the sends' own completions, which come inside this
+                // enter: a refused GSO send is resent in this very turn.
+                (sends, types::SubmitArgs::new().timespec(&ts))
+            } else if self.live >= BATCH_SESSIONS {
                 let args = types::SubmitArgs::new()
                     .timespec(&ts)
                     .min_wait_usec(BATCH_WAIT.as_micros() as u32);
@@ -1181,6 +1191,7 @@ impl Shard {
                         v6: local.is_ipv6(),
                         blksize,
                         segments,
+                        gso_proven: false,
                         inflight: 0,
                         touched: false,
                         queued: false,
@@ -1380,6 +1391,11 @@ impl Shard {
             self.counters.sends += 1;
             if segmented {
                 self.counters.gso_sends += 1;
+                if let Owner::Session(id) = owner
+                    && let Some(live) = self.live_mut(id)
+                {
+                    live.gso_proven = true;
+                }
             }
         } else {
             // ECONNREFUSED (ICMP), EAGAIN...: the retransmit timer covers it.
@@ -1608,7 +1624,7 @@ impl Shard {
         let Some(live) = self.live_mut(id) else {
             return;
         };
-        let (sock, peer, v6) = (live.sock, live.peer, live.v6);
+        let (sock, peer, v6, gso_proven) = (live.sock, live.peer, live.v6, live.gso_proven);
         let (blksize, max_segments) = (usize::from(live.blksize), usize::from(live.segments));
         let Some(fd) = self.tsock_fd(sock) else {
             return;
@@ -1702,6 +1718,7 @@ impl Shard {
                         .user_data(Token::Send(si).encode());
                     self.push(sqe);
                     self.sends_queued += 1;
+                    self.gso_probe_queued |= count > 1 && !gso_proven;
                     sent += 1;
                 }
                 None => {

@@ -13,6 +13,8 @@ use crate::endpoint::EndpointConfig;
 use crate::files::FileRoot;
 use crate::session::Limits;
 
+mod netns;
+
 fn limits() -> Limits {
     Limits {
         max_blksize: 65464,
