@@ -1925,9 +1925,11 @@ impl Shard {
                 self.endpoint.refusals()
             ));
         }
-        // The last lines out before the process may end; bounded, as
-        // stderr may be stuck.
-        log::flush(LOG_FLUSH);
+        if self.log_transfers || self.exit.leaked {
+            // The last lines out before the process may end; bounded, as
+            // stderr may be stuck.
+            log::flush(LOG_FLUSH);
+        }
     }
 
     /// Drops the shard after `teardown`, or `abandon`s it if the kernel may
