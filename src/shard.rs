@@ -23,7 +23,11 @@
 //! file mapping, which is kept alive (lingering) after the session is
 //! removed until its last send completed; a transfer socket is closed only
 //! after its multishot receive ended and after an `io_uring_enter` consumed
-//! every SQE that names it.
+//! every SQE that names it. The shard counts the operations the kernel holds
+//! (each SQE +1, each final CQE -1); at exit it cancels them all and reaps
+//! until none is left before it frees buffer rings, send slots or mappings,
+//! and if the kernel does not finish in time it leaks those instead
+//! (`teardown`, `abandon`): closing the ring does not wait for them.
 //!
 //! Transfer sockets are pooled: when a transfer ends, its socket (still
 //! bound, its multishot receive still armed) waits idle for the next
@@ -40,6 +44,7 @@
 mod bufring;
 #[cfg(test)]
 mod e2e;
+mod gso;
 mod log;
 pub mod net;
 mod ports;
@@ -64,6 +69,7 @@ use crate::files::{FileData, FileRoot};
 use crate::proto::ErrorCode;
 use crate::timer::TimerWheel;
 use bufring::BufRing;
+use gso::NoGsoPaths;
 use ports::Idle;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -96,6 +102,12 @@ pub(crate) struct Tuning {
     pub send_slots: usize,
     /// Idle sockets a local address must offer before one is reused.
     pub min_idle_choice: usize,
+    /// After the grace period (or once idle): how long to wait for the last
+    /// sends, cancels and closes before tearing down anyway.
+    pub final_drain: Duration,
+    /// At teardown: how long to wait for cancelled operations to complete
+    /// before leaking the memory they may still use.
+    pub reap_bound: Duration,
 }
 
 impl Default for Tuning {
@@ -107,14 +119,29 @@ impl Default for Tuning {
             session_bufs: (4096, 1024),
             send_slots: 2048,
             min_idle_choice: ports::MIN_IDLE_CHOICE,
+            final_drain: FINAL_DRAIN,
+            reap_bound: REAP_BOUND,
         }
     }
+}
+
+/// How a shard ended, for tests and the last log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ExitReport {
+    pub counters: Counters,
+    /// Ring operations outstanding when teardown began (then cancelled).
+    pub outstanding_at_teardown: u64,
+    /// Ring operations outstanding when memory was freed (or leaked).
+    pub outstanding_at_free: u64,
+    /// The kernel did not finish in time: send slots, mappings and buffer
+    /// rings were leaked rather than freed.
+    pub leaked: bool,
 }
 
 /// A running shard thread.
 pub struct ShardHandle {
     wake: Arc<EventFd>,
-    thread: JoinHandle<io::Result<()>>,
+    thread: JoinHandle<io::Result<ExitReport>>,
 }
 
 impl ShardHandle {
@@ -127,6 +154,11 @@ impl ShardHandle {
 
     /// Waits for the shard thread to end.
     pub fn join(self) -> io::Result<()> {
+        self.join_report().map(|_| ())
+    }
+
+    /// Waits for the shard thread to end; how it ended.
+    pub(crate) fn join_report(self) -> io::Result<ExitReport> {
         self.thread
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")))
@@ -198,12 +230,15 @@ impl PreparedShard {
             // `run` returns Ok only after a requested shutdown; an error or
             // a panic leaves this thread serving nothing: report it.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run())) {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Ok(shard.free()),
                 Ok(Err(e)) => {
                     report_death(index, &e.to_string());
+                    shard.free();
                     Err(e)
                 }
                 Err(payload) => {
+                    // Its operations were neither cancelled nor reaped.
+                    shard.abandon();
                     let why = payload
                         .downcast_ref::<&str>()
                         .map(|s| (*s).to_string())
@@ -263,6 +298,10 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 /// After the grace period (or once idle): how long to wait for the last
 /// sends, cancels and closes before returning anyway.
 const FINAL_DRAIN: Duration = Duration::from_secs(2);
+/// At teardown: how long cancelled operations may take to complete.
+const REAP_BOUND: Duration = Duration::from_secs(1);
+/// Most waits of one teardown (each up to the rest of `REAP_BOUND`).
+const REAP_TURNS: u32 = 1000;
 /// Most sends one session may queue per service, so one big window does
 /// not starve the others.
 const SERVE_BUDGET: usize = 256;
@@ -337,7 +376,7 @@ impl Token {
 
 /// Per-shard counters, plain fields.
 #[derive(Debug, Default, Clone, Copy)]
-struct Counters {
+pub(crate) struct Counters {
     /// Loop turns (one `io_uring_enter` each, barring a full SQ).
     turns: u64,
     requests: u64,
@@ -367,6 +406,10 @@ struct Counters {
     pool_flushes: u64,
     /// Session datagrams longer than a buffer, ignored.
     truncated: u64,
+    /// Segmented (UDP GSO) sends completed.
+    gso_sends: u64,
+    /// Segmented sends refused by their path and resent one by one.
+    gso_fallbacks: u64,
 }
 
 struct Listener {
@@ -398,10 +441,14 @@ struct LiveSock {
     /// Index of its socket in `Shard::tsocks`.
     sock: u32,
     peer: SocketAddr,
+    /// The address its socket is bound to (with `peer`, the GSO path).
+    local: IpAddr,
     v6: bool,
     blksize: u16,
     /// DATA packets one send may carry (UDP GSO); 1: one per send.
     segments: u16,
+    /// A segmented send of this session has succeeded: its path takes GSO.
+    gso_proven: bool,
     /// Sends of this session not yet completed.
     inflight: u32,
     touched: bool,
@@ -429,8 +476,8 @@ enum Rearm {
 }
 
 struct Shard {
-    // Declared first so it is dropped first: closing the io_uring ends every
-    // operation that points into the buffers, slots and msghdrs below.
+    // Closing it does not wait for its operations: `teardown` does, and
+    // `abandon` leaks what they may still touch.
     ring: IoUring,
     listen_bufs: BufRing,
     session_bufs: BufRing,
@@ -475,8 +522,17 @@ struct Shard {
     expired: Vec<u32>,
     /// SendMsg SQEs queued since the last enter.
     sends_queued: u32,
-    /// UDP GSO failed once: one packet per send.
-    gso_off: bool,
+    /// Of those, a segmented send on a path not yet proven to take GSO: its
+    /// completion must be seen at once (a refusal means a resend now).
+    gso_probe_queued: bool,
+    /// Operations the kernel holds: SQEs put in the SQ whose final CQE
+    /// (for a multishot receive, the one without `F_MORE`) was not reaped.
+    outstanding: u64,
+    final_drain: Duration,
+    reap_bound: Duration,
+    exit: ExitReport,
+    /// Paths that refused a GSO send lately: one packet per send there.
+    no_gso: NoGsoPaths,
     counters: Counters,
     phase: Phase,
     index: usize,
@@ -566,6 +622,21 @@ fn lookup_mtu(
     }
     cache.insert(ifindex, (mtu, now));
     mtu
+}
+
+/// How many DATA packets of a window one send may carry: UDP GSO cuts one
+/// send into packets of blksize + 4 bytes, which must fit the interface MTU
+/// unfragmented, and the whole send 64 KiB.
+fn gso_segments(view: &SessionView<'_, FileData>, mtu: Option<u32>) -> u16 {
+    let ip_udp = if view.local.is_ipv6() { 48 } else { 28 };
+    let packet = u32::from(view.blksize) + 4;
+    match mtu {
+        Some(mtu) if view.windowsize > 1 && packet + ip_udp <= mtu => {
+            let fit = 65_000 / packet;
+            fit.min(MAX_SEGMENTS as u32).min(u32::from(view.windowsize)) as u16
+        }
+        _ => 1,
+    }
 }
 
 fn unspecified_like(ip: IpAddr) -> IpAddr {
@@ -661,7 +732,12 @@ impl Shard {
             cqes: Vec::with_capacity(tuning.cq_entries as usize),
             expired: Vec::new(),
             sends_queued: 0,
-            gso_off: false,
+            gso_probe_queued: false,
+            outstanding: 0,
+            final_drain: tuning.final_drain,
+            reap_bound: tuning.reap_bound,
+            exit: ExitReport::default(),
+            no_gso: NoGsoPaths::new(gso::NO_GSO_PATHS, gso::NO_GSO_TTL),
             counters: Counters::default(),
             phase: Phase::Running,
             index: config.index,
@@ -677,6 +753,12 @@ impl Shard {
     }
 
     fn run(&mut self) -> io::Result<()> {
+        let served = self.serve_loop();
+        self.teardown();
+        served
+    }
+
+    fn serve_loop(&mut self) -> io::Result<()> {
         loop {
             self.flush_backlog();
             let timeout = self.wait_timeout(Instant::now());
@@ -687,7 +769,11 @@ impl Shard {
             // many sessions, linger up to BATCH_WAIT for a batch of them:
             // a few tens of µs of latency buys far fewer enters per block.
             let sends = mem::take(&mut self.sends_queued) as usize;
-            let (want, args) = if self.live >= BATCH_SESSIONS {
+            let (want, args) = if mem::take(&mut self.gso_probe_queued) {
+                // Only the sends' own completions, which come inside this
+                // enter: a refused GSO send is resent in this very turn.
+                (sends, types::SubmitArgs::new().timespec(&ts))
+            } else if self.live >= BATCH_SESSIONS {
                 let args = types::SubmitArgs::new()
                     .timespec(&ts)
                     .min_wait_usec(BATCH_WAIT.as_micros() as u32);
@@ -709,6 +795,7 @@ impl Shard {
             let mut cqes = mem::take(&mut self.cqes);
             cqes.extend(self.ring.completion());
             for cqe in cqes.drain(..) {
+                self.account(&cqe);
                 self.on_cqe(now, &cqe);
             }
             self.cqes = cqes;
@@ -718,11 +805,18 @@ impl Shard {
             self.serve_touched(now);
             self.rearm_recvs();
             if self.should_exit(now) {
-                break;
+                return Ok(());
             }
         }
-        self.teardown();
-        Ok(())
+    }
+
+    /// One operation fewer in the kernel if `cqe` is its last: a multishot
+    /// receive goes on while its CQEs carry `IORING_CQE_F_MORE`.
+    fn account(&mut self, cqe: &cqueue::Entry) {
+        if !cqueue::more(cqe.flags()) {
+            debug_assert!(self.outstanding > 0, "a CQE for no outstanding operation");
+            self.outstanding = self.outstanding.saturating_sub(1);
+        }
     }
 
     fn wait_timeout(&self, now: Instant) -> Duration {
@@ -754,11 +848,14 @@ impl Shard {
         // reused before their CQE) and file mappings (kept by the session,
         // then by `lingering`, until the send's CQE).
         if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            self.outstanding += 1;
             return;
         }
         let _ = self.ring.submit();
         // SAFETY: as above.
-        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            self.outstanding += 1;
+        } else {
             self.backlog.push_back(sqe);
         }
     }
@@ -773,6 +870,7 @@ impl Shard {
                 }
                 continue;
             }
+            self.outstanding += 1;
             self.backlog.pop_front();
         }
     }
@@ -1047,7 +1145,7 @@ impl Shard {
             (outcome, peer, local, ifindex, mtu)
         };
         match outcome {
-            RequestOutcome::Started(id) => self.start_session(id, li, ifindex, mtu),
+            RequestOutcome::Started(id) => self.start_session(now, id, li, ifindex, mtu),
             RequestOutcome::Reply(n) => {
                 self.counters.refused += 1;
                 self.reply_from_listener(li, n, peer, local, ifindex);
@@ -1056,12 +1154,23 @@ impl Shard {
         }
     }
 
-    fn start_session(&mut self, id: SessionId, li: u32, ifindex: u32, mtu: Option<u32>) {
+    fn start_session(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        li: u32,
+        ifindex: u32,
+        mtu: Option<u32>,
+    ) {
         let Some(view) = self.endpoint.session(id) else {
             return;
         };
         let (peer, local) = (view.peer, view.local);
-        let (blksize, segments) = (view.blksize, self.gso_segments(&view, mtu));
+        let mut segments = gso_segments(&view, mtu);
+        let blksize = view.blksize;
+        if segments > 1 && !self.no_gso.allows(now, local, peer.ip()) {
+            segments = 1;
+        }
         let slot_free = self
             .socks
             .get(id.index as usize)
@@ -1078,9 +1187,11 @@ impl Shard {
                         id,
                         sock: si,
                         peer,
+                        local,
                         v6: local.is_ipv6(),
                         blksize,
                         segments,
+                        gso_proven: false,
                         inflight: 0,
                         touched: false,
                         queued: false,
@@ -1095,7 +1206,6 @@ impl Shard {
                 // EMFILE and friends: refuse from the listener, within the
                 // endpoint's refusal limit.
                 self.counters.busy += 1;
-                let now = Instant::now();
                 if let RequestOutcome::Reply(n) =
                     self.endpoint.refuse_busy(now, id, &mut self.reply[..])
                 {
@@ -1270,21 +1380,23 @@ impl Shard {
 
     fn on_send(&mut self, now: Instant, si: u32, res: i32) {
         let segmented = self.sends.slot_mut(si).is_some_and(|s| s.segments() > 1);
+        if segmented && res < 0 && gso::refuses_gso(-res) && self.resend_unsegmented(now, si, -res)
+        {
+            return;
+        }
         let Some(owner) = self.sends.release(si) else {
             return;
         };
-        if segmented && res < 0 && res != -libc::EFAULT && !self.gso_off {
-            // E.g. EIO from a device without checksum offload: send one
-            // packet per send from now on; the retransmit timer resends.
-            self.gso_off = true;
-            self.log(format!(
-                "shard {}: UDP GSO send failed ({}); sending packets one by one",
-                self.index,
-                io::Error::from_raw_os_error(-res)
-            ));
-        }
         if res >= 0 {
             self.counters.sends += 1;
+            if segmented {
+                self.counters.gso_sends += 1;
+                if let Owner::Session(id) = owner
+                    && let Some(live) = self.live_mut(id)
+                {
+                    live.gso_proven = true;
+                }
+            }
         } else {
             // ECONNREFUSED (ICMP), EAGAIN...: the retransmit timer covers it.
             self.counters.send_errors += 1;
@@ -1309,6 +1421,81 @@ impl Shard {
                 self.lingering.remove(&id);
             }
         }
+    }
+
+    /// A segmented send in slot `si` failed with `errno`, which its path
+    /// gives GSO sends only: remember the path, stop segmenting for every
+    /// live session on it, and send the same packets one per send now, so
+    /// the window does not wait for a retransmit timeout. Returns false
+    /// (slot untouched) when its session is gone: nothing to resend.
+    fn resend_unsegmented(&mut self, now: Instant, si: u32, errno: i32) -> bool {
+        let Some(Owner::Session(id)) = self.sends.slot_mut(si).map(|s| s.owner()) else {
+            return false;
+        };
+        let Some(live) = self.live_mut(id) else {
+            return false;
+        };
+        let (local, peer, sock, v6) = (live.local, live.peer, live.sock, live.v6);
+        let Some(fd) = self.tsock_fd(sock) else {
+            return false;
+        };
+        self.counters.gso_fallbacks += 1;
+        if self.no_gso.refuse(now, local, peer.ip()) {
+            self.log(format!(
+                "shard {}: UDP GSO to {} from {local} failed ({}); one packet per send there for {} s",
+                self.index,
+                peer.ip(),
+                io::Error::from_raw_os_error(errno),
+                gso::NO_GSO_TTL.as_secs()
+            ));
+        }
+        for l in self.socks.iter_mut().flatten() {
+            if l.local == local && l.peer.ip() == peer.ip() {
+                l.segments = 1;
+            }
+        }
+        let mut work = self.serve_work.take().unwrap_or_default();
+        let ServeWork { header, payloads } = &mut *work;
+        let n = self
+            .sends
+            .slot_mut(si)
+            .map_or(0, |s| s.unsegment(header, payloads));
+        // Packet 0 reuses the failed send's slot (its header is in place);
+        // packets without a free slot are left to the retransmit timer.
+        let mut queued = 0u32;
+        for k in 0..n {
+            let slot_index = if k == 0 { Some(si) } else { self.sends.alloc() };
+            let Some(sj) = slot_index else { break };
+            let Some(slot) = self.sends.slot_mut(sj) else {
+                break;
+            };
+            slot.header[..4].copy_from_slice(&header[4 * k..4 * k + 4]);
+            let payload = Some(payloads[k]).filter(|p| p.1 > 0);
+            match slot.prepare(Owner::Session(id), 4, payload, peer, v6, None) {
+                Some(msg) => {
+                    let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
+                        .build()
+                        .user_data(Token::Send(sj).encode());
+                    self.push(sqe);
+                    self.sends_queued += 1;
+                    queued += 1;
+                }
+                None => {
+                    self.sends.release(sj);
+                    break;
+                }
+            }
+        }
+        self.serve_work = Some(work);
+        if queued == 0 {
+            // Nothing went out in its place: complete it as a failed send.
+            return false;
+        }
+        if let Some(live) = self.live_mut(id) {
+            // The failed send's completion is replaced by `queued` sends.
+            live.inflight += queued - 1;
+        }
+        true
     }
 
     /// Queues a log line; never blocks (see `log`).
@@ -1385,21 +1572,6 @@ impl Shard {
         }
     }
 
-    /// How many DATA packets of a window one send may carry: UDP GSO cuts
-    /// one send into packets of blksize + 4 bytes, which must fit the
-    /// interface MTU unfragmented, and the whole send 64 KiB.
-    fn gso_segments(&self, view: &SessionView<'_, FileData>, mtu: Option<u32>) -> u16 {
-        let ip_udp = if view.local.is_ipv6() { 48 } else { 28 };
-        let packet = u32::from(view.blksize) + 4;
-        match mtu {
-            Some(mtu) if !self.gso_off && view.windowsize > 1 && packet + ip_udp <= mtu => {
-                let fit = 65_000 / packet;
-                fit.min(MAX_SEGMENTS as u32).min(u32::from(view.windowsize)) as u16
-            }
-            _ => 1,
-        }
-    }
-
     /// The session's next transmit, its header in `buf`, its payload
     /// resolved to a pointer into the file (None for OACK and ERROR).
     fn poll_one(
@@ -1452,7 +1624,7 @@ impl Shard {
         let Some(live) = self.live_mut(id) else {
             return;
         };
-        let (sock, peer, v6) = (live.sock, live.peer, live.v6);
+        let (sock, peer, v6, gso_proven) = (live.sock, live.peer, live.v6, live.gso_proven);
         let (blksize, max_segments) = (usize::from(live.blksize), usize::from(live.segments));
         let Some(fd) = self.tsock_fd(sock) else {
             return;
@@ -1546,6 +1718,7 @@ impl Shard {
                         .user_data(Token::Send(si).encode());
                     self.push(sqe);
                     self.sends_queued += 1;
+                    self.gso_probe_queued |= count > 1 && !gso_proven;
                     sent += 1;
                 }
                 None => {
@@ -1641,7 +1814,7 @@ impl Shard {
         };
         if self.live == 0 {
             self.phase = Phase::Final {
-                deadline: now + FINAL_DRAIN,
+                deadline: now + self.final_drain,
             };
         } else if now >= deadline {
             let ids: Vec<SessionId> = self.socks.iter().flatten().map(|l| l.id).collect();
@@ -1651,7 +1824,7 @@ impl Shard {
                 self.touch(id);
             }
             self.phase = Phase::Final {
-                deadline: now + FINAL_DRAIN,
+                deadline: now + self.final_drain,
             };
         }
     }
@@ -1669,16 +1842,63 @@ impl Shard {
         quiet || now >= deadline
     }
 
+    /// Cancels every operation still in the kernel and reaps completions
+    /// until none is left (bounded by `reap_bound`); only then may buffer
+    /// rings, send slots and mappings be freed (`free`). Past the bound they
+    /// are marked for leaking instead.
     fn teardown(&mut self) {
-        let submitter = self.ring.submitter();
-        let _ = self.listen_bufs.unregister(&submitter);
-        let _ = self.session_bufs.unregister(&submitter);
+        // Never reached the kernel: nothing to wait for.
+        self.backlog.clear();
+        self.exit.outstanding_at_teardown = self.outstanding;
+        if self.outstanding > 0 {
+            self.push(
+                opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                    .build()
+                    .user_data(Token::Cancel.encode()),
+            );
+        }
+        let deadline = Instant::now() + self.reap_bound;
+        let mut cqes = mem::take(&mut self.cqes);
+        for _ in 0..REAP_TURNS {
+            let now = Instant::now();
+            if self.outstanding == 0 || now >= deadline {
+                break;
+            }
+            self.flush_backlog();
+            let ts = types::Timespec::from(deadline - now);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if is_transient(&e) => {}
+                Err(_) => break,
+            }
+            cqes.extend(self.ring.completion());
+            for cqe in cqes.drain(..) {
+                self.account(&cqe);
+            }
+        }
+        self.cqes = cqes;
+        self.exit.outstanding_at_free = self.outstanding;
+        if self.outstanding == 0 {
+            let submitter = self.ring.submitter();
+            let _ = self.listen_bufs.unregister(&submitter);
+            let _ = self.session_bufs.unregister(&submitter);
+        } else {
+            self.exit.leaked = true;
+            self.log(format!(
+                "shard {}: {} ring operations still outstanding {:?} after cancelling them; \
+                 leaking send slots, file mappings and buffer rings",
+                self.index, self.outstanding, self.reap_bound
+            ));
+        }
+        self.exit.counters = self.counters;
         if self.log_transfers {
             let c = self.counters;
             self.log(format!(
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
                  sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
-                 log_dropped={} pool_flushes={} truncated={} {}",
+                 log_dropped={} pool_flushes={} truncated={} gso_sends={} gso_fallbacks={} \
+                 cancelled_at_exit={} outstanding_at_free={} {}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -1698,12 +1918,59 @@ impl Shard {
                 c.log_dropped,
                 c.pool_flushes,
                 c.truncated,
+                c.gso_sends,
+                c.gso_fallbacks,
+                self.exit.outstanding_at_teardown,
+                self.exit.outstanding_at_free,
                 self.endpoint.refusals()
             ));
+        }
+        if self.log_transfers || self.exit.leaked {
             // The last lines out before the process may end; bounded, as
             // stderr may be stuck.
             log::flush(LOG_FLUSH);
         }
+    }
+
+    /// Drops the shard after `teardown`, or `abandon`s it if the kernel may
+    /// still use its memory.
+    fn free(self) -> ExitReport {
+        let report = self.exit;
+        if report.leaked {
+            self.abandon();
+        }
+        report
+    }
+
+    /// Frees nothing the kernel may still read or write: buffer rings, send
+    /// slots (msghdrs, iovecs, headers), the mappings their iovecs point
+    /// into (live and lingering sessions'), the receive msghdrs and the wake
+    /// buffer are leaked; the ring and the sockets are closed (the kernel
+    /// holds its own references to files it is using).
+    fn abandon(self) {
+        let Shard {
+            ring,
+            listen_bufs,
+            session_bufs,
+            listen_msghdr,
+            session_msghdr,
+            wake_buf,
+            endpoint,
+            sends,
+            lingering,
+            ..
+        } = self;
+        mem::forget((
+            listen_bufs,
+            session_bufs,
+            listen_msghdr,
+            session_msghdr,
+            wake_buf,
+            endpoint,
+            sends,
+            lingering,
+        ));
+        drop(ring);
     }
 }
 

@@ -13,6 +13,8 @@ use crate::endpoint::EndpointConfig;
 use crate::files::FileRoot;
 use crate::session::Limits;
 
+mod netns;
+
 fn limits() -> Limits {
     Limits {
         max_blksize: 65464,
@@ -34,6 +36,7 @@ fn small_tuning() -> Tuning {
         session_bufs: (64, 1024),
         send_slots: 64,
         min_idle_choice: super::ports::MIN_IDLE_CHOICE,
+        ..Tuning::default()
     }
 }
 
@@ -44,6 +47,17 @@ fn start(
     addr: &str,
     grace: Duration,
     tuning: Tuning,
+) -> Option<(ShardHandle, SocketAddr)> {
+    start_with(dir, addr, grace, tuning, limits())
+}
+
+/// As `start`, with the sessions' `limits`.
+fn start_with(
+    dir: &Path,
+    addr: &str,
+    grace: Duration,
+    tuning: Tuning,
+    limits: Limits,
 ) -> Option<(ShardHandle, SocketAddr)> {
     let listener = match net::bind_listener(addr.parse().unwrap(), 1 << 20) {
         Ok(l) => l,
@@ -59,7 +73,7 @@ fn start(
         listeners: vec![listener],
         endpoint: EndpointConfig {
             max_sessions: 32,
-            limits: limits(),
+            limits,
             error_replies_per_sec: 100,
             error_reply_burst: 100,
             open_cache_ttl: Duration::from_secs(1),
@@ -686,4 +700,117 @@ fn file_rewritten_in_place_ends_the_transfer_with_an_error_not_the_final_block()
     std::thread::sleep(Duration::from_millis(1100)); // past the open cache
     fetch(shard.addr, "boot.img", &[]).expect_body(&new);
     shard.stop();
+}
+
+/// A client for shutdown tests: reads `name` windowed from `server`,
+/// acknowledging each window, until an ERROR, `stop`, or 5 s; counts the
+/// DATA blocks it got in `blocks`. Never panics on silence.
+fn drive(
+    server: SocketAddr,
+    name: &str,
+    options: &[(&str, &str)],
+    window: u16,
+    blocks: &std::sync::atomic::AtomicUsize,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let sock = client_for(server);
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    sock.send_to(&rrq(name, options), server).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 70_000];
+    let mut next = 1u16;
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        match (n >= 4).then(|| u16::from_be_bytes([buf[0], buf[1]])) {
+            Some(6) => {
+                sock.send_to(&ack(0), from).unwrap();
+            }
+            Some(3) => {
+                let block = u16::from_be_bytes([buf[2], buf[3]]);
+                blocks.fetch_add(1, Ordering::Relaxed);
+                if block == next {
+                    next = next.wrapping_add(1);
+                    if block % window == 0 {
+                        sock.send_to(&ack(block), from).unwrap();
+                    }
+                } else {
+                    // A gap (a full receive buffer): ask from the last in order.
+                    sock.send_to(&ack(next.wrapping_sub(1)), from).unwrap();
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+#[test]
+fn shutdown_mid_window_reaps_every_operation_before_freeing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let body = content(4 << 20, 31);
+    let dir = root_with(&[("big", &body)]);
+    // No grace and no final drain: the shard tears down in the turn that
+    // aborts the transfers, with their ERRORs, cancels and receives, and
+    // windows bigger than the send pool, still in the kernel.
+    let tuning = Tuning {
+        final_drain: Duration::ZERO,
+        ..small_tuning()
+    };
+    let Some((handle, addr)) = start(dir.path(), "127.0.0.1:0", Duration::ZERO, tuning) else {
+        return;
+    };
+    let options = [("blksize", "8192"), ("windowsize", "64")];
+    let stop = AtomicBool::new(false);
+    let blocks: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+    let report = std::thread::scope(|s| {
+        for b in &blocks {
+            let stop = &stop;
+            s.spawn(move || drive(addr, "big", &options, 64, b, stop));
+        }
+        let t0 = Instant::now();
+        while blocks.iter().any(|b| b.load(Ordering::Relaxed) < 100) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "transfers did not get going"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        handle.shut_down();
+        let report = handle.join_report().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        report
+    });
+    assert_eq!(report.counters.started, 4, "{report:?}");
+    assert!(report.outstanding_at_teardown > 0, "{report:?}");
+    assert_eq!(report.outstanding_at_free, 0, "{report:?}");
+    assert!(!report.leaked, "{report:?}");
+}
+
+#[test]
+fn teardown_past_its_bound_leaks_instead_of_freeing() {
+    let body = content(3000, 32);
+    let dir = root_with(&[("f", &body)]);
+    // No time for cancelled operations to complete: the pooled socket's
+    // multishot receive (still armed after the transfer) is outstanding.
+    let tuning = Tuning {
+        reap_bound: Duration::ZERO,
+        ..small_tuning()
+    };
+    let Some((handle, addr)) = start(dir.path(), "127.0.0.1:0", Duration::ZERO, tuning) else {
+        return;
+    };
+    fetch(addr, "f", &[]).expect_body(&body);
+    handle.shut_down();
+    let report = handle.join_report().unwrap();
+    assert!(report.outstanding_at_teardown > 0, "{report:?}");
+    // The cancel itself is outstanding too.
+    assert_eq!(
+        report.outstanding_at_free,
+        report.outstanding_at_teardown + 1,
+        "{report:?}"
+    );
+    assert!(report.leaked, "{report:?}");
 }

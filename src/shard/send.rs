@@ -72,7 +72,6 @@ impl SendSlot {
         }
     }
 
-    #[cfg(test)]
     pub fn owner(&self) -> Owner {
         self.owner
     }
@@ -194,6 +193,40 @@ impl SendSlot {
     /// DATA packets in the prepared send.
     pub fn segments(&self) -> u16 {
         self.segments
+    }
+
+    /// The packets of a segmented send, to send them one by one: packet `k`
+    /// gets its 4-byte header in `headers[4 * k..]` and its payload in
+    /// `payloads[k]` (null and 0 for an empty final block). Returns the
+    /// number of packets.
+    pub fn unsegment(&self, headers: &mut [u8], payloads: &mut [(*const u8, usize)]) -> usize {
+        // msg_iovlen is size_t on glibc, int on musl.
+        #[allow(clippy::useless_conversion)]
+        let iovlen = usize::try_from(self.msg.msg_iovlen)
+            .unwrap_or(0)
+            .min(2 * MAX_SEGMENTS);
+        let n = usize::from(self.segments)
+            .min(payloads.len())
+            .min(headers.len() / 4);
+        let is_header = |j: usize, k: usize| {
+            self.iov[j].iov_base as usize == self.header.as_ptr() as usize + 4 * k
+        };
+        let (mut k, mut j) = (0, 0);
+        while k < n && j < iovlen && is_header(j, k) {
+            headers[4 * k..4 * k + 4].copy_from_slice(&self.header[4 * k..4 * k + 4]);
+            j += 1;
+            payloads[k] = if j < iovlen && !is_header(j, k + 1) {
+                j += 1;
+                (
+                    self.iov[j - 1].iov_base.cast_const().cast(),
+                    self.iov[j - 1].iov_len,
+                )
+            } else {
+                (std::ptr::null(), 0)
+            };
+            k += 1;
+        }
+        k
     }
 
     /// Bytes this send puts on the wire (header plus payload).
@@ -381,6 +414,25 @@ mod tests {
         let iov = unsafe { std::slice::from_raw_parts(m.msg_iov, 8) };
         let lens: Vec<usize> = iov.iter().map(|v| v.iov_len).collect();
         assert_eq!(lens, [4, 1468, 4, 1468, 4, 1468, 4, 100]);
+        // Taken apart again for single sends: the same headers and payloads.
+        let mut headers = [0u8; 4 * MAX_SEGMENTS];
+        let mut parts = [(std::ptr::null(), 0); MAX_SEGMENTS];
+        assert_eq!(slot.unsegment(&mut headers, &mut parts), 4);
+        assert_eq!(&headers[..16], &slot.header[..16]);
+        assert_eq!(parts[..4], payloads);
+        // An empty final block has no payload iovec.
+        let short = [payloads[0], payloads[1], (base, 0)];
+        slot.prepare_segments(
+            Owner::Reply,
+            &short,
+            1472,
+            "127.0.0.1:9".parse().unwrap(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(slot.unsegment(&mut headers, &mut parts), 3);
+        assert_eq!(parts[..2], payloads[..2]);
+        assert_eq!(parts[2], (std::ptr::null(), 0));
         // A plain send afterwards is one packet again.
         slot.prepare(
             Owner::Reply,
