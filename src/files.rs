@@ -925,6 +925,19 @@ mod tests {
         assert!(e.is_empty());
     }
 
+    /// The open cache charges a translation the most it can grow to, not
+    /// the nothing it holds at open.
+    #[test]
+    fn netascii_is_charged_its_bound() {
+        let f = fixture();
+        write_file(&f.root_dir.join("t.txt"), &[b'\n'; 1000]);
+        let mut r = root(&f, false);
+        let (d, len) = r.open_read(b"t.txt", Mode::Netascii).expect("open");
+        assert_eq!(FileRoot::held_bytes(&d, len), 2000);
+        let (o, len) = r.open_read(b"t.txt", Mode::Octet).expect("open");
+        assert_eq!(FileRoot::held_bytes(&o, len), 1000);
+    }
+
     /// Clones (the endpoint's open cache hands them to the sessions of a
     /// shard) share one translation: what one translated, the other reuses.
     #[test]
