@@ -37,9 +37,16 @@ pub trait FileSource {
     /// What a session keeps to reach the file's bytes (e.g. a shared mapping).
     type Handle;
     /// Opens `filename` (raw request bytes) for reading in `mode`, and
-    /// returns the handle and the length of the content to send (for
-    /// netascii, the translated length).
+    /// returns the handle and the length of the content to send, or
+    /// [`session::LEN_UNKNOWN`] if it is learnt while sending.
     fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(Self::Handle, u64), OpenError>;
+
+    /// The most bytes `handle` may come to hold (it may grow, as a netascii
+    /// translation does), charged to the open cache's byte bound.
+    fn held_bytes(handle: &Self::Handle, len: u64) -> u64 {
+        let _ = handle;
+        len
+    }
 }
 
 use std::collections::HashMap;
@@ -168,6 +175,8 @@ const OPEN_CACHE_CAPACITY: usize = 4096;
 #[derive(Debug)]
 struct CachedOpen<H> {
     result: Result<(H, u64), OpenError>,
+    /// What it is charged against the byte bound.
+    bytes: u64,
     opened_at: Instant,
 }
 
@@ -709,7 +718,9 @@ impl<H: Clone> Endpoint<H> {
         if matches!(result, Err(OpenError::Transient(_))) {
             return result;
         }
-        let bytes = result.as_ref().map_or(0, |(_, len)| *len);
+        let bytes = result
+            .as_ref()
+            .map_or(0, |(handle, len)| F::held_bytes(handle, *len));
         if cache.len() >= OPEN_CACHE_CAPACITY
             || self.open_cache_bytes.saturating_add(bytes) > OPEN_CACHE_MAX_BYTES
         {
@@ -723,6 +734,7 @@ impl<H: Clone> Endpoint<H> {
             filename.into(),
             CachedOpen {
                 result: result.clone(),
+                bytes,
                 opened_at: now,
             },
         );
@@ -732,7 +744,7 @@ impl<H: Clone> Endpoint<H> {
     }
 
     fn cached_bytes(cached: &CachedOpen<H>) -> u64 {
-        cached.result.as_ref().map_or(0, |(_, len)| *len)
+        cached.bytes
     }
 
     /// Drops expired entries once per TTL, so the cache never keeps a
@@ -832,6 +844,14 @@ impl<H: Clone> Endpoint<H> {
             blksize: e.transfer.stats().blksize,
             windowsize: e.transfer.stats().windowsize,
         })
+    }
+
+    /// Session `id`'s content length, learnt while sending (see
+    /// [`session::LEN_UNKNOWN`]).
+    pub fn set_content_len(&mut self, id: SessionId, len: u64) {
+        if let Some(entry) = self.entry_mut(id) {
+            entry.transfer.set_content_len(len);
+        }
     }
 
     /// Ends session `id` from the server side: an ERROR with `code` and

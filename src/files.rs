@@ -8,11 +8,12 @@
 //! unless permissive, world-readable (as tftpd-hpa does), and returns a
 //! [`FileData`]: the bytes to send.
 //!
-//! Content is cached by file identity (device, inode, size, mtime, ctime),
-//! never by name, behind a `Weak`: 10,000 sessions reading one file share one
-//! mapping, which goes away when the last [`FileData`] drops. A replaced or
-//! modified file gets a new key, so a new mapping; sessions already reading
-//! the old one keep theirs. The cache is touched on the open path only.
+//! Octet content is cached by file identity (device, inode, size, mtime,
+//! ctime), never by name, behind a `Weak`: 10,000 sessions reading one file
+//! share one mapping, which goes away when the last [`FileData`] drops. A
+//! replaced or modified file gets a new key, so a new mapping; sessions
+//! already reading the old one keep theirs. The cache is touched on the open
+//! path only.
 //!
 //! SIGBUS design: an octet file is a read-only shared mapping that this
 //! crate never reads in user space. [`FileData::range_ptr`] hands the driver
@@ -20,16 +21,19 @@
 //! kernel's copy in `sendmsg` fails with `EFAULT` instead of the process
 //! taking SIGBUS, and the shard ends that one transfer with an ERROR.
 //! Netascii content is read with `pread` (never through a mapping) and
-//! translated in memory.
+//! translated in memory as it is sent, one bounded chunk at a time
+//! ([`FileData::block`]), so opening a large text file does not stall the
+//! shard; its length is known only once the source is exhausted.
 //!
 //! A file rewritten in place (`cp new old`: truncate, then write) changes
 //! the pages under a mapping, so a transfer may have sent a mix of old and
 //! new bytes. A mapped content keeps its file open and what fstat said at
-//! open; [`FileData::changed_since_open`] compares, and the shard asks it
-//! before the final block of a transfer, so such a transfer ends with an
-//! ERROR instead of completing. Replacing by rename leaves the old inode's
+//! open; [`FileData::block`] compares before the final block of a transfer
+//! (netascii too, which reads the file as it goes), so such a transfer ends
+//! with an ERROR instead of completing. Replacing by rename leaves the old inode's
 //! bytes alone: those transfers go on.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -37,6 +41,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::ptr::NonNull;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
@@ -45,9 +50,10 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
 use crate::endpoint::{FileSource, OpenError};
 use crate::proto::{MAX_FILENAME_LEN, Mode};
+use crate::session::LEN_UNKNOWN;
 
 /// Largest source file served in netascii mode: its translation is held in
-/// memory (up to twice this size).
+/// memory (up to twice this size, reserved at open, filled as sent).
 pub const MAX_NETASCII_SOURCE: u64 = 64 * 1024 * 1024;
 
 /// How much of a newly mapped file the kernel is asked to read ahead at
@@ -76,7 +82,7 @@ struct RootInner {
     cache: Mutex<Cache>,
 }
 
-/// What identifies one version of one file's content in one mode. ctime is
+/// What identifies one version of one file's content. ctime is
 /// included because it cannot be set by users, unlike mtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
@@ -85,21 +91,20 @@ struct Key {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
-    netascii: bool,
 }
 
 struct Cache {
-    map: HashMap<Key, Weak<Content>>,
+    map: HashMap<Key, Weak<Mapped>>,
     /// Prune dead entries when the map reaches this size (amortised O(1)).
     prune_at: usize,
 }
 
 impl Cache {
-    fn get(&self, key: &Key) -> Option<Arc<Content>> {
+    fn get(&self, key: &Key) -> Option<Arc<Mapped>> {
         self.map.get(key).and_then(Weak::upgrade)
     }
 
-    fn insert(&mut self, key: Key, content: &Arc<Content>) {
+    fn insert(&mut self, key: Key, content: &Arc<Mapped>) {
         if self.map.len() >= self.prune_at {
             self.map.retain(|_, w| w.strong_count() > 0);
             self.prune_at = (self.map.len() * 2).max(MIN_PRUNE_AT);
@@ -108,19 +113,166 @@ impl Cache {
     }
 }
 
-/// The bytes of a file as sent: shared, immutable.
-enum Content {
-    /// Nothing to map: a consistent snapshot whatever happens later.
-    Empty,
-    /// Octet: a read-only shared mapping, never read in user space, with
-    /// the file (to fstat it again) and what fstat said when it was mapped.
-    Mapped {
-        map: MmapRaw,
-        file: File,
-        stamp: Stamp,
-    },
-    /// Netascii: the translated bytes, a snapshot in memory.
-    Owned(Box<[u8]>),
+/// Octet content: a read-only shared mapping, never read in user space,
+/// with the file (to fstat it again) and what fstat said when it was mapped.
+struct Mapped {
+    map: MmapRaw,
+    file: File,
+    stamp: Stamp,
+}
+
+/// Netascii content, translated as it is sent: resolving a block reads and
+/// translates at most one chunk of source ([`NETASCII_CHUNK`]), so a fresh
+/// 64 MiB file costs a shard one chunk's work per step, not the whole file
+/// at open. Single-threaded (`Rc`/`RefCell`): a shard's sessions share one
+/// through the endpoint's open cache; other shards build their own.
+struct Netascii {
+    file: File,
+    /// What fstat said at open: the source length to translate, and the
+    /// change check before the final block.
+    stamp: Stamp,
+    state: RefCell<Translation>,
+}
+
+struct Translation {
+    /// The translation so far. Its capacity (twice the source, the most it
+    /// can need) is reserved at open and never exceeded, so it never moves:
+    /// pointers handed to sends in flight stay valid. Reserved, not touched,
+    /// so memory grows with the translation.
+    out: Vec<u8>,
+    /// Source bytes translated.
+    src_done: u64,
+    /// One chunk of source, reused.
+    chunk: Vec<u8>,
+    /// Set once a read fails or the file shrank: every later block fails.
+    failed: Option<BlockError>,
+    /// preads issued and source bytes read (the test seam that bounds the
+    /// work per block).
+    preads: u64,
+    read_bytes: u64,
+}
+
+/// Source bytes read and translated per step of a netascii translation.
+/// One block needs at most one step (a step yields at least this much
+/// output, more than the largest block).
+pub const NETASCII_CHUNK: usize = 256 * 1024;
+
+/// Why a block cannot be sent; the shard ends the transfer with ERROR 0
+/// and this message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockError {
+    /// Rewritten, truncated or grown since open: the blocks sent may mix
+    /// two versions.
+    Changed,
+    /// pread failed.
+    Read,
+}
+
+impl BlockError {
+    pub fn message(self) -> &'static str {
+        match self {
+            BlockError::Changed => "file changed during transfer",
+            BlockError::Read => "cannot read file",
+        }
+    }
+}
+
+/// One resolved block: a pointer for an iovec and the content's length if
+/// known now.
+#[derive(Debug, Clone, Copy)]
+pub struct Block {
+    pub ptr: *const u8,
+    /// The payload length: the asked one, or less in the final block.
+    pub len: usize,
+    /// The content's whole length, once the source is exhausted (always
+    /// for octet).
+    pub end: Option<u64>,
+}
+
+impl Netascii {
+    fn new(file: File, stamp: Stamp) -> Result<Netascii, OpenError> {
+        let cap = usize::try_from(stamp.size.saturating_mul(2))
+            .map_err(|_| OpenError::Unservable("file too large"))?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(cap)
+            .map_err(|_| OpenError::Transient(TRANSIENT))?;
+        Ok(Netascii {
+            file,
+            stamp,
+            state: RefCell::new(Translation {
+                out,
+                src_done: 0,
+                chunk: Vec::new(),
+                failed: None,
+                preads: 0,
+                read_bytes: 0,
+            }),
+        })
+    }
+
+    /// Translates until `need` bytes exist or the source is exhausted; a
+    /// block asks for at most its own end, so this is one step at most.
+    fn resolve(&self, offset: u64, len: usize) -> Result<Block, BlockError> {
+        let mut t = self.state.borrow_mut();
+        let need = offset.checked_add(len as u64).ok_or(BlockError::Changed)?;
+        while (t.out.len() as u64) < need && t.src_done < self.stamp.size {
+            t.step(&self.file, self.stamp.size)?;
+        }
+        if let Some(e) = t.failed {
+            return Err(e);
+        }
+        let have = t.out.len() as u64;
+        let end = (t.src_done == self.stamp.size).then_some(have);
+        // Past the end: the session was told the length too late (a bug),
+        // or asked beyond it; never hand out a pointer outside.
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|&s| s as u64 <= have)
+            .ok_or(BlockError::Changed)?;
+        let n = (have.min(need) - offset) as usize;
+        Ok(Block {
+            // wrapping_add: no dereference here; `start <= len` keeps it in
+            // (or one past) the allocation.
+            ptr: t.out.as_ptr().wrapping_add(start),
+            len: n,
+            end,
+        })
+    }
+}
+
+impl Translation {
+    /// Reads one chunk of source with pread (never through a mapping) and
+    /// appends its translation.
+    fn step(&mut self, file: &File, size: u64) -> Result<(), BlockError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let want = (size - self.src_done).min(NETASCII_CHUNK as u64) as usize;
+        self.chunk.resize(want, 0);
+        let mut got = 0;
+        while got < want {
+            self.preads += 1;
+            match file.read_at(&mut self.chunk[got..], self.src_done + got as u64) {
+                Ok(0) => {
+                    // Shorter than at open: truncated under the transfer.
+                    self.failed = Some(BlockError::Changed);
+                    return Err(BlockError::Changed);
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.failed = Some(BlockError::Read);
+                    return Err(BlockError::Read);
+                }
+            }
+        }
+        self.read_bytes += want as u64;
+        self.src_done += want as u64;
+        // Each source byte yields one or two: within the reserved capacity.
+        debug_assert!(self.out.len() + 2 * want <= self.out.capacity());
+        netascii_encode_into(&self.chunk, &mut self.out);
+        Ok(())
+    }
 }
 
 /// What fstat says about a file's content, to tell whether it changed.
@@ -152,22 +304,39 @@ impl Stamp {
             || self.mtime != now.mtime
             || (self.nlink == now.nlink && self.ctime != now.ctime)
     }
+
+    /// Whether `file` may have changed since this stamp; one fstat.
+    fn changed(&self, file: &File) -> bool {
+        match file.metadata() {
+            Ok(meta) => self.differs(&Stamp::of(&meta)),
+            // Cannot tell: do not let a client accept what may be mixed.
+            Err(_) => true,
+        }
+    }
 }
 
-/// The content of one opened file, as sent. Cheap to clone (an `Arc`); the
-/// content stays valid while any clone lives. A mapped content holds its
-/// file's descriptor (one per live mapping, shared by all its clones).
+/// The content of one opened file, as sent. Cheap to clone; the content
+/// stays valid while any clone lives. Octet content is shared by every
+/// shard; netascii content by the clones on one thread (it is not `Send`).
 #[derive(Clone)]
 pub struct FileData {
-    content: Arc<Content>,
+    content: Content,
+}
+
+#[derive(Clone)]
+enum Content {
+    /// Nothing to map or translate: a consistent snapshot whatever happens.
+    Empty,
+    Mapped(Arc<Mapped>),
+    Netascii(Rc<Netascii>),
 }
 
 impl std::fmt::Debug for FileData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match &*self.content {
+        let kind = match &self.content {
             Content::Empty => "empty",
-            Content::Mapped { .. } => "mapped",
-            Content::Owned(_) => "owned",
+            Content::Mapped(_) => "mapped",
+            Content::Netascii(_) => "netascii",
         };
         f.debug_struct("FileData")
             .field("kind", &kind)
@@ -177,23 +346,41 @@ impl std::fmt::Debug for FileData {
 }
 
 impl FileData {
-    /// Length of the content to send (for netascii, after translation).
+    /// Length of the content to send, or [`LEN_UNKNOWN`] for a netascii
+    /// content not yet translated to its end ([`FileData::block`] tells it).
     pub fn len(&self) -> u64 {
-        let n = match &*self.content {
+        match &self.content {
             Content::Empty => 0,
-            Content::Mapped { map, .. } => map.len(),
-            Content::Owned(b) => b.len(),
-        };
-        n as u64
+            Content::Mapped(m) => m.map.len() as u64,
+            Content::Netascii(n) => {
+                let t = n.state.borrow();
+                if t.src_done == n.stamp.size {
+                    t.out.len() as u64
+                } else {
+                    LEN_UNKNOWN
+                }
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The most bytes this content may come to hold in memory or pin on
+    /// disk: a netascii translation's bound, an octet file's length.
+    pub fn held_bytes(&self) -> u64 {
+        match &self.content {
+            Content::Empty => 0,
+            Content::Mapped(m) => m.map.len() as u64,
+            Content::Netascii(n) => n.stamp.size.saturating_mul(2),
+        }
+    }
+
     /// A pointer and length covering `len` bytes at `offset`, for an iovec;
-    /// `None` if the range is not inside the content. A zero-length range
-    /// at or before the end is valid (the final empty DATA block).
+    /// `None` if the range is not inside the content (for netascii, the
+    /// part translated so far). A zero-length range at or before the end
+    /// is valid (the final empty DATA block).
     ///
     /// The caller must not dereference the pointer in user space: for a
     /// mapped file truncated after mapping that raises SIGBUS, whereas the
@@ -202,12 +389,14 @@ impl FileData {
     pub fn range_ptr(&self, offset: u64, len: usize) -> Option<(*const u8, usize)> {
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(len)?;
-        let base = match &*self.content {
-            Content::Empty => NonNull::<u8>::dangling().as_ptr().cast_const(),
-            Content::Mapped { map, .. } => map.as_ptr(),
-            Content::Owned(b) => b.as_ptr(),
+        let (base, total) = match &self.content {
+            Content::Empty => (NonNull::<u8>::dangling().as_ptr().cast_const(), 0),
+            Content::Mapped(m) => (m.map.as_ptr(), m.map.len()),
+            Content::Netascii(n) => {
+                let t = n.state.borrow();
+                (t.out.as_ptr(), t.out.len())
+            }
         };
-        let total = self.len() as usize;
         if end > total {
             return None;
         }
@@ -216,40 +405,92 @@ impl FileData {
         Some((base.wrapping_add(start), len))
     }
 
-    /// Whether the file may have changed since it was mapped, so that the
-    /// bytes sent from the mapping may mix two versions: its size, mtime or
-    /// (with the same link count) ctime differ now, or fstat fails. One
-    /// fstat; the shard asks before a transfer's final block. Netascii and
-    /// empty contents are snapshots in memory: never changed.
+    /// The payload of the DATA block of `len` bytes at `offset`, as the
+    /// session named it, translating netascii as far as needed (one chunk at
+    /// most). Before the final block (and each resend of it), a content read
+    /// from the file is checked against the fstat taken at open: if it was
+    /// rewritten in place, the blocks sent may mix two versions, so the
+    /// client must not get the block that completes it. A netascii block
+    /// may come back shorter than asked: it is the final one, and `end`
+    /// says so.
+    pub fn block(&self, offset: u64, len: usize) -> Result<Block, BlockError> {
+        let (block, file, stamp) = match &self.content {
+            Content::Netascii(n) => (n.resolve(offset, len)?, &n.file, &n.stamp),
+            Content::Empty | Content::Mapped(_) => {
+                let (ptr, n) = self.range_ptr(offset, len).ok_or(BlockError::Changed)?;
+                let end = Some(self.len());
+                let block = Block { ptr, len: n, end };
+                match &self.content {
+                    Content::Mapped(m) => (block, &m.file, &m.stamp),
+                    _ => return Ok(block),
+                }
+            }
+        };
+        let last = block.end == offset.checked_add(block.len as u64);
+        if last && stamp.changed(file) {
+            return Err(BlockError::Changed);
+        }
+        Ok(block)
+    }
+
+    /// Whether the file may have changed since it was opened, so that the
+    /// bytes sent may mix two versions: its size, mtime or (with the same
+    /// link count) ctime differ now, or fstat fails. One fstat. Empty
+    /// content is a snapshot: never changed.
     pub fn changed_since_open(&self) -> bool {
-        match &*self.content {
-            Content::Mapped { file, stamp, .. } => match file.metadata() {
-                Ok(meta) => stamp.differs(&Stamp::of(&meta)),
-                // Cannot tell: do not let a client accept what may be mixed.
-                Err(_) => true,
-            },
-            Content::Empty | Content::Owned(_) => false,
+        match &self.content {
+            Content::Mapped(m) => m.stamp.changed(&m.file),
+            Content::Netascii(n) => n.stamp.changed(&n.file),
+            Content::Empty => false,
         }
     }
 
-    /// Whether two handles share one cached content (one mapping).
+    /// Whether two handles share one content (one mapping or translation).
     pub fn same_content(&self, other: &FileData) -> bool {
-        Arc::ptr_eq(&self.content, &other.content)
+        match (&self.content, &other.content) {
+            (Content::Mapped(a), Content::Mapped(b)) => Arc::ptr_eq(a, b),
+            (Content::Netascii(a), Content::Netascii(b)) => Rc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 
-    /// Test-only: the content, read through the pointer.
+    /// Test-only: the whole content, read through the pointers (netascii
+    /// translated to its end).
     #[cfg(test)]
     fn read_all_for_test(&self) -> Vec<u8> {
-        let Some((p, n)) = self.range_ptr(0, self.len() as usize) else {
-            return Vec::new();
-        };
-        // SAFETY: `p..p+n` lies inside the live content (range_ptr checked
-        // it, and `self` keeps it alive); tests never truncate a file
-        // before reading it this way, so the mapped pages are readable.
-        unsafe { std::slice::from_raw_parts(p, n) }.to_vec()
+        if !matches!(self.content, Content::Netascii(_)) {
+            let (p, n) = self.range_ptr(0, self.len() as usize).expect("range");
+            // SAFETY: as below.
+            return unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
+        }
+        let mut all = Vec::new();
+        let mut offset = 0;
+        loop {
+            let b = self.block(offset, 4096).expect("block");
+            // SAFETY: `ptr..ptr+len` lies inside the live content (block
+            // checked it, and `self` keeps it alive); tests never truncate a
+            // file before reading it this way, so mapped pages are readable.
+            all.extend_from_slice(unsafe { std::slice::from_raw_parts(b.ptr, b.len) });
+            offset += b.len as u64;
+            if b.len < 4096 {
+                return all;
+            }
+        }
+    }
+
+    /// Test-only: preads issued and source bytes read by a netascii
+    /// translation so far.
+    #[cfg(test)]
+    fn reads_for_test(&self) -> (u64, u64) {
+        match &self.content {
+            Content::Netascii(n) => {
+                let t = n.state.borrow();
+                (t.preads, t.read_bytes)
+            }
+            _ => (0, 0),
+        }
     }
 }
-
 impl FileRoot {
     /// Opens `dir` as the root. Fails if the kernel lacks `openat2` (Linux
     /// 5.6+): without it confinement would be a weaker user-space walk, so
@@ -416,95 +657,65 @@ fn relative_name(filename: &[u8]) -> Result<&[u8], OpenError> {
 
 /// RFC 764 / RFC 1350 netascii: LF → CR LF, CR → CR NUL; other bytes as is.
 pub fn netascii_encode(src: &[u8]) -> Vec<u8> {
-    // Exact size first (a cheap vectorised pass), so no regrowth and no
-    // reallocation in `into_boxed_slice`.
+    // Exact size first (a cheap vectorised pass), so no regrowth.
     let specials = src.iter().filter(|&&b| is_special(b)).count();
     let mut out = Vec::with_capacity(src.len() + specials);
+    netascii_encode_into(src, &mut out);
+    out
+}
+
+/// Appends the netascii translation of `src` to `out`. Each byte is
+/// translated on its own, so `src` may be cut anywhere (a CR at the end of
+/// one chunk and the LF at the start of the next come out as from one).
+fn netascii_encode_into(src: &[u8], out: &mut Vec<u8>) {
     let mut run = 0; // start of the bytes not yet copied
     let mut emit = |p: usize, out: &mut Vec<u8>| {
         out.extend_from_slice(&src[run..p]);
         out.extend_from_slice(if src[p] == b'\n' { b"\r\n" } else { b"\r\0" });
         run = p + 1;
     };
-    if specials > 0 {
-        // A 16-bit mask of specials per 16 bytes (the compiler vectorises
-        // the compare); copy the runs between them whole.
-        let mut chunks = src.chunks_exact(16);
-        let mut base = 0;
-        for chunk in &mut chunks {
-            let mut mask: u16 = 0;
-            for (k, &b) in chunk.iter().enumerate() {
-                mask |= u16::from(is_special(b)) << k;
-            }
-            while mask != 0 {
-                emit(base + mask.trailing_zeros() as usize, &mut out);
-                mask &= mask - 1;
-            }
-            base += 16;
+    // A 16-bit mask of specials per 16 bytes (the compiler vectorises the
+    // compare); copy the runs between them whole.
+    let mut chunks = src.chunks_exact(16);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        let mut mask: u16 = 0;
+        for (k, &b) in chunk.iter().enumerate() {
+            mask |= u16::from(is_special(b)) << k;
         }
-        for (k, &b) in chunks.remainder().iter().enumerate() {
-            if is_special(b) {
-                emit(base + k, &mut out);
-            }
+        while mask != 0 {
+            emit(base + mask.trailing_zeros() as usize, out);
+            mask &= mask - 1;
+        }
+        base += 16;
+    }
+    for (k, &b) in chunks.remainder().iter().enumerate() {
+        if is_special(b) {
+            emit(base + k, out);
         }
     }
     out.extend_from_slice(&src[run..]);
-    out
 }
 
 fn is_special(b: u8) -> bool {
     b == b'\n' || b == b'\r'
 }
 
-/// Reads up to `size` bytes with pread (never through a mapping).
-fn read_exact_size(file: &File, size: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; size];
-    let mut got = 0;
-    while got < size {
-        match file.read_at(&mut buf[got..], got as u64) {
-            Ok(0) => break, // truncated meanwhile: serve what is there
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(got);
-    Ok(buf)
-}
-
-fn build_content(file: File, stamp: Stamp, mode: Mode) -> Result<(Content, bool), OpenError> {
-    if stamp.size == 0 {
-        return Ok((Content::Empty, true));
-    }
+fn build_mapped(file: File, stamp: Stamp) -> Result<Mapped, OpenError> {
     let len = usize::try_from(stamp.size).map_err(|_| OpenError::Unservable("file too large"))?;
-    match mode {
-        Mode::Octet => {
-            // map_raw_read_only never hands out references, so no unsafe:
-            // we only ever pass raw pointers to the kernel.
-            let map = MmapOptions::new()
-                .len(len)
-                .map_raw_read_only(&file)
-                .map_err(map_resource_error("cannot map file"))?;
-            // Start reading the head of a cold file now, asynchronously,
-            // rather than one page fault at a time in the shard's sends. No
-            // MADV_SEQUENTIAL: it lets the kernel drop pages behind the
-            // reader, and a boot file is read by thousands of clients. A
-            // failed advice costs only speed.
-            let _ = map.advise_range(Advice::WillNeed, 0, len.min(PREFETCH_BYTES));
-            Ok((Content::Mapped { map, file, stamp }, true))
-        }
-        Mode::Netascii => {
-            let raw =
-                read_exact_size(&file, len).map_err(map_resource_error("cannot read file"))?;
-            // A short read means the file changed under us: serve it, but do
-            // not cache it under the old key.
-            let complete = raw.len() == len;
-            Ok((
-                Content::Owned(netascii_encode(&raw).into_boxed_slice()),
-                complete,
-            ))
-        }
-    }
+    // map_raw_read_only never hands out references, so no unsafe: we only
+    // ever pass raw pointers to the kernel.
+    let map = MmapOptions::new()
+        .len(len)
+        .map_raw_read_only(&file)
+        .map_err(map_resource_error("cannot map file"))?;
+    // Start reading the head of a cold file now, asynchronously, rather
+    // than one page fault at a time in the shard's sends. No
+    // MADV_SEQUENTIAL: it lets the kernel drop pages behind the reader, and
+    // a boot file is read by thousands of clients. A failed advice costs
+    // only speed.
+    let _ = map.advise_range(Advice::WillNeed, 0, len.min(PREFETCH_BYTES));
+    Ok(Mapped { map, file, stamp })
 }
 
 impl FileSource for FileRoot {
@@ -526,9 +737,21 @@ impl FileSource for FileRoot {
             return Err(OpenError::NotReadable);
         }
         let stamp = Stamp::of(&meta);
-        let netascii = mode == Mode::Netascii;
-        if netascii && stamp.size > MAX_NETASCII_SOURCE {
-            return Err(OpenError::Unservable("file too large for netascii"));
+        if stamp.size == 0 {
+            return Ok((
+                FileData {
+                    content: Content::Empty,
+                },
+                0,
+            ));
+        }
+        if mode == Mode::Netascii {
+            if stamp.size > MAX_NETASCII_SOURCE {
+                return Err(OpenError::Unservable("file too large for netascii"));
+            }
+            // Translated as it is sent: nothing read yet, length unknown.
+            let content = Content::Netascii(Rc::new(Netascii::new(file, stamp)?));
+            return Ok((FileData { content }, LEN_UNKNOWN));
         }
         let key = Key {
             dev: meta.dev(),
@@ -536,29 +759,35 @@ impl FileSource for FileRoot {
             size: stamp.size,
             mtime: stamp.mtime,
             ctime: stamp.ctime,
-            netascii,
         };
-        if let Some(content) = self.cache().get(&key) {
-            let data = FileData { content };
-            let len = data.len();
-            return Ok((data, len));
-        }
-        // Build outside the lock: a netascii read may take a while and
-        // must not stall other shards' opens.
-        // A mapping keeps the file open (to fstat it later); a copy drops it.
-        let (content, cacheable) = build_content(file, stamp, mode)?;
-        let mut content = Arc::new(content);
-        if cacheable {
-            let mut cache = self.cache();
-            // Another shard may have built the same content meanwhile: share it.
-            match cache.get(&key) {
-                Some(existing) => content = existing,
-                None => cache.insert(key, &content),
+        // Bound first: a guard in the match scrutinee would live through
+        // the arms, which lock again.
+        let cached = self.cache().get(&key);
+        let mapped = match cached {
+            Some(mapped) => mapped,
+            None => {
+                // Mapped outside the lock; another shard may have mapped the
+                // same file meanwhile: share that one.
+                let mapped = Arc::new(build_mapped(file, stamp)?);
+                let mut cache = self.cache();
+                match cache.get(&key) {
+                    Some(existing) => existing,
+                    None => {
+                        cache.insert(key, &mapped);
+                        mapped
+                    }
+                }
             }
-        }
-        let data = FileData { content };
+        };
+        let data = FileData {
+            content: Content::Mapped(mapped),
+        };
         let len = data.len();
         Ok((data, len))
+    }
+
+    fn held_bytes(handle: &FileData, _len: u64) -> u64 {
+        handle.held_bytes()
     }
 }
 
@@ -683,8 +912,10 @@ mod tests {
         let mut r = root(&f, false);
         let d = open(&mut r, b"t.txt", Mode::Netascii).expect("open");
         let want = b"one\r\ntwo\r\0\r\nthree\r\0";
-        assert_eq!(d.len(), want.len() as u64);
+        // Translated as sent: the length is known at the end only.
+        assert_eq!(d.len(), LEN_UNKNOWN);
         assert_eq!(d.read_all_for_test(), want);
+        assert_eq!(d.len(), want.len() as u64);
         // The octet view of the same file is the raw bytes, a separate entry.
         let o = open(&mut r, b"t.txt", Mode::Octet).expect("open octet");
         assert_eq!(o.read_all_for_test(), b"one\ntwo\r\nthree\r");
@@ -694,14 +925,37 @@ mod tests {
         assert!(e.is_empty());
     }
 
+    /// The open cache charges a translation the most it can grow to, not
+    /// the nothing it holds at open.
     #[test]
-    fn netascii_cache_is_shared() {
+    fn netascii_is_charged_its_bound() {
         let f = fixture();
-        write_file(&f.root_dir.join("t.txt"), b"a\nb\n");
+        write_file(&f.root_dir.join("t.txt"), &[b'\n'; 1000]);
+        let mut r = root(&f, false);
+        let (d, len) = r.open_read(b"t.txt", Mode::Netascii).expect("open");
+        assert_eq!(FileRoot::held_bytes(&d, len), 2000);
+        let (o, len) = r.open_read(b"t.txt", Mode::Octet).expect("open");
+        assert_eq!(FileRoot::held_bytes(&o, len), 1000);
+    }
+
+    /// Clones (the endpoint's open cache hands them to the sessions of a
+    /// shard) share one translation: what one translated, the other reuses.
+    #[test]
+    fn netascii_clones_share_one_translation() {
+        let f = fixture();
+        write_file(&f.root_dir.join("t.txt"), &b"a\nb\n".repeat(100_000));
         let mut r = root(&f, false);
         let a = open(&mut r, b"t.txt", Mode::Netascii).expect("open");
-        let b = open(&mut r, b"t.txt", Mode::Netascii).expect("open");
+        let b = a.clone();
         assert!(a.same_content(&b));
+        let all = a.read_all_for_test();
+        let reads = a.reads_for_test();
+        assert_eq!(b.read_all_for_test(), all);
+        assert_eq!(b.reads_for_test(), reads, "the clone read nothing again");
+        assert_eq!(b.len(), all.len() as u64);
+        // A fresh open is a translation of its own.
+        let c = open(&mut r, b"t.txt", Mode::Netascii).expect("open");
+        assert!(!c.same_content(&a));
     }
 
     #[test]
@@ -1038,9 +1292,9 @@ mod tests {
         next_tick();
         rewrite_in_place(&path, &[2u8; 5000]);
         assert!(d.changed_since_open(), "rewritten in place");
-        // The netascii copy is a snapshot: still the old bytes.
-        assert!(!text.changed_since_open());
-        assert_eq!(text.read_all_for_test(), vec![1u8; 5000]);
+        // Netascii reads the file as it goes: the same check applies.
+        assert!(text.changed_since_open());
+        assert_eq!(text.block(0, 5000).err(), Some(BlockError::Changed));
 
         // `cp -p`: rewritten, then the old mtime set back; ctime shows it.
         let p2 = f.root_dir.join("kernel");
@@ -1159,9 +1413,10 @@ mod tests {
         }
         let mut r = root(&f, false);
         let d = open(&mut r, b"cold.img", Mode::Octet).expect("open");
-        let Content::Mapped { map, .. } = &*d.content else {
+        let Content::Mapped(m) = &d.content else {
             panic!("not mapped");
         };
+        let map = &m.map;
         // Readahead is asynchronous: give it a moment.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         let mut resident = resident_pages(map, pages);
@@ -1170,5 +1425,291 @@ mod tests {
             resident = resident_pages(map, pages);
         }
         assert_eq!(resident, pages, "pages resident after open, of {pages}");
+    }
+
+    /// Text-like bytes with many LF and CR (`seed` varies the mix).
+    fn text(len: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                match x % 16 {
+                    0 => b'\n',
+                    1 => b'\r',
+                    _ => b'a' + (x % 26) as u8,
+                }
+            })
+            .collect()
+    }
+
+    /// Reads `d` block by block as the shard does for a session, checking
+    /// that the end is known by the block that reaches it; returns the bytes
+    /// and the number of blocks (the last one short, possibly empty).
+    fn read_blocks(d: &FileData, blksize: usize) -> (Vec<u8>, u64) {
+        let mut all = Vec::new();
+        let mut blocks = 0;
+        loop {
+            let offset = all.len() as u64;
+            let b = d.block(offset, blksize).expect("block");
+            blocks += 1;
+            // SAFETY: inside the live translation (block checked it).
+            all.extend_from_slice(unsafe { std::slice::from_raw_parts(b.ptr, b.len) });
+            if b.len < blksize {
+                assert_eq!(b.end, Some(all.len() as u64), "a short block is the last");
+                return (all, blocks);
+            }
+            if b.end == Some(all.len() as u64) {
+                // Full and reaching the end: an empty block follows.
+                assert_eq!(d.len(), all.len() as u64);
+            } else if b.end.is_none() {
+                assert_eq!(d.len(), LEN_UNKNOWN);
+            }
+        }
+    }
+
+    #[test]
+    fn lazy_netascii_equals_netascii_encode_for_many_sizes_and_blksizes() {
+        let f = fixture();
+        let mut r = root(&f, false);
+        let c = NETASCII_CHUNK;
+        let sizes = [
+            1,
+            7,
+            511,
+            512,
+            513,
+            4096,
+            c - 1,
+            c,
+            c + 1,
+            2 * c + 333,
+            3 * c,
+        ];
+        for (i, &size) in sizes.iter().enumerate() {
+            let src = text(size, i as u32);
+            let want = netascii_encode(&src);
+            write_file(&f.root_dir.join("t"), &src);
+            for blksize in [8, 512, 1428, 8192, 65464] {
+                let d = open(&mut r, b"t", Mode::Netascii).expect("open");
+                let (got, blocks) = read_blocks(&d, blksize);
+                assert!(got == want, "size {size} blksize {blksize}");
+                assert_eq!(blocks, want.len() as u64 / blksize as u64 + 1);
+            }
+        }
+    }
+
+    /// Translated lengths that are exact multiples of blksize end with an
+    /// empty block, which the reader learns is the last.
+    #[test]
+    fn lazy_netascii_exact_multiple_of_blksize_ends_with_an_empty_block() {
+        let f = fixture();
+        let mut r = root(&f, false);
+        // 'x' and "\n" (2 bytes out): translated lengths of k × blksize,
+        // below, at and across chunk boundaries.
+        for (src, blksize) in [
+            (b"x".repeat(512), 512),
+            (b"\n".repeat(256), 512),
+            (b"abc\n".repeat(NETASCII_CHUNK / 4 * 3), 1280),
+            (b"x".repeat(NETASCII_CHUNK * 2), 512),
+            (b"\r".repeat(NETASCII_CHUNK), 65_536),
+        ] {
+            let want = netascii_encode(&src);
+            assert_eq!(want.len() % blksize, 0);
+            write_file(&f.root_dir.join("m"), &src);
+            let d = open(&mut r, b"m", Mode::Netascii).expect("open");
+            let (got, blocks) = read_blocks(&d, blksize);
+            assert!(got == want);
+            assert_eq!(
+                blocks,
+                (want.len() / blksize) as u64 + 1,
+                "empty last block"
+            );
+            let last = d.block(want.len() as u64, blksize).expect("empty block");
+            assert_eq!((last.len, last.end), (0, Some(want.len() as u64)));
+        }
+    }
+
+    #[test]
+    fn lazy_netascii_cr_and_lf_at_chunk_boundaries() {
+        let f = fixture();
+        let mut r = root(&f, false);
+        let c = NETASCII_CHUNK;
+        let mut src = vec![b'y'; 3 * c + 10];
+        // CR LF split across the first boundary, a lone CR ending the
+        // second chunk, LF starting the third, CR as the last byte.
+        src[c - 1] = b'\r';
+        src[c] = b'\n';
+        src[2 * c - 1] = b'\r';
+        src[2 * c] = b'\n';
+        src[2 * c + 1] = b'\r';
+        *src.last_mut().expect("bytes") = b'\r';
+        write_file(&f.root_dir.join("crlf"), &src);
+        for blksize in [512, 1000, 65464] {
+            let d = open(&mut r, b"crlf", Mode::Netascii).expect("open");
+            assert!(read_blocks(&d, blksize).0 == netascii_encode(&src));
+        }
+    }
+
+    /// The work bound: opening reads nothing, and no block reads more than
+    /// one chunk of source in one pread.
+    #[test]
+    fn lazy_netascii_reads_at_most_one_chunk_per_block() {
+        let f = fixture();
+        let mut r = root(&f, false);
+        let src = text(4 << 20, 9);
+        write_file(&f.root_dir.join("big.txt"), &src);
+        for blksize in [512, 65464] {
+            let d = open(&mut r, b"big.txt", Mode::Netascii).expect("open");
+            assert_eq!(d.reads_for_test(), (0, 0), "open reads nothing");
+            let first = d.block(0, blksize).expect("block 1");
+            let mut offset = 0u64;
+            let mut before = (0, 0);
+            let mut steps = 0;
+            loop {
+                let b = d.block(offset, blksize).expect("block");
+                // The translation never moves: sends in flight keep pointing
+                // into it.
+                assert_eq!(b.ptr, first.ptr.wrapping_add(offset as usize));
+                let now = d.reads_for_test();
+                let (calls, bytes) = (now.0 - before.0, now.1 - before.1);
+                assert!(calls <= 1, "block at {offset}: {calls} preads");
+                assert!(
+                    bytes <= NETASCII_CHUNK as u64,
+                    "block at {offset}: {bytes} bytes read"
+                );
+                steps += u64::from(calls > 0);
+                before = now;
+                offset += b.len as u64;
+                if b.len < blksize {
+                    break;
+                }
+            }
+            assert_eq!(before.1, src.len() as u64, "each byte read once");
+            assert_eq!(steps, (src.len() as u64).div_ceil(NETASCII_CHUNK as u64));
+        }
+    }
+
+    #[test]
+    fn lazy_netascii_file_changed_under_the_transfer_fails_its_last_block() {
+        let f = fixture();
+        let path = f.root_dir.join("notes.txt");
+        let src = text(3 * NETASCII_CHUNK, 4);
+        let mut r = root(&f, false);
+        // Rewritten in place, same length: the final block is refused.
+        write_file(&path, &src);
+        let d = open(&mut r, b"notes.txt", Mode::Netascii).expect("open");
+        d.block(0, 512).expect("first block");
+        next_tick();
+        rewrite_in_place(&path, &text(src.len(), 5));
+        let mut offset = 0;
+        let err = loop {
+            match d.block(offset, 512) {
+                Ok(b) if b.len == 512 => offset += 512,
+                Ok(b) => panic!("final block of {} bytes served", b.len),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err, BlockError::Changed);
+        // Truncated: the translation runs out of source early.
+        write_file(&path, &src);
+        let d = open(&mut r, b"notes.txt", Mode::Netascii).expect("open");
+        d.block(0, 512).expect("first block");
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|h| h.set_len(NETASCII_CHUNK as u64 + 10))
+            .expect("truncate");
+        let at = 2 * NETASCII_CHUNK as u64;
+        assert_eq!(d.block(at, 512).err(), Some(BlockError::Changed));
+        assert_eq!(d.block(at, 512).err(), Some(BlockError::Changed), "sticky");
+    }
+
+    #[test]
+    fn lazy_netascii_read_error_fails_the_block() {
+        let f = fixture();
+        write_file(&f.root_dir.join("t"), b"x");
+        let meta = fs::metadata(f.root_dir.join("t")).expect("stat");
+        // pread on a directory fails (EISDIR): a read error mid-transfer.
+        let dir = File::open(&f.root_dir).expect("open dir");
+        let n = Netascii::new(dir, Stamp::of(&meta)).expect("netascii");
+        let d = FileData {
+            content: Content::Netascii(Rc::new(n)),
+        };
+        assert_eq!(d.block(0, 512).err(), Some(BlockError::Read));
+        assert_eq!(d.block(0, 512).err(), Some(BlockError::Read), "sticky");
+    }
+
+    /// A transfer started without knowing the length learns it from the
+    /// blocks, as the shard tells it, and ends after the right block,
+    /// the empty one included.
+    #[test]
+    fn session_learns_the_netascii_end_from_the_blocks() {
+        use crate::proto::{Options, Packet};
+        use crate::session::{self, Limits, Outcome, Transfer};
+        let f = fixture();
+        let mut r = root(&f, false);
+        let limits = Limits::default();
+        for (src, blksize, window) in [
+            (text(700_000, 3), 512u16, 1u16),
+            (b"x".repeat(512 * 3), 512, 1),
+            (b"line\n".repeat(100_000), 1024, 4),
+            (b"\n".repeat(NETASCII_CHUNK), 8192, 8),
+        ] {
+            write_file(&f.root_dir.join("s"), &src);
+            let (d, len) = r.open_read(b"s", Mode::Netascii).expect("open");
+            assert_eq!(len, LEN_UNKNOWN);
+            let asked = Options {
+                blksize: Some(u32::from(blksize)),
+                windowsize: Some(u32::from(window)),
+                tsize: Some(0),
+                ..Options::default()
+            };
+            let mut max = limits.clone();
+            max.max_windowsize = window;
+            let neg = session::negotiate(&asked, len, None, false, &max);
+            let oack = neg.oack.expect("oack");
+            assert_eq!(oack.tsize, None, "no tsize for netascii (as tftpd-hpa)");
+            let now = std::time::Instant::now();
+            let mut t = Transfer::new_read(now, &neg, len, &max);
+            let mut buf = vec![0u8; 70_000];
+            let mut ack = [0u8; 4];
+            let _ = t.poll_transmit(now, &mut buf).expect("OACK");
+            let n = Packet::Ack { block: 0 }.emit(&mut ack).expect("emit");
+            t.handle_datagram(now, &ack[..n]);
+            let mut got = Vec::new();
+            let mut block = 0u64;
+            let outcome = loop {
+                if let Some(outcome) = t.poll_event() {
+                    break outcome;
+                }
+                let mut last = None;
+                while let Some(tx) = t.poll_transmit(now, &mut buf) {
+                    let p = tx.payload.expect("DATA");
+                    let b = d.block(p.offset, p.len).expect("block");
+                    if let Some(end) = b.end {
+                        t.set_content_len(end);
+                    }
+                    if p.offset == got.len() as u64 {
+                        // SAFETY: inside the live translation.
+                        got.extend_from_slice(unsafe { std::slice::from_raw_parts(b.ptr, b.len) });
+                        block += 1;
+                    }
+                    last = Some(block);
+                }
+                let n = Packet::Ack {
+                    block: last.expect("a window") as u16,
+                }
+                .emit(&mut ack)
+                .expect("emit");
+                t.handle_datagram(now, &ack[..n]);
+            };
+            assert_eq!(outcome, Outcome::Completed);
+            let want = netascii_encode(&src);
+            assert!(got == want, "blksize {blksize}");
+            assert_eq!(block, want.len() as u64 / u64::from(blksize) + 1);
+            assert_eq!(t.stats().bytes_acked, want.len() as u64);
+        }
     }
 }

@@ -136,6 +136,11 @@ pub struct Negotiated {
     pub oack: Option<Options>,
 }
 
+/// A content length learnt only while sending (netascii, translated as it
+/// goes): pass it to [`negotiate`] and [`Transfer::new_read`], then give the
+/// length to [`Transfer::set_content_len`] once the source is exhausted.
+pub const LEN_UNKNOWN: u64 = u64::MAX;
+
 /// Decides which requested options to accept (RFC 2347/2348/2349/7440).
 /// Out-of-range values are ignored (left out of the OACK), except blksize
 /// and windowsize above our limits, which are lowered.
@@ -172,8 +177,12 @@ pub fn negotiate(
         .filter(|&t| Duration::from_secs(u64::from(t)) <= limits.rto_max)
         .and_then(|t| u8::try_from(t).ok());
     oack.timeout = timeout.map(u32::from);
-    // RFC 2349: in a read request the client sends 0 and we answer the size.
-    oack.tsize = requested.tsize.map(|_| content_len);
+    // RFC 2349: in a read request the client sends 0 and we answer the size;
+    // one not known yet (netascii) is declined, as tftpd-hpa does.
+    oack.tsize = requested
+        .tsize
+        .filter(|_| content_len != LEN_UNKNOWN)
+        .map(|_| content_len);
     let mut windowsize = 1;
     if let Some(asked) = requested.windowsize.filter(|&w| w >= 1) {
         let cap = limits.max_windowsize.clamp(1, MAX_WINDOWSIZE);
@@ -343,6 +352,20 @@ pub struct Transfer {
 }
 
 impl Transfer {
+    /// The content's length, once known, for a transfer started with
+    /// [`LEN_UNKNOWN`]; later calls are no-ops. Until then every DATA block
+    /// is full, so the caller must learn the length no later than when it
+    /// resolves the block that reaches it.
+    pub fn set_content_len(&mut self, len: u64) {
+        let s = &mut self.sending;
+        if s.content_len != LEN_UNKNOWN {
+            return;
+        }
+        s.content_len = len;
+        s.total_blocks = len / u64::from(self.blksize) + 1;
+        debug_assert!(s.sent_high <= s.total_blocks, "learnt the end too late");
+    }
+
     /// A read transfer of `content_len` bytes, as negotiated.
     pub fn new_read(
         now: Instant,

@@ -1588,31 +1588,27 @@ impl Shard {
             let Some(p) = t.payload else {
                 return Some((t.header_len, None));
             };
-            let range = self.endpoint.session(id).and_then(|v| {
-                let h = v.handle;
-                // Before the final block (and each resend of it): if the
-                // file changed since it was mapped (rewritten in place), the
-                // blocks sent may mix two versions, so the client must not
-                // get the block that completes it. One fstat per transfer;
-                // netascii content is an in-memory snapshot and never
-                // reports a change.
-                let last = p.offset.checked_add(p.len as u64) == Some(h.len());
-                if last && h.changed_since_open() {
-                    return None;
+            // Translates netascii as far as this block, and checks the file
+            // against its open-time fstat before the final block (see
+            // FileData::block).
+            let block = self
+                .endpoint
+                .session(id)
+                .map(|v| v.handle.block(p.offset, p.len))?;
+            match block {
+                Ok(b) => {
+                    // A netascii length is learnt at its end; the session
+                    // then stops after this (possibly short) block.
+                    if let Some(end) = b.end {
+                        self.endpoint.set_content_len(id, end);
+                    }
+                    return Some((t.header_len, Some((b.ptr, b.len))));
                 }
-                h.range_ptr(p.offset, p.len)
-            });
-            match range {
-                Some((ptr, len)) if len == p.len => return Some((t.header_len, Some((ptr, len)))),
-                // The file changed before its final block, or the mapping
-                // does not cover the block (the file shrank): send the
-                // ERROR instead.
-                _ => self.endpoint.abort(
-                    now,
-                    id,
-                    ErrorCode::NotDefined,
-                    "file changed during transfer",
-                ),
+                // The file changed before its final block, shrank, or a read
+                // failed: send the ERROR instead.
+                Err(e) => self
+                    .endpoint
+                    .abort(now, id, ErrorCode::NotDefined, e.message()),
             }
         }
     }
