@@ -13,6 +13,7 @@ pub mod config;
 pub mod endpoint;
 pub mod files;
 pub mod proto;
+pub mod receive;
 pub mod server;
 pub mod session;
 pub mod shard;
