@@ -707,3 +707,101 @@ fn runts_and_stray_packets_from_the_peer_are_ignored() {
     }
     assert_eq!(t.poll_event(), Some(Outcome::Completed));
 }
+
+/// When the `n`th copy of DATA `block` (1-based) was sent, after the one before it.
+fn resend_gap(sim: &Sim, block: u16, n: usize) -> Duration {
+    let times = data_times(sim, block);
+    assert!(times.len() > n, "DATA {block} sent {} times", times.len());
+    times[n] - times[n - 1]
+}
+
+#[test]
+fn a_client_resent_ack0_is_not_taken_for_the_round_trip() {
+    // ACK 0 is lost; the client's own timer (500 ms, shorter than our 1 s
+    // initial RTO) resends it. Taken as the OACK's round trip, that 500 ms
+    // would set the RTO to about 1.5 s and a later loss would cost a
+    // second. The handshake's sample is only provisional: the first DATA
+    // sample (0.2 ms) replaces it, so losing DATA 3 costs the 5 ms floor.
+    let file = content(20 * 512, 30);
+    let mut acks0 = 0;
+    let mut data3 = 0;
+    let mut sim =
+        Sim::with_config(&file, &[("blksize", "512")], default_config()).link(move |dir, p, _| {
+            match (dir, p) {
+                (Dir::ToServer, Packet::Ack { block: 0 }) if acks0 == 0 => {
+                    acks0 += 1;
+                    Fate::Drop
+                }
+                (Dir::ToClient, Packet::Data { block: 3, .. }) if data3 == 0 => {
+                    data3 += 1;
+                    Fate::Drop
+                }
+                _ => Fate::Deliver,
+            }
+        });
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.client.retransmits, 1, "the client resent ACK 0 once");
+    let gap = resend_gap(&sim, 3, 1);
+    assert!(
+        gap < Duration::from_millis(10),
+        "DATA 3 resent after {gap:?}"
+    );
+}
+
+#[test]
+fn an_ack_after_its_deadline_is_no_rtt_sample() {
+    // The timer wheel may run a little late: an ACK 0 that arrives after
+    // the OACK's 1 s deadline, before the timeout was handled, may be the
+    // client's own 1 s retransmission. It is no round-trip sample.
+    let limits = session::Limits::default();
+    let options = Options {
+        blksize: Some(512),
+        ..Options::default()
+    };
+    let negotiated = session::negotiate(&options, 5000, None, false, &limits);
+    let t0 = std::time::Instant::now();
+    let mut t = session::Transfer::new_read(t0, &negotiated, 5000, &limits);
+    let mut buf = [0u8; 600];
+    assert!(t.poll_transmit(t0, &mut buf).is_some(), "OACK");
+    let deadline = t.poll_timeout().expect("armed");
+    assert_eq!(deadline - t0, limits.initial_rto);
+    t.handle_datagram(deadline + Duration::from_micros(400), &[0, 4, 0, 0]);
+    assert_eq!(t.srtt(), None);
+    assert_eq!(t.rto(), limits.initial_rto);
+    // An ACK 0 in time is one.
+    let mut t = session::Transfer::new_read(t0, &negotiated, 5000, &limits);
+    t.poll_transmit(t0, &mut buf);
+    t.handle_datagram(t0 + Duration::from_millis(3), &[0, 4, 0, 0]);
+    assert_eq!(t.srtt(), Some(Duration::from_millis(3)));
+}
+
+#[test]
+fn a_fast_ack_proves_nothing_before_the_minimum_rtt_is_known() {
+    // The first round trips are slow (ACK 0, 1 and 2 each 1 ms late: the
+    // client opening its file, a loaded host), then the path is fast. The
+    // ACK of block 3 is lost; the ACK answering its resend comes 0.2 ms
+    // later, which is under half the smallest RTT seen so far (1.2 ms).
+    // With that few samples this is no proof (Eifel by timing) that the
+    // resend was spurious: the floor must stay at 5 ms.
+    let file = content(200 * 512, 31);
+    let mut ack3 = 0;
+    let mut sim =
+        Sim::with_config(&file, &[("blksize", "512")], default_config()).link(move |dir, p, _| {
+            match (dir, p) {
+                (Dir::ToServer, Packet::Ack { block }) if *block <= 2 => {
+                    Fate::Delay(Duration::from_millis(1))
+                }
+                (Dir::ToServer, Packet::Ack { block: 3 }) if ack3 == 0 => {
+                    ack3 += 1;
+                    Fate::Drop
+                }
+                _ => Fate::Deliver,
+            }
+        });
+    sim.client.timeout = Duration::from_secs(1);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(data_times(&sim, 3).len(), 2);
+    assert_eq!(logged_floor_ms(&sim), 5.0, "{:?}", sim.log_line);
+}
