@@ -913,13 +913,11 @@ impl<H: Clone> Endpoint<H> {
         Some(cached.metrics)
     }
 
-    /// Keeps what a finished transfer learned of its client's path. The
-    /// floor never falls while the entry lives: a transfer seeded from it
-    /// starts at that floor, but one that started before it rose did not.
-    fn remember_path(&mut self, now: Instant, client: IpAddr, mut metrics: PathMetrics) {
-        if let Some(old) = self.recent_path(now, client) {
-            metrics.rto_floor = metrics.rto_floor.max(old.rto_floor);
-        } else if self.paths.len() >= PATH_CACHE_CAPACITY {
+    /// Keeps what a finished transfer learned of its client's path (the
+    /// newest transfer's word replaces the last; see `path_metrics` for
+    /// how its floor falls again when it proved unneeded).
+    fn remember_path(&mut self, now: Instant, client: IpAddr, metrics: PathMetrics) {
+        if self.recent_path(now, client).is_none() && self.paths.len() >= PATH_CACHE_CAPACITY {
             self.paths
                 .retain(|_, p| now.saturating_duration_since(p.learned_at) < PATH_CACHE_TTL);
             if self.paths.len() >= PATH_CACHE_CAPACITY {

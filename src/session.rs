@@ -220,6 +220,10 @@ struct RttEstimator {
     rttvar: Duration,
     rto: Duration,
     min: Duration,
+    /// The floor `--rto-min-ms` gives, and the one this transfer started
+    /// with (higher when seeded from an earlier transfer).
+    base_min: Duration,
+    start_min: Duration,
     max: Duration,
     /// A client-negotiated timeout: fixed, neither adapted nor backed off.
     fixed: bool,
@@ -236,6 +240,8 @@ impl RttEstimator {
             rttvar: Duration::ZERO,
             rto: fixed.unwrap_or(limits.initial_rto.min(max)),
             min: limits.rto_min,
+            base_min: limits.rto_min,
+            start_min: limits.rto_min,
             max,
             fixed: fixed.is_some(),
         }
@@ -301,6 +307,7 @@ impl RttEstimator {
             return;
         }
         self.min = self.min.max(path.rto_floor).min(self.max);
+        self.start_min = self.min;
         let rto = path.srtt + (path.rttvar * 4).max(Duration::from_millis(1));
         self.rto = rto.clamp(self.min, self.max);
     }
@@ -494,14 +501,24 @@ impl Transfer {
 
     /// What this transfer measured of the path, once it has a DATA sample
     /// (the handshake's alone may be the client's retransmission timeout).
+    /// The floor is the one it raised to; if it raised none, half the one
+    /// it started with (not below `--rto-min-ms`): otherwise floors would
+    /// only ever rise for an address, and many clients behind one address
+    /// (NAT, a test rig) would ratchet it to the ceiling.
     pub fn path_metrics(&self) -> Option<PathMetrics> {
-        if self.rtt.fixed || self.rtt.samples == 0 || self.rtt.provisional {
+        let r = &self.rtt;
+        if r.fixed || r.samples == 0 || r.provisional {
             return None;
         }
+        let rto_floor = if r.min > r.start_min {
+            r.min
+        } else {
+            (r.min / 2).max(r.base_min)
+        };
         Some(PathMetrics {
-            srtt: self.rtt.srtt?,
-            rttvar: self.rtt.rttvar,
-            rto_floor: self.rtt.min,
+            srtt: r.srtt?,
+            rttvar: r.rttvar,
+            rto_floor,
         })
     }
 

@@ -927,3 +927,36 @@ fn the_path_cache_is_bounded() {
     }
     assert_eq!(endpoint.path_cache_len(), 4096);
 }
+
+#[test]
+fn an_addresss_floor_falls_again_when_it_proved_unneeded() {
+    // Floors learned for one address must not only ever rise (many
+    // clients behind one NAT address would ratchet it to the ceiling): a
+    // seeded transfer that proves no resend spurious hands on half its
+    // floor, never below the 5 ms default.
+    let file = content(2000 * 512, 34);
+    let mut sim = Sim::with_config(&file, &[], default_config()).link(|dir, p, i| {
+        if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) && i % 50 == 25 {
+            Fate::Delay(Duration::from_millis(40))
+        } else {
+            Fate::Deliver
+        }
+    });
+    sim.client.timeout = Duration::from_secs(1);
+    sim.drive();
+    assert_complete(&sim, &file);
+    let learned = logged_floor_ms(&sim);
+    let mut floors = Vec::new();
+    for _ in 0..12 {
+        sim.next_transfer(&file, &[]);
+        sim.drive();
+        assert_complete(&sim, &file);
+        floors.push(logged_floor_ms(&sim));
+    }
+    assert_eq!(
+        floors[0], learned,
+        "the first clean transfer starts at the learned floor"
+    );
+    assert!(floors[1] <= learned / 2.0 + 0.1, "{floors:?}");
+    assert_eq!(*floors.last().unwrap(), 5.0, "{floors:?}");
+}
