@@ -54,7 +54,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, ErrorCode, Packet, ParseError, Request};
-use crate::session::{self, Limits, Outcome, Stats, Transfer, Transmit};
+use crate::session::{self, Limits, Outcome, PathMetrics, Stats, Transfer, Transmit};
 
 /// Per-shard admission and reply policy.
 #[derive(Debug, Clone)]
@@ -170,6 +170,20 @@ const OPEN_CACHE_MAX_BYTES: u64 = 1 << 30;
 
 /// Most names the open cache holds before it starts afresh.
 const OPEN_CACHE_CAPACITY: usize = 4096;
+
+/// Client addresses whose path estimate the endpoint keeps (per shard).
+const PATH_CACHE_CAPACITY: usize = 4096;
+
+/// How long a client address's path estimate is used for new transfers
+/// (a PXE client fetches its next file within seconds).
+const PATH_CACHE_TTL: Duration = Duration::from_secs(600);
+
+/// The newest path estimate of one client address, and when it was learned.
+#[derive(Debug, Clone, Copy)]
+struct CachedPath {
+    metrics: PathMetrics,
+    learned_at: Instant,
+}
 
 /// An earlier open of a name, reused while fresh.
 #[derive(Debug)]
@@ -359,6 +373,9 @@ pub struct Endpoint<H> {
     open_cache_swept: Option<Instant>,
     refusals: RefusalCounts,
     shutting_down: bool,
+    /// What recent transfers learned of each client's path, to start the
+    /// next one from (bounded, expiring: like Linux's tcp_metrics).
+    paths: HashMap<IpAddr, CachedPath>,
 }
 
 impl<H: Clone> Endpoint<H> {
@@ -384,6 +401,7 @@ impl<H: Clone> Endpoint<H> {
             open_cache_swept: None,
             refusals: RefusalCounts::default(),
             shutting_down: false,
+            paths: HashMap::new(),
         }
     }
 
@@ -670,7 +688,12 @@ impl<H: Clone> Endpoint<H> {
         let ipv6 = matches!(peer, SocketAddr::V6(_));
         let limits = &self.config.limits;
         let negotiated = session::negotiate(&request.options, content_len, mtu, ipv6, limits);
-        let transfer = Transfer::new_read(now, &negotiated, content_len, limits);
+        let mut transfer = Transfer::new_read(now, &negotiated, content_len, limits);
+        // A client seen recently starts from what its last transfer
+        // measured; a first contact keeps the conservative initial RTO.
+        if let Some(path) = self.recent_path(now, peer.ip()) {
+            transfer.seed_from_path(&path);
+        }
         let entry = Entry {
             transfer,
             peer,
@@ -882,6 +905,10 @@ impl<H: Clone> Endpoint<H> {
             }
         }
         let stats = *entry.transfer.stats();
+        if let Some(metrics) = entry.transfer.path_metrics() {
+            let at = stats.ended.unwrap_or(stats.started);
+            self.remember_path(at, entry.peer.ip(), metrics);
+        }
         Some(Finished {
             peer: entry.peer,
             filename: entry.request.filename.escape_ascii().to_string(),
@@ -893,6 +920,51 @@ impl<H: Clone> Endpoint<H> {
                 .unwrap_or(Outcome::Aborted(ErrorCode::NotDefined)),
             stats,
         })
+    }
+
+    /// The path estimate of `client` from a transfer that ended within the
+    /// TTL, if any.
+    fn recent_path(&mut self, now: Instant, client: IpAddr) -> Option<PathMetrics> {
+        let cached = *self.paths.get(&client)?;
+        if now.saturating_duration_since(cached.learned_at) >= PATH_CACHE_TTL {
+            self.paths.remove(&client);
+            return None;
+        }
+        Some(cached.metrics)
+    }
+
+    /// Keeps what a finished transfer learned of its client's path (the
+    /// newest transfer's word replaces the last; see `path_metrics` for
+    /// how its floor falls again when it proved unneeded).
+    fn remember_path(&mut self, now: Instant, client: IpAddr, metrics: PathMetrics) {
+        if self.recent_path(now, client).is_none() && self.paths.len() >= PATH_CACHE_CAPACITY {
+            self.paths
+                .retain(|_, p| now.saturating_duration_since(p.learned_at) < PATH_CACHE_TTL);
+            if self.paths.len() >= PATH_CACHE_CAPACITY {
+                // All fresh: forget the oldest.
+                let oldest = self
+                    .paths
+                    .iter()
+                    .min_by_key(|(_, p)| p.learned_at)
+                    .map(|(ip, _)| *ip);
+                if let Some(ip) = oldest {
+                    self.paths.remove(&ip);
+                }
+            }
+        }
+        self.paths.insert(
+            client,
+            CachedPath {
+                metrics,
+                learned_at: now,
+            },
+        );
+    }
+
+    /// Client addresses with a path estimate held (expired ones included
+    /// until they are looked up or swept).
+    pub fn path_cache_len(&self) -> usize {
+        self.paths.len()
     }
 
     /// Stops admitting: later requests get an ERROR saying so.

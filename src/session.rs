@@ -60,6 +60,21 @@ pub const DEFAULT_RTO_MIN_MS: u64 = 5;
 /// Recent timeout resends a transfer remembers, to tell spurious ones.
 const SPURIOUS_PROBES: usize = 4;
 
+/// RTT samples of DATA before the smallest one is trusted as a lower bound
+/// for the Eifel timing check: on a LAN the round trip varies several-fold
+/// (20 to 200 µs on a loaded veth), so one or two samples are no minimum.
+const EIFEL_MIN_SAMPLES: u32 = 8;
+
+/// What one transfer learned about the path to its client, to start the
+/// next transfer to the same address with (see `Transfer::seed_from_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathMetrics {
+    pub srtt: Duration,
+    pub rttvar: Duration,
+    /// The session's RTO floor, raised by resends proven spurious.
+    pub rto_floor: Duration,
+}
+
 /// See `Sending::spurious_probes`.
 #[derive(Debug, Clone, Copy)]
 struct SpuriousProbe {
@@ -203,11 +218,21 @@ pub fn negotiate(
 #[derive(Debug, Clone, Copy)]
 struct RttEstimator {
     srtt: Option<Duration>,
-    /// The smallest sample: no answer to a packet comes back faster.
+    /// `srtt` is the handshake's (OACK to ACK 0) only: that measures the
+    /// client's option processing, or its own retransmission of a lost
+    /// ACK 0, as much as the path; the first DATA sample replaces it.
+    provisional: bool,
+    /// The smallest DATA sample: no answer to a packet comes back faster.
     min_rtt: Option<Duration>,
+    /// DATA samples taken.
+    samples: u32,
     rttvar: Duration,
     rto: Duration,
     min: Duration,
+    /// The floor `--rto-min-ms` gives, and the one this transfer started
+    /// with (higher when seeded from an earlier transfer).
+    base_min: Duration,
+    start_min: Duration,
     max: Duration,
     /// A client-negotiated timeout: fixed, neither adapted nor backed off.
     fixed: bool,
@@ -218,33 +243,60 @@ impl RttEstimator {
         let max = limits.rto_max.max(limits.rto_min);
         Self {
             srtt: None,
+            provisional: false,
             min_rtt: None,
+            samples: 0,
             rttvar: Duration::ZERO,
             rto: fixed.unwrap_or(limits.initial_rto.min(max)),
             min: limits.rto_min,
+            base_min: limits.rto_min,
+            start_min: limits.rto_min,
             max,
             fixed: fixed.is_some(),
         }
     }
 
+    /// A DATA block's round trip (Karn's rule: never from a resent one).
     fn sample(&mut self, rtt: Duration) {
         if self.fixed {
             return;
         }
         self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        self.samples += 1;
+        let first = self.provisional;
+        self.provisional = false;
         let srtt = match self.srtt {
-            None => {
-                self.rttvar = rtt / 2;
-                rtt
-            }
-            Some(srtt) => {
+            Some(srtt) if !first => {
                 let err = srtt.abs_diff(rtt);
                 self.rttvar = (self.rttvar * 3 + err) / 4;
                 (srtt * 7 + rtt) / 8
             }
+            // RFC 6298 §2.2: the first measurement (the handshake's aside).
+            _ => {
+                self.rttvar = rtt / 2;
+                rtt
+            }
         };
         self.srtt = Some(srtt);
         self.update();
+    }
+
+    /// OACK to ACK 0: a provisional first measurement (see `provisional`).
+    fn sample_handshake(&mut self, rtt: Duration) {
+        if self.fixed {
+            return;
+        }
+        self.srtt = Some(rtt);
+        self.rttvar = rtt / 2;
+        self.provisional = true;
+        self.update();
+    }
+
+    /// Whether an ACK that came `since_resend` after a resend is too quick
+    /// to answer it (Eifel by timing, RFC 3522), once enough DATA samples
+    /// make the minimum RTT a trustworthy lower bound.
+    fn too_fast_for(&self, since_resend: Duration) -> bool {
+        self.samples >= EIFEL_MIN_SAMPLES && self.min_rtt.is_some_and(|min| since_resend < min / 2)
     }
 
     fn update(&mut self) {
@@ -253,6 +305,20 @@ impl RttEstimator {
             let rto = srtt + (self.rttvar * 4).max(Duration::from_millis(1));
             self.rto = rto.clamp(self.min, self.max);
         }
+    }
+
+    /// Starts from an earlier transfer's estimate of the same path: the
+    /// RTO becomes its SRTT + 4 RTTVAR, within a floor never below the one
+    /// it learned. SRTT itself stays unset, so this transfer's first sample
+    /// is its first measurement (RFC 6298 §2.2): the seed is only a start.
+    fn seed(&mut self, path: &PathMetrics) {
+        if self.fixed {
+            return;
+        }
+        self.min = self.min.max(path.rto_floor).min(self.max);
+        self.start_min = self.min;
+        let rto = path.srtt + (path.rttvar * 4).max(Duration::from_millis(1));
+        self.rto = rto.clamp(self.min, self.max);
     }
 
     /// RFC 6298 §5.5: double on each expiry, up to the ceiling.
@@ -439,6 +505,46 @@ impl Transfer {
         self.rtt.min
     }
 
+    /// The smoothed RTT, once measured.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.rtt.srtt
+    }
+
+    /// Starts the RTO from what an earlier transfer to the same client
+    /// learned (the endpoint's path cache, as Linux's tcp_metrics): a lost
+    /// OACK or ACK 0 then costs milliseconds, not the initial RTO. Call
+    /// before the first `poll_transmit`; later calls, and a transfer with a
+    /// negotiated (fixed) timeout, ignore it.
+    pub fn seed_from_path(&mut self, path: &PathMetrics) {
+        if self.last_send.is_none() {
+            self.rtt.seed(path);
+            self.stats.rto_floor = self.rtt.min;
+        }
+    }
+
+    /// What this transfer measured of the path, once it has a DATA sample
+    /// (the handshake's alone may be the client's retransmission timeout).
+    /// The floor is the one it raised to; if it raised none, half the one
+    /// it started with (not below `--rto-min-ms`): otherwise floors would
+    /// only ever rise for an address, and many clients behind one address
+    /// (NAT, a test rig) would ratchet it to the ceiling.
+    pub fn path_metrics(&self) -> Option<PathMetrics> {
+        let r = &self.rtt;
+        if r.fixed || r.samples == 0 || r.provisional {
+            return None;
+        }
+        let rto_floor = if r.min > r.start_min {
+            r.min
+        } else {
+            (r.min / 2).max(r.base_min)
+        };
+        Some(PathMetrics {
+            srtt: r.srtt?,
+            rttvar: r.rttvar,
+            rto_floor,
+        })
+    }
+
     pub fn is_ended(&self) -> bool {
         self.phase == Phase::Ended
     }
@@ -483,9 +589,23 @@ impl Transfer {
         }
     }
 
+    /// The round trip of the newest packet, if it may be measured: not a
+    /// resend (Karn's rule), and not answered only after its retransmission
+    /// deadline passed. Such an ACK may answer the client's own resend (its
+    /// timer ran out as ours did, say 1 s for both before any sample): the
+    /// sample would be the client's timeout, not the path.
+    fn rtt_sample(&self, now: Instant) -> Option<Duration> {
+        match self.last_send {
+            Some((sent_at, false)) if self.deadline.is_none_or(|d| now < d) => {
+                Some(now.saturating_duration_since(sent_at))
+            }
+            _ => None,
+        }
+    }
+
     fn take_rtt_sample(&mut self, now: Instant) {
-        if let Some((sent_at, false)) = self.last_send {
-            self.rtt.sample(now.saturating_duration_since(sent_at));
+        if let Some(rtt) = self.rtt_sample(now) {
+            self.rtt.sample(rtt);
         }
     }
 
@@ -498,7 +618,9 @@ impl Transfer {
     fn handle_ack(&mut self, now: Instant, block: u16) {
         if let Phase::Negotiating { .. } = self.phase {
             if block == 0 {
-                self.take_rtt_sample(now);
+                if let Some(rtt) = self.rtt_sample(now) {
+                    self.rtt.sample_handshake(rtt);
+                }
                 self.phase = Phase::Transferring;
                 self.progress(now);
             }
@@ -524,11 +646,10 @@ impl Transfer {
         let s = &mut self.sending;
         if let Some(sent_before) = s.timeout_resend.take() {
             let resent_at = s.head_sent.map_or(now, |(last, _)| last);
-            let too_fast = self
+            if self
                 .rtt
-                .min_rtt
-                .is_some_and(|min| now.saturating_duration_since(resent_at) < min / 2);
-            if too_fast {
+                .too_fast_for(now.saturating_duration_since(resent_at))
+            {
                 // Eifel (RFC 3522) by timing: no answer to the resend could
                 // come back this soon, so this ACK answers the original.
                 self.rtt

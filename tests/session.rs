@@ -707,3 +707,256 @@ fn runts_and_stray_packets_from_the_peer_are_ignored() {
     }
     assert_eq!(t.poll_event(), Some(Outcome::Completed));
 }
+
+/// When the `n`th copy of DATA `block` (1-based) was sent, after the one before it.
+fn resend_gap(sim: &Sim, block: u16, n: usize) -> Duration {
+    let times = data_times(sim, block);
+    assert!(times.len() > n, "DATA {block} sent {} times", times.len());
+    times[n] - times[n - 1]
+}
+
+fn oack_times(sim: &Sim) -> Vec<std::time::Instant> {
+    sim.server_sent
+        .iter()
+        .filter(|(_, d)| matches!(Packet::parse(d), Ok(Packet::Oack(_))))
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+#[test]
+fn a_client_resent_ack0_is_not_taken_for_the_round_trip() {
+    // ACK 0 is lost; the client's own timer (500 ms, shorter than our 1 s
+    // initial RTO) resends it. Taken as the OACK's round trip, that 500 ms
+    // would set the RTO to about 1.5 s and a later loss would cost a
+    // second. The handshake's sample is only provisional: the first DATA
+    // sample (0.2 ms) replaces it, so losing DATA 3 costs the 5 ms floor.
+    let file = content(20 * 512, 30);
+    let mut acks0 = 0;
+    let mut data3 = 0;
+    let mut sim =
+        Sim::with_config(&file, &[("blksize", "512")], default_config()).link(move |dir, p, _| {
+            match (dir, p) {
+                (Dir::ToServer, Packet::Ack { block: 0 }) if acks0 == 0 => {
+                    acks0 += 1;
+                    Fate::Drop
+                }
+                (Dir::ToClient, Packet::Data { block: 3, .. }) if data3 == 0 => {
+                    data3 += 1;
+                    Fate::Drop
+                }
+                _ => Fate::Deliver,
+            }
+        });
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.client.retransmits, 1, "the client resent ACK 0 once");
+    let gap = resend_gap(&sim, 3, 1);
+    assert!(
+        gap < Duration::from_millis(10),
+        "DATA 3 resent after {gap:?}"
+    );
+}
+
+#[test]
+fn an_ack_after_its_deadline_is_no_rtt_sample() {
+    // The timer wheel may run a little late: an ACK 0 that arrives after
+    // the OACK's 1 s deadline, before the timeout was handled, may be the
+    // client's own 1 s retransmission. It is no round-trip sample.
+    let limits = session::Limits::default();
+    let options = Options {
+        blksize: Some(512),
+        ..Options::default()
+    };
+    let negotiated = session::negotiate(&options, 5000, None, false, &limits);
+    let t0 = std::time::Instant::now();
+    let mut t = session::Transfer::new_read(t0, &negotiated, 5000, &limits);
+    let mut buf = [0u8; 600];
+    assert!(t.poll_transmit(t0, &mut buf).is_some(), "OACK");
+    let deadline = t.poll_timeout().expect("armed");
+    assert_eq!(deadline - t0, limits.initial_rto);
+    t.handle_datagram(deadline + Duration::from_micros(400), &[0, 4, 0, 0]);
+    assert_eq!(t.srtt(), None);
+    assert_eq!(t.rto(), limits.initial_rto);
+    // An ACK 0 in time is one.
+    let mut t = session::Transfer::new_read(t0, &negotiated, 5000, &limits);
+    t.poll_transmit(t0, &mut buf);
+    t.handle_datagram(t0 + Duration::from_millis(3), &[0, 4, 0, 0]);
+    assert_eq!(t.srtt(), Some(Duration::from_millis(3)));
+}
+
+#[test]
+fn a_fast_ack_proves_nothing_before_the_minimum_rtt_is_known() {
+    // The first round trips are slow (ACK 0, 1 and 2 each 1 ms late: the
+    // client opening its file, a loaded host), then the path is fast. The
+    // ACK of block 3 is lost; the ACK answering its resend comes 0.2 ms
+    // later, which is under half the smallest RTT seen so far (1.2 ms).
+    // With that few samples this is no proof (Eifel by timing) that the
+    // resend was spurious: the floor must stay at 5 ms.
+    let file = content(200 * 512, 31);
+    let mut ack3 = 0;
+    let mut sim =
+        Sim::with_config(&file, &[("blksize", "512")], default_config()).link(move |dir, p, _| {
+            match (dir, p) {
+                (Dir::ToServer, Packet::Ack { block }) if *block <= 2 => {
+                    Fate::Delay(Duration::from_millis(1))
+                }
+                (Dir::ToServer, Packet::Ack { block: 3 }) if ack3 == 0 => {
+                    ack3 += 1;
+                    Fate::Drop
+                }
+                _ => Fate::Deliver,
+            }
+        });
+    sim.client.timeout = Duration::from_secs(1);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(data_times(&sim, 3).len(), 2);
+    assert_eq!(logged_floor_ms(&sim), 5.0, "{:?}", sim.log_line);
+}
+
+#[test]
+fn a_lost_oack_to_a_known_client_costs_milliseconds() {
+    // First contact: nothing is known of the client, so a lost OACK costs
+    // the conservative initial RTO (1 s).
+    let file = content(50 * 512, 32);
+    let drop_first_oack = || {
+        first(Fate::Drop, |dir, p| {
+            dir == Dir::ToClient && matches!(p, Packet::Oack(_))
+        })
+    };
+    let mut sim =
+        Sim::with_config(&file, &[("blksize", "512")], default_config()).link(drop_first_oack());
+    sim.client.timeout = Duration::from_secs(5);
+    sim.drive();
+    assert_complete(&sim, &file);
+    let oacks = oack_times(&sim);
+    assert_eq!(oacks.len(), 2);
+    assert!(oacks[1] - oacks[0] >= Duration::from_secs(1));
+    // The next transfer from that address starts from what this one
+    // measured (0.2 ms round trips): its lost OACK costs the 5 ms floor.
+    sim.next_transfer(&file, &[("blksize", "512")]);
+    sim.set_link(drop_first_oack());
+    sim.drive();
+    assert_complete(&sim, &file);
+    let oacks = oack_times(&sim);
+    assert_eq!(oacks.len(), 2);
+    let gap = oacks[1] - oacks[0];
+    assert!(gap < Duration::from_millis(10), "OACK resent after {gap:?}");
+    // After the estimate expires, a lost OACK is a first contact's again.
+    sim.now += Duration::from_secs(601);
+    sim.next_transfer(&file, &[("blksize", "512")]);
+    sim.set_link(drop_first_oack());
+    sim.drive();
+    assert_complete(&sim, &file);
+    let oacks = oack_times(&sim);
+    assert!(oacks[1] - oacks[0] >= Duration::from_secs(1));
+}
+
+#[test]
+fn a_known_slow_client_starts_at_the_floor_it_proved() {
+    // The jittery slow client of a_jittery_slow_client_raises_its_own_rto_floor
+    // fetches a second file: that transfer starts at the floor the first
+    // one learned, so its late ACKs cost no spurious resend at all (the
+    // first transfer paid a few before its floor rose).
+    let file = content(2000 * 512, 33);
+    let jitter = || {
+        |dir: Dir, p: &Packet<'_>, i: usize| {
+            if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) && i % 50 == 25 {
+                Fate::Delay(Duration::from_millis(40))
+            } else {
+                Fate::Deliver
+            }
+        }
+    };
+    let mut sim = Sim::with_config(&file, &[], default_config()).link(jitter());
+    sim.client.timeout = Duration::from_secs(1);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert!(
+        sim.data_sent() > 2001,
+        "the first transfer paid for its lesson"
+    );
+    let learned = logged_floor_ms(&sim);
+    assert!(learned > 40.0, "floor {learned} ms");
+    sim.next_transfer(&file, &[]);
+    sim.set_link(jitter());
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(
+        sim.data_sent(),
+        2001,
+        "spurious resends in the second transfer"
+    );
+    assert!(logged_floor_ms(&sim) >= learned);
+}
+
+#[test]
+fn the_path_cache_is_bounded() {
+    // 5000 clients, each completing a one-block transfer: the endpoint
+    // keeps at most 4096 path estimates.
+    let mut endpoint = ringtftpd::endpoint::Endpoint::new(default_config());
+    let mut files = MemFiles::default();
+    files
+        .0
+        .insert(b"f".to_vec(), std::sync::Arc::new(vec![7u8; 10]));
+    let mut now = std::time::Instant::now();
+    let mut buf = [0u8; 600];
+    for i in 0u32..5000 {
+        let peer =
+            std::net::SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1000));
+        let local = std::net::IpAddr::from([10, 255, 255, 254]);
+        let outcome = endpoint.handle_request(
+            now,
+            peer,
+            local,
+            None,
+            b"\x00\x01f\x00octet\x00",
+            &mut files,
+            &mut buf,
+        );
+        let ringtftpd::endpoint::RequestOutcome::Started(id) = outcome else {
+            panic!("{outcome:?}");
+        };
+        while endpoint.poll_transmit(now, id, &mut buf).is_some() {}
+        now += Duration::from_micros(100);
+        endpoint.handle_datagram(now, id, peer, &[0, 4, 0, 1], &mut buf);
+        while endpoint.poll_transmit(now, id, &mut buf).is_some() {}
+        assert!(endpoint.is_finished(id));
+        endpoint.remove(id);
+        assert!(endpoint.path_cache_len() <= 4096);
+    }
+    assert_eq!(endpoint.path_cache_len(), 4096);
+}
+
+#[test]
+fn an_addresss_floor_falls_again_when_it_proved_unneeded() {
+    // Floors learned for one address must not only ever rise (many
+    // clients behind one NAT address would ratchet it to the ceiling): a
+    // seeded transfer that proves no resend spurious hands on half its
+    // floor, never below the 5 ms default.
+    let file = content(2000 * 512, 34);
+    let mut sim = Sim::with_config(&file, &[], default_config()).link(|dir, p, i| {
+        if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) && i % 50 == 25 {
+            Fate::Delay(Duration::from_millis(40))
+        } else {
+            Fate::Deliver
+        }
+    });
+    sim.client.timeout = Duration::from_secs(1);
+    sim.drive();
+    assert_complete(&sim, &file);
+    let learned = logged_floor_ms(&sim);
+    let mut floors = Vec::new();
+    for _ in 0..12 {
+        sim.next_transfer(&file, &[]);
+        sim.drive();
+        assert_complete(&sim, &file);
+        floors.push(logged_floor_ms(&sim));
+    }
+    assert_eq!(
+        floors[0], learned,
+        "the first clean transfer starts at the learned floor"
+    );
+    assert!(floors[1] <= learned / 2.0 + 0.1, "{floors:?}");
+    assert_eq!(*floors.last().unwrap(), 5.0, "{floors:?}");
+}

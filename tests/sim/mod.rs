@@ -255,6 +255,8 @@ impl Client {
 type Rule = Box<dyn FnMut(Dir, &Packet<'_>, usize) -> Fate>;
 
 pub struct Sim {
+    /// The client's address and port (a new port for each transfer).
+    pub peer: SocketAddr,
     pub now: Instant,
     pub start: Instant,
     pub endpoint: Endpoint<Arc<Vec<u8>>>,
@@ -284,16 +286,10 @@ impl Sim {
     pub fn with_config(file: &[u8], options: &[(&str, &str)], config: EndpointConfig) -> Self {
         let mut files = MemFiles::default();
         files.0.insert(b"file".to_vec(), Arc::new(file.to_vec()));
-        let mut rrq = vec![0, 1];
-        rrq.extend_from_slice(b"file\0octet\0");
-        for (name, value) in options {
-            rrq.extend_from_slice(name.as_bytes());
-            rrq.push(0);
-            rrq.extend_from_slice(value.as_bytes());
-            rrq.push(0);
-        }
+        let rrq = rrq(options);
         let start = Instant::now();
         Self {
+            peer: CLIENT,
             now: start,
             start,
             endpoint: Endpoint::new(config),
@@ -311,6 +307,40 @@ impl Sim {
             log_line: None,
             buf: vec![0u8; 1024],
         }
+    }
+
+    /// Starts a new transfer of `file` from the same client address (a
+    /// new port: a new TID) on the same endpoint and clock, once the last
+    /// one ended, so what the endpoint learned of the address carries
+    /// over. The link rule, the counts it sees and the records start
+    /// afresh; the client keeps its timeout.
+    pub fn next_transfer(&mut self, file: &[u8], options: &[(&str, &str)]) -> &mut Self {
+        assert!(self.session.is_none(), "the last transfer is still running");
+        self.files
+            .0
+            .insert(b"file".to_vec(), Arc::new(file.to_vec()));
+        let rrq = rrq(options);
+        let timeout = self.client.timeout;
+        self.client = Client::new(&rrq, 512, 1);
+        self.client.timeout = timeout;
+        self.peer.set_port(self.peer.port().wrapping_add(1));
+        // Leftovers of the old client die with its socket.
+        self.in_flight.clear();
+        self.in_flight.push((self.now, Dir::ToServer, rrq));
+        self.start = self.now;
+        self.rule = Box::new(|_, _, _| Fate::Deliver);
+        self.server_sent.clear();
+        self.client_sent.clear();
+        self.counts = [0, 0];
+        self.outcome = None;
+        self.log_line = None;
+        self
+    }
+
+    /// Sets the link's behaviour for the transfer under way (after
+    /// `next_transfer`, for the new one).
+    pub fn set_link(&mut self, rule: impl FnMut(Dir, &Packet<'_>, usize) -> Fate + 'static) {
+        self.rule = Box::new(rule);
     }
 
     /// Sets the link's behaviour: called for each datagram with its
@@ -366,7 +396,7 @@ impl Sim {
     fn request(&mut self, bytes: &[u8], reply: &mut [u8]) -> RequestOutcome {
         self.endpoint.handle_request(
             self.now,
-            CLIENT,
+            self.peer,
             LOCAL,
             self.mtu,
             bytes,
@@ -399,7 +429,7 @@ impl Sim {
                         } else {
                             let outcome = self
                                 .endpoint
-                                .handle_datagram(self.now, id, CLIENT, &bytes, &mut reply);
+                                .handle_datagram(self.now, id, self.peer, &bytes, &mut reply);
                             assert_eq!(outcome, DatagramOutcome::Delivered);
                         }
                     }
@@ -462,6 +492,28 @@ impl Sim {
     pub fn elapsed(&self) -> Duration {
         self.now - self.start
     }
+}
+
+/// An octet RRQ of "file" with `options`.
+fn rrq(options: &[(&str, &str)]) -> Vec<u8> {
+    let mut rrq = vec![0, 1];
+    rrq.extend_from_slice(b"file\0octet\0");
+    for (name, value) in options {
+        rrq.extend_from_slice(name.as_bytes());
+        rrq.push(0);
+        rrq.extend_from_slice(value.as_bytes());
+        rrq.push(0);
+    }
+    rrq
+}
+
+/// The RTO floor a finished transfer's log line reports.
+pub fn logged_floor_ms(sim: &Sim) -> f64 {
+    let line = sim.log_line.as_deref().expect("no log line");
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("rto_floor_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no rto_floor_ms in {line}"))
 }
 
 pub fn is_data(p: &Packet<'_>, n: u16) -> bool {
