@@ -49,6 +49,8 @@ mod log;
 pub mod net;
 mod ports;
 mod send;
+mod sqe;
+mod token;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -59,7 +61,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{IoUring, cqueue, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::endpoint::{
@@ -74,6 +76,8 @@ use ports::Idle;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use send::{HEADER_CAP, MAX_SEGMENTS, Owner, SendPool};
+use sqe::Ring;
+use token::{EPOCH_MASK, Token};
 
 /// What one shard needs; the server builds one per core.
 pub struct ShardConfig {
@@ -331,49 +335,6 @@ impl Default for ServeWork {
     }
 }
 
-/// What a CQE belongs to, packed into its `user_data`: kind in the top
-/// byte, a 24-bit epoch (session receives), an index in the low 32 bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
-    ListenerRecv(u32),
-    /// `epoch` tells a receive from an earlier one on the same slot index.
-    SessionRecv {
-        index: u32,
-        epoch: u32,
-    },
-    Send(u32),
-    Cancel,
-    Wake,
-}
-
-const EPOCH_MASK: u32 = 0x00ff_ffff;
-
-impl Token {
-    fn encode(self) -> u64 {
-        let (kind, epoch, index) = match self {
-            Token::ListenerRecv(i) => (1u64, 0u32, i),
-            Token::SessionRecv { index, epoch } => (2, epoch & EPOCH_MASK, index),
-            Token::Send(i) => (3, 0, i),
-            Token::Cancel => (4, 0, 0),
-            Token::Wake => (5, 0, 0),
-        };
-        kind << 56 | u64::from(epoch) << 32 | u64::from(index)
-    }
-
-    fn decode(v: u64) -> Option<Token> {
-        let index = v as u32;
-        let epoch = (v >> 32) as u32 & EPOCH_MASK;
-        Some(match v >> 56 {
-            1 => Token::ListenerRecv(index),
-            2 => Token::SessionRecv { index, epoch },
-            3 => Token::Send(index),
-            4 => Token::Cancel,
-            5 => Token::Wake,
-            _ => return None,
-        })
-    }
-}
-
 /// Per-shard counters, plain fields.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Counters {
@@ -476,9 +437,7 @@ enum Rearm {
 }
 
 struct Shard {
-    // Closing it does not wait for its operations: `teardown` does, and
-    // `abandon` leaks what they may still touch.
-    ring: IoUring,
+    ring: Ring,
     listen_bufs: BufRing,
     session_bufs: BufRing,
     listen_msghdr: Box<libc::msghdr>,
@@ -514,7 +473,6 @@ struct Shard {
     ready: VecDeque<SessionId>,
     touched: Vec<SessionId>,
     rearm: Vec<Rearm>,
-    backlog: VecDeque<squeue::Entry>,
     /// Interface MTUs by ifindex, with when they were read.
     mtu_cache: HashMap<u32, (Option<u32>, Instant)>,
     reply: Box<[u8; REPLY_CAP]>,
@@ -525,9 +483,6 @@ struct Shard {
     /// Of those, a segmented send on a path not yet proven to take GSO: its
     /// completion must be seen at once (a refusal means a resend now).
     gso_probe_queued: bool,
-    /// Operations the kernel holds: SQEs put in the SQ whose final CQE
-    /// (for a multishot receive, the one without `F_MORE`) was not reaped.
-    outstanding: u64,
     final_drain: Duration,
     reap_bound: Duration,
     exit: ExitReport,
@@ -698,7 +653,7 @@ impl Shard {
         let capacity = endpoint.capacity();
         let now = Instant::now();
         let mut shard = Shard {
-            ring,
+            ring: Ring::new(ring),
             listen_bufs,
             session_bufs,
             listen_msghdr: recv_msghdr(net::RECV_CONTROL_LEN),
@@ -726,14 +681,12 @@ impl Shard {
             ready: VecDeque::new(),
             touched: Vec::new(),
             rearm: Vec::new(),
-            backlog: VecDeque::new(),
             mtu_cache: HashMap::new(),
             reply: Box::new([0; REPLY_CAP]),
             cqes: Vec::with_capacity(tuning.cq_entries as usize),
             expired: Vec::new(),
             sends_queued: 0,
             gso_probe_queued: false,
-            outstanding: 0,
             final_drain: tuning.final_drain,
             reap_bound: tuning.reap_bound,
             exit: ExitReport::default(),
@@ -760,7 +713,7 @@ impl Shard {
 
     fn serve_loop(&mut self) -> io::Result<()> {
         loop {
-            self.flush_backlog();
+            self.ring.flush_backlog();
             let timeout = self.wait_timeout(Instant::now());
             let ts = types::Timespec::from(timeout);
             // Sends on UDP usually complete inside this very enter; wait for
@@ -781,21 +734,20 @@ impl Shard {
             } else {
                 (sends + 1, types::SubmitArgs::new().timespec(&ts))
             };
-            match self.ring.submitter().submit_with_args(want, &args) {
+            match self.ring.submit_and_wait(want, &args) {
                 Ok(_) => {}
                 Err(e) if is_transient(&e) => {}
                 Err(e) => return Err(e),
             }
-            if self.backlog.is_empty() && self.ring.submission().is_empty() {
+            if self.ring.all_consumed() {
                 // Every SQE naming these sockets was consumed by that enter.
                 self.to_close.clear();
             }
             let now = Instant::now();
             self.counters.turns += 1;
             let mut cqes = mem::take(&mut self.cqes);
-            cqes.extend(self.ring.completion());
+            self.ring.reap(&mut cqes);
             for cqe in cqes.drain(..) {
-                self.account(&cqe);
                 self.on_cqe(now, &cqe);
             }
             self.cqes = cqes;
@@ -807,15 +759,6 @@ impl Shard {
             if self.should_exit(now) {
                 return Ok(());
             }
-        }
-    }
-
-    /// One operation fewer in the kernel if `cqe` is its last: a multishot
-    /// receive goes on while its CQEs carry `IORING_CQE_F_MORE`.
-    fn account(&mut self, cqe: &cqueue::Entry) {
-        if !cqueue::more(cqe.flags()) {
-            debug_assert!(self.outstanding > 0, "a CQE for no outstanding operation");
-            self.outstanding = self.outstanding.saturating_sub(1);
         }
     }
 
@@ -835,85 +778,36 @@ impl Shard {
         deadline.map_or(MAX_WAIT, |d| d.saturating_duration_since(now).min(MAX_WAIT))
     }
 
-    /// Queues an SQE; if the SQ is full, submits to make room, else keeps it
-    /// for the next turn.
-    fn push(&mut self, sqe: squeue::Entry) {
-        if !self.backlog.is_empty() {
-            self.backlog.push_back(sqe);
-            return;
-        }
-        // SAFETY: every SQE built by this shard points only at memory that
-        // outlives its operation: the boxed receive msghdrs and wake buffer
-        // (fields of self, dropped after the ring), send slots (boxed, not
-        // reused before their CQE) and file mappings (kept by the session,
-        // then by `lingering`, until the send's CQE).
-        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-            self.outstanding += 1;
-            return;
-        }
-        let _ = self.ring.submit();
-        // SAFETY: as above.
-        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-            self.outstanding += 1;
-        } else {
-            self.backlog.push_back(sqe);
-        }
-    }
-
-    fn flush_backlog(&mut self) {
-        while let Some(sqe) = self.backlog.front() {
-            // SAFETY: as in push(); backlogged SQEs keep their memory alive
-            // the same way.
-            if unsafe { self.ring.submission().push(sqe) }.is_err() {
-                if self.ring.submit().is_err() {
-                    break;
-                }
-                continue;
-            }
-            self.outstanding += 1;
-            self.backlog.pop_front();
-        }
-    }
-
     fn arm_wake(&mut self) {
-        let sqe = opcode::Read::new(
-            types::Fd(self.wake.as_fd().as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(Token::Wake.encode());
-        self.push(sqe);
+        let fd = self.wake.as_fd().as_raw_fd();
+        self.ring.push(sqe::read_wake(fd, &mut self.wake_buf));
     }
 
     fn arm_listener(&mut self, index: u32) {
         let Some(l) = self.listeners.get_mut(index as usize) else {
             return;
         };
-        let sqe = opcode::RecvMsgMulti::new(
-            types::Fd(l.sock.as_raw_fd()),
-            &*self.listen_msghdr,
+        let sqe = sqe::recv_multi(
+            l.sock.as_raw_fd(),
+            &self.listen_msghdr,
             LISTEN_BGID,
-        )
-        .build()
-        .user_data(Token::ListenerRecv(index).encode());
+            Token::ListenerRecv(index),
+        );
         l.recv_armed = true;
-        self.push(sqe);
+        self.ring.push(sqe);
     }
 
     fn arm_sock_recv(&mut self, si: u32) {
         let epoch = self.next_epoch;
         self.next_epoch = self.next_epoch.wrapping_add(1) & EPOCH_MASK;
-        let token = Token::SessionRecv { index: si, epoch }.encode();
+        let token = Token::SessionRecv { index: si, epoch };
         let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) else {
             return;
         };
         let fd = ts.fd.as_raw_fd();
-        ts.recv = Some(token);
-        let sqe = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.session_msghdr, SESSION_BGID)
-            .build()
-            .user_data(token);
-        self.push(sqe);
+        ts.recv = Some(token.encode());
+        let sqe = sqe::recv_multi(fd, &self.session_msghdr, SESSION_BGID, token);
+        self.ring.push(sqe);
     }
 
     fn tsock_fd(&self, si: u32) -> Option<RawFd> {
@@ -988,9 +882,9 @@ impl Shard {
     /// queued SQE, no SQE names them any more, and an armed receive holds
     /// its own reference to the socket until its cancel ends it.
     fn close_idle_now(&mut self) {
-        self.flush_backlog();
+        self.ring.flush_backlog();
         let _ = self.ring.submit();
-        let consumed = self.backlog.is_empty() && self.ring.submission().is_empty();
+        let consumed = self.ring.all_consumed();
         let idle: Vec<u32> = self
             .idle
             .drain()
@@ -1017,10 +911,7 @@ impl Shard {
         self.tsocks_free.push(si);
         match ts.recv {
             Some(token) => {
-                let sqe = opcode::AsyncCancel::new(token)
-                    .build()
-                    .user_data(Token::Cancel.encode());
-                self.push(sqe);
+                self.ring.push(sqe::cancel(token));
                 self.closing.insert(token, ts.fd);
             }
             None => self.to_close.push(ts.fd),
@@ -1253,10 +1144,7 @@ impl Shard {
         slot.header[..n].copy_from_slice(&self.reply[..n]);
         match slot.prepare(Owner::Reply, n, None, dest, v6, source) {
             Some(msg) => {
-                let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
-                    .build()
-                    .user_data(Token::Send(si).encode());
-                self.push(sqe);
+                self.ring.push(sqe::send_msg(fd, msg, si));
                 self.sends_queued += 1;
             }
             None => {
@@ -1473,10 +1361,7 @@ impl Shard {
             let payload = Some(payloads[k]).filter(|p| p.1 > 0);
             match slot.prepare(Owner::Session(id), 4, payload, peer, v6, None) {
                 Some(msg) => {
-                    let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
-                        .build()
-                        .user_data(Token::Send(sj).encode());
-                    self.push(sqe);
+                    self.ring.push(sqe::send_msg(fd, msg, sj));
                     self.sends_queued += 1;
                     queued += 1;
                 }
@@ -1709,10 +1594,7 @@ impl Shard {
             };
             match msg {
                 Some(msg) => {
-                    let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
-                        .build()
-                        .user_data(Token::Send(si).encode());
-                    self.push(sqe);
+                    self.ring.push(sqe::send_msg(fd, msg, si));
                     self.sends_queued += 1;
                     self.gso_probe_queued |= count > 1 && !gso_proven;
                     sent += 1;
@@ -1794,11 +1676,7 @@ impl Shard {
         for i in 0..self.listeners.len() {
             if self.listeners[i].recv_armed {
                 let token = Token::ListenerRecv(i as u32).encode();
-                self.push(
-                    opcode::AsyncCancel::new(token)
-                        .build()
-                        .user_data(Token::Cancel.encode()),
-                );
+                self.ring.push(sqe::cancel(token));
             }
         }
         self.endpoint.shut_down();
@@ -1833,7 +1711,7 @@ impl Shard {
             && self.sends.in_flight() == 0
             && self.closing.is_empty()
             && self.lingering.is_empty()
-            && self.backlog.is_empty()
+            && self.ring.backlog_is_empty()
             && self.listeners.iter().all(|l| !l.recv_armed);
         quiet || now >= deadline
     }
@@ -1844,38 +1722,32 @@ impl Shard {
     /// are marked for leaking instead.
     fn teardown(&mut self) {
         // Never reached the kernel: nothing to wait for.
-        self.backlog.clear();
-        self.exit.outstanding_at_teardown = self.outstanding;
-        if self.outstanding > 0 {
-            self.push(
-                opcode::AsyncCancel2::new(types::CancelBuilder::any())
-                    .build()
-                    .user_data(Token::Cancel.encode()),
-            );
+        self.ring.clear_backlog();
+        self.exit.outstanding_at_teardown = self.ring.outstanding();
+        if self.ring.outstanding() > 0 {
+            self.ring.push(sqe::cancel_all());
         }
         let deadline = Instant::now() + self.reap_bound;
         let mut cqes = mem::take(&mut self.cqes);
         for _ in 0..REAP_TURNS {
             let now = Instant::now();
-            if self.outstanding == 0 || now >= deadline {
+            if self.ring.outstanding() == 0 || now >= deadline {
                 break;
             }
-            self.flush_backlog();
+            self.ring.flush_backlog();
             let ts = types::Timespec::from(deadline - now);
             let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
+            match self.ring.submit_and_wait(1, &args) {
                 Ok(_) => {}
                 Err(e) if is_transient(&e) => {}
                 Err(_) => break,
             }
-            cqes.extend(self.ring.completion());
-            for cqe in cqes.drain(..) {
-                self.account(&cqe);
-            }
+            self.ring.reap(&mut cqes);
+            cqes.clear();
         }
         self.cqes = cqes;
-        self.exit.outstanding_at_free = self.outstanding;
-        if self.outstanding == 0 {
+        self.exit.outstanding_at_free = self.ring.outstanding();
+        if self.ring.outstanding() == 0 {
             let submitter = self.ring.submitter();
             let _ = self.listen_bufs.unregister(&submitter);
             let _ = self.session_bufs.unregister(&submitter);
@@ -1884,7 +1756,9 @@ impl Shard {
             self.log(format!(
                 "shard {}: {} ring operations still outstanding {:?} after cancelling them; \
                  leaking send slots, file mappings and buffer rings",
-                self.index, self.outstanding, self.reap_bound
+                self.index,
+                self.ring.outstanding(),
+                self.reap_bound
             ));
         }
         self.exit.counters = self.counters;
@@ -1967,40 +1841,5 @@ impl Shard {
             lingering,
         ));
         drop(ring);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_round_trip() {
-        for t in [
-            Token::ListenerRecv(0),
-            Token::ListenerRecv(u32::MAX),
-            Token::SessionRecv { index: 7, epoch: 0 },
-            Token::SessionRecv {
-                index: u32::MAX,
-                epoch: EPOCH_MASK,
-            },
-            Token::Send(12345),
-            Token::Cancel,
-            Token::Wake,
-        ] {
-            assert_eq!(Token::decode(t.encode()), Some(t));
-        }
-        assert_eq!(Token::decode(0), None);
-        assert_eq!(Token::decode(u64::MAX), None);
-        // Epochs are 24 bits: a wrapped epoch is the masked value.
-        let t = Token::SessionRecv {
-            index: 1,
-            epoch: EPOCH_MASK + 5,
-        }
-        .encode();
-        assert_eq!(
-            Token::decode(t),
-            Some(Token::SessionRecv { index: 1, epoch: 4 })
-        );
     }
 }
