@@ -42,6 +42,7 @@
 //! (and the session is aborted) instead of raising SIGBUS here.
 
 mod bufring;
+mod cmsg;
 #[cfg(test)]
 mod e2e;
 mod gso;
@@ -656,7 +657,7 @@ impl Shard {
             ring: Ring::new(ring),
             listen_bufs,
             session_bufs,
-            listen_msghdr: recv_msghdr(net::RECV_CONTROL_LEN),
+            listen_msghdr: recv_msghdr(cmsg::RECV_CONTROL_LEN),
             session_msghdr: recv_msghdr(0),
             wake,
             wake_buf: Box::new([0; 8]),
@@ -1009,7 +1010,7 @@ impl Shard {
                 return;
             };
             let oversized = out.is_payload_truncated();
-            let (mut local, ifindex) = match net::parse_pktinfo(out.control_data()) {
+            let (mut local, ifindex) = match cmsg::parse_pktinfo(out.control_data()) {
                 Some(info) => (info.local, info.ifindex),
                 None => (net::canonical(bound).ip(), 0),
             };

@@ -224,7 +224,7 @@ fn page_size() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::net;
+    use crate::shard::{cmsg, net};
     use io_uring::{IoUring, cqueue, opcode, types};
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;
@@ -318,7 +318,7 @@ mod tests {
         let sock = net::bind_listener("127.0.0.1:0".parse().unwrap(), 0).unwrap();
         let addr = sock.local_addr().unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let msghdr = msghdr_for(net::RECV_CONTROL_LEN);
+        let msghdr = msghdr_for(cmsg::RECV_CONTROL_LEN);
         let arm = |uring: &mut IoUring| {
             let sqe = opcode::RecvMsgMulti::new(types::Fd(sock.as_raw_fd()), &*msghdr, 7)
                 .build()
@@ -344,7 +344,7 @@ mod tests {
             assert_eq!(out.payload_data(), &[i as u8; 10]);
             let from = net::parse_sockaddr(out.name_data()).unwrap();
             assert_eq!(from, client.local_addr().unwrap());
-            let info = net::parse_pktinfo(out.control_data()).unwrap();
+            let info = cmsg::parse_pktinfo(out.control_data()).unwrap();
             assert_eq!(info.local, addr.ip());
         }
         assert_eq!(bufs.held(), 0, "all recycled");

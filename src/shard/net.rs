@@ -1,6 +1,5 @@
 //! Sockets for the shard: listeners, per-transfer sockets, socket addresses
-//! to and from their C layout, `IP_PKTINFO`/`IPV6_PKTINFO` control messages
-//! and interface MTUs.
+//! to and from their C layout, and interface MTUs.
 //!
 //! Addresses handed to the endpoint are canonical: a v4-mapped IPv6 address
 //! (what a dual-stack `[::]` listener reports for IPv4 traffic) becomes plain
@@ -11,11 +10,6 @@ use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-
-/// Bytes `msg_controllen` must have for one `IPV6_PKTINFO` plus one
-/// `IP_PKTINFO` (a dual-stack socket may deliver both for IPv4 traffic),
-/// with room to spare.
-pub const RECV_CONTROL_LEN: usize = 128;
 
 /// A `sockaddr_in` or `sockaddr_in6`, to point a `msghdr` at.
 #[repr(C)]
@@ -118,143 +112,6 @@ pub fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
             )))
         }
         _ => None,
-    }
-}
-
-/// Where a datagram was sent to: the local address to answer from and the
-/// interface it came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PacketInfo {
-    /// Canonical (v4-mapped addresses become IPv4).
-    pub local: IpAddr,
-    pub ifindex: u32,
-}
-
-const fn cmsg_align(len: usize) -> usize {
-    let a = mem::size_of::<usize>();
-    (len + a - 1) & !(a - 1)
-}
-
-const CMSG_HDR: usize = cmsg_align(mem::size_of::<libc::cmsghdr>());
-
-const fn cmsg_space(len: usize) -> usize {
-    CMSG_HDR + cmsg_align(len)
-}
-
-/// Finds the destination address and interface in received control data.
-/// `IP_PKTINFO` wins over `IPV6_PKTINFO` (both come for IPv4 traffic on a
-/// dual-stack socket) because its `ipi_spec_dst` is the local address to
-/// answer from even when the request was a broadcast.
-pub fn parse_pktinfo(control: &[u8]) -> Option<PacketInfo> {
-    let mut v6 = None;
-    let mut offset = 0usize;
-    while offset.checked_add(CMSG_HDR)? <= control.len() {
-        let hdr_bytes = &control[offset..offset + mem::size_of::<libc::cmsghdr>()];
-        // SAFETY: hdr_bytes holds size_of::<cmsghdr>() initialised bytes
-        // (checked above) and cmsghdr is plain old data, so an unaligned
-        // read of it is sound.
-        let hdr: libc::cmsghdr =
-            unsafe { hdr_bytes.as_ptr().cast::<libc::cmsghdr>().read_unaligned() };
-        let len = hdr.cmsg_len as usize;
-        if len < CMSG_HDR || offset.checked_add(len)? > control.len() {
-            break;
-        }
-        let data = &control[offset + CMSG_HDR..offset + len];
-        match (hdr.cmsg_level, hdr.cmsg_type) {
-            (libc::IPPROTO_IP, libc::IP_PKTINFO) if data.len() >= 12 => {
-                let ifindex = i32::from_ne_bytes(data[0..4].try_into().ok()?);
-                let spec_dst: [u8; 4] = data[4..8].try_into().ok()?;
-                return Some(PacketInfo {
-                    local: IpAddr::V4(Ipv4Addr::from(spec_dst)),
-                    ifindex: u32::try_from(ifindex).unwrap_or(0),
-                });
-            }
-            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) if data.len() >= 20 => {
-                let ip: [u8; 16] = data[0..16].try_into().ok()?;
-                let ifindex = u32::from_ne_bytes(data[16..20].try_into().ok()?);
-                v6 = Some(PacketInfo {
-                    local: Ipv6Addr::from(ip).to_canonical(),
-                    ifindex,
-                });
-            }
-            _ => {}
-        }
-        offset = offset.checked_add(cmsg_align(len))?;
-    }
-    v6
-}
-
-/// Control-message space for one outgoing pktinfo, aligned for `cmsghdr`.
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-pub struct PktinfoCmsg([u8; cmsg_space(mem::size_of::<libc::in6_pktinfo>())]);
-
-impl PktinfoCmsg {
-    pub fn new() -> Self {
-        PktinfoCmsg([0; cmsg_space(mem::size_of::<libc::in6_pktinfo>())])
-    }
-
-    /// Writes a pktinfo that makes the kernel send from `local`, for a socket
-    /// of family v6 (`true`) or v4, and returns the `msg_controllen`. On an
-    /// IPv6 socket an IPv4 `local` goes v4-mapped in an `IPV6_PKTINFO`, which
-    /// the kernel accepts for v4-mapped destinations. `ifindex` only matters
-    /// for IPv6 (link-local); IPv4 lets routing pick the interface.
-    pub fn set(&mut self, local: IpAddr, ifindex: u32, v6_socket: bool) -> Option<usize> {
-        let (level, kind, data): (i32, i32, [u8; 20]) = match (local, v6_socket) {
-            (IpAddr::V4(ip), false) => {
-                let mut d = [0u8; 20];
-                // in_pktinfo { ipi_ifindex = 0, ipi_spec_dst = local, ipi_addr = 0 }
-                d[4..8].copy_from_slice(&ip.octets());
-                (libc::IPPROTO_IP, libc::IP_PKTINFO, d)
-            }
-            (ip, true) => {
-                let v6 = match ip {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                };
-                let mut d = [0u8; 20];
-                d[0..16].copy_from_slice(&v6.octets());
-                let ifindex = if v6.to_ipv4_mapped().is_some() {
-                    0
-                } else {
-                    ifindex
-                };
-                d[16..20].copy_from_slice(&ifindex.to_ne_bytes());
-                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, d)
-            }
-            (IpAddr::V6(_), false) => return None,
-        };
-        let data_len = if level == libc::IPPROTO_IP {
-            mem::size_of::<libc::in_pktinfo>()
-        } else {
-            mem::size_of::<libc::in6_pktinfo>()
-        };
-        self.0.fill(0);
-        // SAFETY: cmsghdr is plain old data; all-zero is a valid value.
-        let mut hdr: libc::cmsghdr = unsafe { mem::zeroed() };
-        hdr.cmsg_len = (CMSG_HDR + data_len) as _;
-        hdr.cmsg_level = level;
-        hdr.cmsg_type = kind;
-        // SAFETY: the buffer is cmsg_space(in6_pktinfo) >= size_of::<cmsghdr>()
-        // bytes long, and write_unaligned has no alignment requirement.
-        unsafe {
-            self.0
-                .as_mut_ptr()
-                .cast::<libc::cmsghdr>()
-                .write_unaligned(hdr)
-        };
-        self.0[CMSG_HDR..CMSG_HDR + data_len].copy_from_slice(&data[..data_len]);
-        Some(cmsg_space(data_len))
-    }
-
-    pub fn as_mut_ptr(&mut self) -> *mut libc::c_void {
-        self.0.as_mut_ptr().cast()
-    }
-}
-
-impl Default for PktinfoCmsg {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -485,68 +342,6 @@ mod tests {
     }
 
     #[test]
-    fn pktinfo_written_then_parsed() {
-        let mut c = PktinfoCmsg::new();
-        let n = c.set("10.1.2.3".parse().unwrap(), 7, false).unwrap();
-        assert_eq!(n, cmsg_space(12));
-        assert_eq!(
-            parse_pktinfo(&c.0[..n]),
-            Some(PacketInfo {
-                local: "10.1.2.3".parse().unwrap(),
-                ifindex: 0
-            })
-        );
-        let n = c.set("fd00::5".parse().unwrap(), 4, true).unwrap();
-        assert_eq!(
-            parse_pktinfo(&c.0[..n]),
-            Some(PacketInfo {
-                local: "fd00::5".parse().unwrap(),
-                ifindex: 4
-            })
-        );
-        // IPv4 local on an IPv6 socket: v4-mapped, parsed back canonical.
-        let n = c.set("127.0.0.9".parse().unwrap(), 4, true).unwrap();
-        assert_eq!(
-            parse_pktinfo(&c.0[..n]),
-            Some(PacketInfo {
-                local: "127.0.0.9".parse().unwrap(),
-                ifindex: 0
-            })
-        );
-        assert!(c.set("::1".parse().unwrap(), 1, false).is_none());
-    }
-
-    #[test]
-    fn pktinfo_parse_rejects_garbage_without_panicking() {
-        assert_eq!(parse_pktinfo(&[]), None);
-        assert_eq!(parse_pktinfo(&[0xff; 7]), None);
-        assert_eq!(parse_pktinfo(&[0xff; 64]), None);
-        // A header claiming more bytes than there are.
-        let mut c = PktinfoCmsg::new();
-        let n = c.set("10.0.0.1".parse().unwrap(), 0, false).unwrap();
-        assert_eq!(parse_pktinfo(&c.0[..n - 5]), None);
-        // cmsg_len of zero must not loop forever.
-        let zero = [0u8; 48];
-        assert_eq!(parse_pktinfo(&zero), None);
-    }
-
-    #[test]
-    fn pktinfo_prefers_ip_pktinfo_over_ipv6() {
-        let mut a = PktinfoCmsg::new();
-        let n6 = a
-            .set("::ffff:192.0.2.255".parse().unwrap(), 0, true)
-            .unwrap();
-        let mut b = PktinfoCmsg::new();
-        let n4 = b.set("192.0.2.2".parse().unwrap(), 0, false).unwrap();
-        let mut both = a.0[..n6].to_vec();
-        both.extend_from_slice(&b.0[..n4]);
-        assert_eq!(
-            parse_pktinfo(&both).unwrap().local,
-            "192.0.2.2".parse::<IpAddr>().unwrap()
-        );
-    }
-
-    #[test]
     fn listener_has_reuseport_pktinfo_and_rcvbuf() {
         let sock = bind_listener("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
         let fd = sock.as_fd();
@@ -642,7 +437,7 @@ mod tests {
         client.send_to(b"hello", dest).unwrap();
         let (payload, control) = recvmsg_blocking(&sock);
         assert_eq!(payload, b"hello");
-        let info = parse_pktinfo(&control).unwrap();
+        let info = super::super::cmsg::parse_pktinfo(&control).unwrap();
         assert_eq!(info.local, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(info.ifindex, interface_index(c"lo").unwrap());
     }
@@ -657,16 +452,17 @@ mod tests {
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         client.send_to(b"x", ("127.0.0.3", port)).unwrap();
         let (_, control) = recvmsg_blocking(&sock);
-        let info = parse_pktinfo(&control).unwrap();
+        let info = super::super::cmsg::parse_pktinfo(&control).unwrap();
         assert_eq!(info.local, "127.0.0.3".parse::<IpAddr>().unwrap());
     }
 
     /// Plain recvmsg with a control buffer, polling for up to 2 s.
     fn recvmsg_blocking(sock: &UdpSocket) -> (Vec<u8>, Vec<u8>) {
         let mut payload = [0u8; 64];
+        const LEN: usize = super::super::cmsg::RECV_CONTROL_LEN;
         #[repr(C, align(8))]
-        struct Ctl([u8; RECV_CONTROL_LEN]);
-        let mut control = Ctl([0; RECV_CONTROL_LEN]);
+        struct Ctl([u8; LEN]);
+        let mut control = Ctl([0; LEN]);
         let mut name = RawAddr::new();
         for _ in 0..200 {
             let mut iov = libc::iovec {
@@ -680,7 +476,7 @@ mod tests {
             msg.msg_iov = &mut iov;
             msg.msg_iovlen = 1;
             msg.msg_control = control.0.as_mut_ptr().cast();
-            msg.msg_controllen = RECV_CONTROL_LEN as _;
+            msg.msg_controllen = LEN as _;
             // SAFETY: every pointer in msg refers to live buffers of the stated sizes.
             let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
             if n >= 0 {

@@ -6,7 +6,8 @@
 use std::mem;
 use std::net::{IpAddr, SocketAddr};
 
-use super::net::{PktinfoCmsg, RawAddr};
+use super::cmsg::{GsoCmsg, PktinfoCmsg};
+use super::net::RawAddr;
 use crate::endpoint::SessionId;
 
 /// Room for the header of any transmit: a DATA header, an OACK or an ERROR.
@@ -14,24 +15,6 @@ pub const HEADER_CAP: usize = 640;
 
 /// Most DATA packets one segmented (UDP GSO) send carries.
 pub const MAX_SEGMENTS: usize = 64;
-
-/// `SOL_UDP` / `UDP_SEGMENT` (linux/udp.h; not in the libc crate for glibc).
-const SOL_UDP: libc::c_int = 17;
-const UDP_SEGMENT: libc::c_int = 103;
-
-/// Control-message space for one `UDP_SEGMENT` (a u16), aligned for cmsghdr.
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-struct GsoCmsg([u8; GSO_CMSG_SPACE]);
-
-/// CMSG_ALIGN(x): cmsg data is aligned to size_t.
-const fn cmsg_align(len: usize) -> usize {
-    let align = mem::size_of::<usize>();
-    (len + align - 1) & !(align - 1)
-}
-/// CMSG_DATA offset and CMSG_SPACE(sizeof(u16)).
-const GSO_CMSG_DATA: usize = cmsg_align(mem::size_of::<libc::cmsghdr>());
-const GSO_CMSG_SPACE: usize = GSO_CMSG_DATA + cmsg_align(2);
 
 /// Whom a send belongs to, so its completion reaches the right place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +48,7 @@ impl SendSlot {
             }; 2 * MAX_SEGMENTS],
             addr: RawAddr::new(),
             control: PktinfoCmsg::new(),
-            gso: GsoCmsg([0; GSO_CMSG_SPACE]),
+            gso: GsoCmsg::new(),
             segments: 1,
             // SAFETY: msghdr is plain old data; all-zero is a valid value.
             msg: unsafe { mem::zeroed() },
@@ -163,29 +146,13 @@ impl SendSlot {
                 iovlen += 1;
             }
         }
-        // SAFETY: cmsghdr is plain old data; all-zero is a valid value.
-        let mut hdr: libc::cmsghdr = unsafe { mem::zeroed() };
-        let data_at = GSO_CMSG_DATA;
-        hdr.cmsg_len = (data_at + 2) as _;
-        hdr.cmsg_level = SOL_UDP;
-        hdr.cmsg_type = UDP_SEGMENT;
-        self.gso.0.fill(0);
-        // SAFETY: the buffer is GSO_CMSG_SPACE >= size_of::<cmsghdr>() bytes
-        // long, and write_unaligned has no alignment requirement.
-        unsafe {
-            self.gso
-                .0
-                .as_mut_ptr()
-                .cast::<libc::cmsghdr>()
-                .write_unaligned(hdr)
-        };
-        self.gso.0[data_at..data_at + 2].copy_from_slice(&segment.to_ne_bytes());
+        let controllen = self.gso.set(segment);
         self.msg.msg_name = self.addr.as_ptr().cast_mut().cast();
         self.msg.msg_namelen = namelen;
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = iovlen as _;
-        self.msg.msg_control = self.gso.0.as_mut_ptr().cast();
-        self.msg.msg_controllen = GSO_CMSG_SPACE as _;
+        self.msg.msg_control = self.gso.as_mut_ptr();
+        self.msg.msg_controllen = controllen as _;
         self.msg.msg_flags = 0;
         Some(&self.msg)
     }
@@ -406,9 +373,11 @@ mod tests {
         assert_eq!(slot.wire_len(), 3 * 1472 + 104);
         // SAFETY: msg_control points at the slot's cmsg buffer.
         let cmsg = unsafe { &*(m.msg_control as *const libc::cmsghdr) };
-        assert_eq!((cmsg.cmsg_level, cmsg.cmsg_type), (SOL_UDP, UDP_SEGMENT));
-        let seg = &slot.gso.0[GSO_CMSG_DATA..GSO_CMSG_DATA + 2];
-        assert_eq!(u16::from_ne_bytes([seg[0], seg[1]]), 1472);
+        assert_eq!(
+            (cmsg.cmsg_level, cmsg.cmsg_type),
+            (super::super::cmsg::SOL_UDP, super::super::cmsg::UDP_SEGMENT)
+        );
+        assert_eq!(slot.gso.segment(), 1472);
         // The iovecs alternate header (4 bytes) and payload.
         // SAFETY: msg_iov points at the slot's iovec array of msg_iovlen entries.
         let iov = unsafe { std::slice::from_raw_parts(m.msg_iov, 8) };
