@@ -36,7 +36,7 @@
 //! That saves a socket, a setsockopt, a bind, a close and a receive re-arm
 //! per transfer. The next port must not be guessable (a spoofer could
 //! forge ACK 0 from a victim): an idle socket is drawn at random, and only
-//! from a pool of at least `ports::MIN_IDLE_CHOICE` candidates; below that
+//! from a pool of at least `pool::MIN_IDLE_CHOICE` candidates; below that
 //! a fresh socket gets a port of the kernel's choosing. Payload pointers are never read in user space:
 //! a file truncated under us makes the kernel's copy fail with `EFAULT`
 //! (and the session is aborted) instead of raising SIGBUS here.
@@ -48,8 +48,9 @@ mod e2e;
 mod gso;
 mod log;
 pub mod net;
-mod ports;
+mod pool;
 mod send;
+mod sockets;
 mod sqe;
 mod token;
 
@@ -73,10 +74,11 @@ use crate::proto::ErrorCode;
 use crate::timer::TimerWheel;
 use bufring::BufRing;
 use gso::NoGsoPaths;
-use ports::Idle;
+use pool::IdlePool;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use send::{HEADER_CAP, MAX_SEGMENTS, Owner, SendPool};
+use sockets::TransferSock;
 use sqe::Ring;
 use token::{EPOCH_MASK, Token};
 
@@ -123,7 +125,7 @@ impl Default for Tuning {
             listen_bufs: (2048, 2048),
             session_bufs: (4096, 1024),
             send_slots: 2048,
-            min_idle_choice: ports::MIN_IDLE_CHOICE,
+            min_idle_choice: pool::MIN_IDLE_CHOICE,
             final_drain: FINAL_DRAIN,
             reap_bound: REAP_BOUND,
         }
@@ -381,22 +383,6 @@ struct Listener {
     recv_armed: bool,
 }
 
-/// A transfer socket: owned by a live session, or idle in the pool.
-struct TransferSock {
-    fd: OwnedFd,
-    v6: bool,
-    /// The local address (and IPv6 link-local scope) it is bound to.
-    key: (IpAddr, u32),
-    /// The token of its armed multishot receive, if armed.
-    recv: Option<u64>,
-    owner: Option<SessionId>,
-    /// A receive failed: close it rather than pool it.
-    broken: bool,
-}
-
-/// Most idle transfer sockets a shard keeps for reuse.
-const MAX_IDLE_SOCKS: usize = 1024;
-
 /// A live session's driver state, at `SessionId::index`.
 struct LiveSock {
     id: SessionId,
@@ -455,11 +441,7 @@ struct Shard {
     tsocks_free: Vec<u32>,
     /// Idle sockets by bound address, reused by new transfers: a socket,
     /// its options, its bind, its close and its receive re-arm saved.
-    idle: HashMap<(IpAddr, u32), Vec<Idle>>,
-    idle_count: usize,
-    min_idle_choice: usize,
-    /// Picks idle sockets (ports must not be guessable).
-    rng: StdRng,
+    idle: IdlePool,
     live: usize,
     /// `serve`'s scratch space, kept between calls (None while in use).
     serve_work: Option<Box<ServeWork>>,
@@ -602,14 +584,6 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Errors of socket creation that closing idle sockets can relieve.
-fn is_resource_shortage(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 fn is_transient(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
@@ -668,10 +642,11 @@ impl Shard {
             socks: (0..capacity).map(|_| None).collect(),
             tsocks: Vec::new(),
             tsocks_free: Vec::new(),
-            idle: HashMap::new(),
-            idle_count: 0,
-            min_idle_choice: tuning.min_idle_choice,
-            rng: StdRng::from_os_rng(),
+            idle: IdlePool::new(
+                pool::MAX_IDLE,
+                tuning.min_idle_choice,
+                StdRng::from_os_rng(),
+            ),
             live: 0,
             serve_work: Some(Box::default()),
             next_epoch: 0,
@@ -809,137 +784,6 @@ impl Shard {
         ts.recv = Some(token.encode());
         let sqe = sqe::recv_multi(fd, &self.session_msghdr, SESSION_BGID, token);
         self.ring.push(sqe);
-    }
-
-    fn tsock_fd(&self, si: u32) -> Option<RawFd> {
-        let ts = self.tsocks.get(si as usize)?.as_ref()?;
-        Some(ts.fd.as_raw_fd())
-    }
-
-    /// A transfer socket bound to `local` for `peer`: an idle one drawn at
-    /// random from the pool if it offers enough (never the one `peer` used
-    /// last), else a new one.
-    fn acquire_sock(
-        &mut self,
-        id: SessionId,
-        local: IpAddr,
-        ifindex: u32,
-        peer: SocketAddr,
-    ) -> io::Result<u32> {
-        let scope = match local {
-            IpAddr::V6(ip) if ip.is_unicast_link_local() => ifindex,
-            _ => 0,
-        };
-        let key = (local, scope);
-        if let Some(list) = self.idle.get_mut(&key) {
-            let usable = ports::pick_idle(list, peer, self.min_idle_choice, &mut self.rng);
-            if let Some(pos) = usable {
-                let si = list.swap_remove(pos).sock;
-                self.idle_count -= 1;
-                if let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) {
-                    ts.owner = Some(id);
-                    if ts.recv.is_none() {
-                        self.rearm.push(Rearm::Sock(si));
-                    }
-                    return Ok(si);
-                }
-            }
-        }
-        let fd = match net::transfer_socket(local, ifindex) {
-            Ok(fd) => fd,
-            // Out of descriptors or socket memory: idle pooled sockets hold
-            // both; give them up and try once more.
-            Err(e) if is_resource_shortage(&e) && self.idle_count > 0 => {
-                self.counters.pool_flushes += 1;
-                self.close_idle_now();
-                net::transfer_socket(local, ifindex)?
-            }
-            Err(e) => return Err(e),
-        };
-        let ts = TransferSock {
-            fd,
-            v6: local.is_ipv6(),
-            key,
-            recv: None,
-            owner: Some(id),
-            broken: false,
-        };
-        let si = match self.tsocks_free.pop() {
-            Some(si) => {
-                self.tsocks[si as usize] = Some(ts);
-                si
-            }
-            None => {
-                self.tsocks.push(Some(ts));
-                (self.tsocks.len() - 1) as u32
-            }
-        };
-        self.arm_sock_recv(si);
-        Ok(si)
-    }
-
-    /// Closes every idle pooled socket, at once if possible so that their
-    /// descriptors are free for the caller: once an enter consumed every
-    /// queued SQE, no SQE names them any more, and an armed receive holds
-    /// its own reference to the socket until its cancel ends it.
-    fn close_idle_now(&mut self) {
-        self.ring.flush_backlog();
-        let _ = self.ring.submit();
-        let consumed = self.ring.all_consumed();
-        let idle: Vec<u32> = self
-            .idle
-            .drain()
-            .flat_map(|(_, list)| list.into_iter().map(|i| i.sock))
-            .collect();
-        self.idle_count = 0;
-        for si in idle {
-            self.close_sock(si);
-        }
-        if consumed {
-            // Sockets only waiting for their receive's final CQE (that CQE
-            // finds no entry and is ignored) or for the SQ to drain.
-            self.closing.clear();
-            self.to_close.clear();
-        }
-    }
-
-    /// Takes socket `si` out of the table and closes it once the kernel is
-    /// done with it.
-    fn close_sock(&mut self, si: u32) {
-        let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.take()) else {
-            return;
-        };
-        self.tsocks_free.push(si);
-        match ts.recv {
-            Some(token) => {
-                self.ring.push(sqe::cancel(token));
-                self.closing.insert(token, ts.fd);
-            }
-            None => self.to_close.push(ts.fd),
-        }
-    }
-
-    /// Returns socket `si` to the pool after its transfer, or closes it.
-    fn release_sock(&mut self, si: u32, peer: SocketAddr) {
-        let poolable = self.phase == Phase::Running
-            && self.idle_count < MAX_IDLE_SOCKS
-            && self
-                .tsocks
-                .get(si as usize)
-                .and_then(|t| t.as_ref())
-                .is_some_and(|t| !t.broken && t.recv.is_some());
-        if !poolable {
-            self.close_sock(si);
-            return;
-        }
-        if let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) {
-            ts.owner = None;
-            self.idle.entry(ts.key).or_default().push(Idle {
-                sock: si,
-                last_peer: peer,
-            });
-            self.idle_count += 1;
-        }
     }
 
     fn live_mut(&mut self, id: SessionId) -> Option<&mut LiveSock> {
@@ -1246,25 +1090,6 @@ impl Shard {
             DatagramOutcome::Reply(n) => self.send_reply(fd, v6, n, from, None),
             DatagramOutcome::Ignored => {}
         }
-    }
-
-    /// Closes an idle socket that can no longer receive.
-    fn drop_idle(&mut self, si: u32) {
-        let Some(key) = self
-            .tsocks
-            .get(si as usize)
-            .and_then(|t| t.as_ref())
-            .map(|t| t.key)
-        else {
-            return;
-        };
-        if let Some(list) = self.idle.get_mut(&key)
-            && let Some(pos) = list.iter().position(|x| x.sock == si)
-        {
-            list.swap_remove(pos);
-            self.idle_count -= 1;
-        }
-        self.close_sock(si);
     }
 
     fn on_send(&mut self, now: Instant, si: u32, res: i32) {

@@ -35,7 +35,7 @@ fn small_tuning() -> Tuning {
         listen_bufs: (64, 2048),
         session_bufs: (64, 1024),
         send_slots: 64,
-        min_idle_choice: super::ports::MIN_IDLE_CHOICE,
+        min_idle_choice: super::pool::MIN_IDLE_CHOICE,
         ..Tuning::default()
     }
 }
