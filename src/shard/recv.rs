@@ -1,0 +1,355 @@
+//! The receive path: multishot receives on listeners (requests, which may
+//! start sessions) and on transfer sockets (ACKs and ERRORs for sessions),
+//! each buffer back in its ring as soon as its datagram was handled, and
+//! the re-arming of receives that ended.
+
+use std::collections::HashMap;
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, types};
+
+use super::token::{EPOCH_MASK, Token};
+use super::{LISTEN_BGID, Listener, LiveSock, Phase, SESSION_BGID, Shard, batch, cmsg, net, sqe};
+use crate::endpoint::{DatagramOutcome, RequestOutcome, SessionId};
+use crate::proto::ErrorCode;
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Rearm {
+    Listener(u32),
+    Sock(u32),
+}
+
+/// How long a looked-up interface MTU is trusted (MTUs change rarely).
+const MTU_TTL: Duration = Duration::from_secs(30);
+
+/// MTU of the interface a request came in on, cached per ifindex.
+fn lookup_mtu(
+    cache: &mut HashMap<u32, (Option<u32>, Instant)>,
+    listeners: &[Listener],
+    li: u32,
+    ifindex: u32,
+    now: Instant,
+) -> Option<u32> {
+    if ifindex == 0 {
+        return None;
+    }
+    if let Some(&(mtu, read_at)) = cache.get(&ifindex)
+        && now.saturating_duration_since(read_at) < MTU_TTL
+    {
+        return mtu;
+    }
+    let l = listeners.get(li as usize)?;
+    let mtu = net::interface_mtu(l.sock.as_fd(), ifindex).ok();
+    if cache.len() >= 4096 {
+        cache.clear();
+    }
+    cache.insert(ifindex, (mtu, now));
+    mtu
+}
+
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+impl Shard {
+    pub(super) fn arm_listener(&mut self, index: u32) {
+        let Some(l) = self.listeners.get_mut(index as usize) else {
+            return;
+        };
+        let sqe = sqe::recv_multi(
+            l.sock.as_raw_fd(),
+            &self.listen_msghdr,
+            LISTEN_BGID,
+            Token::ListenerRecv(index),
+        );
+        l.recv_armed = true;
+        self.ring.push(sqe);
+    }
+
+    pub(super) fn arm_sock_recv(&mut self, si: u32) {
+        let epoch = self.next_epoch;
+        self.next_epoch = self.next_epoch.wrapping_add(1) & EPOCH_MASK;
+        let token = Token::SessionRecv { index: si, epoch };
+        let Some(ts) = self.tsocks.get_mut(si as usize).and_then(|t| t.as_mut()) else {
+            return;
+        };
+        let fd = ts.fd.as_raw_fd();
+        ts.recv = Some(token.encode());
+        let sqe = sqe::recv_multi(fd, &self.session_msghdr, SESSION_BGID, token);
+        self.ring.push(sqe);
+    }
+
+    pub(super) fn on_listener_recv(&mut self, now: Instant, li: u32, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let Some(l) = self.listeners.get_mut(li as usize) else {
+            drop(bid.and_then(|b| self.listen_bufs.take(b, 0)));
+            return;
+        };
+        let bound = l.bound;
+        if !cqueue::more(flags) {
+            l.recv_armed = false;
+            if self.phase == Phase::Running {
+                self.rearm.push(Rearm::Listener(li));
+                self.counters.rearms += 1;
+            }
+        }
+        if res < 0 {
+            drop(bid.and_then(|b| self.listen_bufs.take(b, 0)));
+            match -res {
+                libc::ENOBUFS => self.counters.ring_dry += 1,
+                libc::ECANCELED => {}
+                _ => self.counters.recv_errors += 1,
+            }
+            return;
+        }
+        // The guard lives in this block only: the buffer goes back to the
+        // ring on every path, right after the endpoint has seen it.
+        let (outcome, peer, local, ifindex, mtu) = {
+            let Some(buf) = bid.and_then(|b| self.listen_bufs.take(b, res as usize)) else {
+                return;
+            };
+            if self.phase != Phase::Running {
+                return;
+            }
+            self.counters.datagrams_in += 1;
+            let Ok(out) = types::RecvMsgOut::parse(&buf, &self.listen_msghdr) else {
+                return;
+            };
+            let Some(peer) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
+                return;
+            };
+            let oversized = out.is_payload_truncated();
+            let (mut local, ifindex) = match cmsg::parse_pktinfo(out.control_data()) {
+                Some(info) => (info.local, info.ifindex),
+                None => (net::canonical(bound).ip(), 0),
+            };
+            if local.is_ipv4() != peer.is_ipv4() {
+                local = unspecified_like(peer.ip());
+            }
+            let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex, now);
+            self.counters.requests += 1;
+            let outcome = if oversized {
+                self.counters.truncated += 1;
+                self.endpoint
+                    .refuse_oversized(now, peer, &mut self.reply[..])
+            } else {
+                self.endpoint.handle_request(
+                    now,
+                    peer,
+                    local,
+                    mtu,
+                    out.payload_data(),
+                    &mut self.files,
+                    &mut self.reply[..],
+                )
+            };
+            (outcome, peer, local, ifindex, mtu)
+        };
+        match outcome {
+            RequestOutcome::Started(id) => self.start_session(now, id, li, ifindex, mtu),
+            RequestOutcome::Reply(n) => {
+                self.counters.refused += 1;
+                self.reply_from_listener(li, n, peer, local, ifindex);
+            }
+            RequestOutcome::Ignored => self.counters.ignored += 1,
+        }
+    }
+
+    pub(super) fn start_session(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        li: u32,
+        ifindex: u32,
+        mtu: Option<u32>,
+    ) {
+        let Some(view) = self.endpoint.session(id) else {
+            return;
+        };
+        let (peer, local) = (view.peer, view.local);
+        let gso_allowed = self.no_gso.allows(now, local, peer.ip());
+        let segments = batch::segments(
+            view.blksize,
+            view.windowsize,
+            local.is_ipv6(),
+            mtu,
+            gso_allowed,
+        );
+        let blksize = view.blksize;
+        let slot_free = self
+            .socks
+            .get(id.index as usize)
+            .is_some_and(|s| s.is_none());
+        let sock = if !slot_free || local.is_ipv4() != peer.is_ipv4() {
+            Err(io::Error::from(io::ErrorKind::InvalidInput))
+        } else {
+            self.acquire_sock(id, local, ifindex, peer)
+        };
+        match sock {
+            Ok(si) => {
+                if let Some(slot) = self.socks.get_mut(id.index as usize) {
+                    *slot = Some(LiveSock {
+                        id,
+                        sock: si,
+                        peer,
+                        local,
+                        v6: local.is_ipv6(),
+                        blksize,
+                        segments,
+                        gso_proven: false,
+                        inflight: 0,
+                        touched: false,
+                        queued: false,
+                        faulted: false,
+                    });
+                    self.live += 1;
+                }
+                self.counters.started += 1;
+                self.touch(id);
+            }
+            Err(_) => {
+                // EMFILE and friends: refuse from the listener, within the
+                // endpoint's refusal limit.
+                self.counters.busy += 1;
+                if let RequestOutcome::Reply(n) =
+                    self.endpoint.refuse_busy(now, id, &mut self.reply[..])
+                {
+                    self.reply_from_listener(li, n, peer, local, ifindex);
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_session_recv(
+        &mut self,
+        now: Instant,
+        token: u64,
+        si: u32,
+        res: i32,
+        flags: u32,
+    ) {
+        let bid = cqueue::buffer_select(flags);
+        let ts = self
+            .tsocks
+            .get_mut(si as usize)
+            .and_then(|s| s.as_mut())
+            .filter(|t| t.recv == Some(token));
+        let Some(ts) = ts else {
+            drop(bid.and_then(|b| self.session_bufs.take(b, 0)));
+            // A closed socket's receive: its final CQE lets the socket close.
+            if !cqueue::more(flags)
+                && let Some(fd) = self.closing.remove(&token)
+            {
+                self.to_close.push(fd);
+            }
+            return;
+        };
+        let owner = ts.owner;
+        let (fd, v6) = (ts.fd.as_raw_fd(), ts.v6);
+        if !cqueue::more(flags) {
+            ts.recv = None;
+            if res >= 0 || res == -libc::ENOBUFS {
+                self.rearm.push(Rearm::Sock(si));
+                self.counters.rearms += 1;
+            }
+        }
+        if res < 0 {
+            drop(bid.and_then(|b| self.session_bufs.take(b, 0)));
+            match -res {
+                libc::ENOBUFS => self.counters.ring_dry += 1,
+                libc::ECANCELED => {}
+                _ => {
+                    // The socket cannot receive: end its transfer rather
+                    // than spin re-arming, and never pool it again.
+                    self.counters.recv_errors += 1;
+                    if !cqueue::more(flags) {
+                        ts.broken = true;
+                        match owner {
+                            Some(id) => {
+                                self.endpoint.abort(
+                                    now,
+                                    id,
+                                    ErrorCode::NotDefined,
+                                    "receive failed",
+                                );
+                                self.touch(id);
+                            }
+                            None => self.drop_idle(si),
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let (outcome, from, id) = {
+            let Some(buf) = bid.and_then(|b| self.session_bufs.take(b, res as usize)) else {
+                return;
+            };
+            self.counters.datagrams_in += 1;
+            // An idle pooled socket: a late packet of a finished transfer.
+            let Some(id) = owner else {
+                return;
+            };
+            let Ok(out) = types::RecvMsgOut::parse(&buf, &self.session_msghdr) else {
+                return;
+            };
+            // Longer than a session buffer (MSG_TRUNC): no ACK or ERROR is
+            // that long, and a cut datagram must not be read as whole.
+            if out.is_payload_truncated() {
+                self.counters.truncated += 1;
+                return;
+            }
+            let Some(from) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
+                return;
+            };
+            (
+                self.endpoint.handle_datagram(
+                    now,
+                    id,
+                    from,
+                    out.payload_data(),
+                    &mut self.reply[..],
+                ),
+                from,
+                id,
+            )
+        };
+        match outcome {
+            DatagramOutcome::Delivered => self.touch(id),
+            DatagramOutcome::Reply(n) => self.send_reply(fd, v6, n, from, None),
+            DatagramOutcome::Ignored => {}
+        }
+    }
+
+    pub(super) fn rearm_recvs(&mut self) {
+        let mut list = mem::take(&mut self.rearm);
+        for r in list.drain(..) {
+            match r {
+                Rearm::Listener(i) => {
+                    let armed = self.listeners.get(i as usize).is_none_or(|l| l.recv_armed);
+                    if self.phase == Phase::Running && !armed {
+                        self.arm_listener(i);
+                    }
+                }
+                Rearm::Sock(si) => {
+                    let unarmed = self
+                        .tsocks
+                        .get(si as usize)
+                        .and_then(|t| t.as_ref())
+                        .is_some_and(|t| t.recv.is_none());
+                    if unarmed {
+                        self.arm_sock_recv(si);
+                    }
+                }
+            }
+        }
+        self.rearm = list;
+    }
+}
