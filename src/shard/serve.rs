@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use super::batch::{Batch, Offer};
 use super::send::{HEADER_CAP, MAX_SEGMENTS, Owner};
-use super::{REPLY_CAP, Shard, TEST_PANIC_SHARD, gso, sqe};
+use super::setup::TEST_PANIC_SHARD;
+use super::{REPLY_CAP, Shard, gso, sqe};
 use crate::endpoint::SessionId;
 use crate::proto::ErrorCode;
 
