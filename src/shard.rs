@@ -44,6 +44,7 @@
 mod batch;
 mod bufring;
 mod cmsg;
+mod command;
 #[cfg(test)]
 mod e2e;
 mod gso;
@@ -74,6 +75,8 @@ use crate::endpoint::{Endpoint, SessionId};
 use crate::files::{FileData, FileRoot};
 use crate::timer::TimerWheel;
 use bufring::BufRing;
+use command::Commands;
+pub use command::{Command, ShardHandle};
 use gso::NoGsoPaths;
 use pool::IdlePool;
 use recv::Rearm;
@@ -83,7 +86,7 @@ use serve::ServeWork;
 pub(crate) use setup::Tuning;
 #[cfg(test)]
 pub(crate) use setup::spawn_tuned;
-pub use setup::{PreparedShard, ShardConfig, ShardHandle, prepare};
+pub use setup::{PreparedShard, ShardConfig, prepare};
 pub(crate) use shutdown::ExitReport;
 use sockets::TransferSock;
 use sqe::Ring;
@@ -191,8 +194,10 @@ struct Shard {
     session_bufs: BufRing,
     listen_msghdr: Box<libc::msghdr>,
     session_msghdr: Box<libc::msghdr>,
+    /// Written after each command, only to wake the ring.
     wake: Arc<EventFd>,
     wake_buf: Box<[u8; 8]>,
+    commands: Commands,
     listeners: Vec<Listener>,
     endpoint: Endpoint<FileData>,
     files: FileRoot,
@@ -341,13 +346,7 @@ impl Shard {
                 self.on_session_recv(now, ud, index, res, flags)
             }
             Some(Token::Send(i)) => self.on_send(now, i, res),
-            Some(Token::Wake) => {
-                if res >= 0 {
-                    self.begin_shutdown(now);
-                } else if self.phase == Phase::Running {
-                    self.arm_wake();
-                }
-            }
+            Some(Token::Wake) => self.on_wake(now, res),
             // ENOENT/EALREADY: the receive had ended by itself; its own final
             // CQE does the cleanup either way.
             Some(Token::Cancel) | None => {}

@@ -9,7 +9,6 @@ use std::mem;
 use std::net::UdpSocket;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use io_uring::IoUring;
@@ -18,6 +17,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::bufring::BufRing;
+use super::command::{Commands, ShardHandle};
 use super::gso::{self, NoGsoPaths};
 use super::pool::{self, IdlePool};
 use super::send::SendPool;
@@ -80,33 +80,6 @@ impl Default for Tuning {
     }
 }
 
-/// A running shard thread.
-pub struct ShardHandle {
-    wake: Arc<EventFd>,
-    thread: JoinHandle<io::Result<ExitReport>>,
-}
-
-impl ShardHandle {
-    /// Asks the shard to stop: it stops listening, lets live transfers run
-    /// for up to `shutdown_grace`, aborts the rest and returns.
-    pub fn shut_down(&self) {
-        // The counter only grows; a full counter (EAGAIN) is already a wake-up.
-        let _ = self.wake.write(1);
-    }
-
-    /// Waits for the shard thread to end.
-    pub fn join(self) -> io::Result<()> {
-        self.join_report().map(|_| ())
-    }
-
-    /// Waits for the shard thread to end; how it ended.
-    pub(crate) fn join_report(self) -> io::Result<ExitReport> {
-        self.thread
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")))
-    }
-}
-
 #[cfg(test)]
 pub(crate) fn spawn_tuned(config: ShardConfig, tuning: Tuning) -> io::Result<ShardHandle> {
     prepare_tuned(config, tuning)?.spawn()
@@ -151,11 +124,12 @@ impl PreparedShard {
         )?);
         let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
         let thread_wake = Arc::clone(&wake);
+        let (commands, thread_commands) = crossbeam::channel::unbounded();
         let index = config.index;
         let name = format!("shard-{index}");
         let panic_hook = test_panic_hook(index);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
-            let mut shard = match Shard::new(config, tuning, ring, thread_wake) {
+            let mut shard = match Shard::new(config, tuning, ring, thread_wake, thread_commands) {
                 Ok(shard) => {
                     let _ = tx.send(Ok(()));
                     shard
@@ -192,7 +166,7 @@ impl PreparedShard {
             }
         })?;
         match rx.recv() {
-            Ok(Ok(())) => Ok(ShardHandle { wake, thread }),
+            Ok(Ok(())) => Ok(ShardHandle::new(commands, wake, thread)),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -296,6 +270,7 @@ impl Shard {
         tuning: Tuning,
         ring: IoUring,
         wake: Arc<EventFd>,
+        commands: Commands,
     ) -> io::Result<Self> {
         // This thread becomes the ring's only submitter.
         ring.submitter().register_enable_rings()?;
@@ -334,6 +309,7 @@ impl Shard {
             session_msghdr: recv_msghdr(0),
             wake,
             wake_buf: Box::new([0; 8]),
+            commands,
             listeners,
             endpoint,
             files: config.files,

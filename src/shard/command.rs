@@ -1,0 +1,88 @@
+//! Commands to a running shard: sent on a crossbeam channel, with the
+//! shard's eventfd written after each send only to wake its ring. The shard
+//! drains the channel when that eventfd read completes, never per packet,
+//! so its hot path takes no lock.
+
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam::channel::{Receiver, Sender};
+use nix::sys::eventfd::EventFd;
+
+use super::{ExitReport, Phase, Shard};
+
+/// What a shard can be told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Stop listening, let live transfers run for up to `shutdown_grace`,
+    /// abort the rest and return.
+    Shutdown,
+}
+
+/// A running shard thread.
+pub struct ShardHandle {
+    commands: Sender<Command>,
+    wake: Arc<EventFd>,
+    thread: JoinHandle<io::Result<ExitReport>>,
+}
+
+impl ShardHandle {
+    pub(super) fn new(
+        commands: Sender<Command>,
+        wake: Arc<EventFd>,
+        thread: JoinHandle<io::Result<ExitReport>>,
+    ) -> Self {
+        ShardHandle {
+            commands,
+            wake,
+            thread,
+        }
+    }
+
+    /// Sends `command` and wakes the shard; false if the shard is gone.
+    pub fn send(&self, command: Command) -> bool {
+        let sent = self.commands.send(command).is_ok();
+        // The counter only grows; a full counter (EAGAIN) is already a wake-up.
+        let _ = self.wake.write(1);
+        sent
+    }
+
+    /// Asks the shard to stop ([`Command::Shutdown`]).
+    pub fn shut_down(&self) {
+        self.send(Command::Shutdown);
+    }
+
+    /// Waits for the shard thread to end.
+    pub fn join(self) -> io::Result<()> {
+        self.join_report().map(|_| ())
+    }
+
+    /// Waits for the shard thread to end; how it ended.
+    pub(crate) fn join_report(self) -> io::Result<ExitReport> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")))
+    }
+}
+
+/// The shard's end of the command channel.
+pub(super) type Commands = Receiver<Command>;
+
+impl Shard {
+    /// The eventfd read completed (`res` its result): carry out every
+    /// command sent so far, and read again while the shard runs.
+    pub(super) fn on_wake(&mut self, now: Instant, res: i32) {
+        if res >= 0 {
+            while let Ok(command) = self.commands.try_recv() {
+                match command {
+                    Command::Shutdown => self.begin_shutdown(now),
+                }
+            }
+        }
+        if self.phase == Phase::Running {
+            self.arm_wake();
+        }
+    }
+}
