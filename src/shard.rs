@@ -198,6 +198,8 @@ struct Shard {
     wake: Arc<EventFd>,
     wake_buf: Box<[u8; 8]>,
     commands: Commands,
+    /// `RINGTFTPD_TEST_PANIC_SHARD` names this shard (see `setup`).
+    panic_on_send: bool,
     listeners: Vec<Listener>,
     endpoint: Endpoint<FileData>,
     files: FileRoot,

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use super::batch::{Batch, Offer};
 use super::send::{HEADER_CAP, MAX_SEGMENTS, Owner};
-use super::setup::TEST_PANIC_SHARD;
 use super::{REPLY_CAP, Shard, gso, sqe};
 use crate::endpoint::SessionId;
 use crate::proto::ErrorCode;
@@ -76,7 +75,7 @@ impl Shard {
         id: SessionId,
         buf: &mut [u8],
     ) -> Option<(usize, Option<(*const u8, usize)>)> {
-        if TEST_PANIC_SHARD.load(std::sync::atomic::Ordering::Relaxed) == self.index + 1 {
+        if self.panic_on_send {
             panic!("RINGTFTPD_TEST_PANIC_SHARD={}", self.index);
         }
         loop {

@@ -140,9 +140,8 @@ impl PreparedShard {
                     return Err(io::Error::new(kind, "shard set-up failed"));
                 }
             };
-            if panic_hook {
-                TEST_PANIC_SHARD.store(index + 1, std::sync::atomic::Ordering::Relaxed);
-            }
+            // Armed only now, so that set-up itself never trips it.
+            shard.panic_on_send = panic_hook;
             // `run` returns Ok only after a requested shutdown; an error or
             // a panic leaves this thread serving nothing: report it.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run())) {
@@ -182,11 +181,7 @@ impl PreparedShard {
 /// Test hook, off unless the environment names a shard: with
 /// `RINGTFTPD_TEST_PANIC_SHARD=N`, shard N panics when it first sends a
 /// transfer's packet, so tests can check that a dead shard is noticed.
-/// Holds N + 1 once armed (0: off); one relaxed load per polled transmit.
-pub(super) static TEST_PANIC_SHARD: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
-
-/// Whether `RINGTFTPD_TEST_PANIC_SHARD` names shard `index`.
+/// Read once at start into `Shard::panic_on_send`, a plain bool.
 fn test_panic_hook(index: usize) -> bool {
     std::env::var("RINGTFTPD_TEST_PANIC_SHARD").is_ok_and(|v| v.trim().parse() == Ok(index))
 }
@@ -310,6 +305,7 @@ impl Shard {
             wake,
             wake_buf: Box::new([0; 8]),
             commands,
+            panic_on_send: false,
             listeners,
             endpoint,
             files: config.files,
