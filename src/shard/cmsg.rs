@@ -102,16 +102,29 @@ pub fn parse_pktinfo(control: &[u8]) -> Option<PacketInfo> {
     v6
 }
 
-/// Control-message space for one outgoing pktinfo, aligned for `cmsghdr`.
+/// Room for one outgoing control message of `N` bytes of CMSG_SPACE,
+/// aligned for `cmsghdr`.
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
-pub struct PktinfoCmsg([u8; cmsg_space(mem::size_of::<libc::in6_pktinfo>())]);
+pub struct CmsgBuf<const N: usize>([u8; N]);
 
-impl PktinfoCmsg {
+impl<const N: usize> CmsgBuf<N> {
     pub fn new() -> Self {
-        PktinfoCmsg([0; cmsg_space(mem::size_of::<libc::in6_pktinfo>())])
+        CmsgBuf([0; N])
     }
 
+    pub fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+        self.0.as_mut_ptr().cast()
+    }
+}
+
+/// Room for one outgoing `IP_PKTINFO` or `IPV6_PKTINFO`.
+pub type PktinfoCmsg = CmsgBuf<{ cmsg_space(mem::size_of::<libc::in6_pktinfo>()) }>;
+
+/// Room for one `UDP_SEGMENT` (a u16).
+pub type GsoCmsg = CmsgBuf<{ cmsg_space(2) }>;
+
+impl PktinfoCmsg {
     /// Writes a pktinfo that makes the kernel send from `local`, for a socket
     /// of family v6 (`true`) or v4, and returns the `msg_controllen`. On an
     /// IPv6 socket an IPv4 `local` goes v4-mapped in an `IPV6_PKTINFO`, which
@@ -154,28 +167,9 @@ impl PktinfoCmsg {
             (IpAddr::V6(_), false) => None,
         }
     }
-
-    pub fn as_mut_ptr(&mut self) -> *mut libc::c_void {
-        self.0.as_mut_ptr().cast()
-    }
 }
-
-impl Default for PktinfoCmsg {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Control-message space for one `UDP_SEGMENT` (a u16), aligned for cmsghdr.
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-pub struct GsoCmsg([u8; cmsg_space(2)]);
 
 impl GsoCmsg {
-    pub fn new() -> Self {
-        GsoCmsg([0; cmsg_space(2)])
-    }
-
     /// Writes a `UDP_SEGMENT` of `segment` bytes; returns the `msg_controllen`.
     pub fn set(&mut self, segment: u16) -> usize {
         write_cmsg(&mut self.0, SOL_UDP, UDP_SEGMENT, &segment.to_ne_bytes())
@@ -185,16 +179,6 @@ impl GsoCmsg {
     #[cfg(test)]
     pub fn segment(&self) -> u16 {
         u16::from_ne_bytes([self.0[CMSG_HDR], self.0[CMSG_HDR + 1]])
-    }
-
-    pub fn as_mut_ptr(&mut self) -> *mut libc::c_void {
-        self.0.as_mut_ptr().cast()
-    }
-}
-
-impl Default for GsoCmsg {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
