@@ -9,8 +9,8 @@
 //!    completion or the wheel's next deadline;
 //! 2. handle completions: requests on listeners (`handle_request`),
 //!    datagrams on transfer sockets (`handle_datagram`), finished sends,
-//!    the shutdown eventfd; every receive buffer goes back to its ring as
-//!    soon as its datagram was handled;
+//!    the wake-up eventfd (then the [`Command`]s sent); every receive buffer
+//!    goes back to its ring as soon as its datagram was handled;
 //! 3. expire timers (`handle_timeout`);
 //! 4. for every session touched this turn, and those waiting for a send
 //!    slot: drain `poll_transmit` into `SendMsg` SQEs, re-arm its timer with
@@ -37,9 +37,18 @@
 //! per transfer. The next port must not be guessable (a spoofer could
 //! forge ACK 0 from a victim): an idle socket is drawn at random, and only
 //! from a pool of at least `pool::MIN_IDLE_CHOICE` candidates; below that
-//! a fresh socket gets a port of the kernel's choosing. Payload pointers are never read in user space:
-//! a file truncated under us makes the kernel's copy fail with `EFAULT`
-//! (and the session is aborted) instead of raising SIGBUS here.
+//! a fresh socket gets a port of the kernel's choosing. Payload pointers are
+//! never read in user space: a file truncated under us makes the kernel's
+//! copy fail with `EFAULT` (and the session is aborted) instead of raising
+//! SIGBUS here.
+//!
+//! The rooms: `setup` (start-up, ring set-up), `command` (commands to a
+//! shard), `sqe` (every submission entry and its `unsafe`), `token` (CQE
+//! `user_data`), `recv` (receive path), `serve` (transmits into sends),
+//! `batch` (which blocks share a GSO send, pure), `send` (send slots),
+//! `sockets` (transfer sockets), `pool` (idle-socket choice, pure), `cmsg`
+//! (control messages), `net` (socket set-up), `gso` (paths without GSO),
+//! `bufring` (provided buffers), `shutdown` (drain and teardown), `log`.
 
 mod batch;
 mod bufring;
