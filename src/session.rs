@@ -14,6 +14,7 @@
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, ErrorCode, Options, Packet};
+use crate::refusal::Abort;
 
 /// Server-wide limits and timer policy for transfers.
 #[derive(Debug, Clone)]
@@ -560,9 +561,10 @@ impl Transfer {
     }
 
     /// Ends the transfer from the server side; the peer gets an ERROR.
-    pub fn abort(&mut self, now: Instant, code: ErrorCode, message: &'static str) {
+    pub fn abort(&mut self, now: Instant, why: Abort) {
         if self.phase != Phase::Ended {
-            self.end(now, Outcome::Aborted(code), Some((code, message)));
+            let code = why.code();
+            self.end(now, Outcome::Aborted(code), Some((code, why.message())));
         }
     }
 
@@ -742,11 +744,8 @@ impl Transfer {
         self.tries += 1;
         let stalled = now.saturating_duration_since(self.progress_at) >= self.max_stall;
         if self.tries > self.max_retries || stalled {
-            self.end(
-                now,
-                Outcome::TimedOut,
-                Some((ErrorCode::NotDefined, "timed out")),
-            );
+            let why = Abort::TimedOut;
+            self.end(now, Outcome::TimedOut, Some((why.code(), why.message())));
             return;
         }
         self.rtt.back_off();

@@ -66,7 +66,7 @@ use crate::endpoint::{
     DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId, SessionView,
 };
 use crate::files::{FileData, FileRoot};
-use crate::proto::ErrorCode;
+use crate::refusal::Abort;
 use crate::timer::TimerWheel;
 use bufring::BufRing;
 use gso::NoGsoPaths;
@@ -1304,12 +1304,7 @@ impl Shard {
                         ts.broken = true;
                         match owner {
                             Some(id) => {
-                                self.endpoint.abort(
-                                    now,
-                                    id,
-                                    ErrorCode::NotDefined,
-                                    "receive failed",
-                                );
+                                self.endpoint.abort(now, id, Abort::ReceiveFailed);
                                 self.touch(id);
                             }
                             None => self.drop_idle(si),
@@ -1407,12 +1402,7 @@ impl Shard {
             if res == -libc::EFAULT && !live.faulted {
                 live.faulted = true;
                 self.counters.send_faults += 1;
-                self.endpoint.abort(
-                    now,
-                    id,
-                    ErrorCode::NotDefined,
-                    "file changed during transfer",
-                );
+                self.endpoint.abort(now, id, Abort::FileChanged);
                 self.touch(id);
             }
         } else if let Some(entry) = self.lingering.get_mut(&id) {
@@ -1606,9 +1596,7 @@ impl Shard {
                 }
                 // The file changed before its final block, shrank, or a read
                 // failed: send the ERROR instead.
-                Err(e) => self
-                    .endpoint
-                    .abort(now, id, ErrorCode::NotDefined, e.message()),
+                Err(e) => self.endpoint.abort(now, id, e.abort()),
             }
         }
     }
@@ -1815,8 +1803,7 @@ impl Shard {
         } else if now >= deadline {
             let ids: Vec<SessionId> = self.socks.iter().flatten().map(|l| l.id).collect();
             for id in ids {
-                self.endpoint
-                    .abort(now, id, ErrorCode::NotDefined, "server shutting down");
+                self.endpoint.abort(now, id, Abort::ShuttingDown);
                 self.touch(id);
             }
             self.phase = Phase::Final {

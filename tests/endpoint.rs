@@ -301,7 +301,8 @@ fn stale_session_ids_reach_nothing() {
     let RequestOutcome::Started(id) = f.request(peer(1), &rrq("boot.img", "octet", &[])) else {
         panic!()
     };
-    f.endpoint.abort(f.now, id, ErrorCode::NotDefined, "test");
+    f.endpoint
+        .abort(f.now, id, ringtftpd::refusal::Abort::ShuttingDown);
     let mut buf = [0u8; 600];
     assert!(f.endpoint.poll_transmit(f.now, id, &mut buf).is_some()); // the ERROR
     assert!(f.endpoint.is_finished(id));
@@ -418,7 +419,7 @@ fn one_address_cannot_take_every_slot() {
     assert!(message.contains("too many transfers"), "{message}");
     f.start(other_peer(3, 1), "boot.img");
     let counts = *f.endpoint.refusals();
-    assert_eq!(counts.get(ringtftpd::endpoint::Refusal::PerClientCap), 1);
+    assert_eq!(counts.get(ringtftpd::refusal::RefusalKind::PerClientCap), 1);
     // A finished session frees its client's slot.
     let ids: Vec<SessionId> = f.endpoint.session_ids().collect();
     f.endpoint.remove(ids[0]).unwrap();
@@ -442,7 +443,7 @@ fn a_flooding_address_is_rate_limited_and_others_are_not() {
     }
     assert_eq!(answered, 20);
     let counts = *f.endpoint.refusals();
-    assert_eq!(counts.get(ringtftpd::endpoint::Refusal::RateLimited), 80);
+    assert_eq!(counts.get(ringtftpd::refusal::RefusalKind::RateLimited), 80);
     // Another address is served at once.
     let (code, _) = f.error_reply(other_peer(7, 1), &rrq("nope", "octet", &[]));
     assert_eq!(code, ErrorCode::FileNotFound);
@@ -486,7 +487,7 @@ fn every_refusal_goes_through_a_token_bucket() {
     assert_eq!(replies, 10);
     let counts = *f.endpoint.refusals();
     assert_eq!(counts.replies_suppressed, 80);
-    use ringtftpd::endpoint::Refusal;
+    use ringtftpd::refusal::RefusalKind as Refusal;
     // The one slot is taken, so reads are refused as busy before any open.
     assert_eq!(counts.get(Refusal::UploadsDisabled), 30);
     assert_eq!(counts.get(Refusal::Busy), 60);

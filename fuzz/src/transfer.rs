@@ -21,6 +21,7 @@
 use std::time::{Duration, Instant};
 
 use ringtftpd::proto::{self, ErrorCode, Options, Packet};
+use ringtftpd::refusal::Abort;
 use ringtftpd::session::{self, Limits, Negotiated, Outcome, Transfer, Transmit};
 
 use crate::input::{Encoder, Input};
@@ -483,9 +484,9 @@ impl Harness {
             }
             10 => self.advance(Duration::from_millis(u64::from(input.u16()))),
             _ => {
-                let code = ErrorCode::from_u16(u16::from(input.u8() % 9));
-                self.cause = Cause::Abort(code);
-                self.t.abort(self.now, code, "aborted by the harness");
+                let why = Abort::ALL[usize::from(input.u8()) % Abort::ALL.len()];
+                self.cause = Cause::Abort(why.code());
+                self.t.abort(self.now, why);
                 self.drain();
             }
         }
