@@ -35,7 +35,17 @@ pub struct Limits {
     /// Longest a transfer may go without progress (a newly acknowledged
     /// block) before it is given up, whatever its timers say.
     pub max_stall: Duration,
+    /// Shortest a transfer whose peer has answered keeps trying after its
+    /// last progress, even once `retries` are spent: with a fast RTT the
+    /// retries alone last ~2.5 s, and a client pausing longer (a flash
+    /// write, a paused VM, U-Boot's 5 s window timer) would be dropped.
+    /// At most [`MAX_PATIENT_RETRIES`] more resends; a peer never heard
+    /// from (perhaps spoofed) gets none.
+    pub min_give_up: Duration,
 }
+
+/// Resends past `retries` that [`Limits::min_give_up`] may add.
+pub const MAX_PATIENT_RETRIES: u32 = 16;
 
 impl Default for Limits {
     /// The command line's defaults.
@@ -49,6 +59,7 @@ impl Default for Limits {
             rto_max: Duration::from_millis(3000),
             retries: 8,
             max_stall: Duration::from_secs(60),
+            min_give_up: Duration::from_secs(15),
         }
     }
 }
@@ -409,6 +420,10 @@ pub struct Transfer {
     /// long the transfer may go without it.
     progress_at: Instant,
     max_stall: Duration,
+    min_give_up: Duration,
+    /// The peer answered (ACK 0 of our OACK, or a DATA ACK): it may be
+    /// waited for up to `min_give_up`.
+    heard: bool,
     /// When the newest packet went out, and whether it was a resend
     /// (Karn's rule: no RTT sample from a retransmitted packet).
     last_send: Option<(Instant, bool)>,
@@ -475,6 +490,8 @@ impl Transfer {
             deadline: None,
             progress_at: now,
             max_stall: limits.max_stall,
+            min_give_up: limits.min_give_up,
+            heard: false,
             last_send: None,
             error_due: None,
             outcome: None,
@@ -612,6 +629,7 @@ impl Transfer {
     }
 
     fn progress(&mut self, now: Instant) {
+        self.heard = true;
         self.tries = 0;
         self.deadline = None;
         self.progress_at = now;
@@ -742,8 +760,12 @@ impl Transfer {
         }
         self.deadline = None;
         self.tries += 1;
-        let stalled = now.saturating_duration_since(self.progress_at) >= self.max_stall;
-        if self.tries > self.max_retries || stalled {
+        let since_progress = now.saturating_duration_since(self.progress_at);
+        let stalled = since_progress >= self.max_stall;
+        let patient = self.heard
+            && since_progress < self.min_give_up
+            && self.tries <= self.max_retries + MAX_PATIENT_RETRIES;
+        if stalled || (self.tries > self.max_retries && !patient) {
             let why = Abort::TimedOut;
             self.end(now, Outcome::TimedOut, Some((why.code(), why.message())));
             return;

@@ -33,6 +33,8 @@ pub fn limits(input: &mut Input) -> Limits {
         rto_max: Duration::from_millis(u64::from(input.u16())),
         retries: u32::from(input.u8() % 11),
         max_stall: Duration::from_millis(1 + u64::from(input.u16()) * 10),
+        // Derived, not read: the seed corpus keeps its meaning.
+        min_give_up: Duration::from_secs(15),
     }
 }
 
