@@ -462,35 +462,68 @@ fn a_flooding_address_is_rate_limited_and_others_are_not() {
 
 #[test]
 fn every_refusal_goes_through_a_token_bucket() {
-    // WRQs and "busy" are refused within the refusal limit,
-    // however many distinct (possibly spoofed) addresses ask.
+    // Missing files, WRQs, the per-client cap, "busy" and "shutting down"
+    // are all refused within one refusal limit, however many distinct
+    // (possibly spoofed) addresses ask.
     let mut f = Fixture::new(EndpointConfig {
         refusal_replies_per_sec: 10,
-        max_sessions: 1,
+        max_sessions: 3,
+        max_sessions_per_client: 1,
         ..config()
     });
     f.start(other_peer(200, 1), "boot.img");
     let mut wrq = rrq("up.bin", "octet", &[]);
     wrq[1] = 2;
     let mut replies = 0;
-    for i in 0..90u16 {
-        let from = other_peer(10 + (i % 90) as u8, 2000 + i);
-        let datagram = match i % 3 {
-            0 => rrq("nope", "octet", &[]),
-            1 => wrq.clone(),
-            _ => rrq("boot.img", "octet", &[]),
-        };
-        if let RequestOutcome::Reply(_) = f.request(from, &datagram) {
+    let mut count_reply = |f: &mut Fixture, from, datagram: &[u8]| {
+        if let RequestOutcome::Reply(_) = f.request(from, datagram) {
             replies += 1;
         }
+    };
+    for i in 0..80u16 {
+        let from = other_peer(10 + (i % 80) as u8, 2000 + i);
+        match i % 4 {
+            0 => count_reply(&mut f, from, &rrq("nope", "octet", &[])),
+            1 => count_reply(&mut f, from, &wrq),
+            // The first of these takes a slot; the rest meet the cap.
+            2 => count_reply(
+                &mut f,
+                other_peer(201, 2000 + i),
+                &rrq("boot.img", "octet", &[]),
+            ),
+            _ => count_reply(
+                &mut f,
+                other_peer(200, 2000 + i),
+                &rrq("boot.img", "octet", &[]),
+            ),
+        }
     }
-    assert_eq!(replies, 10);
-    let counts = *f.endpoint.refusals();
-    assert_eq!(counts.replies_suppressed, 80);
+    f.start(other_peer(202, 1), "boot.img");
+    for i in 0..20u16 {
+        count_reply(
+            &mut f,
+            other_peer(100 + i as u8, 3000 + i),
+            &rrq("boot.img", "octet", &[]),
+        );
+    }
+    f.endpoint.shut_down();
+    for i in 0..20u16 {
+        count_reply(
+            &mut f,
+            other_peer(130 + i as u8, 4000 + i),
+            &rrq("boot.img", "octet", &[]),
+        );
+    }
     use ringtftpd::refusal::RefusalKind as Refusal;
-    // The one slot is taken, so reads are refused as busy before any open.
-    assert_eq!(counts.get(Refusal::UploadsDisabled), 30);
-    assert_eq!(counts.get(Refusal::Busy), 60);
+    let counts = *f.endpoint.refusals();
+    assert_eq!(counts.get(Refusal::NotFound), 20);
+    assert_eq!(counts.get(Refusal::UploadsDisabled), 20);
+    assert_eq!(counts.get(Refusal::PerClientCap), 19 + 20);
+    assert_eq!(counts.get(Refusal::Busy), 20);
+    assert_eq!(counts.get(Refusal::ShuttingDown), 20);
+    // 119 refusals, 10 answered (the bucket's burst), the rest held back.
+    assert_eq!(replies, 10);
+    assert_eq!(counts.replies_suppressed, 109);
 }
 
 /// Files whose opens fail transiently (out of descriptors) until told not to.
