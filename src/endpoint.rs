@@ -595,6 +595,12 @@ impl<H: Clone> Endpoint<H> {
         let bytes = result
             .as_ref()
             .map_or(0, |(handle, len)| F::held_bytes(handle, *len));
+        // One huge file (an ISO) would otherwise flush every other entry on
+        // each insert; it is opened afresh each time (its mapping is still
+        // shared by file identity).
+        if bytes > OPEN_CACHE_MAX_BYTES / 4 {
+            return result;
+        }
         if cache.len() >= OPEN_CACHE_CAPACITY
             || self.open_cache_bytes.saturating_add(bytes) > OPEN_CACHE_MAX_BYTES
         {
@@ -619,6 +625,16 @@ impl<H: Clone> Endpoint<H> {
 
     fn cached_bytes(cached: &CachedOpen<H>) -> u64 {
         cached.bytes
+    }
+
+    /// For the driver, now and then (each loop turn is fine: it is one
+    /// comparison until a TTL passed): expired open-cache entries go even
+    /// when no request comes, so a deleted file's mapping or a netascii
+    /// translation is not pinned by a quiet server.
+    pub fn housekeeping(&mut self, now: Instant) {
+        if !self.config.open_cache_ttl.is_zero() {
+            self.sweep_open_cache(now);
+        }
     }
 
     /// Drops expired entries once per TTL, so the cache never keeps a

@@ -610,6 +610,99 @@ fn transient_open_errors_are_not_cached_and_expired_opens_are_released() {
     assert_eq!(endpoint.open_cache_usage(), (1, 0)); // the refusal of "missing"
 }
 
+/// Files that say they hold `charge` bytes each (as a huge ISO would).
+struct Charged {
+    inner: MemFiles,
+    opens: usize,
+}
+
+impl ringtftpd::endpoint::FileSource for Charged {
+    type Handle = Arc<Vec<u8>>;
+    fn open_read(
+        &mut self,
+        filename: &[u8],
+        mode: ringtftpd::proto::Mode,
+    ) -> Result<(Self::Handle, u64), ringtftpd::endpoint::OpenError> {
+        self.opens += 1;
+        self.inner.open_read(filename, mode)
+    }
+
+    fn held_bytes(handle: &Self::Handle, _len: u64) -> u64 {
+        // The first byte says how many hundred MiB the file "holds".
+        u64::from(handle.first().copied().unwrap_or(0)) * 100 << 20
+    }
+}
+
+#[test]
+fn a_huge_file_is_not_cached_and_does_not_flush_the_others() {
+    let mut files = Charged {
+        inner: MemFiles::default(),
+        opens: 0,
+    };
+    files
+        .inner
+        .0
+        .insert(b"small".to_vec(), Arc::new(vec![1u8; 100]));
+    files
+        .inner
+        .0
+        .insert(b"iso".to_vec(), Arc::new(vec![9u8; 100]));
+    let mut endpoint = Endpoint::new(EndpointConfig {
+        open_cache_ttl: Duration::from_secs(10),
+        max_sessions: 64,
+        ..config()
+    });
+    let now = Instant::now();
+    let mut reply = [0u8; 600];
+    for (port, name) in [(1, "small"), (2, "iso"), (3, "iso"), (4, "small")] {
+        let outcome = endpoint.handle_request(
+            now,
+            peer(port),
+            LOCAL,
+            None,
+            &rrq(name, "octet", &[]),
+            &mut files,
+            &mut reply,
+        );
+        assert!(matches!(outcome, RequestOutcome::Started(_)), "{outcome:?}");
+    }
+    // "small" opened once and kept; the 900 MiB "iso" opened each time.
+    assert_eq!(files.opens, 3);
+    assert_eq!(endpoint.open_cache_usage(), (1, 100 << 20));
+}
+
+#[test]
+fn a_quiet_server_still_releases_expired_opens() {
+    let data = Arc::new(content(5000, 4));
+    let mut files = MemFiles::default();
+    files.0.insert(b"f".to_vec(), data.clone());
+    let mut endpoint = Endpoint::new(EndpointConfig {
+        open_cache_ttl: Duration::from_secs(1),
+        ..config()
+    });
+    let now = Instant::now();
+    let outcome = endpoint.handle_request(
+        now,
+        peer(1),
+        LOCAL,
+        None,
+        &rrq("f", "octet", &[]),
+        &mut files,
+        &mut [0u8; 600],
+    );
+    let RequestOutcome::Started(id) = outcome else {
+        panic!("{outcome:?}")
+    };
+    endpoint.remove(id).unwrap();
+    assert_eq!(endpoint.open_cache_usage(), (1, 5000));
+    endpoint.housekeeping(now + Duration::from_millis(500));
+    assert_eq!(endpoint.open_cache_usage(), (1, 5000), "not yet expired");
+    // No request comes; the driver's housekeeping lets it go.
+    endpoint.housekeeping(now + Duration::from_secs(2));
+    assert_eq!(endpoint.open_cache_usage(), (0, 0));
+    assert_eq!(Arc::strong_count(&data), 2); // MemFiles and `data`
+}
+
 /// Bytes on the wire (IP + UDP headers included) that one spoofed RRQ
 /// makes the server send to its victim, who never answers; with `forged_ack0`,
 /// the spoofer also guessed the transfer port and forged one ACK 0.
