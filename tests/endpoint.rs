@@ -629,7 +629,7 @@ impl ringtftpd::endpoint::FileSource for Charged {
 
     fn held_bytes(handle: &Self::Handle, _len: u64) -> u64 {
         // The first byte says how many hundred MiB the file "holds".
-        u64::from(handle.first().copied().unwrap_or(0)) * 100 << 20
+        (u64::from(handle.first().copied().unwrap_or(0)) * 100) << 20
     }
 }
 
