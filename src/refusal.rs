@@ -186,19 +186,29 @@ pub enum Abort {
     ReadFailed,
     /// The transfer socket's receive failed.
     ReceiveFailed,
+    /// An upload past `--max-upload` or its own tsize (ERROR 3).
+    TooLarge,
+    /// An upload's DATA longer than the negotiated blksize (ERROR 4).
+    OversizedBlock,
 }
 
 impl Abort {
-    pub const ALL: [Abort; 5] = [
+    pub const ALL: [Abort; 7] = [
         Abort::TimedOut,
         Abort::ShuttingDown,
         Abort::FileChanged,
         Abort::ReadFailed,
         Abort::ReceiveFailed,
+        Abort::TooLarge,
+        Abort::OversizedBlock,
     ];
 
     pub fn code(self) -> ErrorCode {
-        ErrorCode::NotDefined
+        match self {
+            Abort::TooLarge => ErrorCode::DiskFull,
+            Abort::OversizedBlock => ErrorCode::IllegalOperation,
+            _ => ErrorCode::NotDefined,
+        }
     }
 
     pub fn message(self) -> &'static str {
@@ -208,6 +218,8 @@ impl Abort {
             Abort::FileChanged => "file changed during transfer",
             Abort::ReadFailed => "cannot read file",
             Abort::ReceiveFailed => "receive failed",
+            Abort::TooLarge => "file too large",
+            Abort::OversizedBlock => "block larger than blksize",
         }
     }
 }
