@@ -7,6 +7,7 @@
 pub mod endpoint;
 pub mod input;
 pub mod packet;
+pub mod receive;
 pub mod seeds;
 pub mod transfer;
 
