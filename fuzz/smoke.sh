@@ -12,7 +12,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-20}"
-targets=(packet transfer endpoint)
+targets=(packet transfer receive endpoint)
 
 if ! command -v c++ >/dev/null 2>&1; then
     apt-get install -y g++ >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y g++ >/dev/null; }

@@ -228,6 +228,7 @@ impl Config {
             rto_max,
             retries: self.retries,
             max_stall: Duration::from_secs(self.max_stall_secs),
+            min_give_up: Limits::default().min_give_up,
         }
     }
 

@@ -53,7 +53,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::proto::{self, ErrorCode, Packet, ParseError, Request};
+use crate::proto::{self, ErrorCode, Packet, Request};
+use crate::refusal::{Abort, Malformed, Refusal, RefusalKind};
 use crate::session::{self, Limits, Outcome, PathMetrics, Stats, Transfer, Transmit};
 
 /// Per-shard admission and reply policy.
@@ -98,63 +99,24 @@ impl Default for EndpointConfig {
     }
 }
 
-/// Why a request was refused or dropped, for counting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    NotFound,
-    Denied,
-    Busy,
-    PerClientCap,
-    RateLimited,
-    UploadsDisabled,
-    Malformed,
-    ShuttingDown,
-}
-
-impl Refusal {
-    pub const ALL: [Refusal; 8] = [
-        Refusal::NotFound,
-        Refusal::Denied,
-        Refusal::Busy,
-        Refusal::PerClientCap,
-        Refusal::RateLimited,
-        Refusal::UploadsDisabled,
-        Refusal::Malformed,
-        Refusal::ShuttingDown,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::NotFound => "not_found",
-            Refusal::Denied => "denied",
-            Refusal::Busy => "busy",
-            Refusal::PerClientCap => "per_client_cap",
-            Refusal::RateLimited => "rate_limited",
-            Refusal::UploadsDisabled => "uploads_disabled",
-            Refusal::Malformed => "malformed",
-            Refusal::ShuttingDown => "shutting_down",
-        }
-    }
-}
-
 /// Refusals by reason, and ERROR replies the rate limits held back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RefusalCounts {
-    pub by_reason: [u64; Refusal::ALL.len()],
+    pub by_reason: [u64; RefusalKind::ALL.len()],
     /// ERROR replies not sent because a token bucket was empty.
     pub replies_suppressed: u64,
 }
 
 impl RefusalCounts {
-    pub fn get(&self, reason: Refusal) -> u64 {
-        self.by_reason[reason as usize]
+    pub fn get(&self, kind: RefusalKind) -> u64 {
+        self.by_reason[kind as usize]
     }
 }
 
 impl std::fmt::Display for RefusalCounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for reason in Refusal::ALL {
-            write!(f, "refused_{}={} ", reason.as_str(), self.get(reason))?;
+        for kind in RefusalKind::ALL {
+            write!(f, "refused_{}={} ", kind.as_str(), self.get(kind))?;
         }
         write!(f, "replies_suppressed={}", self.replies_suppressed)
     }
@@ -243,19 +205,6 @@ pub struct Finished<H> {
     pub handle: H,
     pub outcome: Outcome,
     pub stats: Stats,
-}
-
-impl OpenError {
-    /// The TFTP error this refusal is sent as.
-    pub fn error_code(&self) -> ErrorCode {
-        match self {
-            OpenError::NotFound => ErrorCode::FileNotFound,
-            OpenError::Denied(_) | OpenError::NotReadable | OpenError::NotRegular => {
-                ErrorCode::AccessViolation
-            }
-            OpenError::Unservable(_) | OpenError::Transient(_) => ErrorCode::NotDefined,
-        }
-    }
 }
 
 /// A token bucket, so that ERROR replies to strangers and garbage cannot
@@ -436,18 +385,20 @@ impl<H: Clone> Endpoint<H> {
             .take(now)
     }
 
-    /// An ERROR refusing a well-formed request, within the refusal limit.
-    fn refuse(
-        &mut self,
-        now: Instant,
-        reason: Refusal,
-        code: ErrorCode,
-        message: &str,
-        reply: &mut [u8],
-    ) -> RequestOutcome {
-        self.refusals.by_reason[reason as usize] += 1;
-        if self.refusal_replies.take(now) {
-            Self::error_reply(code, message, reply)
+    /// Counts `refusal` and answers it with its ERROR, within the limit
+    /// that fits it: the stricter one for input that may be forged.
+    fn refuse(&mut self, now: Instant, refusal: Refusal, reply: &mut [u8]) -> RequestOutcome {
+        self.refusals.by_reason[refusal.kind() as usize] += 1;
+        if !refusal.is_answered() {
+            return RequestOutcome::Ignored;
+        }
+        let bucket = if refusal.may_be_forged() {
+            &mut self.error_replies
+        } else {
+            &mut self.refusal_replies
+        };
+        if bucket.take(now) {
+            Self::error_reply(refusal.code(), refusal.message(), reply)
         } else {
             self.refusals.replies_suppressed += 1;
             RequestOutcome::Ignored
@@ -458,13 +409,7 @@ impl<H: Clone> Endpoint<H> {
     /// Its session is removed and the client told to retry, within limits.
     pub fn refuse_busy(&mut self, now: Instant, id: SessionId, reply: &mut [u8]) -> RequestOutcome {
         let _ = self.remove(id);
-        self.refuse(
-            now,
-            Refusal::Busy,
-            ErrorCode::NotDefined,
-            "server busy, try again later",
-            reply,
-        )
+        self.refuse(now, Refusal::Busy, reply)
     }
 
     /// For the driver: a datagram at the listener longer than its buffer
@@ -475,28 +420,12 @@ impl<H: Clone> Endpoint<H> {
         peer: SocketAddr,
         reply: &mut [u8],
     ) -> RequestOutcome {
-        if !self.admit_datagram(now, peer.ip()) {
-            self.refusals.by_reason[Refusal::RateLimited as usize] += 1;
-            return RequestOutcome::Ignored;
-        }
-        self.refuse_malformed(now, ErrorCode::IllegalOperation, "request too long", reply)
-    }
-
-    /// A malformed or stray datagram, counted; its ERROR within the
-    /// (stricter) limit for input that may be forged.
-    fn refuse_malformed(
-        &mut self,
-        now: Instant,
-        code: ErrorCode,
-        message: &str,
-        reply: &mut [u8],
-    ) -> RequestOutcome {
-        self.refusals.by_reason[Refusal::Malformed as usize] += 1;
-        let outcome = self.limited_error_reply(now, code, message, reply);
-        if outcome == RequestOutcome::Ignored {
-            self.refusals.replies_suppressed += 1;
-        }
-        outcome
+        let refusal = if self.admit_datagram(now, peer.ip()) {
+            Refusal::Malformed(Malformed::Oversized)
+        } else {
+            Refusal::RateLimited
+        };
+        self.refuse(now, refusal, reply)
     }
 
     /// Slab capacity: every `SessionId::index` is below it.
@@ -562,21 +491,6 @@ impl<H: Clone> Endpoint<H> {
         }
     }
 
-    /// An ERROR reply to input that may be forged, within the rate limit.
-    fn limited_error_reply(
-        &mut self,
-        now: Instant,
-        code: ErrorCode,
-        message: &str,
-        reply: &mut [u8],
-    ) -> RequestOutcome {
-        if self.error_replies.take(now) {
-            Self::error_reply(code, message, reply)
-        } else {
-            RequestOutcome::Ignored
-        }
-    }
-
     /// A datagram on a listening socket from `peer`, sent to `local`,
     /// arriving on an interface with `mtu` (None if unknown).
     #[allow(clippy::too_many_arguments)]
@@ -591,55 +505,20 @@ impl<H: Clone> Endpoint<H> {
         reply: &mut [u8],
     ) -> RequestOutcome {
         if !self.admit_datagram(now, peer.ip()) {
-            self.refusals.by_reason[Refusal::RateLimited as usize] += 1;
-            return RequestOutcome::Ignored;
+            return self.refuse(now, Refusal::RateLimited, reply);
         }
         let request = match Packet::parse(datagram) {
             Ok(Packet::Rrq(request)) => request,
-            Ok(Packet::Wrq(_)) => {
-                return self.refuse(
-                    now,
-                    Refusal::UploadsDisabled,
-                    ErrorCode::AccessViolation,
-                    "uploads are disabled",
-                    reply,
-                );
-            }
+            Ok(Packet::Wrq(_)) => return self.refuse(now, Refusal::UploadsDisabled, reply),
             // Never answer an ERROR with an ERROR.
             Ok(Packet::Error { .. }) => return RequestOutcome::Ignored,
-            Ok(_) => {
-                return self.refuse_malformed(
-                    now,
-                    ErrorCode::IllegalOperation,
-                    "expected a read or write request",
-                    reply,
-                );
-            }
+            Ok(_) => return self.refuse(now, Refusal::Malformed(Malformed::NotARequest), reply),
             Err(error) => {
-                let (code, message) = match error {
-                    ParseError::UnknownMode => {
-                        (ErrorCode::IllegalOperation, "unknown transfer mode")
-                    }
-                    ParseError::BadFilename => {
-                        (ErrorCode::AccessViolation, "filename empty or too long")
-                    }
-                    ParseError::BadOptions => {
-                        (ErrorCode::IllegalOperation, "too many or over-long options")
-                    }
-                    ParseError::UnknownOpcode(_) => (ErrorCode::IllegalOperation, "unknown opcode"),
-                    _ => (ErrorCode::IllegalOperation, "malformed request"),
-                };
-                return self.refuse_malformed(now, code, message, reply);
+                return self.refuse(now, Refusal::Malformed(Malformed::Parse(error)), reply);
             }
         };
         if self.shutting_down {
-            return self.refuse(
-                now,
-                Refusal::ShuttingDown,
-                ErrorCode::NotDefined,
-                "server shutting down",
-                reply,
-            );
+            return self.refuse(now, Refusal::ShuttingDown, reply);
         }
         let key = RequestKey::of(&request);
         if let Some(&previous) = self.by_peer.get(&peer) {
@@ -652,38 +531,16 @@ impl<H: Clone> Endpoint<H> {
             }
         }
         if self.live >= self.config.max_sessions {
-            return self.refuse(
-                now,
-                Refusal::Busy,
-                ErrorCode::NotDefined,
-                "server busy, try again later",
-                reply,
-            );
+            return self.refuse(now, Refusal::Busy, reply);
         }
         if self.per_client.get(&peer.ip()).copied().unwrap_or(0)
             >= self.config.max_sessions_per_client
         {
-            return self.refuse(
-                now,
-                Refusal::PerClientCap,
-                ErrorCode::NotDefined,
-                "too many transfers from this address, try again later",
-                reply,
-            );
+            return self.refuse(now, Refusal::PerClientCap, reply);
         }
         let (handle, content_len) = match self.open(now, files, request.filename, request.mode) {
             Ok(opened) => opened,
-            Err(error) => {
-                let (reason, message) = match &error {
-                    OpenError::NotFound => (Refusal::NotFound, "file not found"),
-                    OpenError::Denied(reason) => (Refusal::Denied, *reason),
-                    OpenError::NotReadable => (Refusal::Denied, "permission denied"),
-                    OpenError::NotRegular => (Refusal::Denied, "not a regular file"),
-                    OpenError::Unservable(reason) => (Refusal::Denied, *reason),
-                    OpenError::Transient(reason) => (Refusal::Busy, *reason),
-                };
-                return self.refuse(now, reason, error.error_code(), message, reply);
-            }
+            Err(error) => return self.refuse(now, Refusal::from(&error), reply),
         };
         let ipv6 = matches!(peer, SocketAddr::V6(_));
         let limits = &self.config.limits;
@@ -706,13 +563,7 @@ impl<H: Clone> Endpoint<H> {
                 self.by_peer.insert(peer, id);
                 RequestOutcome::Started(id)
             }
-            None => self.refuse(
-                now,
-                Refusal::Busy,
-                ErrorCode::NotDefined,
-                "server busy, try again later",
-                reply,
-            ),
+            None => self.refuse(now, Refusal::Busy, reply),
         }
     }
 
@@ -744,6 +595,12 @@ impl<H: Clone> Endpoint<H> {
         let bytes = result
             .as_ref()
             .map_or(0, |(handle, len)| F::held_bytes(handle, *len));
+        // One huge file (an ISO) would otherwise flush every other entry on
+        // each insert; it is opened afresh each time (its mapping is still
+        // shared by file identity).
+        if bytes > OPEN_CACHE_MAX_BYTES / 4 {
+            return result;
+        }
         if cache.len() >= OPEN_CACHE_CAPACITY
             || self.open_cache_bytes.saturating_add(bytes) > OPEN_CACHE_MAX_BYTES
         {
@@ -768,6 +625,16 @@ impl<H: Clone> Endpoint<H> {
 
     fn cached_bytes(cached: &CachedOpen<H>) -> u64 {
         cached.bytes
+    }
+
+    /// For the driver, now and then (each loop turn is fine: it is one
+    /// comparison until a TTL passed): expired open-cache entries go even
+    /// when no request comes, so a deleted file's mapping or a netascii
+    /// translation is not pinned by a quiet server.
+    pub fn housekeeping(&mut self, now: Instant) {
+        if !self.config.open_cache_ttl.is_zero() {
+            self.sweep_open_cache(now);
+        }
     }
 
     /// Drops expired entries once per TTL, so the cache never keeps a
@@ -823,12 +690,9 @@ impl<H: Clone> Endpoint<H> {
         if matches!(Packet::parse(datagram), Ok(Packet::Error { .. })) {
             return DatagramOutcome::Ignored;
         }
-        match self.limited_error_reply(now, ErrorCode::UnknownTid, "unknown transfer ID", reply) {
+        match self.refuse(now, Refusal::UnknownTid, reply) {
             RequestOutcome::Reply(n) => DatagramOutcome::Reply(n),
-            _ => {
-                self.refusals.replies_suppressed += 1;
-                DatagramOutcome::Ignored
-            }
+            _ => DatagramOutcome::Ignored,
         }
     }
 
@@ -877,11 +741,11 @@ impl<H: Clone> Endpoint<H> {
         }
     }
 
-    /// Ends session `id` from the server side: an ERROR with `code` and
-    /// `message` is queued for the peer.
-    pub fn abort(&mut self, now: Instant, id: SessionId, code: ErrorCode, message: &'static str) {
+    /// Ends session `id` from the server side: its ERROR is queued for the
+    /// peer.
+    pub fn abort(&mut self, now: Instant, id: SessionId, why: Abort) {
         if let Some(entry) = self.entry_mut(id) {
-            entry.transfer.abort(now, code, message);
+            entry.transfer.abort(now, why);
         }
     }
 

@@ -50,6 +50,7 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
 use crate::endpoint::{FileSource, OpenError};
 use crate::proto::{MAX_FILENAME_LEN, Mode};
+use crate::refusal::Abort;
 use crate::session::LEN_UNKNOWN;
 
 /// Largest source file served in netascii mode: its translation is held in
@@ -169,10 +170,11 @@ pub enum BlockError {
 }
 
 impl BlockError {
-    pub fn message(self) -> &'static str {
+    /// How the transfer ends.
+    pub fn abort(self) -> Abort {
         match self {
-            BlockError::Changed => "file changed during transfer",
-            BlockError::Read => "cannot read file",
+            BlockError::Changed => Abort::FileChanged,
+            BlockError::Read => Abort::ReadFailed,
         }
     }
 }

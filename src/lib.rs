@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod files;
 pub mod proto;
 pub mod receive;
+pub mod refusal;
 pub mod server;
 pub mod session;
 pub mod shard;

@@ -153,7 +153,9 @@ impl Receiving {
 
     /// The block number to acknowledge now, if an ACK is due.
     pub fn poll_ack(&mut self) -> Option<u16> {
-        if !self.ack_due {
+        // An ACK due from before the final block arrived would now
+        // acknowledge it: only the commit may.
+        if !self.ack_due || (self.finished && !self.committed) {
             return None;
         }
         self.ack_due = false;
@@ -206,6 +208,17 @@ mod tests {
         // Dallying: the final block repeated (our ACK lost) is answered.
         assert_eq!(r.on_data(2, &block(2, 100)), DataVerdict::Ignore);
         assert_eq!(r.poll_ack(), Some(2));
+    }
+
+    #[test]
+    fn an_ack_still_due_when_the_final_block_arrives_waits_for_the_commit() {
+        let mut r = Receiving::new(512, 2, None, false);
+        accept(&mut r, 1, &block(1, 512));
+        accept(&mut r, 2, &block(2, 512)); // window full: ACK 2 due...
+        accept(&mut r, 3, &block(3, 7)); // ...but not polled before the end
+        assert_eq!(r.poll_ack(), None, "it would acknowledge block 3");
+        r.commit_done();
+        assert_eq!(r.poll_ack(), Some(3));
     }
 
     #[test]

@@ -14,6 +14,8 @@
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, ErrorCode, Options, Packet};
+use crate::receive::{DataVerdict, Receiving};
+use crate::refusal::Abort;
 
 /// Server-wide limits and timer policy for transfers.
 #[derive(Debug, Clone)]
@@ -34,7 +36,17 @@ pub struct Limits {
     /// Longest a transfer may go without progress (a newly acknowledged
     /// block) before it is given up, whatever its timers say.
     pub max_stall: Duration,
+    /// Shortest a transfer whose peer has answered keeps trying after its
+    /// last progress, even once `retries` are spent: with a fast RTT the
+    /// retries alone last ~2.5 s, and a client pausing longer (a flash
+    /// write, a paused VM, U-Boot's 5 s window timer) would be dropped.
+    /// At most [`MAX_PATIENT_RETRIES`] more resends; a peer never heard
+    /// from (perhaps spoofed) gets none.
+    pub min_give_up: Duration,
 }
+
+/// Resends past `retries` that [`Limits::min_give_up`] may add.
+pub const MAX_PATIENT_RETRIES: u32 = 16;
 
 impl Default for Limits {
     /// The command line's defaults.
@@ -48,6 +60,7 @@ impl Default for Limits {
             rto_max: Duration::from_millis(3000),
             retries: 8,
             max_stall: Duration::from_secs(60),
+            min_give_up: Duration::from_secs(15),
         }
     }
 }
@@ -97,6 +110,15 @@ pub struct Payload {
 pub struct Transmit {
     pub header_len: usize,
     pub payload: Option<Payload>,
+}
+
+/// Bytes a receiving transfer accepted, in order: store them at `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received<'a> {
+    pub offset: u64,
+    pub bytes: &'a [u8],
+    /// The final block: store the file, then [`Transfer::commit_done`].
+    pub last: bool,
 }
 
 /// How a transfer ended.
@@ -341,8 +363,9 @@ impl RttEstimator {
     }
 }
 
-/// Where a read transfer stands. Uploads (WRQ) will add a receiving
-/// direction beside it; the timer, retry and ending logic are shared.
+/// Where a read transfer stands (the receiving side is
+/// [`crate::receive::Receiving`]); the timer, retry and ending logic are
+/// shared.
 #[derive(Debug, Clone, Copy)]
 struct Sending {
     content_len: u64,
@@ -379,6 +402,17 @@ struct Sending {
     spurious_probes: [Option<SpuriousProbe>; SPURIOUS_PROBES],
 }
 
+/// Which way the bytes go. The phases, timer, RTT, retries and endings
+/// around it are shared.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // reads are the hot path: no box
+enum Direction {
+    /// A read (RRQ): we send DATA, the peer ACKs.
+    Send(Sending),
+    /// A write (WRQ): the peer sends DATA, we ACK.
+    Receive(Receiving),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// OACK sent (or to send); waiting for ACK 0.
@@ -397,7 +431,12 @@ pub struct Transfer {
     phase: Phase,
     blksize: u16,
     windowsize: u16,
-    sending: Sending,
+    dir: Direction,
+    /// Receiving: the final ACK went out; a repeat of the final DATA is
+    /// answered again until the deadline, then the transfer completes.
+    dallying: bool,
+    /// Receiving: the block our last ACK acknowledged.
+    last_ack: Option<u16>,
     rtt: RttEstimator,
     /// Timeouts in a row without progress.
     tries: u32,
@@ -408,6 +447,10 @@ pub struct Transfer {
     /// long the transfer may go without it.
     progress_at: Instant,
     max_stall: Duration,
+    min_give_up: Duration,
+    /// The peer answered (ACK 0 of our OACK, or a DATA ACK): it may be
+    /// waited for up to `min_give_up`.
+    heard: bool,
     /// When the newest packet went out, and whether it was a resend
     /// (Karn's rule: no RTT sample from a retransmitted packet).
     last_send: Option<(Instant, bool)>,
@@ -423,7 +466,9 @@ impl Transfer {
     /// is full, so the caller must learn the length no later than when it
     /// resolves the block that reaches it.
     pub fn set_content_len(&mut self, len: u64) {
-        let s = &mut self.sending;
+        let Direction::Send(s) = &mut self.dir else {
+            return;
+        };
         if s.content_len != LEN_UNKNOWN {
             return;
         }
@@ -441,6 +486,48 @@ impl Transfer {
     ) -> Self {
         let blksize = negotiated.blksize.max(proto::MIN_BLKSIZE);
         let windowsize = negotiated.windowsize.max(1);
+        let sending = Sending {
+            content_len,
+            total_blocks: content_len / u64::from(blksize) + 1,
+            acked: 0,
+            next: 1,
+            sent_high: 0,
+            burst: u64::from(windowsize),
+            confirmed: false,
+            head_sent: None,
+            fast_resent_at: None,
+            timeout_resend: None,
+            spurious_probes: [None; SPURIOUS_PROBES],
+        };
+        Self::new(now, negotiated, Direction::Send(sending), limits)
+    }
+
+    /// A write transfer (WRQ), as negotiated, of at most `max_len` bytes
+    /// (`--max-upload`, or the client's own tsize). It starts with the
+    /// OACK, or with ACK 0 when no option was granted.
+    ///
+    /// Our ACK resends are a backup (the sender drives recovery), so the
+    /// RTO floor is the initial RTO: a quick re-ACK would provoke senders
+    /// that answer duplicate ACKs (the Sorcerer's Apprentice).
+    pub fn new_write(
+        now: Instant,
+        negotiated: &Negotiated,
+        max_len: Option<u64>,
+        limits: &Limits,
+    ) -> Self {
+        let blksize = negotiated.blksize.max(proto::MIN_BLKSIZE);
+        let windowsize = negotiated.windowsize.max(1);
+        let receiving = Receiving::new(blksize, windowsize, max_len, negotiated.oack.is_none());
+        let limits = Limits {
+            rto_min: limits.initial_rto.max(limits.rto_min),
+            ..limits.clone()
+        };
+        Self::new(now, negotiated, Direction::Receive(receiving), &limits)
+    }
+
+    fn new(now: Instant, negotiated: &Negotiated, dir: Direction, limits: &Limits) -> Self {
+        let blksize = negotiated.blksize.max(proto::MIN_BLKSIZE);
+        let windowsize = negotiated.windowsize.max(1);
         let fixed = negotiated
             .timeout
             .map(|t| Duration::from_secs(u64::from(t)));
@@ -455,25 +542,17 @@ impl Transfer {
             phase,
             blksize,
             windowsize,
-            sending: Sending {
-                content_len,
-                total_blocks: content_len / u64::from(blksize) + 1,
-                acked: 0,
-                next: 1,
-                sent_high: 0,
-                burst: u64::from(windowsize),
-                confirmed: false,
-                head_sent: None,
-                fast_resent_at: None,
-                timeout_resend: None,
-                spurious_probes: [None; SPURIOUS_PROBES],
-            },
+            dir,
+            dallying: false,
+            last_ack: None,
             rtt: RttEstimator::new(limits, fixed),
             tries: 0,
             max_retries: limits.retries,
             deadline: None,
             progress_at: now,
             max_stall: limits.max_stall,
+            min_give_up: limits.min_give_up,
+            heard: false,
             last_send: None,
             error_due: None,
             outcome: None,
@@ -560,21 +639,30 @@ impl Transfer {
     }
 
     /// Ends the transfer from the server side; the peer gets an ERROR.
-    pub fn abort(&mut self, now: Instant, code: ErrorCode, message: &'static str) {
+    pub fn abort(&mut self, now: Instant, why: Abort) {
         if self.phase != Phase::Ended {
-            self.end(now, Outcome::Aborted(code), Some((code, message)));
+            let code = why.code();
+            self.end(now, Outcome::Aborted(code), Some((code, why.message())));
         }
     }
 
     /// A datagram from the peer (the endpoint has checked its source).
-    /// Only ACK and ERROR mean anything here; a runt, a stray DATA or a
-    /// repeated request is ignored rather than allowed to end the transfer.
-    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+    /// A sender heeds ACK and ERROR, a receiver DATA and ERROR; a runt, a
+    /// stray packet or a repeated request is ignored rather than allowed
+    /// to end the transfer. A receiver returns the bytes to store: write
+    /// them at `offset`; after the `last` block, store the file safely,
+    /// then call [`Transfer::commit_done`].
+    pub fn handle_datagram<'a>(
+        &mut self,
+        now: Instant,
+        datagram: &'a [u8],
+    ) -> Option<Received<'a>> {
         if self.phase == Phase::Ended {
-            return;
+            return None;
         }
         match Packet::parse(datagram) {
             Ok(Packet::Ack { block }) => self.handle_ack(now, block),
+            Ok(Packet::Data { block, payload }) => return self.handle_data(now, block, payload),
             Ok(Packet::Error { code, .. }) => {
                 let outcome = match (self.phase, code) {
                     // RFC 2347: the client declines our OACK.
@@ -586,6 +674,70 @@ impl Transfer {
                 self.end(now, outcome, None);
             }
             Ok(_) | Err(_) => {}
+        }
+        None
+    }
+
+    fn handle_data<'a>(
+        &mut self,
+        now: Instant,
+        block: u16,
+        payload: &'a [u8],
+    ) -> Option<Received<'a>> {
+        let Direction::Receive(r) = &mut self.dir else {
+            return None; // DATA means nothing to a sender
+        };
+        if let Phase::Negotiating { .. } = self.phase {
+            // DATA 1 acknowledges our OACK (RFC 2347); nothing else does.
+            if block != 1 {
+                return None;
+            }
+            self.phase = Phase::Transferring;
+        }
+        match r.on_data(block, payload) {
+            DataVerdict::Accept {
+                offset,
+                bytes,
+                last,
+            } => {
+                self.stats.bytes_acked = r.len();
+                // The first DATA after our ACK (or OACK) answers it.
+                if let Some(rtt) = self.rtt_sample(now) {
+                    self.rtt.sample(rtt);
+                    self.last_send = None;
+                }
+                self.progress(now);
+                if !last {
+                    // The sender may stall mid-window: re-ACK on a timeout.
+                    self.arm_deadline(now);
+                }
+                Some(Received {
+                    offset,
+                    bytes,
+                    last,
+                })
+            }
+            DataVerdict::Ignore => None,
+            DataVerdict::TooLarge => {
+                self.abort(now, Abort::TooLarge);
+                None
+            }
+            DataVerdict::Oversized => {
+                self.abort(now, Abort::OversizedBlock);
+                None
+            }
+        }
+    }
+
+    /// Receiving: the file is stored under its name; the final ACK goes
+    /// out. Without this call the sender never hears that it succeeded.
+    pub fn commit_done(&mut self, now: Instant) {
+        if let Direction::Receive(r) = &mut self.dir
+            && r.is_finished()
+            && self.phase != Phase::Ended
+        {
+            r.commit_done();
+            self.progress(now);
         }
     }
 
@@ -610,6 +762,7 @@ impl Transfer {
     }
 
     fn progress(&mut self, now: Instant) {
+        self.heard = true;
         self.tries = 0;
         self.deadline = None;
         self.progress_at = now;
@@ -626,13 +779,18 @@ impl Transfer {
             }
             return;
         }
-        let (prev, sent_high) = (self.sending.acked, self.sending.sent_high);
+        let Direction::Send(s) = &self.dir else {
+            return; // an ACK means nothing to a receiver
+        };
+        let (prev, sent_high) = (s.acked, s.sent_high);
         // The one block in acked..=sent_high whose number is `block`.
         let acked = prev + u64::from(block.wrapping_sub(prev as u16));
         if (acked > sent_high || acked == prev) && self.proves_resend_spurious(now, block) {
             return;
         }
-        let s = &mut self.sending;
+        let Direction::Send(s) = &mut self.dir else {
+            return;
+        };
         if acked > s.sent_high {
             return; // stale (from before the window) or never sent
         }
@@ -643,7 +801,9 @@ impl Transfer {
         if acked == s.sent_high {
             self.take_rtt_sample(now);
         }
-        let s = &mut self.sending;
+        let Direction::Send(s) = &mut self.dir else {
+            return;
+        };
         if let Some(sent_before) = s.timeout_resend.take() {
             let resent_at = s.head_sent.map_or(now, |(last, _)| last);
             if self
@@ -663,7 +823,9 @@ impl Transfer {
                 });
             }
         }
-        let s = &mut self.sending;
+        let Direction::Send(s) = &mut self.dir else {
+            return;
+        };
         // RFC 7440 receivers ACK only after a full window: never send less.
         s.burst = u64::from(self.windowsize);
         s.confirmed = true;
@@ -690,7 +852,9 @@ impl Transfer {
     /// copy of the ACK that opened it. Copies and echoes of our resends
     /// therefore never cascade.
     fn handle_duplicate_ack(&mut self, now: Instant) {
-        let s = &mut self.sending;
+        let Direction::Send(s) = &mut self.dir else {
+            return;
+        };
         if self.windowsize == 1 || s.sent_high <= s.acked || s.fast_resent_at == Some(s.acked) {
             return;
         }
@@ -710,13 +874,16 @@ impl Transfer {
     /// ACK answers, the client took at least this long to answer the
     /// original: the session's RTO floor rises above that.
     fn proves_resend_spurious(&mut self, now: Instant, block: u16) -> bool {
-        let acked = self.sending.acked;
+        let Direction::Send(s) = &mut self.dir else {
+            return false;
+        };
+        let acked = s.acked;
         // A copy the network made comes within microseconds of the first.
         let apart = self.rtt.srtt.map_or(Duration::from_millis(1), |srtt| {
             (srtt / 2).max(Duration::from_millis(1))
         });
         // Half the block-number space: beyond it a number is ambiguous.
-        let hit = self.sending.spurious_probes.iter_mut().find(|p| {
+        let hit = s.spurious_probes.iter_mut().find(|p| {
             p.is_some_and(|p| {
                 p.block as u16 == block
                     && acked - p.block < 0x8000
@@ -739,21 +906,33 @@ impl Transfer {
             _ => return,
         }
         self.deadline = None;
+        if self.dallying {
+            // No repeat of the final DATA came: our last ACK arrived.
+            self.end(now, Outcome::Completed, None);
+            return;
+        }
         self.tries += 1;
-        let stalled = now.saturating_duration_since(self.progress_at) >= self.max_stall;
-        if self.tries > self.max_retries || stalled {
-            self.end(
-                now,
-                Outcome::TimedOut,
-                Some((ErrorCode::NotDefined, "timed out")),
-            );
+        let since_progress = now.saturating_duration_since(self.progress_at);
+        let stalled = since_progress >= self.max_stall;
+        let patient = self.heard
+            && since_progress < self.min_give_up
+            && self.tries <= self.max_retries + MAX_PATIENT_RETRIES;
+        if stalled || (self.tries > self.max_retries && !patient) {
+            let why = Abort::TimedOut;
+            self.end(now, Outcome::TimedOut, Some((why.code(), why.message())));
             return;
         }
         self.rtt.back_off();
         match &mut self.phase {
             Phase::Negotiating { oack_due, .. } => *oack_due = true,
             Phase::Transferring => {
-                let s = &mut self.sending;
+                let s = match &mut self.dir {
+                    Direction::Send(s) => s,
+                    Direction::Receive(r) => {
+                        r.on_timeout();
+                        return;
+                    }
+                };
                 s.next = s.acked + 1;
                 if !s.confirmed {
                     s.burst = 1;
@@ -800,7 +979,28 @@ impl Transfer {
                 })
             }
             Phase::Transferring => {
-                let s = &mut self.sending;
+                let s = match &mut self.dir {
+                    Direction::Send(s) => s,
+                    Direction::Receive(r) => {
+                        let block = r.poll_ack()?;
+                        let header_len = Packet::Ack { block }.emit(buf).ok()?;
+                        let complete = r.is_complete();
+                        // Karn: no RTT sample from the DATA after a re-ACK.
+                        let resend = self.last_ack == Some(block);
+                        self.last_ack = Some(block);
+                        self.note_send(now, resend);
+                        if complete {
+                            // RFC 1350 §6: dally, answering a repeat of the
+                            // final DATA, rather than leave the sender in
+                            // doubt about a file already safely stored.
+                            self.dallying = true;
+                        }
+                        return Some(Transmit {
+                            header_len,
+                            payload: None,
+                        });
+                    }
+                };
                 if s.next > s.total_blocks || s.next > s.acked + s.burst {
                     return None;
                 }
@@ -829,6 +1029,10 @@ impl Transfer {
             self.stats.retransmits += 1;
         }
         self.last_send = Some((now, resend));
+        self.arm_deadline(now);
+    }
+
+    fn arm_deadline(&mut self, now: Instant) {
         let stall_deadline = self.progress_at + self.max_stall;
         self.deadline = Some((now + self.rtt.rto).min(stall_deadline));
     }
@@ -860,7 +1064,10 @@ impl Transfer {
     pub fn awaiting_first_ack(&self) -> bool {
         match self.phase {
             Phase::Negotiating { .. } => true,
-            Phase::Transferring => self.sending.acked == 0,
+            Phase::Transferring => match &self.dir {
+                Direction::Send(s) => s.acked == 0,
+                Direction::Receive(r) => r.blocks() == 0,
+            },
             Phase::Ended => false,
         }
     }

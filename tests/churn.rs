@@ -500,7 +500,11 @@ fn check_one(change: Change, (label, o): &(String, Outcome), old: &[u8], new: Op
                 panic!("{change:?}: {label}: {e}");
             }
         }
-        Outcome::Error(..) => {}
+        // The one ERROR a change may cause; any other is a server fault.
+        Outcome::Error(code, msg) => assert!(
+            *code == 0 && msg == "file changed during transfer",
+            "{change:?}: {label}: ERROR {code} {msg:?}"
+        ),
         Outcome::Failed(why) => panic!("{change:?}: {label}: neither content nor an ERROR: {why}"),
     }
 }

@@ -301,7 +301,8 @@ fn stale_session_ids_reach_nothing() {
     let RequestOutcome::Started(id) = f.request(peer(1), &rrq("boot.img", "octet", &[])) else {
         panic!()
     };
-    f.endpoint.abort(f.now, id, ErrorCode::NotDefined, "test");
+    f.endpoint
+        .abort(f.now, id, ringtftpd::refusal::Abort::ShuttingDown);
     let mut buf = [0u8; 600];
     assert!(f.endpoint.poll_transmit(f.now, id, &mut buf).is_some()); // the ERROR
     assert!(f.endpoint.is_finished(id));
@@ -418,7 +419,7 @@ fn one_address_cannot_take_every_slot() {
     assert!(message.contains("too many transfers"), "{message}");
     f.start(other_peer(3, 1), "boot.img");
     let counts = *f.endpoint.refusals();
-    assert_eq!(counts.get(ringtftpd::endpoint::Refusal::PerClientCap), 1);
+    assert_eq!(counts.get(ringtftpd::refusal::RefusalKind::PerClientCap), 1);
     // A finished session frees its client's slot.
     let ids: Vec<SessionId> = f.endpoint.session_ids().collect();
     f.endpoint.remove(ids[0]).unwrap();
@@ -442,7 +443,7 @@ fn a_flooding_address_is_rate_limited_and_others_are_not() {
     }
     assert_eq!(answered, 20);
     let counts = *f.endpoint.refusals();
-    assert_eq!(counts.get(ringtftpd::endpoint::Refusal::RateLimited), 80);
+    assert_eq!(counts.get(ringtftpd::refusal::RefusalKind::RateLimited), 80);
     // Another address is served at once.
     let (code, _) = f.error_reply(other_peer(7, 1), &rrq("nope", "octet", &[]));
     assert_eq!(code, ErrorCode::FileNotFound);
@@ -461,35 +462,68 @@ fn a_flooding_address_is_rate_limited_and_others_are_not() {
 
 #[test]
 fn every_refusal_goes_through_a_token_bucket() {
-    // WRQs and "busy" are refused within the refusal limit,
-    // however many distinct (possibly spoofed) addresses ask.
+    // Missing files, WRQs, the per-client cap, "busy" and "shutting down"
+    // are all refused within one refusal limit, however many distinct
+    // (possibly spoofed) addresses ask.
     let mut f = Fixture::new(EndpointConfig {
         refusal_replies_per_sec: 10,
-        max_sessions: 1,
+        max_sessions: 3,
+        max_sessions_per_client: 1,
         ..config()
     });
     f.start(other_peer(200, 1), "boot.img");
     let mut wrq = rrq("up.bin", "octet", &[]);
     wrq[1] = 2;
     let mut replies = 0;
-    for i in 0..90u16 {
-        let from = other_peer(10 + (i % 90) as u8, 2000 + i);
-        let datagram = match i % 3 {
-            0 => rrq("nope", "octet", &[]),
-            1 => wrq.clone(),
-            _ => rrq("boot.img", "octet", &[]),
-        };
-        if let RequestOutcome::Reply(_) = f.request(from, &datagram) {
+    let mut count_reply = |f: &mut Fixture, from, datagram: &[u8]| {
+        if let RequestOutcome::Reply(_) = f.request(from, datagram) {
             replies += 1;
         }
+    };
+    for i in 0..80u16 {
+        let from = other_peer(10 + (i % 80) as u8, 2000 + i);
+        match i % 4 {
+            0 => count_reply(&mut f, from, &rrq("nope", "octet", &[])),
+            1 => count_reply(&mut f, from, &wrq),
+            // The first of these takes a slot; the rest meet the cap.
+            2 => count_reply(
+                &mut f,
+                other_peer(201, 2000 + i),
+                &rrq("boot.img", "octet", &[]),
+            ),
+            _ => count_reply(
+                &mut f,
+                other_peer(200, 2000 + i),
+                &rrq("boot.img", "octet", &[]),
+            ),
+        }
     }
-    assert_eq!(replies, 10);
+    f.start(other_peer(202, 1), "boot.img");
+    for i in 0..20u16 {
+        count_reply(
+            &mut f,
+            other_peer(100 + i as u8, 3000 + i),
+            &rrq("boot.img", "octet", &[]),
+        );
+    }
+    f.endpoint.shut_down();
+    for i in 0..20u16 {
+        count_reply(
+            &mut f,
+            other_peer(130 + i as u8, 4000 + i),
+            &rrq("boot.img", "octet", &[]),
+        );
+    }
+    use ringtftpd::refusal::RefusalKind as Refusal;
     let counts = *f.endpoint.refusals();
-    assert_eq!(counts.replies_suppressed, 80);
-    use ringtftpd::endpoint::Refusal;
-    // The one slot is taken, so reads are refused as busy before any open.
-    assert_eq!(counts.get(Refusal::UploadsDisabled), 30);
-    assert_eq!(counts.get(Refusal::Busy), 60);
+    assert_eq!(counts.get(Refusal::NotFound), 20);
+    assert_eq!(counts.get(Refusal::UploadsDisabled), 20);
+    assert_eq!(counts.get(Refusal::PerClientCap), 19 + 20);
+    assert_eq!(counts.get(Refusal::Busy), 20);
+    assert_eq!(counts.get(Refusal::ShuttingDown), 20);
+    // 119 refusals, 10 answered (the bucket's burst), the rest held back.
+    assert_eq!(replies, 10);
+    assert_eq!(counts.replies_suppressed, 109);
 }
 
 /// Files whose opens fail transiently (out of descriptors) until told not to.
@@ -576,6 +610,99 @@ fn transient_open_errors_are_not_cached_and_expired_opens_are_released() {
     assert_eq!(endpoint.open_cache_usage(), (1, 0)); // the refusal of "missing"
 }
 
+/// Files that say they hold `charge` bytes each (as a huge ISO would).
+struct Charged {
+    inner: MemFiles,
+    opens: usize,
+}
+
+impl ringtftpd::endpoint::FileSource for Charged {
+    type Handle = Arc<Vec<u8>>;
+    fn open_read(
+        &mut self,
+        filename: &[u8],
+        mode: ringtftpd::proto::Mode,
+    ) -> Result<(Self::Handle, u64), ringtftpd::endpoint::OpenError> {
+        self.opens += 1;
+        self.inner.open_read(filename, mode)
+    }
+
+    fn held_bytes(handle: &Self::Handle, _len: u64) -> u64 {
+        // The first byte says how many hundred MiB the file "holds".
+        (u64::from(handle.first().copied().unwrap_or(0)) * 100) << 20
+    }
+}
+
+#[test]
+fn a_huge_file_is_not_cached_and_does_not_flush_the_others() {
+    let mut files = Charged {
+        inner: MemFiles::default(),
+        opens: 0,
+    };
+    files
+        .inner
+        .0
+        .insert(b"small".to_vec(), Arc::new(vec![1u8; 100]));
+    files
+        .inner
+        .0
+        .insert(b"iso".to_vec(), Arc::new(vec![9u8; 100]));
+    let mut endpoint = Endpoint::new(EndpointConfig {
+        open_cache_ttl: Duration::from_secs(10),
+        max_sessions: 64,
+        ..config()
+    });
+    let now = Instant::now();
+    let mut reply = [0u8; 600];
+    for (port, name) in [(1, "small"), (2, "iso"), (3, "iso"), (4, "small")] {
+        let outcome = endpoint.handle_request(
+            now,
+            peer(port),
+            LOCAL,
+            None,
+            &rrq(name, "octet", &[]),
+            &mut files,
+            &mut reply,
+        );
+        assert!(matches!(outcome, RequestOutcome::Started(_)), "{outcome:?}");
+    }
+    // "small" opened once and kept; the 900 MiB "iso" opened each time.
+    assert_eq!(files.opens, 3);
+    assert_eq!(endpoint.open_cache_usage(), (1, 100 << 20));
+}
+
+#[test]
+fn a_quiet_server_still_releases_expired_opens() {
+    let data = Arc::new(content(5000, 4));
+    let mut files = MemFiles::default();
+    files.0.insert(b"f".to_vec(), data.clone());
+    let mut endpoint = Endpoint::new(EndpointConfig {
+        open_cache_ttl: Duration::from_secs(1),
+        ..config()
+    });
+    let now = Instant::now();
+    let outcome = endpoint.handle_request(
+        now,
+        peer(1),
+        LOCAL,
+        None,
+        &rrq("f", "octet", &[]),
+        &mut files,
+        &mut [0u8; 600],
+    );
+    let RequestOutcome::Started(id) = outcome else {
+        panic!("{outcome:?}")
+    };
+    endpoint.remove(id).unwrap();
+    assert_eq!(endpoint.open_cache_usage(), (1, 5000));
+    endpoint.housekeeping(now + Duration::from_millis(500));
+    assert_eq!(endpoint.open_cache_usage(), (1, 5000), "not yet expired");
+    // No request comes; the driver's housekeeping lets it go.
+    endpoint.housekeeping(now + Duration::from_secs(2));
+    assert_eq!(endpoint.open_cache_usage(), (0, 0));
+    assert_eq!(Arc::strong_count(&data), 2); // MemFiles and `data`
+}
+
 /// Bytes on the wire (IP + UDP headers included) that one spoofed RRQ
 /// makes the server send to its victim, who never answers; with `forged_ack0`,
 /// the spoofer also guessed the transfer port and forged one ACK 0.
@@ -643,11 +770,13 @@ fn amplification_of_one_spoofed_request_is_bounded() {
     // Without an answer, the first packet is sent 1 + retries (8) times.
     assert_eq!(plain_packets, 9 + 1, "DATA 1 nine times, then the ERROR");
     // A forged ACK 0 buys one window of 64, then the head block per retry
-    // (not 64 per retry: that would be 576 DATA packets).
+    // (not 64 per retry: that would be 576 DATA packets). Taken for an
+    // answering peer, it is waited for 15 s after the 8 retries (spent in
+    // ~2.6 s at the 5 ms floor): 5 more resends at the 3 s RTO ceiling.
     assert_eq!(
         ack0_packets,
-        1 + 64 + 8 + 1,
-        "OACK, a window, 8 head resends, ERROR"
+        1 + 64 + 8 + 5 + 1,
+        "OACK, a window, 8 head resends, 5 patient ones, ERROR"
     );
     assert!(ack0 < 2500, "{ack0}x");
 }

@@ -606,7 +606,7 @@ fn lossy_link_mixed_sizes_complete_byte_exact() {
 }
 
 /// The full run of issue #9: 200 transfers of 1 KiB..4 MiB, 20 at a time,
-/// at windowsize 1 and 16. Minutes at today's 100 ms RTO floor.
+/// at windowsize 1 and 16 (see docs/robustness/loss.md for its run time).
 #[test]
 #[ignore = "long: 200 transfers of up to 4 MiB per windowsize over a 5 % lossy link"]
 fn lossy_link_200_mixed_transfers() {

@@ -960,3 +960,62 @@ fn an_addresss_floor_falls_again_when_it_proved_unneeded() {
     assert!(floors[1] <= learned / 2.0 + 0.1, "{floors:?}");
     assert_eq!(*floors.last().unwrap(), 5.0, "{floors:?}");
 }
+
+/// Runs a lock-step transfer on a fast link whose client goes silent for
+/// `pause` after DATA 3, under `min_give_up`.
+fn pause_after_block_3(pause: Duration, min_give_up: Duration) -> Sim {
+    let file = content(20 * 512, 31);
+    let mut config = default_config();
+    config.limits.min_give_up = min_give_up;
+    let mut sim = Sim::with_config(&file, &[], config);
+    for _ in 0..10_000 {
+        if sim.client.expected_block >= 4 {
+            break;
+        }
+        sim.step();
+    }
+    sim.client.vanished = true;
+    let until = sim.elapsed() + pause;
+    for _ in 0..100_000 {
+        if sim.elapsed() >= until || sim.outcome.is_some() || !sim.step() {
+            break;
+        }
+    }
+    sim.client.vanished = false;
+    sim.drive();
+    sim
+}
+
+#[test]
+fn a_client_that_pauses_for_seconds_is_waited_for() {
+    // A fast link: the RTO sits at its 5 ms floor, so the 8 retries alone
+    // are spent in ~2.5 s.
+    let sim = pause_after_block_3(Duration::from_secs(5), Duration::ZERO);
+    assert_eq!(sim.outcome, Some(Outcome::TimedOut), "the contrast");
+    let sim = pause_after_block_3(
+        Duration::from_secs(5),
+        session::Limits::default().min_give_up,
+    );
+    assert_eq!(sim.outcome, Some(Outcome::Completed), "{:?}", sim.log_line);
+    assert_eq!(sim.client.received, content(20 * 512, 31));
+    // Bounded: a longer silence still ends it.
+    let sim = pause_after_block_3(Duration::from_secs(60), Duration::from_secs(15));
+    assert_eq!(sim.outcome, Some(Outcome::TimedOut));
+    let resends = sim.data_sent() - 4;
+    assert!(
+        resends <= (8 + session::MAX_PATIENT_RETRIES + 1) as usize,
+        "{resends} resends of DATA 4"
+    );
+}
+
+#[test]
+fn a_peer_never_heard_from_gets_only_its_retries() {
+    // A spoofed request: nobody answers DATA 1. Waiting longer would only
+    // send more at the victim.
+    let file = content(20 * 512, 32);
+    let mut sim = Sim::with_config(&file, &[], default_config());
+    sim.client.vanished = true;
+    sim.drive();
+    assert_eq!(sim.outcome, Some(Outcome::TimedOut));
+    assert_eq!(sim.data_sent(), 1 + 8, "DATA 1 and its 8 resends");
+}

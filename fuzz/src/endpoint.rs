@@ -22,6 +22,7 @@ use ringtftpd::endpoint::{
     DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
 };
 use ringtftpd::proto::{ErrorCode, Mode, Packet};
+use ringtftpd::refusal::Abort;
 use ringtftpd::session::Outcome;
 
 use crate::input::{Encoder, Input};
@@ -407,9 +408,8 @@ impl Harness {
             6 => self.now += Duration::from_millis(u64::from(input.u16())),
             7 => {
                 let Some(k) = self.pick(input) else { return };
-                let code = ErrorCode::from_u16(u16::from(input.u8() % 9));
-                self.ep
-                    .abort(self.now, self.known[k].id, code, "aborted by the harness");
+                let why = Abort::ALL[usize::from(input.u8()) % Abort::ALL.len()];
+                self.ep.abort(self.now, self.known[k].id, why);
                 if self.known[k].live {
                     self.drain(k);
                 }

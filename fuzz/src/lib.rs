@@ -7,6 +7,7 @@
 pub mod endpoint;
 pub mod input;
 pub mod packet;
+pub mod receive;
 pub mod seeds;
 pub mod transfer;
 
@@ -33,6 +34,8 @@ pub fn limits(input: &mut Input) -> Limits {
         rto_max: Duration::from_millis(u64::from(input.u16())),
         retries: u32::from(input.u8() % 11),
         max_stall: Duration::from_millis(1 + u64::from(input.u16()) * 10),
+        // Derived, not read: the seed corpus keeps its meaning.
+        min_give_up: Duration::from_secs(15),
     }
 }
 

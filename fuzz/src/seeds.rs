@@ -82,6 +82,7 @@ pub fn all() -> Vec<(&'static str, Inputs)> {
     vec![
         ("packet", packets),
         ("transfer", crate::transfer::seeds()),
+        ("receive", crate::receive::seeds()),
         ("endpoint", crate::endpoint::seeds()),
     ]
 }

@@ -12,8 +12,10 @@
 //!   beyond it;
 //! - while not ended there is a deadline, never more than the largest RTO
 //!   away; each expiry retransmits; at most `retries + 1` expiries in a
-//!   row without progress end the transfer (so it ends within
-//!   (retries + 1) x max RTO of its last progress);
+//!   row without progress end the transfer, or for a peer that made
+//!   progress once, up to `MAX_PATIENT_RETRIES` more while `min_give_up`
+//!   has not passed since that progress (so it always ends within a
+//!   bounded count of max RTOs of its last progress);
 //! - `poll_event` is `Some` exactly once, right after the transfer ended
 //!   and its last packet was drained, and its outcome fits the input that
 //!   ended it; nothing is sent after it.
@@ -21,6 +23,7 @@
 use std::time::{Duration, Instant};
 
 use ringtftpd::proto::{self, ErrorCode, Options, Packet};
+use ringtftpd::refusal::Abort;
 use ringtftpd::session::{self, Limits, Negotiated, Outcome, Transfer, Transmit};
 
 use crate::input::{Encoder, Input};
@@ -187,8 +190,12 @@ pub struct Harness {
     /// Highest block acknowledged, and highest sent (absolute, 1-based).
     acked: u64,
     sent_high: u64,
-    /// Deadline expiries since the last progress.
+    /// Deadline expiries since the last progress, and when that was.
     expiries: u32,
+    progress_at: Instant,
+    /// The peer made progress once: it may be waited for (`min_give_up`).
+    heard: bool,
+    min_give_up: Duration,
     cause: Cause,
     error_sent: bool,
     outcome: Option<Outcome>,
@@ -220,6 +227,9 @@ impl Harness {
             acked: 0,
             sent_high: 0,
             expiries: 0,
+            progress_at: now,
+            heard: false,
+            min_give_up: limits.min_give_up,
             cause: Cause::Start,
             error_sent: false,
             outcome: None,
@@ -252,7 +262,7 @@ impl Harness {
         if !self.confirmed {
             if block == 0 && self.oack_sent {
                 self.confirmed = true;
-                self.expiries = 0;
+                self.progress();
             }
             return;
         }
@@ -260,7 +270,26 @@ impl Harness {
         let acked = self.acked + delta;
         if acked > self.acked && acked <= self.sent_high {
             self.acked = acked;
-            self.expiries = 0;
+            self.progress();
+        }
+    }
+
+    fn progress(&mut self) {
+        self.expiries = 0;
+        self.progress_at = self.now;
+        self.heard = true;
+    }
+
+    /// Expiries without progress the transfer may survive now: `retries`,
+    /// and for a peer that answered, a bounded few more until
+    /// `min_give_up` has passed since its last progress.
+    fn expiries_allowed(&self) -> u32 {
+        let patient =
+            self.heard && self.now.saturating_duration_since(self.progress_at) < self.min_give_up;
+        if patient {
+            self.retries + session::MAX_PATIENT_RETRIES
+        } else {
+            self.retries
         }
     }
 
@@ -390,7 +419,7 @@ impl Harness {
             ),
         }
         assert!(
-            self.expiries <= self.retries,
+            self.expiries <= self.expiries_allowed(),
             "{} expiries without progress did not end it (retries {})",
             self.expiries,
             self.retries
@@ -483,9 +512,9 @@ impl Harness {
             }
             10 => self.advance(Duration::from_millis(u64::from(input.u16()))),
             _ => {
-                let code = ErrorCode::from_u16(u16::from(input.u8() % 9));
-                self.cause = Cause::Abort(code);
-                self.t.abort(self.now, code, "aborted by the harness");
+                let why = Abort::ALL[usize::from(input.u8()) % Abort::ALL.len()];
+                self.cause = Cause::Abort(why.code());
+                self.t.abort(self.now, why);
                 self.drain();
             }
         }
@@ -493,7 +522,7 @@ impl Harness {
 
     /// Only expiries from here on: the transfer must end within its bound.
     fn time_out(&mut self) {
-        for _ in 0..=self.retries + 1 {
+        for _ in 0..=self.retries + session::MAX_PATIENT_RETRIES + 1 {
             if self.outcome.is_some() {
                 return;
             }
@@ -504,7 +533,7 @@ impl Harness {
         }
         assert!(
             self.outcome.is_some(),
-            "not ended after retries + 1 expiries"
+            "not ended after retries + patient retries + 1 expiries"
         );
     }
 }

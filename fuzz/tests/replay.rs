@@ -54,3 +54,8 @@ fn seeds_are_current() {
         }
     }
 }
+
+#[test]
+fn receive_inputs() {
+    replay("receive", ringtftpd_fuzz::receive::run);
+}

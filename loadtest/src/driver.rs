@@ -12,7 +12,7 @@
 #![forbid(unsafe_code)]
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -27,6 +27,15 @@ use crate::stats::Stats;
 const RECV_BURST: usize = 64;
 /// epoll events fetched per wait.
 const EVENTS: usize = 1024;
+/// How long a finished transfer's socket stays open (unread, out of epoll) before it is
+/// closed: its port is not handed to a new transfer meanwhile. A server may still send to
+/// that port (a spurious or lost-ACK resend of the final DATA, or a transfer the client gave
+/// up on); a new transfer on the same port would take such a stale DATA 1 for its own first
+/// reply and lock onto the stale server TID (RFC 1350 §4 accepts the first reply from any
+/// port). Seen once in a soak: a resent 1-byte DATA 1 of `f1` read as block 1 of `f64k`.
+const QUARANTINE: Duration = Duration::from_secs(2);
+/// Most sockets held in quarantine (descriptors); beyond it the oldest is closed early.
+const QUARANTINE_MAX: usize = 8192;
 /// Largest TFTP datagram: blksize 65464 + 4 header bytes, rounded up.
 const BUF_LEN: usize = 65536;
 
@@ -79,6 +88,8 @@ struct Driver<'a> {
     loss: Loss,
     /// When a datagram last arrived (or the run started).
     last_rx: Instant,
+    /// Finished transfers' sockets and when to close them (see `QUARANTINE`).
+    quarantine: VecDeque<(Instant, UdpSocket)>,
 }
 
 /// Seeded coin for simulated loss.
@@ -129,6 +140,7 @@ pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
             state: cfg.seed | 1,
         },
         last_rx: Instant::now(),
+        quarantine: VecDeque::new(),
     };
     let mut recvbuf = vec![0u8; BUF_LEN];
     let mut events = vec![EpollEvent::empty(); EVENTS];
@@ -178,6 +190,7 @@ pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
             d.on_readable(t as u32, (t >> 32) as u32, &mut recvbuf, stats);
         }
         d.fire_timers(Instant::now(), stats);
+        d.release_quarantine(Instant::now());
     }
     Ok(start.elapsed())
 }
@@ -350,9 +363,15 @@ impl Driver<'_> {
             }
         }
         if s.xfer.outcome().is_some() {
-            // Closing the socket also drops it from the epoll set.
             if let Some(s) = slot.session.take() {
                 stats.record(&s.xfer);
+                // Out of the epoll set now; the socket (its port) is closed later.
+                let _ = self.epoll.delete(&s.sock);
+                if self.quarantine.len() >= QUARANTINE_MAX {
+                    self.quarantine.pop_front();
+                }
+                self.quarantine
+                    .push_back((Instant::now() + QUARANTINE, s.sock));
             }
             slot.generation = slot.generation.wrapping_add(1);
             self.free.push(idx);
@@ -364,6 +383,13 @@ impl Driver<'_> {
         {
             s.queued = Some(d);
             self.timers.push(Reverse((d, idx, slot.generation)));
+        }
+    }
+
+    /// Closes the quarantined sockets whose time is up.
+    fn release_quarantine(&mut self, now: Instant) {
+        while self.quarantine.front().is_some_and(|(t, _)| *t <= now) {
+            self.quarantine.pop_front();
         }
     }
 
@@ -500,6 +526,51 @@ mod tests {
         let elapsed = run(&cfg, &mut stats).unwrap();
         assert!(elapsed < Duration::from_secs(20));
         stats
+    }
+
+    /// A finished transfer's port is not reused by a new transfer within `QUARANTINE`: a
+    /// resend of the old transfer's final DATA 1 must not reach a new transfer's socket. The
+    /// server answers every RRQ with a 1-byte DATA 1 from its own port and records when each
+    /// client port asked; 1500 random ephemeral ports repeat (birthday) unless held.
+    #[test]
+    fn a_finished_transfers_port_is_not_reused_at_once() {
+        let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
+        listener
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let server = thread::spawn(move || {
+            let mut asked: Vec<(Instant, u16)> = Vec::new();
+            let mut buf = [0u8; 1500];
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((len, peer)) = listener.recv_from(&mut buf) else {
+                    continue;
+                };
+                if buf[..len].starts_with(b"\x00\x01") {
+                    asked.push((Instant::now(), peer.port()));
+                    listener.send_to(b"\x00\x03\x00\x01x", peer).unwrap();
+                }
+            }
+            asked
+        });
+        let stats = run_against(addr, Arc::from(&b"x"[..]), 1500, 20, None);
+        stop.store(true, Ordering::Relaxed);
+        let mut asked = server.join().unwrap();
+        assert_eq!(stats.counts.completed, 1500, "{:?}", stats.failure_lines);
+        asked.sort_by_key(|&(t, port)| (port, t));
+        let reused: Vec<_> = asked
+            .windows(2)
+            .filter(|w| {
+                w[0].1 == w[1].1 && w[1].0 - w[0].0 < QUARANTINE - Duration::from_millis(100)
+            })
+            .map(|w| w[0].1)
+            .collect();
+        assert!(
+            reused.is_empty(),
+            "ports reused within the quarantine: {reused:?}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use io_uring::{cqueue, types};
 use super::token::{EPOCH_MASK, Token};
 use super::{LISTEN_BGID, Listener, LiveSock, Phase, SESSION_BGID, Shard, batch, cmsg, net, sqe};
 use crate::endpoint::{DatagramOutcome, RequestOutcome, SessionId};
-use crate::proto::ErrorCode;
+use crate::refusal::Abort;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Rearm {
@@ -273,12 +273,7 @@ impl Shard {
                         ts.broken = true;
                         match owner {
                             Some(id) => {
-                                self.endpoint.abort(
-                                    now,
-                                    id,
-                                    ErrorCode::NotDefined,
-                                    "receive failed",
-                                );
+                                self.endpoint.abort(now, id, Abort::ReceiveFailed);
                                 self.touch(id);
                             }
                             None => self.drop_idle(si),

@@ -14,7 +14,7 @@ use super::batch::{Batch, Offer};
 use super::send::{HEADER_CAP, MAX_SEGMENTS, Owner};
 use super::{REPLY_CAP, Shard, gso, sqe};
 use crate::endpoint::SessionId;
-use crate::proto::ErrorCode;
+use crate::refusal::Abort;
 
 /// Most sends one session may queue per service, so one big window does
 /// not starve the others.
@@ -101,9 +101,7 @@ impl Shard {
                 }
                 // The file changed before its final block, shrank, or a read
                 // failed: send the ERROR instead.
-                Err(e) => self
-                    .endpoint
-                    .abort(now, id, ErrorCode::NotDefined, e.message()),
+                Err(e) => self.endpoint.abort(now, id, e.abort()),
             }
         }
     }
@@ -317,12 +315,7 @@ impl Shard {
             if res == -libc::EFAULT && !live.faulted {
                 live.faulted = true;
                 self.counters.send_faults += 1;
-                self.endpoint.abort(
-                    now,
-                    id,
-                    ErrorCode::NotDefined,
-                    "file changed during transfer",
-                );
+                self.endpoint.abort(now, id, Abort::FileChanged);
                 self.touch(id);
             }
         } else if let Some(entry) = self.lingering.get_mut(&id) {

@@ -11,7 +11,7 @@ use io_uring::types;
 use super::token::Token;
 use super::{Counters, Phase, Shard, is_transient, log, sqe};
 use crate::endpoint::SessionId;
-use crate::proto::ErrorCode;
+use crate::refusal::Abort;
 
 /// How a shard ended, for tests and the last log line.
 #[derive(Debug, Default, Clone, Copy)]
@@ -60,8 +60,7 @@ impl Shard {
         } else if now >= deadline {
             let ids: Vec<SessionId> = self.socks.iter().flatten().map(|l| l.id).collect();
             for id in ids {
-                self.endpoint
-                    .abort(now, id, ErrorCode::NotDefined, "server shutting down");
+                self.endpoint.abort(now, id, Abort::ShuttingDown);
                 self.touch(id);
             }
             self.phase = Phase::Final {

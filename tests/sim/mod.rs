@@ -26,6 +26,8 @@ pub fn limits() -> Limits {
         rto_max: Duration::from_secs(2),
         retries: 5,
         max_stall: Duration::from_secs(60),
+        // Retries alone decide when a silent peer is given up.
+        min_give_up: Duration::ZERO,
     }
 }
 
