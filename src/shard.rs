@@ -311,6 +311,8 @@ impl Shard {
             }
             self.cqes = cqes;
             self.expire_timers(now);
+            // Expires opens on a quiet shard too (one comparison a turn).
+            self.endpoint.housekeeping(now);
             self.advance_shutdown(now);
             self.serve_ready(now);
             self.serve_touched(now);
