@@ -661,7 +661,9 @@ impl Transfer {
             return None;
         }
         match Packet::parse(datagram) {
-            Ok(Packet::Ack { block }) => self.handle_ack(now, block),
+            Ok(Packet::Ack { block }) if matches!(self.dir, Direction::Send(_)) => {
+                self.handle_ack(now, block)
+            }
             Ok(Packet::Data { block, payload }) => return self.handle_data(now, block, payload),
             Ok(Packet::Error { code, .. }) => {
                 let outcome = match (self.phase, code) {

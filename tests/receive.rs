@@ -328,3 +328,25 @@ fn a_lost_final_ack_is_answered_again_while_dallying() {
     );
     assert_eq!(run.data_sent, 7, "DATA 1..6 and one resend of DATA 6");
 }
+
+#[test]
+fn an_ack_sent_to_a_receiver_is_ignored_and_its_timer_kept() {
+    // Found by the receive fuzz target: ACK 0 after our OACK took the
+    // sender's path, ended the negotiation and cleared the timer.
+    let now = Instant::now();
+    let mut t = Transfer::new_write(now, &negotiated(512, 4, true), None, &limits());
+    let mut buf = [0u8; 600];
+    let oack = t.poll_transmit(now, &mut buf).expect("the OACK");
+    assert!(matches!(
+        Packet::parse(&buf[..oack.header_len]),
+        Ok(Packet::Oack(_))
+    ));
+    assert!(t.handle_datagram(now, &[0, 4, 0, 0]).is_none());
+    let deadline = t.poll_timeout().expect("the OACK's timer survives");
+    t.handle_timeout(deadline);
+    let again = t.poll_transmit(deadline, &mut buf).expect("the OACK again");
+    assert!(matches!(
+        Packet::parse(&buf[..again.header_len]),
+        Ok(Packet::Oack(_))
+    ));
+}
