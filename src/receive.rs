@@ -16,6 +16,8 @@
 //!   so a client never sees success for bytes that were lost.
 //! - Block numbers wrap past 65535; counts are 64-bit.
 
+#![forbid(unsafe_code)]
+
 /// What to do with one DATA packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DataVerdict<'a> {

@@ -2,6 +2,8 @@
 //! with the TFTP ERROR it sends: the one place for codes and texts, and
 //! the kinds that counters (and metrics) count by.
 
+#![forbid(unsafe_code)]
+
 use crate::endpoint::OpenError;
 use crate::proto::{ErrorCode, ParseError};
 
