@@ -90,6 +90,13 @@ pub struct Config {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SESSIONS)))]
     pub max_per_client: u32,
 
+    /// Largest windowsize granted to a client address this thread has not
+    /// seen finish a transfer in the last 10 minutes (a spoofed request's
+    /// victim, usually): a forged ACK 0 then buys at most this many blocks.
+    /// Known clients get up to --max-windowsize. 0: no separate cap.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(0..=i64::from(MAX_WINDOWSIZE)))]
+    pub first_contact_windowsize: u16,
+
     /// Requests per second accepted from one client address, per thread;
     /// beyond it (after a burst of four times as many) requests are dropped
     /// unanswered, and the client's own retry brings them back. 0: no limit.
@@ -245,6 +252,7 @@ impl Config {
             requests_per_sec_per_client: self.request_rate,
             request_burst_per_client: self.request_rate.saturating_mul(4),
             refusal_replies_per_sec: self.refusal_rate,
+            first_contact_windowsize: self.first_contact_windowsize,
         }
     }
 }

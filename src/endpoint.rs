@@ -80,6 +80,11 @@ pub struct EndpointConfig {
     /// file, denied, busy, uploads): high enough for a boot storm's probes
     /// of missing per-MAC configs, bounded all the same.
     pub refusal_replies_per_sec: u32,
+    /// Largest windowsize for a client address with no finished transfer
+    /// in the path cache (0: no separate cap). Slow start by transfers:
+    /// RFC 7440 receivers acknowledge only full windows, so a window cannot
+    /// grow inside a transfer without costing the client's timeout.
+    pub first_contact_windowsize: u16,
 }
 
 impl Default for EndpointConfig {
@@ -95,6 +100,7 @@ impl Default for EndpointConfig {
             requests_per_sec_per_client: 1000,
             request_burst_per_client: 4000,
             refusal_replies_per_sec: 20_000,
+            first_contact_windowsize: 16,
         }
     }
 }
@@ -543,12 +549,17 @@ impl<H: Clone> Endpoint<H> {
             Err(error) => return self.refuse(now, Refusal::from(&error), reply),
         };
         let ipv6 = matches!(peer, SocketAddr::V6(_));
-        let limits = &self.config.limits;
-        let negotiated = session::negotiate(&request.options, content_len, mtu, ipv6, limits);
-        let mut transfer = Transfer::new_read(now, &negotiated, content_len, limits);
+        let path = self.recent_path(now, peer.ip());
+        let mut limits = self.config.limits.clone();
+        let first_window = self.config.first_contact_windowsize;
+        if path.is_none() && first_window > 0 {
+            limits.max_windowsize = limits.max_windowsize.min(first_window);
+        }
+        let negotiated = session::negotiate(&request.options, content_len, mtu, ipv6, &limits);
+        let mut transfer = Transfer::new_read(now, &negotiated, content_len, &limits);
         // A client seen recently starts from what its last transfer
         // measured; a first contact keeps the conservative initial RTO.
-        if let Some(path) = self.recent_path(now, peer.ip()) {
+        if let Some(path) = path {
             transfer.seed_from_path(&path);
         }
         let entry = Entry {

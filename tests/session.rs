@@ -1019,3 +1019,27 @@ fn a_peer_never_heard_from_gets_only_its_retries() {
     assert_eq!(sim.outcome, Some(Outcome::TimedOut));
     assert_eq!(sim.data_sent(), 1 + 8, "DATA 1 and its 8 resends");
 }
+
+#[test]
+fn a_first_contact_gets_a_small_window_and_a_known_client_the_full_one() {
+    // A spoofed request's victim is a first contact: a forged ACK 0 buys
+    // at most 16 blocks. The same client, once it finished a transfer,
+    // gets the windowsize it asks for.
+    let file = content(200 * 512, 33);
+    let options = [("blksize", "512"), ("windowsize", "64")];
+    let mut sim = Sim::with_config(&file, &options, default_config());
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.client.oack.and_then(|o| o.windowsize), Some(16));
+    sim.next_transfer(&file, &options);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.client.oack.and_then(|o| o.windowsize), Some(64));
+    // Off: the first contact gets 64 at once.
+    let mut config = default_config();
+    config.first_contact_windowsize = 0;
+    let mut sim = Sim::with_config(&file, &options, config);
+    sim.drive();
+    assert_complete(&sim, &file);
+    assert_eq!(sim.client.oack.and_then(|o| o.windowsize), Some(64));
+}
