@@ -610,6 +610,24 @@ fn loss_on_a_fast_link_costs_milliseconds() {
     }
 }
 
+/// A lock-step client whose every 50th ACK is 40 ms late (a PXE guest
+/// descheduled by its hypervisor), with a 1 s timeout of its own.
+fn jittery_slow_client(file: &[u8]) -> Sim {
+    let mut sim = Sim::with_config(file, &[], default_config()).link(every_50th_ack_late());
+    sim.client.timeout = Duration::from_secs(1);
+    sim
+}
+
+fn every_50th_ack_late() -> impl FnMut(Dir, &Packet<'_>, usize) -> Fate {
+    |dir, p, i| {
+        if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) && i % 50 == 25 {
+            Fate::Delay(Duration::from_millis(40))
+        } else {
+            Fate::Deliver
+        }
+    }
+}
+
 #[test]
 fn a_jittery_slow_client_raises_its_own_rto_floor() {
     // Every 50th ACK is 40 ms late (a PXE guest descheduled). A late ACK
@@ -619,14 +637,7 @@ fn a_jittery_slow_client_raises_its_own_rto_floor() {
     // late ACKs of the first 40 ms (4 of them, 10 ms apart) cost a resend
     // each; the other 36 cost nothing.
     let file = content(2000 * 512, 25);
-    let mut sim = Sim::with_config(&file, &[], default_config()).link(|dir, p, i| {
-        if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) && i % 50 == 25 {
-            Fate::Delay(Duration::from_millis(40))
-        } else {
-            Fate::Deliver
-        }
-    });
-    sim.client.timeout = Duration::from_secs(1);
+    let mut sim = jittery_slow_client(&file);
     sim.drive();
     assert_complete(&sim, &file);
     let resent = sim.data_sent() - 2001;
@@ -640,14 +651,8 @@ fn without_the_floor_rise_jitter_would_resend_every_time() {
     // duplicate DATA gives no proof of a spurious resend, so the floor
     // stays low and each late ACK costs a resend.
     let file = content(2000 * 512, 25);
-    let mut sim = Sim::with_config(&file, &[], default_config()).link(|dir, p, i| match p {
-        Packet::Ack { .. } if dir == Dir::ToServer && i % 50 == 25 => {
-            Fate::Delay(Duration::from_millis(40))
-        }
-        _ => Fate::Deliver,
-    });
+    let mut sim = jittery_slow_client(&file);
     sim.client.ignore_duplicate_data = true;
-    sim.client.timeout = Duration::from_secs(1);
     sim.drive();
     assert_complete(&sim, &file);
     assert!(sim.data_sent() - 2001 >= 30, "{}", sim.data_sent());
@@ -859,17 +864,7 @@ fn a_known_slow_client_starts_at_the_floor_it_proved() {
     // one learned, so its late ACKs cost no spurious resend at all (the
     // first transfer paid a few before its floor rose).
     let file = content(2000 * 512, 33);
-    let jitter = || {
-        |dir: Dir, p: &Packet<'_>, i: usize| {
-            if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) && i % 50 == 25 {
-                Fate::Delay(Duration::from_millis(40))
-            } else {
-                Fate::Deliver
-            }
-        }
-    };
-    let mut sim = Sim::with_config(&file, &[], default_config()).link(jitter());
-    sim.client.timeout = Duration::from_secs(1);
+    let mut sim = jittery_slow_client(&file);
     sim.drive();
     assert_complete(&sim, &file);
     assert!(
@@ -879,7 +874,7 @@ fn a_known_slow_client_starts_at_the_floor_it_proved() {
     let learned = logged_floor_ms(&sim);
     assert!(learned > 40.0, "floor {learned} ms");
     sim.next_transfer(&file, &[]);
-    sim.set_link(jitter());
+    sim.set_link(every_50th_ack_late());
     sim.drive();
     assert_complete(&sim, &file);
     assert_eq!(
@@ -935,14 +930,7 @@ fn an_addresss_floor_falls_again_when_it_proved_unneeded() {
     // seeded transfer that proves no resend spurious hands on half its
     // floor, never below the 5 ms default.
     let file = content(2000 * 512, 34);
-    let mut sim = Sim::with_config(&file, &[], default_config()).link(|dir, p, i| {
-        if dir == Dir::ToServer && matches!(p, Packet::Ack { .. }) && i % 50 == 25 {
-            Fate::Delay(Duration::from_millis(40))
-        } else {
-            Fate::Deliver
-        }
-    });
-    sim.client.timeout = Duration::from_secs(1);
+    let mut sim = jittery_slow_client(&file);
     sim.drive();
     assert_complete(&sim, &file);
     let learned = logged_floor_ms(&sim);
