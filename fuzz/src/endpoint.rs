@@ -142,6 +142,8 @@ fn play(data: &[u8], finish: bool) -> usize {
         requests_per_sec_per_client: u32::from(input.u8()),
         request_burst_per_client: u32::from(input.u8()),
         refusal_replies_per_sec: 1 + u32::from(input.u8()),
+        // Derived, not read: the seed corpus keeps its meaning.
+        first_contact_windowsize: 16,
     };
     let mut h = Harness {
         ep: Endpoint::new(config),
@@ -455,7 +457,10 @@ impl Harness {
     /// Only expiries from here on: every session finishes and is freed.
     fn time_out(&mut self) {
         self.lazy_remove = false;
-        let bound = (self.retries as usize + 2) * (self.known.len() + 1);
+        // A session whose peer answered may be waited for a few resends
+        // past its retries (Limits::min_give_up).
+        let per_session = self.retries + ringtftpd::session::MAX_PATIENT_RETRIES + 2;
+        let bound = per_session as usize * (self.known.len() + 1);
         for _ in 0..bound {
             for k in 0..self.known.len() {
                 if self.known[k].live && self.ep.is_finished(self.known[k].id) {

@@ -193,6 +193,8 @@ pub struct Harness {
     /// Deadline expiries since the last progress, and when that was.
     expiries: u32,
     progress_at: Instant,
+    /// When the latest expiry was handled.
+    last_expiry: Option<Instant>,
     /// The peer made progress once: it may be waited for (`min_give_up`).
     heard: bool,
     min_give_up: Duration,
@@ -228,6 +230,7 @@ impl Harness {
             sent_high: 0,
             expiries: 0,
             progress_at: now,
+            last_expiry: None,
             heard: false,
             min_give_up: limits.min_give_up,
             cause: Cause::Start,
@@ -280,12 +283,14 @@ impl Harness {
         self.heard = true;
     }
 
-    /// Expiries without progress the transfer may survive now: `retries`,
-    /// and for a peer that answered, a bounded few more until
-    /// `min_give_up` has passed since its last progress.
+    /// Expiries without progress the transfer may survive: `retries`, and
+    /// for a peer that answered, a bounded few more while `min_give_up`
+    /// had not passed since its last progress at the latest expiry (the
+    /// transfer decides at its expiries, not as time passes between them).
     fn expiries_allowed(&self) -> u32 {
+        let at = self.last_expiry.unwrap_or(self.now);
         let patient =
-            self.heard && self.now.saturating_duration_since(self.progress_at) < self.min_give_up;
+            self.heard && at.saturating_duration_since(self.progress_at) < self.min_give_up;
         if patient {
             self.retries + session::MAX_PATIENT_RETRIES
         } else {
@@ -298,6 +303,7 @@ impl Harness {
         let expired = self.t.poll_timeout().is_some_and(|d| self.now >= d);
         self.cause = if expired {
             self.expiries += 1;
+            self.last_expiry = Some(self.now);
             Cause::Expiry
         } else {
             Cause::Spurious
