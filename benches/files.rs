@@ -31,20 +31,7 @@ fn open_cached(c: &mut Criterion) {
 }
 
 fn netascii(c: &mut Criterion) {
-    // Text-like: lines of 63 characters and a LF, with an occasional CR.
-    let mut src = Vec::with_capacity(1 << 20);
-    let mut i = 0u32;
-    while src.len() < 1 << 20 {
-        src.push(b'a' + (i % 26) as u8);
-        i = i.wrapping_add(1);
-        if i % 64 == 0 {
-            src.push(b'\n');
-        }
-        if i % 4096 == 0 {
-            src.push(b'\r');
-        }
-    }
-    src.truncate(1 << 20);
+    let src = text(1 << 20);
     let mut g = c.benchmark_group("files/netascii_encode");
     g.throughput(Throughput::Bytes(src.len() as u64));
     g.bench_function("1MiB_text", |b| {

@@ -410,15 +410,21 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::thread;
 
-    /// A minimal lock-step TFTP server on loopback, one thread per transfer, for driving the
-    /// event loop with real sockets. `corrupt` flips one byte of every transfer's block 2.
-    fn toy_server(content: Arc<[u8]>, corrupt: bool) -> (SocketAddr, Arc<AtomicBool>) {
+    /// A loopback socket for a toy server, polled every 50 ms, its address, and the flag that
+    /// stops its loop.
+    fn toy_listener() -> (UdpSocket, SocketAddr, Arc<AtomicBool>) {
         let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
         listener
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
+        (listener, addr, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// A minimal lock-step TFTP server on loopback, one thread per transfer, for driving the
+    /// event loop with real sockets. `corrupt` flips one byte of every transfer's block 2.
+    fn toy_server(content: Arc<[u8]>, corrupt: bool) -> (SocketAddr, Arc<AtomicBool>) {
+        let (listener, addr, stop) = toy_listener();
         let stop2 = stop.clone();
         thread::spawn(move || {
             let mut buf = [0u8; 1500];
@@ -534,12 +540,7 @@ mod tests {
     /// client port asked; 1500 random ephemeral ports repeat (birthday) unless held.
     #[test]
     fn a_finished_transfers_port_is_not_reused_at_once() {
-        let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
-        listener
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
+        let (listener, addr, stop) = toy_listener();
         let stop2 = stop.clone();
         let server = thread::spawn(move || {
             let mut asked: Vec<(Instant, u16)> = Vec::new();
