@@ -48,8 +48,8 @@ pub struct Receiving {
     accepted: u64,
     /// Bytes accepted.
     len: u64,
-    /// The highest block acknowledged.
-    acked: u64,
+    /// The highest block acknowledged, once an ACK went out.
+    acked: Option<u64>,
     ack_due: bool,
     /// The current gap was already answered.
     gap_answered: bool,
@@ -69,7 +69,7 @@ impl Receiving {
             limit,
             accepted: 0,
             len: 0,
-            acked: 0,
+            acked: None,
             ack_due: ack_zero,
             gap_answered: false,
             finished: false,
@@ -128,7 +128,7 @@ impl Receiving {
         let last = payload.len() < usize::from(self.blksize);
         if last {
             self.finished = true;
-        } else if self.accepted - self.acked >= u64::from(self.windowsize) {
+        } else if self.accepted - self.acked.unwrap_or(0) >= u64::from(self.windowsize) {
             self.ack_due = true;
         }
         DataVerdict::Accept {
@@ -153,22 +153,29 @@ impl Receiving {
         self.ack_due = !self.finished || self.committed;
     }
 
-    /// The block number to acknowledge now, if an ACK is due.
-    pub fn poll_ack(&mut self) -> Option<u16> {
+    /// The block number to acknowledge now, if an ACK is due, and whether
+    /// it repeats the last ACK sent.
+    pub fn poll_ack(&mut self) -> Option<(u16, bool)> {
         // An ACK due from before the final block arrived would now
         // acknowledge it: only the commit may.
         if !self.ack_due || (self.finished && !self.committed) {
             return None;
         }
         self.ack_due = false;
-        self.acked = self.accepted;
-        Some(self.accepted as u16)
+        let repeat = self.acked == Some(self.accepted);
+        self.acked = Some(self.accepted);
+        Some((self.accepted as u16, repeat))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The block of the ACK due now, if any.
+    fn next_ack(r: &mut Receiving) -> Option<u16> {
+        r.poll_ack().map(|(block, _)| block)
+    }
 
     fn block(n: u8, len: usize) -> Vec<u8> {
         vec![n; len]
@@ -193,23 +200,23 @@ mod tests {
     #[test]
     fn lock_step_acks_every_block_and_the_last_only_after_commit() {
         let mut r = Receiving::new(512, 1, None, true);
-        assert_eq!(r.poll_ack(), Some(0), "ACK 0 starts a plain WRQ");
-        assert_eq!(r.poll_ack(), None);
+        assert_eq!(next_ack(&mut r), Some(0), "ACK 0 starts a plain WRQ");
+        assert_eq!(next_ack(&mut r), None);
         assert_eq!(accept(&mut r, 1, &block(1, 512)), (0, false));
-        assert_eq!(r.poll_ack(), Some(1));
+        assert_eq!(next_ack(&mut r), Some(1));
         assert_eq!(accept(&mut r, 2, &block(2, 100)), (512, true));
         assert!(r.is_finished() && !r.is_complete());
-        assert_eq!(r.poll_ack(), None, "no final ACK before the commit");
+        assert_eq!(next_ack(&mut r), None, "no final ACK before the commit");
         r.on_timeout();
-        assert_eq!(r.poll_ack(), None, "nor on a timeout");
+        assert_eq!(next_ack(&mut r), None, "nor on a timeout");
         assert_eq!(r.on_data(2, &block(2, 100)), DataVerdict::Ignore);
-        assert_eq!(r.poll_ack(), None, "nor for a repeat");
+        assert_eq!(next_ack(&mut r), None, "nor for a repeat");
         r.commit_done();
-        assert_eq!(r.poll_ack(), Some(2));
+        assert_eq!(next_ack(&mut r), Some(2));
         assert_eq!(r.len(), 612);
         // Dallying: the final block repeated (our ACK lost) is answered.
         assert_eq!(r.on_data(2, &block(2, 100)), DataVerdict::Ignore);
-        assert_eq!(r.poll_ack(), Some(2));
+        assert_eq!(next_ack(&mut r), Some(2));
     }
 
     #[test]
@@ -218,22 +225,29 @@ mod tests {
         accept(&mut r, 1, &block(1, 512));
         accept(&mut r, 2, &block(2, 512)); // window full: ACK 2 due...
         accept(&mut r, 3, &block(3, 7)); // ...but not polled before the end
-        assert_eq!(r.poll_ack(), None, "it would acknowledge block 3");
+        assert_eq!(next_ack(&mut r), None, "it would acknowledge block 3");
         r.commit_done();
-        assert_eq!(r.poll_ack(), Some(3));
+        assert_eq!(next_ack(&mut r), Some(3));
     }
 
     #[test]
     fn a_lost_ack_repeat_is_answered_each_time_in_lock_step() {
         let mut r = Receiving::new(512, 1, None, false);
         accept(&mut r, 1, &block(1, 512));
-        assert_eq!(r.poll_ack(), Some(1));
-        // ACK 1 lost twice: each resent DATA 1 gets an ACK, nothing written.
+        assert_eq!(next_ack(&mut r), Some(1));
+        // ACK 1 lost twice: each resent DATA 1 gets an ACK (a repeat, so
+        // no RTT sample from what follows it), nothing written.
         for _ in 0..2 {
             assert_eq!(r.on_data(1, &block(1, 512)), DataVerdict::Ignore);
-            assert_eq!(r.poll_ack(), Some(1));
+            assert_eq!(r.poll_ack(), Some((1, true)));
         }
-        assert_eq!(r.len(), 512);
+        accept(&mut r, 2, &block(2, 512));
+        assert_eq!(
+            r.poll_ack(),
+            Some((2, false)),
+            "a new block's ACK is no repeat"
+        );
+        assert_eq!(r.len(), 1024, "the repeats wrote nothing");
     }
 
     #[test]
@@ -242,16 +256,20 @@ mod tests {
         accept(&mut r, 1, &block(1, 512));
         // Block 2 lost: 3 and 4 arrive past the gap.
         assert_eq!(r.on_data(3, &block(3, 512)), DataVerdict::Ignore);
-        assert_eq!(r.poll_ack(), Some(1), "the gap is answered at once");
+        assert_eq!(next_ack(&mut r), Some(1), "the gap is answered at once");
         assert_eq!(r.on_data(4, &block(4, 512)), DataVerdict::Ignore);
-        assert_eq!(r.poll_ack(), None, "once per gap");
+        assert_eq!(next_ack(&mut r), None, "once per gap");
         // The sender goes back to 2.
         for b in 2..=4u16 {
             accept(&mut r, b, &block(b as u8, 512));
         }
-        assert_eq!(r.poll_ack(), None, "window not full: 3 of 4 since ACK 1");
+        assert_eq!(
+            next_ack(&mut r),
+            None,
+            "window not full: 3 of 4 since ACK 1"
+        );
         accept(&mut r, 5, &block(5, 512));
-        assert_eq!(r.poll_ack(), Some(5));
+        assert_eq!(next_ack(&mut r), Some(5));
         assert_eq!(r.len(), 5 * 512);
     }
 
@@ -261,12 +279,12 @@ mod tests {
         for b in 1..=4u16 {
             accept(&mut r, b, &block(b as u8, 512));
         }
-        assert_eq!(r.poll_ack(), Some(4));
+        assert_eq!(next_ack(&mut r), Some(4));
         // ACK 4 lost: the whole window comes again.
         let mut acks = 0;
         for b in 1..=4u16 {
             assert_eq!(r.on_data(b, &block(b as u8, 512)), DataVerdict::Ignore);
-            acks += usize::from(r.poll_ack().is_some());
+            acks += usize::from(next_ack(&mut r).is_some());
         }
         assert_eq!(acks, 1, "only the window's last block is answered");
         assert_eq!(r.len(), 4 * 512, "no byte written twice");
@@ -283,7 +301,7 @@ mod tests {
                 assert_eq!(offset, file.len() as u64);
                 file.extend_from_slice(bytes);
             }
-            let _ = r.poll_ack();
+            let _ = next_ack(&mut r);
         }
         let want: Vec<u8> = (1..=8u8).flat_map(|b| block(b, 8)).collect();
         assert_eq!(file, want);
@@ -296,12 +314,12 @@ mod tests {
         for n in 1..=total {
             let b = n as u16;
             accept(&mut r, b, &[n as u8]);
-            assert_eq!(r.poll_ack(), Some(b));
+            assert_eq!(next_ack(&mut r), Some(b));
             // After the wrap a repeat of the previous block is still a
             // repeat, never taken for new data.
             if n == 65_537 {
                 assert_eq!(r.on_data(b, &[0]), DataVerdict::Ignore);
-                assert_eq!(r.poll_ack(), Some(b));
+                assert_eq!(next_ack(&mut r), Some(b));
             }
         }
         assert_eq!(r.blocks(), total);
@@ -325,10 +343,10 @@ mod tests {
     #[test]
     fn an_empty_upload_and_an_oversized_block() {
         let mut r = Receiving::new(512, 1, None, true);
-        assert_eq!(r.poll_ack(), Some(0));
+        assert_eq!(next_ack(&mut r), Some(0));
         assert_eq!(accept(&mut r, 1, &[]), (0, true));
         r.commit_done();
-        assert_eq!(r.poll_ack(), Some(1));
+        assert_eq!(next_ack(&mut r), Some(1));
         let mut r = Receiving::new(512, 1, None, false);
         assert_eq!(r.on_data(1, &block(1, 513)), DataVerdict::Oversized);
         assert_eq!(r.blocks(), 0);
@@ -338,14 +356,14 @@ mod tests {
     fn a_client_that_vanishes_gets_its_last_ack_again_on_each_timeout() {
         let mut r = Receiving::new(512, 2, None, false);
         accept(&mut r, 1, &block(1, 512));
-        assert_eq!(r.poll_ack(), None, "half a window");
+        assert_eq!(next_ack(&mut r), None, "half a window");
         r.on_timeout();
         assert_eq!(
-            r.poll_ack(),
+            next_ack(&mut r),
             Some(1),
             "what we have, so the sender resends from 2"
         );
         r.on_timeout();
-        assert_eq!(r.poll_ack(), Some(1));
+        assert_eq!(next_ack(&mut r), Some(1));
     }
 }

@@ -435,8 +435,6 @@ pub struct Transfer {
     /// Receiving: the final ACK went out; a repeat of the final DATA is
     /// answered again until the deadline, then the transfer completes.
     dallying: bool,
-    /// Receiving: the block our last ACK acknowledged.
-    last_ack: Option<u16>,
     rtt: RttEstimator,
     /// Timeouts in a row without progress.
     tries: u32,
@@ -544,7 +542,6 @@ impl Transfer {
             windowsize,
             dir,
             dallying: false,
-            last_ack: None,
             rtt: RttEstimator::new(limits, fixed),
             tries: 0,
             max_retries: limits.retries,
@@ -661,9 +658,7 @@ impl Transfer {
             return None;
         }
         match Packet::parse(datagram) {
-            Ok(Packet::Ack { block }) if matches!(self.dir, Direction::Send(_)) => {
-                self.handle_ack(now, block)
-            }
+            Ok(Packet::Ack { block }) => self.handle_ack(now, block),
             Ok(Packet::Data { block, payload }) => return self.handle_data(now, block, payload),
             Ok(Packet::Error { code, .. }) => {
                 let outcome = match (self.phase, code) {
@@ -771,6 +766,10 @@ impl Transfer {
     }
 
     fn handle_ack(&mut self, now: Instant, block: u16) {
+        let Direction::Send(s) = &self.dir else {
+            return; // an ACK means nothing to a receiver, not even ACK 0
+        };
+        let (prev, sent_high) = (s.acked, s.sent_high);
         if let Phase::Negotiating { .. } = self.phase {
             if block == 0 {
                 if let Some(rtt) = self.rtt_sample(now) {
@@ -781,10 +780,6 @@ impl Transfer {
             }
             return;
         }
-        let Direction::Send(s) = &self.dir else {
-            return; // an ACK means nothing to a receiver
-        };
-        let (prev, sent_high) = (s.acked, s.sent_high);
         // The one block in acked..=sent_high whose number is `block`.
         let acked = prev + u64::from(block.wrapping_sub(prev as u16));
         if (acked > sent_high || acked == prev) && self.proves_resend_spurious(now, block) {
@@ -984,13 +979,11 @@ impl Transfer {
                 let s = match &mut self.dir {
                     Direction::Send(s) => s,
                     Direction::Receive(r) => {
-                        let block = r.poll_ack()?;
+                        let (block, repeat) = r.poll_ack()?;
                         let header_len = Packet::Ack { block }.emit(buf).ok()?;
                         let complete = r.is_complete();
                         // Karn: no RTT sample from the DATA after a re-ACK.
-                        let resend = self.last_ack == Some(block);
-                        self.last_ack = Some(block);
-                        self.note_send(now, resend);
+                        self.note_send(now, repeat);
                         if complete {
                             // RFC 1350 §6: dally, answering a repeat of the
                             // final DATA, rather than leave the sender in
