@@ -70,6 +70,12 @@ impl Default for Limits {
 /// slower (a spurious retransmission) raises its own floor.
 pub const DEFAULT_RTO_MIN_MS: u64 = 5;
 
+/// Shortest wait before an OACK is resent, whatever the path's RTO: the
+/// answer needs the client to act on the options, which a busy host can
+/// take milliseconds to do, and some clients (atftp: "unexpected OACK")
+/// abort on a duplicate OACK where a duplicate DATA is harmless.
+pub const OACK_RTO_FLOOR: Duration = Duration::from_millis(100);
+
 /// Recent timeout resends a transfer remembers, to tell spurious ones.
 const SPURIOUS_PROBES: usize = 4;
 
@@ -1029,7 +1035,11 @@ impl Transfer {
 
     fn arm_deadline(&mut self, now: Instant) {
         let stall_deadline = self.progress_at + self.max_stall;
-        self.deadline = Some((now + self.rtt.rto).min(stall_deadline));
+        let mut rto = self.rtt.rto;
+        if matches!(self.phase, Phase::Negotiating { .. }) && !self.rtt.fixed {
+            rto = rto.max(OACK_RTO_FLOOR);
+        }
+        self.deadline = Some((now + rto).min(stall_deadline));
     }
 
     /// The one next deadline, if any.
