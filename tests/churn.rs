@@ -428,9 +428,13 @@ fn churn(change: Change) -> ChurnRun {
         .map(|h| h.join().expect("finisher thread"))
         .collect();
 
-    // A request right after the change may still get the cached open.
+    // A request right after the change may still get the cached open, or,
+    // once that expired (a slow machine), see the file as it is now.
     let after = Stepper::start("right after the change", s.addr(), VICTIM, &[], u16::MAX).finish();
-    check_one(change, &after, &old, new.as_deref());
+    match (&new, &after.1) {
+        (None, Outcome::Error(1, _)) => {}
+        _ => check_one(change, &after, &old, new.as_deref()),
+    }
     eprintln!(
         "{change:?}: {}: {}",
         after.0,
