@@ -215,11 +215,12 @@ fn step(c: &mut Criterion) {
         let mut reply = [0u8; 516];
         g.bench_function(BenchmarkId::new("endpoint", windowsize), |b| {
             b.iter(|| {
+                let acked = ack(d.last_block);
                 let outcome = ep.handle_datagram(
                     now,
                     black_box(id),
                     black_box(CLIENT),
-                    black_box(&ack(d.last_block)),
+                    black_box(&acked),
                     &mut reply,
                 );
                 black_box(outcome);

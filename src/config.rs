@@ -11,6 +11,7 @@ use clap::{CommandFactory, Parser};
 use crate::endpoint::EndpointConfig;
 use crate::proto;
 use crate::session::{self, Limits, MAX_WINDOWSIZE};
+use crate::upload::UploadRules;
 
 /// The TFTP port.
 pub const DEFAULT_PORT: u16 = 69;
@@ -150,6 +151,33 @@ pub struct Config {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECS))]
     pub shutdown_grace: u64,
 
+    /// Let write requests (uploads) create files that do not exist yet,
+    /// as tftpd-hpa's -c; also lets them replace world-writable files.
+    /// Without this or --overwrite every write request is refused.
+    #[arg(short = 'c', long)]
+    pub create: bool,
+
+    /// Let write requests replace existing files even if they are not
+    /// world-writable (tftpd-hpa needs o+w); new files still need --create.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Refuse every write request with ERROR 2, whatever --create and
+    /// --overwrite say (the default when neither is given).
+    #[arg(long = "read-only", visible_alias = "ro")]
+    pub read_only: bool,
+
+    /// Mode of new uploaded files: 0666 without these bits (octal, as
+    /// tftpd-hpa's -U; default 0: anyone can read and write them).
+    #[arg(short = 'U', long, default_value = "0", value_parser = parse_umask)]
+    pub umask: u32,
+
+    /// Largest upload, in bytes, or with a K, M or G suffix (powers of
+    /// 1024). A write request announcing more by its tsize is refused with
+    /// ERROR 3 before any data moves; one that sends more is ended so.
+    #[arg(long, visible_alias = "max-size", value_name = "SIZE", value_parser = parse_size)]
+    pub max_upload: Option<u64>,
+
     /// No log line per finished transfer.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -171,6 +199,28 @@ pub struct Config {
     /// requests to the directory.
     #[arg(short = 's', long = "secure", hide = true)]
     pub secure: bool,
+}
+
+/// An octal umask, at most 0777.
+fn parse_umask(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{text:?} is not an octal umask (0..=0777)")),
+    }
+}
+
+/// A byte count, optionally with a K, M or G suffix (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?} is not a size (bytes, or a number with K, M or G)");
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&text[..i], 10),
+        Some((i, 'm' | 'M')) => (&text[..i], 20),
+        Some((i, 'g' | 'G')) => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 /// Parses tftpd-hpa style listen addresses: `1.2.3.4`, `1.2.3.4:69`,
@@ -239,6 +289,19 @@ impl Config {
         }
     }
 
+    /// What write requests may do; `None`: none is taken.
+    pub fn upload_rules(&self) -> Option<UploadRules> {
+        if self.read_only || !(self.create || self.overwrite) {
+            return None;
+        }
+        Some(UploadRules {
+            create: self.create,
+            overwrite_any: self.overwrite,
+            umask: self.umask,
+            max_size: self.max_upload,
+        })
+    }
+
     /// The endpoint configuration of one of `shards` shards.
     pub fn endpoint(&self, shards: usize) -> EndpointConfig {
         let shards = shards.max(1) as u32;
@@ -253,6 +316,10 @@ impl Config {
             request_burst_per_client: self.request_rate.saturating_mul(4),
             refusal_replies_per_sec: self.refusal_rate,
             first_contact_windowsize: self.first_contact_windowsize,
+            uploads: self.upload_rules().is_some(),
+            max_upload: self.max_upload,
+            // The driver lowers it to what its receive buffers hold.
+            max_upload_blksize: self.max_blksize,
         }
     }
 }
@@ -367,6 +434,28 @@ mod tests {
             rejected(&[flag, value], flag);
         }
         rejected(&["--retries=-1"], "--retries");
+    }
+
+    #[test]
+    fn upload_flags_turn_uploads_on_and_read_only_wins() {
+        assert_eq!(parse(&[]).unwrap().upload_rules(), None, "off by default");
+        let r = parse(&["-c", "-U", "022", "--max-upload", "2M"])
+            .unwrap()
+            .upload_rules()
+            .expect("on with -c");
+        assert!(r.create && !r.overwrite_any);
+        assert_eq!((r.umask, r.max_size), (0o022, Some(2 << 20)));
+        let r = parse(&["--overwrite"]).unwrap().upload_rules().unwrap();
+        assert!(!r.create && r.overwrite_any);
+        assert_eq!(parse(&["-c", "--ro"]).unwrap().upload_rules(), None);
+        assert_eq!(parse(&["-c", "--read-only"]).unwrap().upload_rules(), None);
+        let c = parse(&["--max-size", "1000", "-c"]).unwrap();
+        assert_eq!(c.max_upload, Some(1000));
+        assert_eq!(c.endpoint(1).max_upload, Some(1000));
+        assert!(c.endpoint(1).uploads);
+        rejected(&["-U", "999"], "umask");
+        rejected(&["--max-upload", "12Q"], "--max-upload");
+        rejected(&["--max-upload", "99999999999G"], "--max-upload");
     }
 
     #[test]

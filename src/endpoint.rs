@@ -29,6 +29,12 @@ pub enum OpenError {
     /// ENOMEM...). Never cached: the next request may well succeed.
     #[error("{0}")]
     Transient(&'static str),
+    /// ERROR 3: an upload's announced size is over `--max-upload`.
+    #[error("file too large")]
+    TooLarge,
+    /// ERROR 3: no room for an upload.
+    #[error("disk full or allocation exceeded")]
+    DiskFull,
 }
 
 /// Where files come from. The shard gives the real confined file cache;
@@ -47,6 +53,20 @@ pub trait FileSource {
         let _ = handle;
         len
     }
+
+    /// Begins storing `filename` for a write request announced as `tsize`
+    /// bytes (RFC 2349), if the client said; its bytes go to the handle's
+    /// upload, which becomes visible only once whole. A read-only source
+    /// refuses.
+    fn open_write(
+        &mut self,
+        filename: &[u8],
+        mode: Mode,
+        tsize: Option<u64>,
+    ) -> Result<Self::Handle, OpenError> {
+        let _ = (filename, mode, tsize);
+        Err(OpenError::Denied("uploads are disabled"))
+    }
 }
 
 use std::collections::HashMap;
@@ -55,7 +75,7 @@ use std::time::{Duration, Instant};
 
 use crate::proto::{self, ErrorCode, Packet, Request};
 use crate::refusal::{Abort, Malformed, Refusal, RefusalKind};
-use crate::session::{self, Limits, Outcome, PathMetrics, Stats, Transfer, Transmit};
+use crate::session::{self, Limits, Outcome, PathMetrics, Received, Stats, Transfer, Transmit};
 
 /// Per-shard admission and reply policy.
 #[derive(Debug, Clone)]
@@ -85,6 +105,14 @@ pub struct EndpointConfig {
     /// RFC 7440 receivers acknowledge only full windows, so a window cannot
     /// grow inside a transfer without costing the client's timeout.
     pub first_contact_windowsize: u16,
+    /// Write requests are taken (else refused with ERROR 2).
+    pub uploads: bool,
+    /// Largest upload in bytes (`--max-upload`): a WRQ announcing more by
+    /// its tsize is refused with ERROR 3, one that sends more is ended so.
+    pub max_upload: Option<u64>,
+    /// Largest blksize granted to a write request: what the driver's
+    /// receive buffers hold.
+    pub max_upload_blksize: u16,
 }
 
 impl Default for EndpointConfig {
@@ -101,6 +129,9 @@ impl Default for EndpointConfig {
             request_burst_per_client: 4000,
             refusal_replies_per_sec: 20_000,
             first_contact_windowsize: 16,
+            uploads: false,
+            max_upload: None,
+            max_upload_blksize: proto::MAX_BLKSIZE,
         }
     }
 }
@@ -184,9 +215,13 @@ pub enum RequestOutcome {
 
 /// What to do with a datagram that arrived at a transfer socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DatagramOutcome {
+pub enum DatagramOutcome<'a> {
     /// Given to the session: drain `poll_transmit`, re-arm its timer.
     Delivered,
+    /// Given to an upload's session, which accepted these bytes: store
+    /// them, then as for `Delivered`. After the `last` ones, store the
+    /// file and call [`Endpoint::commit_done`] (or `abort`).
+    Received(Received<'a>),
     /// Send the first `n` bytes of the reply buffer back to the sender
     /// (ERROR 5 to a stranger), from the transfer socket.
     Reply(usize),
@@ -208,6 +243,8 @@ pub struct SessionView<'a, H> {
 pub struct Finished<H> {
     pub peer: SocketAddr,
     pub filename: String,
+    /// An upload (WRQ).
+    pub write: bool,
     pub handle: H,
     pub outcome: Outcome,
     pub stats: Stats,
@@ -270,14 +307,16 @@ impl TokenBucket {
 /// same thing while its first answer is still unacknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RequestKey {
+    write: bool,
     filename: Box<[u8]>,
     mode: proto::Mode,
     options: proto::Options,
 }
 
 impl RequestKey {
-    fn of(request: &Request<'_>) -> Self {
+    fn of(request: &Request<'_>, write: bool) -> Self {
         Self {
+            write,
             filename: request.filename.into(),
             mode: request.mode,
             options: request.options,
@@ -513,9 +552,9 @@ impl<H: Clone> Endpoint<H> {
         if !self.admit_datagram(now, peer.ip()) {
             return self.refuse(now, Refusal::RateLimited, reply);
         }
-        let request = match Packet::parse(datagram) {
-            Ok(Packet::Rrq(request)) => request,
-            Ok(Packet::Wrq(_)) => return self.refuse(now, Refusal::UploadsDisabled, reply),
+        let (request, write) = match Packet::parse(datagram) {
+            Ok(Packet::Rrq(request)) => (request, false),
+            Ok(Packet::Wrq(request)) => (request, true),
             // Never answer an ERROR with an ERROR.
             Ok(Packet::Error { .. }) => return RequestOutcome::Ignored,
             Ok(_) => return self.refuse(now, Refusal::Malformed(Malformed::NotARequest), reply),
@@ -526,7 +565,7 @@ impl<H: Clone> Endpoint<H> {
         if self.shutting_down {
             return self.refuse(now, Refusal::ShuttingDown, reply);
         }
-        let key = RequestKey::of(&request);
+        let key = RequestKey::of(&request, write);
         if let Some(&previous) = self.by_peer.get(&peer) {
             if let Some(entry) = self.entry(previous) {
                 // The same request again before any progress: the client
@@ -543,6 +582,9 @@ impl<H: Clone> Endpoint<H> {
             >= self.config.max_sessions_per_client
         {
             return self.refuse(now, Refusal::PerClientCap, reply);
+        }
+        if write {
+            return self.start_write(now, peer, local, mtu, &request, key, files, reply);
         }
         let (handle, content_len) = match self.open(now, files, request.filename, request.mode) {
             Ok(opened) => opened,
@@ -569,6 +611,11 @@ impl<H: Clone> Endpoint<H> {
             handle,
             request: key,
         };
+        self.start(now, entry, reply)
+    }
+
+    fn start(&mut self, now: Instant, entry: Entry<H>, reply: &mut [u8]) -> RequestOutcome {
+        let peer = entry.peer;
         match self.insert(entry) {
             Some(id) => {
                 self.by_peer.insert(peer, id);
@@ -576,6 +623,54 @@ impl<H: Clone> Endpoint<H> {
             }
             None => self.refuse(now, Refusal::Busy, reply),
         }
+    }
+
+    /// A write request that passed admission: refused unless uploads are
+    /// on and its announced size fits, then begun by `files` (which
+    /// applies the create and overwrite rules). Never cached: each upload
+    /// is its own file.
+    #[allow(clippy::too_many_arguments)]
+    fn start_write<F: FileSource<Handle = H>>(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        local: IpAddr,
+        mtu: Option<u32>,
+        request: &Request<'_>,
+        key: RequestKey,
+        files: &mut F,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        if !self.config.uploads {
+            return self.refuse(now, Refusal::UploadsDisabled, reply);
+        }
+        // RFC 2349: the client announces its size. Zero is read as "not
+        // known" (some clients send it so), not as a limit.
+        let tsize = request.options.tsize.filter(|&t| t > 0);
+        let max_len = match (self.config.max_upload, tsize) {
+            (Some(max), Some(t)) if t > max => return self.refuse(now, Refusal::TooLarge, reply),
+            (Some(max), Some(t)) => Some(max.min(t)),
+            (max, t) => max.or(t),
+        };
+        let handle = match files.open_write(request.filename, request.mode, tsize) {
+            Ok(handle) => handle,
+            Err(error) => return self.refuse(now, Refusal::from(&error), reply),
+        };
+        let mut limits = self.config.limits.clone();
+        limits.max_blksize = limits.max_blksize.min(self.config.max_upload_blksize);
+        let ipv6 = matches!(peer, SocketAddr::V6(_));
+        // The OACK echoes the client's tsize (as tftpd-hpa does).
+        let echoed = request.options.tsize.unwrap_or(session::LEN_UNKNOWN);
+        let negotiated = session::negotiate(&request.options, echoed, mtu, ipv6, &limits);
+        let transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
+        let entry = Entry {
+            transfer,
+            peer,
+            local,
+            handle,
+            request: key,
+        };
+        self.start(now, entry, reply)
     }
 
     /// Opens `filename`, or reuses an open of it younger than the TTL: a
@@ -681,20 +776,22 @@ impl<H: Clone> Endpoint<H> {
     }
 
     /// A datagram on session `id`'s socket from `from`.
-    pub fn handle_datagram(
+    pub fn handle_datagram<'a>(
         &mut self,
         now: Instant,
         id: SessionId,
         from: SocketAddr,
-        datagram: &[u8],
+        datagram: &'a [u8],
         reply: &mut [u8],
-    ) -> DatagramOutcome {
+    ) -> DatagramOutcome<'a> {
         let Some(entry) = self.entry_mut(id) else {
             return DatagramOutcome::Ignored;
         };
         if entry.peer == from {
-            entry.transfer.handle_datagram(now, datagram);
-            return DatagramOutcome::Delivered;
+            return match entry.transfer.handle_datagram(now, datagram) {
+                Some(received) => DatagramOutcome::Received(received),
+                None => DatagramOutcome::Delivered,
+            };
         }
         // RFC 1350 §4: a packet from another TID gets ERROR 5, and the
         // transfer goes on undisturbed.
@@ -752,6 +849,13 @@ impl<H: Clone> Endpoint<H> {
         }
     }
 
+    /// Upload `id` is stored under its name: its final ACK goes out.
+    pub fn commit_done(&mut self, now: Instant, id: SessionId) {
+        if let Some(entry) = self.entry_mut(id) {
+            entry.transfer.commit_done(now);
+        }
+    }
+
     /// Ends session `id` from the server side: its ERROR is queued for the
     /// peer.
     pub fn abort(&mut self, now: Instant, id: SessionId, why: Abort) {
@@ -786,6 +890,7 @@ impl<H: Clone> Endpoint<H> {
         }
         Some(Finished {
             peer: entry.peer,
+            write: entry.request.write,
             filename: entry.request.filename.escape_ascii().to_string(),
             handle: entry.handle,
             // A session removed before it ended counts as aborted.
@@ -881,9 +986,10 @@ impl<H> std::fmt::Display for Finished<H> {
             .unwrap_or(Duration::ZERO);
         write!(
             f,
-            "transfer client={} file=\"{}\" bytes={} blksize={} windowsize={} duration_ms={:.3} retransmits={} srtt_ms={:.3} rto_floor_ms={:.1} outcome={}",
+            "transfer client={} file=\"{}\" direction={} bytes={} blksize={} windowsize={} duration_ms={:.3} retransmits={} srtt_ms={:.3} rto_floor_ms={:.1} outcome={}",
             self.peer,
             self.filename,
+            if self.write { "write" } else { "read" },
             self.stats.bytes_acked,
             self.stats.blksize,
             self.stats.windowsize,

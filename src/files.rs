@@ -35,6 +35,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -580,6 +581,35 @@ impl FileRoot {
                 Ok(fd) => return Ok(File::from(fd)),
                 // EAGAIN: a concurrent rename kept the kernel from proving
                 // that `..` stayed inside; openat2(2) says retry.
+                Err(Errno::EAGAIN | Errno::EINTR) if tries < OPEN_RETRIES => tries += 1,
+                Err(e) => return Err(map_open_errno(e)),
+            }
+        }
+    }
+}
+
+impl FileRoot {
+    /// For a write request: the directory `filename` goes in (opened with
+    /// the same confinement as reads, so it can be fsync'd) and the name
+    /// inside it. A missing directory is not created: ERROR 1.
+    pub fn open_upload_dir(&self, filename: &[u8]) -> Result<(OwnedFd, CString), OpenError> {
+        let rel = relative_name(filename)?;
+        let (parent, name) = match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => (&b""[..], rel),
+        };
+        if name.is_empty() || name == b"." {
+            return Err(OpenError::NotRegular); // names a directory
+        }
+        let name = CString::new(name).map_err(|_| OpenError::Denied("NUL in filename"))?;
+        let parent: &[u8] = if parent.is_empty() { b"." } else { parent };
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(resolve_flags());
+        let mut tries = 0;
+        loop {
+            match openat2(self.inner.dir.as_fd(), parent, how) {
+                Ok(dir) => return Ok((dir, name)),
                 Err(Errno::EAGAIN | Errno::EINTR) if tries < OPEN_RETRIES => tries += 1,
                 Err(e) => return Err(map_open_errno(e)),
             }

@@ -26,6 +26,10 @@ pub enum Refusal {
     /// Over the per-address request rate: dropped, never answered.
     RateLimited,
     UploadsDisabled,
+    /// An upload over `--max-upload` (by its tsize) (ERROR 3).
+    TooLarge,
+    /// No room for an upload (ERROR 3).
+    DiskFull,
     /// Not a request the listener can take.
     Malformed(Malformed),
     ShuttingDown,
@@ -52,19 +56,23 @@ pub enum RefusalKind {
     PerClientCap,
     RateLimited,
     UploadsDisabled,
+    TooLarge,
+    DiskFull,
     Malformed,
     ShuttingDown,
     Stranger,
 }
 
 impl RefusalKind {
-    pub const ALL: [RefusalKind; 9] = [
+    pub const ALL: [RefusalKind; 11] = [
         RefusalKind::NotFound,
         RefusalKind::Denied,
         RefusalKind::Busy,
         RefusalKind::PerClientCap,
         RefusalKind::RateLimited,
         RefusalKind::UploadsDisabled,
+        RefusalKind::TooLarge,
+        RefusalKind::DiskFull,
         RefusalKind::Malformed,
         RefusalKind::ShuttingDown,
         RefusalKind::Stranger,
@@ -79,6 +87,8 @@ impl RefusalKind {
             RefusalKind::PerClientCap => "per_client_cap",
             RefusalKind::RateLimited => "rate_limited",
             RefusalKind::UploadsDisabled => "uploads_disabled",
+            RefusalKind::TooLarge => "too_large",
+            RefusalKind::DiskFull => "disk_full",
             RefusalKind::Malformed => "malformed",
             RefusalKind::ShuttingDown => "shutting_down",
             RefusalKind::Stranger => "stranger",
@@ -98,6 +108,8 @@ impl Refusal {
             Refusal::PerClientCap => RefusalKind::PerClientCap,
             Refusal::RateLimited => RefusalKind::RateLimited,
             Refusal::UploadsDisabled => RefusalKind::UploadsDisabled,
+            Refusal::TooLarge => RefusalKind::TooLarge,
+            Refusal::DiskFull => RefusalKind::DiskFull,
             Refusal::Malformed(_) => RefusalKind::Malformed,
             Refusal::ShuttingDown => RefusalKind::ShuttingDown,
             Refusal::UnknownTid => RefusalKind::Stranger,
@@ -127,6 +139,7 @@ impl Refusal {
                 ErrorCode::AccessViolation
             }
             Refusal::Malformed(_) => ErrorCode::IllegalOperation,
+            Refusal::TooLarge | Refusal::DiskFull => ErrorCode::DiskFull,
             Refusal::UnknownTid => ErrorCode::UnknownTid,
             Refusal::Unservable(_)
             | Refusal::Transient(_)
@@ -147,6 +160,8 @@ impl Refusal {
             Refusal::PerClientCap => "too many transfers from this address, try again later",
             Refusal::RateLimited => "too many requests",
             Refusal::UploadsDisabled => "uploads are disabled",
+            Refusal::TooLarge => "file too large",
+            Refusal::DiskFull => "disk full or allocation exceeded",
             Refusal::Malformed(Malformed::Parse(e)) => match e {
                 ParseError::UnknownMode => "unknown transfer mode",
                 ParseError::BadFilename => "filename empty or too long",
@@ -171,6 +186,8 @@ impl From<&OpenError> for Refusal {
             OpenError::NotRegular => Refusal::NotRegular,
             OpenError::Unservable(why) => Refusal::Unservable(why),
             OpenError::Transient(why) => Refusal::Transient(why),
+            OpenError::TooLarge => Refusal::TooLarge,
+            OpenError::DiskFull => Refusal::DiskFull,
         }
     }
 }
@@ -192,10 +209,14 @@ pub enum Abort {
     TooLarge,
     /// An upload's DATA longer than the negotiated blksize (ERROR 4).
     OversizedBlock,
+    /// No room left for an upload (ERROR 3).
+    DiskFull,
+    /// An upload could not be written or stored (ERROR 0).
+    WriteFailed,
 }
 
 impl Abort {
-    pub const ALL: [Abort; 7] = [
+    pub const ALL: [Abort; 9] = [
         Abort::TimedOut,
         Abort::ShuttingDown,
         Abort::FileChanged,
@@ -203,11 +224,13 @@ impl Abort {
         Abort::ReceiveFailed,
         Abort::TooLarge,
         Abort::OversizedBlock,
+        Abort::DiskFull,
+        Abort::WriteFailed,
     ];
 
     pub fn code(self) -> ErrorCode {
         match self {
-            Abort::TooLarge => ErrorCode::DiskFull,
+            Abort::TooLarge | Abort::DiskFull => ErrorCode::DiskFull,
             Abort::OversizedBlock => ErrorCode::IllegalOperation,
             _ => ErrorCode::NotDefined,
         }
@@ -222,6 +245,8 @@ impl Abort {
             Abort::ReceiveFailed => "receive failed",
             Abort::TooLarge => "file too large",
             Abort::OversizedBlock => "block larger than blksize",
+            Abort::DiskFull => "disk full or allocation exceeded",
+            Abort::WriteFailed => "cannot store file",
         }
     }
 }

@@ -132,6 +132,7 @@ impl Server {
                 listeners,
                 endpoint: config.endpoint(count),
                 files: files.clone(),
+                uploads: config.upload_rules(),
                 log_transfers: !config.quiet,
                 shutdown_grace: Duration::from_secs(config.shutdown_grace),
             };

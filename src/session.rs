@@ -438,9 +438,9 @@ pub struct Transfer {
     blksize: u16,
     windowsize: u16,
     dir: Direction,
-    /// Receiving: the final ACK went out; a repeat of the final DATA is
-    /// answered again until the deadline, then the transfer completes.
-    dallying: bool,
+    /// Receiving: when the final ACK first went out; a repeat of the final
+    /// DATA is answered again until the deadline, then the transfer ends.
+    dallying: Option<Instant>,
     rtt: RttEstimator,
     /// Timeouts in a row without progress.
     tries: u32,
@@ -547,7 +547,7 @@ impl Transfer {
             blksize,
             windowsize,
             dir,
-            dallying: false,
+            dallying: None,
             rtt: RttEstimator::new(limits, fixed),
             tries: 0,
             max_retries: limits.retries,
@@ -909,9 +909,10 @@ impl Transfer {
             _ => return,
         }
         self.deadline = None;
-        if self.dallying {
-            // No repeat of the final DATA came: our last ACK arrived.
-            self.end(now, Outcome::Completed, None);
+        if let Some(stored_at) = self.dallying {
+            // No repeat of the final DATA came: our last ACK arrived. The
+            // transfer took until the file was stored, not the dally.
+            self.end(stored_at, Outcome::Completed, None);
             return;
         }
         self.tries += 1;
@@ -994,7 +995,7 @@ impl Transfer {
                             // RFC 1350 §6: dally, answering a repeat of the
                             // final DATA, rather than leave the sender in
                             // doubt about a file already safely stored.
-                            self.dallying = true;
+                            self.dallying.get_or_insert(now);
                         }
                         return Some(Transmit {
                             header_len,

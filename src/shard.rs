@@ -48,7 +48,8 @@
 //! `batch` (which blocks share a GSO send, pure), `send` (send slots),
 //! `sockets` (transfer sockets), `pool` (idle-socket choice, pure), `cmsg`
 //! (control messages), `net` (socket set-up), `gso` (paths without GSO),
-//! `bufring` (provided buffers), `shutdown` (drain and teardown), `log`.
+//! `bufring` (provided buffers), `shutdown` (drain and teardown), `log`,
+//! `uploads` (write requests' files, written off the shard thread).
 
 mod batch;
 mod bufring;
@@ -68,6 +69,7 @@ mod shutdown;
 mod sockets;
 mod sqe;
 mod token;
+mod uploads;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -81,7 +83,6 @@ use io_uring::{cqueue, types};
 use nix::sys::eventfd::EventFd;
 
 use crate::endpoint::{Endpoint, SessionId};
-use crate::files::{FileData, FileRoot};
 use crate::timer::TimerWheel;
 use bufring::BufRing;
 use command::Commands;
@@ -100,6 +101,7 @@ pub(crate) use shutdown::ExitReport;
 use sockets::TransferSock;
 use sqe::Ring;
 use token::Token;
+use uploads::{Held, ShardFiles};
 
 const LISTEN_BGID: u16 = 0;
 const SESSION_BGID: u16 = 1;
@@ -154,6 +156,8 @@ pub(crate) struct Counters {
     gso_sends: u64,
     /// Segmented sends refused by their path and resent one by one.
     gso_fallbacks: u64,
+    /// Uploads' DATA dropped while their writers were backlogged.
+    upload_backlog_drops: u64,
 }
 
 struct Listener {
@@ -210,8 +214,8 @@ struct Shard {
     /// `RINGTFTPD_TEST_PANIC_SHARD` names this shard (see `setup`).
     panic_on_send: bool,
     listeners: Vec<Listener>,
-    endpoint: Endpoint<FileData>,
-    files: FileRoot,
+    endpoint: Endpoint<Held>,
+    files: ShardFiles,
     wheel: TimerWheel,
     socks: Vec<Option<LiveSock>>,
     /// Transfer sockets, live and idle; receive tokens carry their index.
@@ -230,7 +234,7 @@ struct Shard {
     /// Sockets to close once the SQEs naming them were submitted.
     to_close: Vec<OwnedFd>,
     /// Removed sessions' files, kept while their sends are in flight.
-    lingering: HashMap<SessionId, (FileData, u32)>,
+    lingering: HashMap<SessionId, (Held, u32)>,
     ready: VecDeque<SessionId>,
     touched: Vec<SessionId>,
     rearm: Vec<Rearm>,
@@ -310,6 +314,7 @@ impl Shard {
                 self.on_cqe(now, &cqe);
             }
             self.cqes = cqes;
+            self.on_uploads_done(now);
             self.expire_timers(now);
             // Expires opens on a quiet shard too (one comparison a turn).
             self.endpoint.housekeeping(now);

@@ -43,7 +43,11 @@ const FILES: &[(&[u8], u64)] = &[
     (b"b1432x2", 2864),
 ];
 
-/// The handle is the content length: the harness checks ranges only.
+/// The handle of an upload's session.
+const UPLOAD: u64 = u64::MAX;
+
+/// The handle is the content length (or `UPLOAD`): the harness checks
+/// ranges only.
 struct MemFiles;
 
 impl FileSource for MemFiles {
@@ -66,6 +70,20 @@ impl FileSource for MemFiles {
             Mode::Netascii => len + len / 16,
         };
         Ok((len, len))
+    }
+
+    fn open_write(
+        &mut self,
+        filename: &[u8],
+        _mode: Mode,
+        _tsize: Option<u64>,
+    ) -> Result<u64, OpenError> {
+        match filename {
+            b"denied" => Err(OpenError::Denied("outside the root")),
+            b"dir" => Err(OpenError::NotRegular),
+            b"missing" => Err(OpenError::NotFound),
+            _ => Ok(UPLOAD),
+        }
     }
 }
 
@@ -144,6 +162,9 @@ fn play(data: &[u8], finish: bool) -> usize {
         refusal_replies_per_sec: 1 + u32::from(input.u8()),
         // Derived, not read: the seed corpus keeps its meaning.
         first_contact_windowsize: 16,
+        uploads: true,
+        max_upload: Some(1 << 20),
+        max_upload_blksize: ringtftpd::proto::MAX_BLKSIZE,
     };
     let mut h = Harness {
         ep: Endpoint::new(config),
@@ -253,7 +274,7 @@ impl Harness {
             .handle_datagram(self.now, id, from, datagram, &mut self.reply);
         let live = self.known[k].live;
         match outcome {
-            DatagramOutcome::Delivered => {
+            DatagramOutcome::Delivered | DatagramOutcome::Received(_) => {
                 assert!(
                     live && from == self.known[k].peer,
                     "delivered to {id:?} from {from}"
@@ -297,8 +318,12 @@ impl Harness {
             assert!(!error, "sent after an ERROR");
             match (Packet::parse(&self.buf[..t.header_len]), t.payload) {
                 (Ok(Packet::Oack(_)), None) => {}
+                (Ok(Packet::Ack { .. }), None) => {
+                    assert_eq!(len, UPLOAD, "a read's session sent an ACK");
+                }
                 (Ok(Packet::Error { .. }), None) => error = true,
                 (Ok(Packet::Data { block, payload: [] }), Some(p)) => {
+                    assert_ne!(len, UPLOAD, "an upload's session sent DATA");
                     assert_eq!(p.offset % blksize, 0);
                     assert_eq!(block, (p.offset / blksize + 1) as u16);
                     assert!(p.len as u64 <= blksize);

@@ -11,6 +11,7 @@ use std::time::Instant;
 use crossbeam::channel::{Receiver, Sender};
 use nix::sys::eventfd::EventFd;
 
+use super::uploads::Done;
 use super::{ExitReport, Phase, Shard};
 
 /// What a shard can be told to do.
@@ -64,6 +65,34 @@ impl ShardHandle {
         self.thread
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")))
+    }
+}
+
+impl Shard {
+    /// What the upload writers finished: a stored file gets its final
+    /// ACK, a failed one its ERROR. Cheap when nothing came (one atomic
+    /// load), so it runs every loop turn.
+    pub(super) fn on_uploads_done(&mut self, now: Instant) {
+        loop {
+            let Some(desk) = &self.files.uploads else {
+                return;
+            };
+            let Some(done) = desk.poll_done() else {
+                return;
+            };
+            let (key, failed) = match done {
+                Done::Failed { key, why } => (key, Some(why)),
+                Done::Committed { key, failed } => (key, failed),
+            };
+            let Some(&id) = desk.sessions.get(&key) else {
+                continue; // its session is gone
+            };
+            match failed {
+                None => self.endpoint.commit_done(now, id),
+                Some(why) => self.endpoint.abort(now, id, why),
+            }
+            self.touch(id);
+        }
     }
 }
 

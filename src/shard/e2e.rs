@@ -82,6 +82,7 @@ fn start_with(
             ..EndpointConfig::default()
         },
         files: FileRoot::open(dir, true).unwrap(),
+        uploads: None,
         log_transfers: true,
         shutdown_grace: grace,
     };

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, types};
 
 use super::token::{EPOCH_MASK, Token};
-use super::{LISTEN_BGID, Listener, LiveSock, Phase, SESSION_BGID, Shard, batch, cmsg, net, sqe};
+use super::{
+    Held, LISTEN_BGID, Listener, LiveSock, Phase, SESSION_BGID, Shard, batch, cmsg, net, sqe,
+};
 use crate::endpoint::{DatagramOutcome, RequestOutcome, SessionId};
 use crate::refusal::Abort;
 
@@ -211,6 +213,12 @@ impl Shard {
                     });
                     self.live += 1;
                 }
+                if let (Some(Held::Write(key)), Some(desk)) = (
+                    self.endpoint.session(id).map(|v| v.handle),
+                    &mut self.files.uploads,
+                ) {
+                    desk.sessions.insert(*key, id);
+                }
                 self.counters.started += 1;
                 self.touch(id);
             }
@@ -304,20 +312,43 @@ impl Shard {
             let Some(from) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
                 return;
             };
-            (
-                self.endpoint.handle_datagram(
-                    now,
-                    id,
-                    from,
-                    out.payload_data(),
-                    &mut self.reply[..],
-                ),
-                from,
+            let upload = match self.endpoint.session(id).map(|v| v.handle) {
+                Some(Held::Write(key)) => Some(*key),
+                _ => None,
+            };
+            if upload.is_some()
+                && self
+                    .files
+                    .uploads
+                    .as_ref()
+                    .is_some_and(|d| d.is_backlogged())
+            {
+                // The disk is behind: the sender retransmits this later.
+                self.counters.upload_backlog_drops += 1;
+                return;
+            }
+            let outcome = self.endpoint.handle_datagram(
+                now,
                 id,
-            )
+                from,
+                out.payload_data(),
+                &mut self.reply[..],
+            );
+            if let (DatagramOutcome::Received(r), Some(key), Some(desk)) =
+                (outcome, upload, &self.files.uploads)
+            {
+                desk.store(key, r.offset, r.bytes, r.last);
+            }
+            // The bytes are queued; what is left borrows nothing.
+            let outcome: DatagramOutcome<'static> = match outcome {
+                DatagramOutcome::Reply(n) => DatagramOutcome::Reply(n),
+                DatagramOutcome::Ignored => DatagramOutcome::Ignored,
+                _ => DatagramOutcome::Delivered,
+            };
+            (outcome, from, id)
         };
         match outcome {
-            DatagramOutcome::Delivered => self.touch(id),
+            DatagramOutcome::Delivered | DatagramOutcome::Received(_) => self.touch(id),
             DatagramOutcome::Reply(n) => self.send_reply(fd, v6, n, from, None),
             DatagramOutcome::Ignored => {}
         }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::batch::{Batch, Offer};
 use super::send::{HEADER_CAP, MAX_SEGMENTS, Owner};
-use super::{REPLY_CAP, Shard, gso, sqe};
+use super::{Held, REPLY_CAP, Shard, gso, sqe};
 use crate::endpoint::SessionId;
 use crate::refusal::Abort;
 
@@ -86,10 +86,11 @@ impl Shard {
             // Translates netascii as far as this block, and checks the file
             // against its open-time fstat before the final block (see
             // FileData::block).
-            let block = self
-                .endpoint
-                .session(id)
-                .map(|v| v.handle.block(p.offset, p.len))?;
+            // Only a read's transmits carry payload.
+            let block = match self.endpoint.session(id)?.handle {
+                Held::Read(data) => data.block(p.offset, p.len),
+                Held::Write(_) => return None,
+            };
             match block {
                 Ok(b) => {
                     // A netascii length is learnt at its end; the session
@@ -230,6 +231,9 @@ impl Shard {
         self.live -= 1;
         self.release_sock(live.sock, live.peer);
         if let Some(f) = finished {
+            if let (Held::Write(key), Some(desk)) = (&f.handle, &mut self.files.uploads) {
+                desk.cancel(*key);
+            }
             if self.log_transfers {
                 self.log(f.to_string());
             }

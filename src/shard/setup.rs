@@ -22,6 +22,7 @@ use super::gso::{self, NoGsoPaths};
 use super::pool::{self, IdlePool};
 use super::send::SendPool;
 use super::sqe::Ring;
+use super::uploads::{ShardFiles, UploadDesk};
 use super::{
     Counters, ExitReport, FINAL_DRAIN, LISTEN_BGID, Listener, Phase, REAP_BOUND, REPLY_CAP,
     SESSION_BGID, Shard, TICK, cmsg, log, net,
@@ -29,6 +30,11 @@ use super::{
 use crate::endpoint::{Endpoint, EndpointConfig};
 use crate::files::FileRoot;
 use crate::timer::TimerWheel;
+use crate::upload::UploadRules;
+
+/// `struct io_uring_recvmsg_out` (four u32) at the head of each buffer a
+/// multishot receive fills.
+const RECVMSG_OUT_HEADER: usize = 16;
 
 /// What one shard needs; the server builds one per core.
 pub struct ShardConfig {
@@ -39,6 +45,8 @@ pub struct ShardConfig {
     pub listeners: Vec<UdpSocket>,
     pub endpoint: EndpointConfig,
     pub files: FileRoot,
+    /// What write requests may do; `None`: they are refused.
+    pub uploads: Option<UploadRules>,
     /// Print each finished transfer's log line to stderr.
     pub log_transfers: bool,
     /// How long live transfers may run on after shutdown was asked for.
@@ -52,7 +60,8 @@ pub(crate) struct Tuning {
     pub cq_entries: u32,
     /// Listener buffers (requests): count (power of two) and size.
     pub listen_bufs: (u16, usize),
-    /// Transfer-socket buffers (ACK/ERROR; longer datagrams are truncated).
+    /// Transfer-socket buffers (ACK, ERROR, an upload's DATA: they bound
+    /// the blksize granted to uploads; longer datagrams are truncated).
     pub session_bufs: (u16, usize),
     pub send_slots: usize,
     /// Idle sockets a local address must offer before one is reused.
@@ -71,7 +80,7 @@ impl Default for Tuning {
             sq_entries: 4096,
             cq_entries: 16384,
             listen_bufs: (2048, 2048),
-            session_bufs: (4096, 1024),
+            session_bufs: (4096, 2048),
             send_slots: 2048,
             min_idle_choice: pool::MIN_IDLE_CHOICE,
             final_drain: FINAL_DRAIN,
@@ -293,7 +302,19 @@ impl Shard {
                 recv_armed: false,
             });
         }
-        let endpoint = Endpoint::new(config.endpoint);
+        let mut endpoint_config = config.endpoint;
+        // A DATA packet must fit a session buffer whole, after the kernel's
+        // io_uring_recvmsg_out header and the peer's address.
+        let room =
+            tuning.session_bufs.1 - RECVMSG_OUT_HEADER - mem::size_of::<libc::sockaddr_in6>() - 4;
+        endpoint_config.max_upload_blksize = endpoint_config
+            .max_upload_blksize
+            .min(u16::try_from(room).unwrap_or(u16::MAX));
+        let endpoint = Endpoint::new(endpoint_config);
+        let uploads = match config.uploads {
+            Some(rules) => Some(UploadDesk::new(rules, wake.clone())?),
+            None => None,
+        };
         let capacity = endpoint.capacity();
         let now = Instant::now();
         let mut shard = Shard {
@@ -308,7 +329,10 @@ impl Shard {
             panic_on_send: false,
             listeners,
             endpoint,
-            files: config.files,
+            files: ShardFiles {
+                root: config.files,
+                uploads,
+            },
             wheel: TimerWheel::new(capacity, TICK, now),
             socks: (0..capacity).map(|_| None).collect(),
             tsocks: Vec::new(),

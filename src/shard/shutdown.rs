@@ -134,7 +134,7 @@ impl Shard {
                 "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
                  sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
                  log_dropped={} pool_flushes={} truncated={} gso_sends={} gso_fallbacks={} \
-                 cancelled_at_exit={} outstanding_at_free={} {}",
+                 upload_backlog_drops={} cancelled_at_exit={} outstanding_at_free={} {}",
                 self.index,
                 c.turns,
                 c.requests,
@@ -156,6 +156,7 @@ impl Shard {
                 c.truncated,
                 c.gso_sends,
                 c.gso_fallbacks,
+                c.upload_backlog_drops,
                 self.exit.outstanding_at_teardown,
                 self.exit.outstanding_at_free,
                 self.endpoint.refusals()

@@ -192,6 +192,9 @@ pub struct ServerOpts {
     pub max_blksize: Option<u32>,
     /// Extra arguments, passed to ringtftpd only.
     pub extra_args: Vec<String>,
+    /// Take uploads: `-c` (both servers), and a root anyone may write to
+    /// (tftpd-hpa writes as nobody).
+    pub uploads: bool,
 }
 
 /// A running server on loopback with its own root; killed on drop.
@@ -268,6 +271,10 @@ impl Server {
             Instant::now()
         );
         write_file(&root, PROBE_NAME, token.as_bytes());
+        if opts.uploads {
+            // After the fixtures, whose writing sets their directory's mode.
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).expect("chmod root");
+        }
         if opts.big {
             let dst = root.join(BIG_NAME);
             if fs::hard_link(big_file(), &dst).is_err() {
@@ -303,6 +310,9 @@ impl Server {
                     if let Some(b) = opts.max_blksize {
                         c.arg("--max-blksize").arg(b.to_string());
                     }
+                    if opts.uploads {
+                        c.arg("--create");
+                    }
                     c.args(&opts.extra_args);
                     c.arg(&root);
                     c
@@ -317,6 +327,9 @@ impl Server {
                     c.arg("-a").arg(format_addr(addrs[0]));
                     if let Some(b) = opts.max_blksize {
                         c.arg("-B").arg(b.to_string());
+                    }
+                    if opts.uploads {
+                        c.arg("-c");
                     }
                     c
                 }
@@ -403,6 +416,12 @@ impl Server {
         let text = fs::read(self.dir.path().join("server.log")).unwrap_or_default();
         let tail = text.len().saturating_sub(64 * 1024);
         String::from_utf8_lossy(&text[tail..]).into_owned()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would; drop does nothing more.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Panics if the server process has exited.
@@ -643,6 +662,85 @@ impl RawClient {
             other => panic!("expected ERROR, got {other:?}"),
         }
     }
+}
+
+/// Uploads `data` as `name` lock-step, answering an OACK's blksize, and
+/// stops after `stop_after` DATA blocks if given (a client that vanishes).
+/// `Ok` once the final ACK came; `Err((code, message))` on an ERROR, or
+/// `Err((u16::MAX, why))` when the server went quiet. Bounded: five tries
+/// of 500 ms per block.
+pub fn raw_put(
+    client: &RawClient,
+    name: &str,
+    mode: &str,
+    opts: &[(&str, &str)],
+    data: &[u8],
+    stop_after: Option<usize>,
+) -> Result<(), (u16, String)> {
+    let quiet = |what: &str| Err((u16::MAX, what.to_string()));
+    client.send_to_server(&wrq(name, mode, opts));
+    let (first, tid) = match client.recv(Duration::from_secs(5)) {
+        Some(answer) => answer,
+        None => return quiet("no answer to the WRQ"),
+    };
+    let mut blksize = 512;
+    match first {
+        Packet::Oack(pairs) => {
+            if let Some(b) = opt(&pairs, "blksize") {
+                blksize = b.parse().expect("numeric blksize");
+            }
+        }
+        Packet::Ack(0) => {}
+        Packet::Error { code, msg } => return Err((code, msg)),
+        other => panic!("unexpected answer to a WRQ: {other:?}"),
+    }
+    let blocks = data.len() / blksize + 1;
+    for i in 0..blocks {
+        if stop_after == Some(i) {
+            return quiet("stopped as asked");
+        }
+        let block = (i + 1) as u16;
+        let chunk = &data[i * blksize..((i + 1) * blksize).min(data.len())];
+        let mut pkt = vec![0, OP_DATA as u8];
+        pkt.extend_from_slice(&block.to_be_bytes());
+        pkt.extend_from_slice(chunk);
+        let mut acked = false;
+        'tries: for _ in 0..5 {
+            client.send(&pkt, tid);
+            let until = Instant::now() + Duration::from_millis(500);
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match client.recv(left) {
+                    Some((Packet::Ack(b), from)) if from == tid && b == block => {
+                        acked = true;
+                        break 'tries;
+                    }
+                    Some((Packet::Error { code, msg }, _)) => return Err((code, msg)),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+        if !acked {
+            return quiet("no ACK after five tries");
+        }
+    }
+    Ok(())
+}
+
+/// Names in `dir` other than `keep`: what an upload may have left.
+pub fn strays(dir: &Path, keep: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect();
+    names.sort();
+    names
 }
 
 /// What a raw download saw.
