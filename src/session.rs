@@ -70,7 +70,8 @@ impl Default for Limits {
 /// slower (a spurious retransmission) raises its own floor.
 pub const DEFAULT_RTO_MIN_MS: u64 = 5;
 
-/// Shortest wait before an OACK is resent, whatever the path's RTO: the
+/// Shortest wait before an OACK is resent, whatever the path's RTO (but
+/// never above `--rto-max-ms`): the
 /// answer needs the client to act on the options, which a busy host can
 /// take milliseconds to do, and some clients (atftp: "unexpected OACK")
 /// abort on a duplicate OACK where a duplicate DATA is harmless.
@@ -1038,7 +1039,8 @@ impl Transfer {
         let stall_deadline = self.progress_at + self.max_stall;
         let mut rto = self.rtt.rto;
         if matches!(self.phase, Phase::Negotiating { .. }) && !self.rtt.fixed {
-            rto = rto.max(OACK_RTO_FLOOR);
+            // Never past the operator's ceiling (--rto-max-ms).
+            rto = rto.max(OACK_RTO_FLOOR.min(self.rtt.max));
         }
         self.deadline = Some((now + rto).min(stall_deadline));
     }
