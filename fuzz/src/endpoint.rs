@@ -242,8 +242,8 @@ impl Harness {
                     "id {id:?} handed out twice"
                 );
                 assert!(
-                    matches!(Packet::parse(datagram), Ok(Packet::Rrq(_))),
-                    "started from a non-RRQ"
+                    matches!(Packet::parse(datagram), Ok(Packet::Rrq(_) | Packet::Wrq(_))),
+                    "started from neither an RRQ nor a WRQ"
                 );
                 let view = self.ep.session(id).expect("a started session is live");
                 assert_eq!((view.peer, view.local), (from, LOCAL));
