@@ -343,8 +343,8 @@ struct Slot<H> {
 ///
 /// Driver call order for a session: after `handle_request` returned
 /// `Started`, and after every `handle_datagram`/`handle_timeout`/`abort`:
-/// drain `poll_transmit`, then re-arm with `poll_timeout`, then check
-/// `is_finished` and, if so, `remove` it (its last packet was drained).
+/// drain `poll_transmit`, then re-arm with `poll_timeout`, then
+/// `poll_event`: `Some` once the session has ended, with its record.
 #[derive(Debug)]
 pub struct Endpoint<H> {
     config: EndpointConfig,
@@ -826,9 +826,11 @@ impl<H: Clone> Endpoint<H> {
         self.entry(id)?.transfer.poll_timeout()
     }
 
-    /// True once session `id` has ended and its last packet was drained.
-    pub fn is_finished(&self, id: SessionId) -> bool {
-        self.entry(id).is_some_and(|e| e.transfer.is_drained())
+    /// `Some` once, when session `id` has ended and its last packet was
+    /// drained: the session is freed and this is its record.
+    pub fn poll_event(&mut self, id: SessionId) -> Option<Finished<H>> {
+        let outcome = self.entry_mut(id)?.transfer.poll_event()?;
+        self.take(id, outcome)
     }
 
     pub fn session(&self, id: SessionId) -> Option<SessionView<'_, H>> {
@@ -864,8 +866,17 @@ impl<H: Clone> Endpoint<H> {
         }
     }
 
-    /// Frees session `id`'s slot.
+    /// Frees session `id` now, ended or not (the driver gave up on it);
+    /// one removed before its end counts as aborted.
     pub fn remove(&mut self, id: SessionId) -> Option<Finished<H>> {
+        let outcome = self.entry_mut(id)?.transfer.poll_event();
+        self.take(
+            id,
+            outcome.unwrap_or(Outcome::Aborted(ErrorCode::NotDefined)),
+        )
+    }
+
+    fn take(&mut self, id: SessionId, outcome: Outcome) -> Option<Finished<H>> {
         let slot = self.slots.get_mut(id.index as usize)?;
         if slot.generation != id.generation {
             return None;
@@ -893,11 +904,7 @@ impl<H: Clone> Endpoint<H> {
             write: entry.request.write,
             filename: entry.request.filename.escape_ascii().to_string(),
             handle: entry.handle,
-            // A session removed before it ended counts as aborted.
-            outcome: entry
-                .transfer
-                .outcome()
-                .unwrap_or(Outcome::Aborted(ErrorCode::NotDefined)),
+            outcome,
             stats,
         })
     }

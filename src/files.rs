@@ -1718,7 +1718,7 @@ mod tests {
                 }
                 let mut last = None;
                 while let Some(tx) = t.poll_transmit(now, &mut buf) {
-                    let p = tx.payload.expect("DATA");
+                    let p = tx.payload().expect("DATA");
                     let b = d.block(p.offset, p.len).expect("block");
                     if let Some(end) = b.end {
                         t.set_content_len(end);

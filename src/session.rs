@@ -111,12 +111,43 @@ pub struct Payload {
     pub len: usize,
 }
 
-/// One datagram to send to the peer: the first `header_len` bytes of the
-/// caller's buffer, followed by `payload` from the file if present.
+/// One datagram for the peer, written to the caller's buffer by
+/// `poll_transmit`: all of it but a DATA's payload, `header_len()` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transmit {
-    pub header_len: usize,
-    pub payload: Option<Payload>,
+pub enum Transmit {
+    /// DATA `block` (counting on past 65535): the 4-byte header, then
+    /// `payload` from the file. `last` is the final block as far as the
+    /// transfer knows; a netascii source learns its end only as this
+    /// block is translated (see [`Transfer::set_content_len`]).
+    Data {
+        block: u64,
+        payload: Payload,
+        last: bool,
+    },
+    /// ACK `block`, as on the wire.
+    Ack { block: u16 },
+    /// OACK of `len` bytes.
+    Oack { len: usize },
+    /// ERROR `code` of `len` bytes; the transfer has ended.
+    Error { code: ErrorCode, len: usize },
+}
+
+impl Transmit {
+    /// Bytes of the datagram in the caller's buffer.
+    pub fn header_len(&self) -> usize {
+        match *self {
+            Self::Data { .. } | Self::Ack { .. } => 4,
+            Self::Oack { len } | Self::Error { len, .. } => len,
+        }
+    }
+
+    /// The file range that follows the header (DATA only).
+    pub fn payload(&self) -> Option<Payload> {
+        match *self {
+            Self::Data { payload, .. } => Some(payload),
+            _ => None,
+        }
+    }
 }
 
 /// Bytes a receiving transfer accepted, in order: store them at `offset`.
@@ -961,34 +992,28 @@ impl Transfer {
         match self.phase {
             Phase::Ended => {
                 let (code, message) = self.error_due.take()?;
-                let header_len = proto::emit_error(code, message, buf).ok()?;
-                Some(Transmit {
-                    header_len,
-                    payload: None,
-                })
+                let len = proto::emit_error(code, message, buf).ok()?;
+                Some(Transmit::Error { code, len })
             }
             Phase::Negotiating { oack, oack_due } => {
                 if !oack_due {
                     return None;
                 }
-                let header_len = Packet::Oack(oack).emit(buf).ok()?;
+                let len = Packet::Oack(oack).emit(buf).ok()?;
                 let resend = self.last_send.is_some();
                 self.phase = Phase::Negotiating {
                     oack,
                     oack_due: false,
                 };
                 self.note_send(now, resend);
-                Some(Transmit {
-                    header_len,
-                    payload: None,
-                })
+                Some(Transmit::Oack { len })
             }
             Phase::Transferring => {
                 let s = match &mut self.dir {
                     Direction::Send(s) => s,
                     Direction::Receive(r) => {
                         let (block, repeat) = r.poll_ack()?;
-                        let header_len = Packet::Ack { block }.emit(buf).ok()?;
+                        Packet::Ack { block }.emit(buf).ok()?;
                         let complete = r.is_complete();
                         // Karn: no RTT sample from the DATA after a re-ACK.
                         self.note_send(now, repeat);
@@ -998,17 +1023,14 @@ impl Transfer {
                             // doubt about a file already safely stored.
                             self.dallying.get_or_insert(now);
                         }
-                        return Some(Transmit {
-                            header_len,
-                            payload: None,
-                        });
+                        return Some(Transmit::Ack { block });
                     }
                 };
                 if s.next > s.total_blocks || s.next > s.acked + s.burst {
                     return None;
                 }
                 let block = s.next;
-                let header_len = proto::emit_data_header(block as u16, buf).ok()?;
+                proto::emit_data_header(block as u16, buf).ok()?;
                 let offset = (block - 1) * u64::from(self.blksize);
                 let len = (s.content_len - offset).min(u64::from(self.blksize)) as usize;
                 let resend = block <= s.sent_high;
@@ -1016,12 +1038,14 @@ impl Transfer {
                     let first = s.head_sent.map_or(now, |(_, first)| first);
                     s.head_sent = Some((now, first));
                 }
+                let last = block == s.total_blocks;
                 s.next += 1;
                 s.sent_high = s.sent_high.max(block);
                 self.note_send(now, resend);
-                Some(Transmit {
-                    header_len,
-                    payload: Some(Payload { offset, len }),
+                Some(Transmit::Data {
+                    block,
+                    payload: Payload { offset, len },
+                    last,
                 })
             }
         }
@@ -1059,11 +1083,6 @@ impl Transfer {
         self.event_delivered = true;
         self.outcome
     }
-
-    /// The outcome, once ended.
-    pub fn outcome(&self) -> Option<Outcome> {
-        self.outcome
-    }
 }
 
 impl Transfer {
@@ -1078,10 +1097,5 @@ impl Transfer {
             },
             Phase::Ended => false,
         }
-    }
-
-    /// Ended, with nothing left to transmit.
-    pub fn is_drained(&self) -> bool {
-        self.phase == Phase::Ended && self.error_due.is_none()
     }
 }

@@ -14,7 +14,7 @@
 //! 3. expire timers (`handle_timeout`);
 //! 4. for every session touched this turn, and those waiting for a send
 //!    slot: drain `poll_transmit` into `SendMsg` SQEs, re-arm its timer with
-//!    `poll_timeout`, and remove it once `is_finished`;
+//!    `poll_timeout`, and let it go once `poll_event` reports its end;
 //! 5. re-arm multishot receives that ended (e.g. `-ENOBUFS` when a ring ran
 //!    dry), now that buffers are back.
 //!

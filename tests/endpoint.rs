@@ -176,7 +176,7 @@ fn option_names_are_case_insensitive_and_oack_lists_only_accepted() {
     };
     let mut buf = [0u8; 600];
     let t = f.endpoint.poll_transmit(f.now, id, &mut buf).unwrap();
-    let Ok(Packet::Oack(options)) = Packet::parse(&buf[..t.header_len]) else {
+    let Ok(Packet::Oack(options)) = Packet::parse(&buf[..t.header_len()]) else {
         panic!()
     };
     assert_eq!(options.blksize, Some(1468));
@@ -193,7 +193,7 @@ fn strangers_get_error_5_and_the_transfer_goes_on() {
     };
     let mut buf = [0u8; 600];
     let t = f.endpoint.poll_transmit(f.now, id, &mut buf).unwrap();
-    assert!(t.payload.is_some());
+    assert!(t.payload().is_some());
     let stranger = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), 999);
     let mut reply = [0u8; 600];
     match f
@@ -226,7 +226,7 @@ fn strangers_get_error_5_and_the_transfer_goes_on() {
     );
     let t = f.endpoint.poll_transmit(f.now, id, &mut buf).unwrap();
     assert_eq!(&buf[..4], &[0, 3, 0, 2]);
-    assert_eq!(t.payload.unwrap().offset, 512);
+    assert_eq!(t.payload().unwrap().offset, 512);
     // A stranger's ERROR is never answered (no ping-pong of errors).
     assert_eq!(
         f.endpoint
@@ -305,8 +305,7 @@ fn stale_session_ids_reach_nothing() {
         .abort(f.now, id, ringtftpd::refusal::Abort::ShuttingDown);
     let mut buf = [0u8; 600];
     assert!(f.endpoint.poll_transmit(f.now, id, &mut buf).is_some()); // the ERROR
-    assert!(f.endpoint.is_finished(id));
-    let finished = f.endpoint.remove(id).unwrap();
+    let finished = f.endpoint.poll_event(id).expect("ended after its ERROR");
     assert!(finished.to_string().contains("outcome=aborted"));
     // The slot is reused with a new generation; the old id is dead.
     let RequestOutcome::Started(new) = f.request(peer(2), &rrq("boot.img", "octet", &[])) else {
@@ -317,6 +316,7 @@ fn stale_session_ids_reach_nothing() {
     let stale = SessionId { ..id };
     assert!(f.endpoint.poll_transmit(f.now, stale, &mut buf).is_none());
     assert!(f.endpoint.remove(stale).is_none());
+    assert!(f.endpoint.poll_event(stale).is_none());
     assert!(f.endpoint.session(new).is_some());
 }
 
@@ -734,17 +734,17 @@ fn reflected_bytes(options: &[(&str, &str)], forged_ack0: bool) -> (usize, usize
     let mut acked = false;
     for _ in 0..10_000 {
         while let Some(t) = endpoint.poll_transmit(now, id, &mut buf) {
-            bytes += 28 + t.header_len + t.payload.map_or(0, |p| p.len);
+            bytes += 28 + t.header_len() + t.payload().map_or(0, |p| p.len);
             packets += 1;
             if forged_ack0
                 && !acked
-                && matches!(Packet::parse(&buf[..t.header_len]), Ok(Packet::Oack(_)))
+                && matches!(Packet::parse(&buf[..t.header_len()]), Ok(Packet::Oack(_)))
             {
                 acked = true;
                 endpoint.handle_datagram(now, id, peer(9), &[0, 4, 0, 0], &mut reply);
             }
         }
-        if endpoint.is_finished(id) {
+        if endpoint.poll_event(id).is_some() {
             let request_bytes = 28 + request.len();
             return (bytes / request_bytes, packets);
         }

@@ -141,10 +141,10 @@ impl Fixture {
     fn sent(&mut self, id: SessionId) -> Vec<String> {
         let mut out = Vec::new();
         while let Some(t) = self.endpoint.poll_transmit(self.now, id, &mut self.buf) {
-            assert!(t.payload.is_none(), "an upload's session sent file bytes");
+            assert!(t.payload().is_none(), "an upload's session sent file bytes");
             out.push(format!(
                 "{:?}",
-                Packet::parse(&self.buf[..t.header_len]).unwrap()
+                Packet::parse(&self.buf[..t.header_len()]).unwrap()
             ));
         }
         out
@@ -251,12 +251,11 @@ fn an_upload_is_negotiated_handed_out_in_order_and_acked_only_once_stored() {
     f.endpoint.commit_done(f.now, id);
     assert_eq!(f.sent(id), ["Ack { block: 4 }"]);
     // It dallies, answering a repeat of the final DATA, then ends.
-    assert!(!f.endpoint.is_finished(id));
+    assert!(f.endpoint.poll_event(id).is_none(), "ended while dallying");
     f.now = f.endpoint.poll_timeout(id).expect("dally deadline");
     f.endpoint.handle_timeout(f.now, id);
     assert!(f.sent(id).is_empty());
-    assert!(f.endpoint.is_finished(id));
-    let done = f.endpoint.remove(id).expect("finished");
+    let done = f.endpoint.poll_event(id).expect("ended after the dally");
     assert!(done.write);
     assert_eq!(done.outcome, Outcome::Completed);
     assert_eq!(done.stats.bytes_acked, 3000);
@@ -276,7 +275,8 @@ fn more_than_the_announced_tsize_ends_the_upload_with_error_3() {
     let sent = f.sent(id);
     assert_eq!(sent.len(), 1);
     assert!(sent[0].contains("DiskFull"), "{sent:?}");
-    assert!(f.endpoint.is_finished(id));
+    let done = f.endpoint.poll_event(id).expect("ended with the ERROR");
+    assert_eq!(done.outcome, Outcome::Aborted(ErrorCode::DiskFull));
 }
 
 #[test]

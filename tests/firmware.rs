@@ -99,8 +99,8 @@ impl Wire {
     fn drain(&mut self, id: SessionId) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         while let Some(t) = self.endpoint.poll_transmit(self.now, id, &mut self.buf) {
-            let mut datagram = self.buf[..t.header_len].to_vec();
-            if let Some(p) = t.payload {
+            let mut datagram = self.buf[..t.header_len()].to_vec();
+            if let Some(p) = t.payload() {
                 let data = self
                     .endpoint
                     .session(id)
@@ -112,8 +112,7 @@ impl Wire {
             }
             out.push(datagram);
         }
-        if self.endpoint.is_finished(id) {
-            let finished = self.endpoint.remove(id).expect("finished session");
+        if let Some(finished) = self.endpoint.poll_event(id) {
             self.outcomes.push(finished.outcome);
             self.log.push(finished.to_string());
         }

@@ -102,7 +102,7 @@ fn upload(
     for _ in 0..2_000_000 {
         // Everything the transfer wants to send.
         while let Some(tx) = t.poll_transmit(now, &mut buf) {
-            let bytes = buf[..tx.header_len].to_vec();
+            let bytes = buf[..tx.header_len()].to_vec();
             n_down += 1;
             if !(drop.borrow_mut())(false, n_down) {
                 wire.push((now + LINK_DELAY, false, bytes));
@@ -338,7 +338,7 @@ fn an_ack_sent_to_a_receiver_is_ignored_and_its_timer_kept() {
     let mut buf = [0u8; 600];
     let oack = t.poll_transmit(now, &mut buf).expect("the OACK");
     assert!(matches!(
-        Packet::parse(&buf[..oack.header_len]),
+        Packet::parse(&buf[..oack.header_len()]),
         Ok(Packet::Oack(_))
     ));
     assert!(t.handle_datagram(now, &[0, 4, 0, 0]).is_none());
@@ -346,7 +346,7 @@ fn an_ack_sent_to_a_receiver_is_ignored_and_its_timer_kept() {
     t.handle_timeout(deadline);
     let again = t.poll_transmit(deadline, &mut buf).expect("the OACK again");
     assert!(matches!(
-        Packet::parse(&buf[..again.header_len]),
+        Packet::parse(&buf[..again.header_len()]),
         Ok(Packet::Oack(_))
     ));
 }

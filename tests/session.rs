@@ -6,7 +6,7 @@ mod sim;
 use std::time::Duration;
 
 use ringtftpd::proto::{ErrorCode, Options, Packet};
-use ringtftpd::session::{self, Outcome};
+use ringtftpd::session::{self, Outcome, Payload, Transmit};
 use sim::*;
 
 /// A link that does `fate` to the first packet matching `hit` and delivers
@@ -696,7 +696,7 @@ fn runts_and_stray_packets_from_the_peer_are_ignored() {
     for block in 1..=11u16 {
         let sent = t.poll_transmit(now, &mut buf).expect("DATA");
         assert_eq!(&buf[..4], &[0, 3, 0, block as u8]);
-        assert!(sent.payload.is_some());
+        assert!(sent.payload().is_some());
         assert!(t.poll_transmit(now, &mut buf).is_none());
         // Garbage between the blocks: a runt, a DATA, a stray RRQ, an OACK.
         for junk in [
@@ -711,6 +711,65 @@ fn runts_and_stray_packets_from_the_peer_are_ignored() {
         t.handle_datagram(now, &[0, 4, 0, block as u8]);
     }
     assert_eq!(t.poll_event(), Some(Outcome::Completed));
+}
+
+#[test]
+fn each_transmit_says_what_it_carries() {
+    // 65537 blocks of 8 bytes plus a short one: DATA past the rollover
+    // keeps its absolute number; only the final block is `last`.
+    let blocks = 65_537u64;
+    let len = blocks * 8 + 3;
+    let limits = session::Limits::default();
+    let asked = Options {
+        blksize: Some(8),
+        ..Options::default()
+    };
+    let negotiated = session::negotiate(&asked, len, None, false, &limits);
+    let now = std::time::Instant::now();
+    let mut t = session::Transfer::new_read(now, &negotiated, len, &limits);
+    let mut buf = [0u8; 600];
+    let oack = t.poll_transmit(now, &mut buf).expect("OACK");
+    let Transmit::Oack { len: oack_len } = oack else {
+        panic!("{oack:?}")
+    };
+    assert!(matches!(
+        Packet::parse(&buf[..oack_len]),
+        Ok(Packet::Oack(_))
+    ));
+    assert_eq!((oack.header_len(), oack.payload()), (oack_len, None));
+    t.handle_datagram(now, &[0, 4, 0, 0]);
+    for block in 1..=blocks + 1 {
+        let sent = t.poll_transmit(now, &mut buf).expect("DATA");
+        let expected = Transmit::Data {
+            block,
+            payload: Payload {
+                offset: (block - 1) * 8,
+                len: if block > blocks { 3 } else { 8 },
+            },
+            last: block > blocks,
+        };
+        assert_eq!(sent, expected);
+        assert_eq!(sent.header_len(), 4);
+        assert_eq!(buf[2..4], (block as u16).to_be_bytes());
+        let wire = (block as u16).to_be_bytes();
+        t.handle_datagram(now, &[0, 4, wire[0], wire[1]]);
+    }
+    assert_eq!(t.poll_event(), Some(Outcome::Completed));
+    // An abort's ERROR names its code.
+    let mut t = session::Transfer::new_read(now, &negotiated, len, &limits);
+    while t.poll_transmit(now, &mut buf).is_some() {}
+    t.abort(now, ringtftpd::refusal::Abort::ShuttingDown);
+    let error = t.poll_transmit(now, &mut buf).expect("ERROR");
+    let Transmit::Error { code, len } = error else {
+        panic!("{error:?}")
+    };
+    assert!(matches!(
+        Packet::parse(&buf[..len]),
+        Ok(Packet::Error { code: c, .. }) if c == code
+    ));
+    assert_eq!(t.poll_transmit(now, &mut buf), None);
+    assert!(matches!(t.poll_event(), Some(Outcome::Aborted(c)) if c == code));
+    assert_eq!(t.poll_event(), None, "the end is reported once");
 }
 
 /// When the `n`th copy of DATA `block` (1-based) was sent, after the one before it.
@@ -921,8 +980,7 @@ fn the_path_cache_is_bounded() {
         now += Duration::from_micros(100);
         endpoint.handle_datagram(now, id, peer, &[0, 4, 0, 1], &mut buf);
         while endpoint.poll_transmit(now, id, &mut buf).is_some() {}
-        assert!(endpoint.is_finished(id));
-        endpoint.remove(id);
+        assert!(endpoint.poll_event(id).is_some(), "one-block file not done");
         assert!(endpoint.path_cache_len() <= 4096);
     }
     assert_eq!(endpoint.path_cache_len(), 4096);

@@ -10,20 +10,24 @@
 //!   shutdown;
 //! - every reply from the listener is a well-formed ERROR, every reply to a
 //!   stranger on a transfer socket is ERROR 5; every transmit is an OACK,
-//!   an ERROR, or a DATA header whose payload is its block's range of the
-//!   file;
-//! - a finished session is removable exactly once; a stale id reaches
-//!   nothing; in the end only expiries finish and free every session.
+//!   an ACK (uploads), an ERROR, or a DATA header whose payload is its
+//!   block's range of the file, and says which (`Transmit`'s variant and
+//!   fields match the bytes);
+//! - `poll_event` reports a session's end once, right after its ERROR if
+//!   it sent one, freeing it; a session is removable exactly once; a stale
+//!   id reaches nothing; in the end only expiries finish and free every
+//!   session.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ringtftpd::endpoint::Finished;
 use ringtftpd::endpoint::{
     DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
 };
 use ringtftpd::proto::{ErrorCode, Mode, Packet};
 use ringtftpd::refusal::Abort;
-use ringtftpd::session::Outcome;
+use ringtftpd::session::{Outcome, Transmit};
 
 use crate::input::{Encoder, Input};
 
@@ -118,6 +122,8 @@ struct Known {
     live: bool,
     /// Highest DATA block number seen on the wire.
     high: u16,
+    /// It sent an ERROR: its end is due at the next `poll_event`.
+    error_sent: bool,
 }
 
 struct Harness {
@@ -252,6 +258,7 @@ impl Harness {
                     peer: from,
                     live: true,
                     high: 0,
+                    error_sent: false,
                 });
                 let sent = self.drain(self.known.len() - 1);
                 assert!(sent > 0, "a new session sent nothing");
@@ -316,17 +323,30 @@ impl Harness {
                 "poll_transmit does not stop"
             );
             assert!(!error, "sent after an ERROR");
-            match (Packet::parse(&self.buf[..t.header_len]), t.payload) {
-                (Ok(Packet::Oack(_)), None) => {}
-                (Ok(Packet::Ack { .. }), None) => {
+            match (Packet::parse(&self.buf[..t.header_len()]), t) {
+                (Ok(Packet::Oack(_)), Transmit::Oack { .. }) => {}
+                (Ok(Packet::Ack { block }), Transmit::Ack { block: said }) => {
+                    assert_eq!(block, said);
                     assert_eq!(len, UPLOAD, "a read's session sent an ACK");
                 }
-                (Ok(Packet::Error { .. }), None) => error = true,
-                (Ok(Packet::Data { block, payload: [] }), Some(p)) => {
+                (Ok(Packet::Error { code, .. }), Transmit::Error { code: said, .. }) => {
+                    assert_eq!(code, said);
+                    error = true;
+                }
+                (
+                    Ok(Packet::Data { block, payload: [] }),
+                    Transmit::Data {
+                        block: abs,
+                        payload: p,
+                        last,
+                    },
+                ) => {
                     assert_ne!(len, UPLOAD, "an upload's session sent DATA");
                     assert_eq!(p.offset % blksize, 0);
-                    assert_eq!(block, (p.offset / blksize + 1) as u16);
+                    assert_eq!(abs, p.offset / blksize + 1);
+                    assert_eq!(block, abs as u16);
                     assert!(p.len as u64 <= blksize);
+                    assert_eq!(last, (p.len as u64) < blksize, "last is the short block");
                     assert!(
                         p.offset + p.len as u64 <= len,
                         "payload {p:?} beyond the file ({len} bytes)"
@@ -336,38 +356,59 @@ impl Harness {
                         known.high = block;
                     }
                 }
-                (other, payload) => panic!("session sent {other:?} with {payload:?}"),
+                (other, t) => panic!("session sent {other:?} as {t:?}"),
             }
         }
-        let finished = self.ep.is_finished(id);
-        if error {
-            assert!(
-                finished,
-                "an ERROR was sent but the session is not finished"
-            );
-        }
-        if finished && !self.lazy_remove {
-            self.remove(k);
+        self.known[k].error_sent |= error;
+        if !self.lazy_remove {
+            self.poll_end(k);
         }
         sent
     }
 
+    /// Asks `poll_event` whether session `k` ended; true if it did.
+    fn poll_end(&mut self, k: usize) -> bool {
+        let id = self.known[k].id;
+        match self.ep.poll_event(id) {
+            Some(finished) => {
+                self.gone(k, finished);
+                assert!(self.ep.poll_event(id).is_none(), "an end reported twice");
+                true
+            }
+            None => {
+                assert!(
+                    !self.known[k].error_sent,
+                    "an ERROR was sent but no end was reported"
+                );
+                false
+            }
+        }
+    }
+
+    /// The driver gives up on session `k`, ended or not.
     fn remove(&mut self, k: usize) {
         let id = self.known[k].id;
         let was_live = self.known[k].live;
         match self.ep.remove(id) {
             Some(finished) => {
                 assert!(was_live, "a stale id removed something");
-                assert_eq!(finished.peer, self.known[k].peer);
-                self.known[k].live = false;
-                if finished.outcome == Outcome::Completed {
-                    self.completed += 1;
-                }
+                self.gone(k, finished);
             }
             None => assert!(!was_live, "a live session was not removable"),
         }
-        assert!(self.ep.session(id).is_none());
         assert!(self.ep.remove(id).is_none(), "removed twice");
+    }
+
+    fn gone(&mut self, k: usize, finished: Finished<u64>) {
+        let id = self.known[k].id;
+        assert!(self.known[k].live, "a stale id reported an end");
+        assert_eq!(finished.peer, self.known[k].peer);
+        self.known[k].live = false;
+        if finished.outcome == Outcome::Completed {
+            self.completed += 1;
+        }
+        assert!(self.ep.session(id).is_none());
+        assert!(self.ep.poll_event(id).is_none());
     }
 
     fn drain_all(&mut self) {
@@ -444,9 +485,10 @@ impl Harness {
             8 => {
                 // The driver removes a finished session, or one at exit.
                 let Some(k) = self.pick(input) else { return };
-                let any = input.bool();
-                if any || !self.known[k].live || self.ep.is_finished(self.known[k].id) {
+                if input.bool() || !self.known[k].live {
                     self.remove(k);
+                } else {
+                    self.poll_end(k);
                 }
             }
             9 => {
@@ -488,8 +530,8 @@ impl Harness {
         let bound = per_session as usize * (self.known.len() + 1);
         for _ in 0..bound {
             for k in 0..self.known.len() {
-                if self.known[k].live && self.ep.is_finished(self.known[k].id) {
-                    self.remove(k);
+                if self.known[k].live {
+                    self.poll_end(k);
                 }
             }
             if self.live() == 0 {

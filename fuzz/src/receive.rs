@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use ringtftpd::proto::{self, Packet};
-use ringtftpd::session::{self, Negotiated, Outcome, Transfer};
+use ringtftpd::session::{self, Negotiated, Outcome, Transfer, Transmit};
 
 use crate::input::Input;
 
@@ -187,13 +187,20 @@ impl Harness {
                 break;
             };
             assert!(!self.ended, "sent after the end");
-            assert!(tx.payload.is_none(), "a receiver sends no DATA");
-            let packet = Packet::parse(&buf[..tx.header_len]).expect("a valid packet");
+            assert!(
+                !matches!(tx, Transmit::Data { .. }),
+                "a receiver sends no DATA"
+            );
+            let packet = Packet::parse(&buf[..tx.header_len()]).expect("a valid packet");
             let first = !self.first_sent;
             self.first_sent = true;
             match packet {
-                Packet::Oack(_) => assert!(self.expect_oack, "an OACK nobody negotiated"),
+                Packet::Oack(_) => {
+                    assert!(matches!(tx, Transmit::Oack { .. }));
+                    assert!(self.expect_oack, "an OACK nobody negotiated");
+                }
                 Packet::Ack { block } => {
+                    assert_eq!(tx, Transmit::Ack { block });
                     if first {
                         assert!(!self.expect_oack, "ACK before the OACK");
                     }
@@ -203,7 +210,9 @@ impl Harness {
                     );
                     assert!(!self.last || self.committed, "final ACK before the commit");
                 }
-                Packet::Error { .. } => {}
+                Packet::Error { code, .. } => {
+                    assert!(matches!(tx, Transmit::Error { code: c, .. } if c == code));
+                }
                 other => panic!("a receiver sent {other:?}"),
             }
         }

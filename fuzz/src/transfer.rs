@@ -342,11 +342,11 @@ impl Harness {
             self.outcome.is_none() && !self.error_sent,
             "sent after the end: {transmit:?}"
         );
-        assert!(transmit.header_len <= self.buf.len());
-        let header = &self.buf[..transmit.header_len];
+        assert!(transmit.header_len() <= self.buf.len());
+        let header = &self.buf[..transmit.header_len()];
         match Packet::parse(header) {
             Ok(Packet::Oack(options)) => {
-                assert!(transmit.payload.is_none());
+                assert_eq!(transmit, Transmit::Oack { len: header.len() });
                 assert!(
                     !self.confirmed,
                     "OACK after ACK 0 or without one negotiated"
@@ -355,10 +355,15 @@ impl Harness {
                 self.oack_sent = true;
             }
             Ok(Packet::Data { block, payload }) => {
-                assert!(payload.is_empty() && transmit.header_len == 4);
+                assert!(payload.is_empty() && transmit.header_len() == 4);
                 assert!(self.confirmed, "DATA before the OACK was acknowledged");
-                let Some(p) = transmit.payload else {
-                    panic!("DATA without a payload range");
+                let Transmit::Data {
+                    block: said,
+                    payload: p,
+                    last,
+                } = transmit
+                else {
+                    panic!("DATA sent as {transmit:?}");
                 };
                 let len = p.len as u64;
                 assert!(
@@ -368,6 +373,8 @@ impl Harness {
                 );
                 let abs = p.offset / self.blksize + 1;
                 assert_eq!(block, abs as u16, "wire block vs offset {}", p.offset);
+                assert_eq!(said, abs, "Transmit's block vs offset {}", p.offset);
+                assert_eq!(last, abs == self.total_blocks, "last vs block {abs}");
                 assert!(abs <= self.total_blocks, "block {abs} beyond the file");
                 assert!(
                     p.offset
@@ -390,8 +397,14 @@ impl Harness {
                 );
                 self.sent_high = self.sent_high.max(abs);
             }
-            Ok(Packet::Error { .. }) => {
-                assert!(transmit.payload.is_none());
+            Ok(Packet::Error { code, .. }) => {
+                assert_eq!(
+                    transmit,
+                    Transmit::Error {
+                        code,
+                        len: header.len()
+                    }
+                );
                 assert!(self.t.is_ended(), "ERROR sent by a live transfer");
                 self.error_sent = true;
             }

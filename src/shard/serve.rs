@@ -13,8 +13,9 @@ use std::time::Instant;
 use super::batch::{Batch, Offer};
 use super::send::{HEADER_CAP, MAX_SEGMENTS, Owner};
 use super::{Held, REPLY_CAP, Shard, gso, sqe};
-use crate::endpoint::SessionId;
+use crate::endpoint::{Finished, SessionId};
 use crate::refusal::Abort;
+use crate::session::Transmit;
 
 /// Most sends one session may queue per service, so one big window does
 /// not starve the others.
@@ -80,13 +81,12 @@ impl Shard {
         }
         loop {
             let t = self.endpoint.poll_transmit(now, id, buf)?;
-            let Some(p) = t.payload else {
-                return Some((t.header_len, None));
+            let Transmit::Data { payload: p, .. } = t else {
+                return Some((t.header_len(), None));
             };
             // Translates netascii as far as this block, and checks the file
             // against its open-time fstat before the final block (see
-            // FileData::block).
-            // Only a read's transmits carry payload.
+            // FileData::block). Only a read sends DATA.
             let block = match self.endpoint.session(id)?.handle {
                 Held::Read(data) => data.block(p.offset, p.len),
                 Held::Write(_) => return None,
@@ -98,7 +98,7 @@ impl Shard {
                     if let Some(end) = b.end {
                         self.endpoint.set_content_len(id, end);
                     }
-                    return Some((t.header_len, Some((b.ptr, b.len))));
+                    return Some((t.header_len(), Some((b.ptr, b.len))));
                 }
                 // The file changed before its final block, shrank, or a read
                 // failed: send the ERROR instead.
@@ -212,13 +212,12 @@ impl Shard {
             Some(deadline) => self.wheel.arm(id.index, deadline),
             None => self.wheel.cancel(id.index),
         }
-        if self.endpoint.is_finished(id) {
-            self.finish(id);
+        if let Some(finished) = self.endpoint.poll_event(id) {
+            self.finish(id, finished);
         }
     }
 
-    pub(super) fn finish(&mut self, id: SessionId) {
-        let finished = self.endpoint.remove(id);
+    fn finish(&mut self, id: SessionId, finished: Finished<Held>) {
         self.wheel.cancel(id.index);
         self.counters.finished += 1;
         let Some(live) = self
@@ -230,16 +229,14 @@ impl Shard {
         };
         self.live -= 1;
         self.release_sock(live.sock, live.peer);
-        if let Some(f) = finished {
-            if let (Held::Write(key), Some(desk)) = (&f.handle, &mut self.files.uploads) {
-                desk.cancel(*key);
-            }
-            if self.log_transfers {
-                self.log(f.to_string());
-            }
-            if live.inflight > 0 {
-                self.lingering.insert(id, (f.handle, live.inflight));
-            }
+        if let (Held::Write(key), Some(desk)) = (&finished.handle, &mut self.files.uploads) {
+            desk.cancel(*key);
+        }
+        if self.log_transfers {
+            self.log(finished.to_string());
+        }
+        if live.inflight > 0 {
+            self.lingering.insert(id, (finished.handle, live.inflight));
         }
     }
 

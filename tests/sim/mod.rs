@@ -378,16 +378,15 @@ impl Sim {
     fn drain_server(&mut self) {
         let Some(id) = self.session else { return };
         while let Some(t) = self.endpoint.poll_transmit(self.now, id, &mut self.buf) {
-            let mut datagram = self.buf[..t.header_len].to_vec();
-            if let Some(p) = t.payload {
+            let mut datagram = self.buf[..t.header_len()].to_vec();
+            if let Some(p) = t.payload() {
                 let data = self.endpoint.session(id).unwrap().handle.clone();
                 datagram.extend_from_slice(&data[p.offset as usize..p.offset as usize + p.len]);
             }
             self.server_sent.push((self.now, datagram.clone()));
             self.send(Dir::ToClient, datagram);
         }
-        if self.endpoint.is_finished(id) {
-            let finished = self.endpoint.remove(id).unwrap();
+        if let Some(finished) = self.endpoint.poll_event(id) {
             self.outcome = Some(finished.outcome);
             self.log_line = Some(finished.to_string());
             self.session = None;
