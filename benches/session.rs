@@ -14,6 +14,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use ringtftpd::endpoint::{
     DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
 };
+use ringtftpd::policy::Settings;
 use ringtftpd::proto::{Mode, Options, Packet, Request};
 use ringtftpd::session::{self, Limits, Transfer, Transmit};
 
@@ -155,10 +156,13 @@ fn endpoint_session(
 ) -> (Endpoint<()>, SessionId, Driver) {
     let mut ep = Endpoint::new(EndpointConfig {
         max_sessions: 1024,
-        limits: limits(),
-        error_replies_per_sec: 10,
-        error_reply_burst: 5,
-        open_cache_ttl: Duration::ZERO,
+        settings: Settings {
+            limits: limits(),
+            error_replies_per_sec: 10,
+            error_reply_burst: 5,
+            open_cache_ttl: Duration::ZERO,
+            ..Settings::default()
+        },
         ..EndpointConfig::default()
     });
     let mut rrq = [0u8; 128];

@@ -4,11 +4,13 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 
 use crate::endpoint::EndpointConfig;
+use crate::policy::{DefaultPolicy, Settings};
 use crate::proto;
 use crate::session::{self, Limits, MAX_WINDOWSIZE};
 use crate::upload::UploadRules;
@@ -302,11 +304,10 @@ impl Config {
         })
     }
 
-    /// The endpoint configuration of one of `shards` shards.
-    pub fn endpoint(&self, shards: usize) -> EndpointConfig {
+    /// The settings of one of `shards` shards: what a reload may change.
+    pub fn settings(&self, shards: usize) -> Settings {
         let shards = shards.max(1) as u32;
-        EndpointConfig {
-            max_sessions: self.max_sessions.div_ceil(shards) as usize,
+        Settings {
             limits: self.limits(),
             error_replies_per_sec: self.error_rate,
             error_reply_burst: self.error_rate.max(1),
@@ -318,8 +319,17 @@ impl Config {
             first_contact_windowsize: self.first_contact_windowsize,
             uploads: self.upload_rules().is_some(),
             max_upload: self.max_upload,
+            policy: Arc::new(DefaultPolicy),
+        }
+    }
+
+    /// The endpoint configuration of one of `shards` shards.
+    pub fn endpoint(&self, shards: usize) -> EndpointConfig {
+        EndpointConfig {
+            max_sessions: self.max_sessions.div_ceil(shards.max(1) as u32) as usize,
             // The driver lowers it to what its receive buffers hold.
             max_upload_blksize: self.max_blksize,
+            settings: self.settings(shards),
         }
     }
 }
@@ -413,7 +423,7 @@ mod tests {
         let l = c.limits();
         let now = std::time::Instant::now();
         let _ = now + l.initial_rto * (l.retries + 1) + l.rto_max * (l.retries + 1);
-        let _ = now + c.endpoint(1).open_cache_ttl + Duration::from_secs(c.shutdown_grace);
+        let _ = now + c.settings(1).open_cache_ttl + Duration::from_secs(c.shutdown_grace);
         // ... one past it is refused, naming the flag.
         for (flag, value) in [
             ("--rto-min-ms", "60001"),
@@ -451,8 +461,8 @@ mod tests {
         assert_eq!(parse(&["-c", "--read-only"]).unwrap().upload_rules(), None);
         let c = parse(&["--max-size", "1000", "-c"]).unwrap();
         assert_eq!(c.max_upload, Some(1000));
-        assert_eq!(c.endpoint(1).max_upload, Some(1000));
-        assert!(c.endpoint(1).uploads);
+        assert_eq!(c.settings(1).max_upload, Some(1000));
+        assert!(c.settings(1).uploads);
         rejected(&["-U", "999"], "umask");
         rejected(&["--max-upload", "12Q"], "--max-upload");
         rejected(&["--max-upload", "99999999999G"], "--max-upload");

@@ -71,48 +71,24 @@ pub trait FileSource {
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::policy::{Decision, Grant, Incoming, Settings};
 use crate::proto::{self, ErrorCode, Packet, Request};
 use crate::refusal::{Abort, Malformed, Refusal, RefusalKind};
-use crate::session::{self, Limits, Outcome, PathMetrics, Received, Stats, Transfer, Transmit};
+use crate::session::{self, Outcome, PathMetrics, Received, Stats, Transfer, Transmit};
 
-/// Per-shard admission and reply policy.
+/// What sizes one shard's endpoint for its life, and the settings it
+/// starts with.
 #[derive(Debug, Clone)]
 pub struct EndpointConfig {
     /// Most concurrent sessions on this shard; slab indices are below it.
     pub max_sessions: usize,
-    pub limits: Limits,
-    /// Token bucket for ERROR replies to strangers and bad requests.
-    pub error_replies_per_sec: u32,
-    pub error_reply_burst: u32,
-    /// How long the result of opening a name (the file, or the refusal)
-    /// is reused for later requests of that name; zero opens every time.
-    pub open_cache_ttl: Duration,
-    /// Most concurrent sessions of one client address on this shard, so
-    /// one address cannot take every slot.
-    pub max_sessions_per_client: usize,
-    /// Token bucket per client address for datagrams at the listener;
-    /// beyond it requests are dropped unanswered (the client retries).
-    pub requests_per_sec_per_client: u32,
-    pub request_burst_per_client: u32,
-    /// Token bucket for ERROR replies to well-formed requests (missing
-    /// file, denied, busy, uploads): high enough for a boot storm's probes
-    /// of missing per-MAC configs, bounded all the same.
-    pub refusal_replies_per_sec: u32,
-    /// Largest windowsize for a client address with no finished transfer
-    /// in the path cache (0: no separate cap). Slow start by transfers:
-    /// RFC 7440 receivers acknowledge only full windows, so a window cannot
-    /// grow inside a transfer without costing the client's timeout.
-    pub first_contact_windowsize: u16,
-    /// Write requests are taken (else refused with ERROR 2).
-    pub uploads: bool,
-    /// Largest upload in bytes (`--max-upload`): a WRQ announcing more by
-    /// its tsize is refused with ERROR 3, one that sends more is ended so.
-    pub max_upload: Option<u64>,
     /// Largest blksize granted to a write request: what the driver's
     /// receive buffers hold.
     pub max_upload_blksize: u16,
+    pub settings: Settings,
 }
 
 impl Default for EndpointConfig {
@@ -120,18 +96,8 @@ impl Default for EndpointConfig {
     fn default() -> Self {
         EndpointConfig {
             max_sessions: 20_000,
-            limits: Limits::default(),
-            error_replies_per_sec: 100,
-            error_reply_burst: 100,
-            open_cache_ttl: Duration::from_secs(1),
-            max_sessions_per_client: 256,
-            requests_per_sec_per_client: 1000,
-            request_burst_per_client: 4000,
-            refusal_replies_per_sec: 20_000,
-            first_contact_windowsize: 16,
-            uploads: false,
-            max_upload: None,
             max_upload_blksize: proto::MAX_BLKSIZE,
+            settings: Settings::default(),
         }
     }
 }
@@ -347,7 +313,10 @@ struct Slot<H> {
 /// `poll_event`: `Some` once the session has ended, with its record.
 #[derive(Debug)]
 pub struct Endpoint<H> {
-    config: EndpointConfig,
+    max_sessions: usize,
+    max_upload_blksize: u16,
+    /// For new requests; swapped by `set_settings`.
+    settings: Arc<Settings>,
     slots: Vec<Slot<H>>,
     free: Vec<u32>,
     live: usize,
@@ -360,7 +329,7 @@ pub struct Endpoint<H> {
     client_buckets: HashMap<IpAddr, TokenBucket>,
     /// Live sessions by client address.
     per_client: HashMap<IpAddr, usize>,
-    /// Recent opens by name, one map per mode (octet, netascii).
+    /// Recent opens by resolved path, one map per mode (octet, netascii).
     open_cache: [HashMap<Box<[u8]>, CachedOpen<H>>; 2],
     /// Content bytes held by the open cache, and when it was last swept.
     open_cache_bytes: u64,
@@ -374,14 +343,12 @@ pub struct Endpoint<H> {
 
 impl<H: Clone> Endpoint<H> {
     pub fn new(config: EndpointConfig) -> Self {
-        let error_replies =
-            TokenBucket::new(config.error_replies_per_sec, config.error_reply_burst);
-        let refusal_replies = TokenBucket::new(
-            config.refusal_replies_per_sec,
-            config.refusal_replies_per_sec,
-        );
+        let settings = Arc::new(config.settings);
+        let (error_replies, refusal_replies) = Self::reply_buckets(&settings);
         Self {
-            config,
+            max_sessions: config.max_sessions,
+            max_upload_blksize: config.max_upload_blksize,
+            settings,
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -399,6 +366,35 @@ impl<H: Clone> Endpoint<H> {
         }
     }
 
+    fn reply_buckets(settings: &Settings) -> (TokenBucket, TokenBucket) {
+        (
+            TokenBucket::new(settings.error_replies_per_sec, settings.error_reply_burst),
+            TokenBucket::new(
+                settings.refusal_replies_per_sec,
+                settings.refusal_replies_per_sec,
+            ),
+        )
+    }
+
+    /// New requests are decided under `settings` from now on; running
+    /// sessions keep what they were granted. Rate buckets start full at
+    /// the new rates, and the open cache starts afresh (the policy may
+    /// resolve names differently).
+    pub fn set_settings(&mut self, settings: Arc<Settings>) {
+        (self.error_replies, self.refusal_replies) = Self::reply_buckets(&settings);
+        self.client_buckets.clear();
+        for cache in &mut self.open_cache {
+            cache.clear();
+        }
+        self.open_cache_bytes = 0;
+        self.settings = settings;
+    }
+
+    /// The settings new requests are decided under.
+    pub fn settings(&self) -> &Arc<Settings> {
+        &self.settings
+    }
+
     /// Refusals so far, by reason.
     pub fn refusals(&self) -> &RefusalCounts {
         &self.refusals
@@ -408,8 +404,8 @@ impl<H: Clone> Endpoint<H> {
     /// when full, buckets that have refilled (equal to fresh ones) go.
     fn admit_datagram(&mut self, now: Instant, client: IpAddr) -> bool {
         let (rate, burst) = (
-            self.config.requests_per_sec_per_client,
-            self.config.request_burst_per_client,
+            self.settings.requests_per_sec_per_client,
+            self.settings.request_burst_per_client,
         );
         if rate == 0 {
             return true;
@@ -475,7 +471,7 @@ impl<H: Clone> Endpoint<H> {
 
     /// Slab capacity: every `SessionId::index` is below it.
     pub fn capacity(&self) -> usize {
-        self.config.max_sessions
+        self.max_sessions
     }
 
     /// Live sessions.
@@ -504,7 +500,7 @@ impl<H: Clone> Endpoint<H> {
     }
 
     fn insert(&mut self, entry: Entry<H>) -> Option<SessionId> {
-        if self.live >= self.config.max_sessions {
+        if self.live >= self.max_sessions {
             return None;
         }
         let index = match self.free.pop() {
@@ -575,25 +571,38 @@ impl<H: Clone> Endpoint<H> {
                 }
             }
         }
-        if self.live >= self.config.max_sessions {
+        if self.live >= self.max_sessions {
             return self.refuse(now, Refusal::Busy, reply);
         }
         if self.per_client.get(&peer.ip()).copied().unwrap_or(0)
-            >= self.config.max_sessions_per_client
+            >= self.settings.max_sessions_per_client
         {
             return self.refuse(now, Refusal::PerClientCap, reply);
         }
+        let incoming = Incoming {
+            now,
+            peer,
+            local,
+            mtu,
+            write,
+            request: &request,
+        };
+        let settings = Arc::clone(&self.settings);
+        let grant = match settings.policy.decide(&incoming, &settings) {
+            Decision::Serve(grant) => grant,
+            Decision::Refuse(refusal) => return self.refuse(now, refusal, reply),
+        };
         if write {
-            return self.start_write(now, peer, local, mtu, &request, key, files, reply);
+            return self.start_write(now, incoming, grant, key, files, reply);
         }
-        let (handle, content_len) = match self.open(now, files, request.filename, request.mode) {
+        let (handle, content_len) = match self.open(now, files, &grant.path, request.mode) {
             Ok(opened) => opened,
             Err(error) => return self.refuse(now, Refusal::from(&error), reply),
         };
         let ipv6 = matches!(peer, SocketAddr::V6(_));
         let path = self.recent_path(now, peer.ip());
-        let mut limits = self.config.limits.clone();
-        let first_window = self.config.first_contact_windowsize;
+        let mut limits = grant.limits;
+        let first_window = settings.first_contact_windowsize;
         if path.is_none() && first_window > 0 {
             limits.max_windowsize = limits.max_windowsize.min(first_window);
         }
@@ -625,39 +634,40 @@ impl<H: Clone> Endpoint<H> {
         }
     }
 
-    /// A write request that passed admission: refused unless uploads are
-    /// on and its announced size fits, then begun by `files` (which
-    /// applies the create and overwrite rules). Never cached: each upload
+    /// A write request the policy granted: begun by `files` (which
+    /// applies the create and overwrite rules), and held to the smaller of
+    /// its announced size and the grant's limit. Never cached: each upload
     /// is its own file.
-    #[allow(clippy::too_many_arguments)]
     fn start_write<F: FileSource<Handle = H>>(
         &mut self,
         now: Instant,
-        peer: SocketAddr,
-        local: IpAddr,
-        mtu: Option<u32>,
-        request: &Request<'_>,
+        incoming: Incoming<'_>,
+        grant: Grant<'_>,
         key: RequestKey,
         files: &mut F,
         reply: &mut [u8],
     ) -> RequestOutcome {
-        if !self.config.uploads {
-            return self.refuse(now, Refusal::UploadsDisabled, reply);
-        }
+        let Incoming {
+            peer,
+            local,
+            mtu,
+            request,
+            ..
+        } = incoming;
         // RFC 2349: the client announces its size. Zero is read as "not
         // known" (some clients send it so), not as a limit.
         let tsize = request.options.tsize.filter(|&t| t > 0);
-        let max_len = match (self.config.max_upload, tsize) {
+        let max_len = match (grant.max_upload, tsize) {
             (Some(max), Some(t)) if t > max => return self.refuse(now, Refusal::TooLarge, reply),
             (Some(max), Some(t)) => Some(max.min(t)),
             (max, t) => max.or(t),
         };
-        let handle = match files.open_write(request.filename, request.mode, tsize) {
+        let handle = match files.open_write(&grant.path, request.mode, tsize) {
             Ok(handle) => handle,
             Err(error) => return self.refuse(now, Refusal::from(&error), reply),
         };
-        let mut limits = self.config.limits.clone();
-        limits.max_blksize = limits.max_blksize.min(self.config.max_upload_blksize);
+        let mut limits = grant.limits;
+        limits.max_blksize = limits.max_blksize.min(self.max_upload_blksize);
         let ipv6 = matches!(peer, SocketAddr::V6(_));
         // The OACK echoes the client's tsize (as tftpd-hpa does).
         let echoed = request.options.tsize.unwrap_or(session::LEN_UNKNOWN);
@@ -683,7 +693,7 @@ impl<H: Clone> Endpoint<H> {
         filename: &[u8],
         mode: proto::Mode,
     ) -> Result<(H, u64), OpenError> {
-        let ttl = self.config.open_cache_ttl;
+        let ttl = self.settings.open_cache_ttl;
         if ttl.is_zero() {
             return files.open_read(filename, mode);
         }
@@ -738,7 +748,7 @@ impl<H: Clone> Endpoint<H> {
     /// when no request comes, so a deleted file's mapping or a netascii
     /// translation is not pinned by a quiet server.
     pub fn housekeeping(&mut self, now: Instant) {
-        if !self.config.open_cache_ttl.is_zero() {
+        if !self.settings.open_cache_ttl.is_zero() {
             self.sweep_open_cache(now);
         }
     }
@@ -746,7 +756,7 @@ impl<H: Clone> Endpoint<H> {
     /// Drops expired entries once per TTL, so the cache never keeps a
     /// netascii copy or a deleted file's mapping alive much past it.
     fn sweep_open_cache(&mut self, now: Instant) {
-        let ttl = self.config.open_cache_ttl;
+        let ttl = self.settings.open_cache_ttl;
         if self
             .open_cache_swept
             .is_some_and(|at| now.saturating_duration_since(at) < ttl)

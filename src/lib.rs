@@ -4,6 +4,8 @@
 //! - [`proto`]: the wire format, pure and allocation-free on the DATA/ACK path;
 //! - [`session`]: one transfer as a sans-IO state machine;
 //! - [`endpoint`]: the per-shard demultiplexer and admission control, also sans-IO;
+//! - [`policy`]: the settings a shard may swap while running, and the
+//!   [`policy::Policy`] that decides each admitted request;
 //! - [`timer`]: a hashed timing wheel;
 //! - [`files`]: confined opening and the shared mapping cache;
 //! - [`shard`]: the io_uring driver, one per pinned core;
@@ -12,6 +14,7 @@
 pub mod config;
 pub mod endpoint;
 pub mod files;
+pub mod policy;
 pub mod proto;
 pub mod receive;
 pub mod refusal;

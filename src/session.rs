@@ -18,7 +18,7 @@ use crate::receive::{DataVerdict, Receiving};
 use crate::refusal::Abort;
 
 /// Server-wide limits and timer policy for transfers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest blksize granted (`--max-blksize`).
     pub max_blksize: u16,

@@ -356,7 +356,10 @@ fn shutting_down_refuses_new_requests() {
 fn opens_are_reused_for_the_cache_ttl_then_redone() {
     let ttl = Duration::from_secs(1);
     let mut f = Fixture::new(EndpointConfig {
-        open_cache_ttl: ttl,
+        settings: Settings {
+            open_cache_ttl: ttl,
+            ..settings()
+        },
         ..config()
     });
     // A missing name is refused, and the refusal is remembered...
@@ -408,7 +411,10 @@ fn one_address_cannot_take_every_slot() {
     // second address is still served at once.
     let mut f = Fixture::new(EndpointConfig {
         max_sessions: 16,
-        max_sessions_per_client: 4,
+        settings: Settings {
+            max_sessions_per_client: 4,
+            ..settings()
+        },
         ..config()
     });
     for port in 1..=4 {
@@ -429,8 +435,11 @@ fn one_address_cannot_take_every_slot() {
 #[test]
 fn a_flooding_address_is_rate_limited_and_others_are_not() {
     let mut f = Fixture::new(EndpointConfig {
-        requests_per_sec_per_client: 10,
-        request_burst_per_client: 20,
+        settings: Settings {
+            requests_per_sec_per_client: 10,
+            request_burst_per_client: 20,
+            ..settings()
+        },
         ..config()
     });
     // 100 requests for a missing file from one address within a second:
@@ -466,9 +475,12 @@ fn every_refusal_goes_through_a_token_bucket() {
     // are all refused within one refusal limit, however many distinct
     // (possibly spoofed) addresses ask.
     let mut f = Fixture::new(EndpointConfig {
-        refusal_replies_per_sec: 10,
         max_sessions: 3,
-        max_sessions_per_client: 1,
+        settings: Settings {
+            refusal_replies_per_sec: 10,
+            max_sessions_per_client: 1,
+            ..settings()
+        },
         ..config()
     });
     f.start(other_peer(200, 1), "boot.img");
@@ -560,7 +572,10 @@ fn transient_open_errors_are_not_cached_and_expired_opens_are_released() {
     let data = Arc::new(content(5000, 3));
     files.inner.0.insert(b"f".to_vec(), data.clone());
     let mut endpoint = Endpoint::new(EndpointConfig {
-        open_cache_ttl: Duration::from_secs(1),
+        settings: Settings {
+            open_cache_ttl: Duration::from_secs(1),
+            ..settings()
+        },
         ..config()
     });
     let now = Instant::now();
@@ -648,8 +663,11 @@ fn a_huge_file_is_not_cached_and_does_not_flush_the_others() {
         .0
         .insert(b"iso".to_vec(), Arc::new(vec![9u8; 100]));
     let mut endpoint = Endpoint::new(EndpointConfig {
-        open_cache_ttl: Duration::from_secs(10),
         max_sessions: 64,
+        settings: Settings {
+            open_cache_ttl: Duration::from_secs(10),
+            ..settings()
+        },
         ..config()
     });
     let now = Instant::now();
@@ -677,7 +695,10 @@ fn a_quiet_server_still_releases_expired_opens() {
     let mut files = MemFiles::default();
     files.0.insert(b"f".to_vec(), data.clone());
     let mut endpoint = Endpoint::new(EndpointConfig {
-        open_cache_ttl: Duration::from_secs(1),
+        settings: Settings {
+            open_cache_ttl: Duration::from_secs(1),
+            ..settings()
+        },
         ..config()
     });
     let now = Instant::now();
@@ -712,7 +733,10 @@ fn reflected_bytes(options: &[(&str, &str)], forged_ack0: bool) -> (usize, usize
         .0
         .insert(b"big".to_vec(), Arc::new(content(4 << 20, 9)));
     let mut endpoint = Endpoint::new(EndpointConfig {
-        limits: ringtftpd::session::Limits::default(),
+        settings: Settings {
+            limits: ringtftpd::session::Limits::default(),
+            ..settings()
+        },
         ..config()
     });
     let request = rrq("big", "octet", options);

@@ -97,9 +97,12 @@ impl Fixture {
 
     fn uploads() -> Self {
         Self::new(EndpointConfig {
-            uploads: true,
-            max_upload: Some(10_000),
             max_upload_blksize: 1000,
+            settings: Settings {
+                uploads: true,
+                max_upload: Some(10_000),
+                ..settings()
+            },
             ..config()
         })
     }

@@ -482,7 +482,10 @@ fn the_log_line_names_what_happened() {
 /// The command line's default limits (a 5 ms starting RTO floor).
 fn default_config() -> ringtftpd::endpoint::EndpointConfig {
     ringtftpd::endpoint::EndpointConfig {
-        limits: session::Limits::default(),
+        settings: Settings {
+            limits: session::Limits::default(),
+            ..settings()
+        },
         ..config()
     }
 }
@@ -664,9 +667,9 @@ fn a_transfer_without_progress_ends_at_the_stall_limit() {
     // client's slot for minutes; the stall limit ends it.
     let file = content(100 * 512, 26);
     let mut config = default_config();
-    config.limits.retries = 1000;
-    config.limits.rto_max = Duration::from_secs(60);
-    config.limits.max_stall = Duration::from_secs(20);
+    config.settings.limits.retries = 1000;
+    config.settings.limits.rto_max = Duration::from_secs(60);
+    config.settings.limits.max_stall = Duration::from_secs(20);
     let mut sim = Sim::with_config(&file, &[("timeout", "7")], config).link(|dir, p, _| {
         if dir == Dir::ToServer && matches!(p, Packet::Ack { block } if *block >= 3) {
             Fate::Drop
@@ -1017,7 +1020,7 @@ fn an_addresss_floor_falls_again_when_it_proved_unneeded() {
 fn pause_after_block_3(pause: Duration, min_give_up: Duration) -> Sim {
     let file = content(20 * 512, 31);
     let mut config = default_config();
-    config.limits.min_give_up = min_give_up;
+    config.settings.limits.min_give_up = min_give_up;
     let mut sim = Sim::with_config(&file, &[], config);
     for _ in 0..10_000 {
         if sim.client.expected_block >= 4 {
@@ -1088,7 +1091,7 @@ fn a_first_contact_gets_a_small_window_and_a_known_client_the_full_one() {
     assert_eq!(sim.client.oack.and_then(|o| o.windowsize), Some(64));
     // Off: the first contact gets 64 at once.
     let mut config = default_config();
-    config.first_contact_windowsize = 0;
+    config.settings.first_contact_windowsize = 0;
     let mut sim = Sim::with_config(&file, &options, config);
     sim.drive();
     assert_complete(&sim, &file);

@@ -25,6 +25,7 @@ use ringtftpd::endpoint::Finished;
 use ringtftpd::endpoint::{
     DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
 };
+use ringtftpd::policy::Settings;
 use ringtftpd::proto::{ErrorCode, Mode, Packet};
 use ringtftpd::refusal::Abort;
 use ringtftpd::session::{Outcome, Transmit};
@@ -158,19 +159,22 @@ fn play(data: &[u8], finish: bool) -> usize {
     let max_sessions = 1 + usize::from(input.u8() % 8);
     let config = EndpointConfig {
         max_sessions,
-        limits,
-        error_replies_per_sec: u32::from(input.u8()),
-        error_reply_burst: u32::from(input.u8() % 16),
-        open_cache_ttl: Duration::from_millis(u64::from(input.u8()) * 10),
-        max_sessions_per_client: 1 + usize::from(input.u8() % 8),
-        requests_per_sec_per_client: u32::from(input.u8()),
-        request_burst_per_client: u32::from(input.u8()),
-        refusal_replies_per_sec: 1 + u32::from(input.u8()),
         // Derived, not read: the seed corpus keeps its meaning.
-        first_contact_windowsize: 16,
-        uploads: true,
-        max_upload: Some(1 << 20),
         max_upload_blksize: ringtftpd::proto::MAX_BLKSIZE,
+        settings: Settings {
+            limits,
+            error_replies_per_sec: u32::from(input.u8()),
+            error_reply_burst: u32::from(input.u8() % 16),
+            open_cache_ttl: Duration::from_millis(u64::from(input.u8()) * 10),
+            max_sessions_per_client: 1 + usize::from(input.u8() % 8),
+            requests_per_sec_per_client: u32::from(input.u8()),
+            request_burst_per_client: u32::from(input.u8()),
+            refusal_replies_per_sec: 1 + u32::from(input.u8()),
+            first_contact_windowsize: 16,
+            uploads: true,
+            max_upload: Some(1 << 20),
+            ..Settings::default()
+        },
     };
     let mut h = Harness {
         ep: Endpoint::new(config),

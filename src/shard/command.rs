@@ -13,13 +13,17 @@ use nix::sys::eventfd::EventFd;
 
 use super::uploads::Done;
 use super::{ExitReport, Phase, Shard};
+use crate::policy::Settings;
 
 /// What a shard can be told to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Command {
     /// Stop listening, let live transfers run for up to `shutdown_grace`,
     /// abort the rest and return.
     Shutdown,
+    /// Decide new requests under these settings; running transfers keep
+    /// theirs.
+    Settings(Arc<Settings>),
 }
 
 /// A running shard thread.
@@ -107,6 +111,7 @@ impl Shard {
             while let Ok(command) = self.commands.try_recv() {
                 match command {
                     Command::Shutdown => self.begin_shutdown(now),
+                    Command::Settings(settings) => self.endpoint.set_settings(settings),
                 }
             }
         }

@@ -6,11 +6,13 @@ use std::fs;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{ShardConfig, ShardHandle, Tuning, net, spawn_tuned};
 use crate::endpoint::EndpointConfig;
 use crate::files::FileRoot;
+use crate::policy::Settings;
 use crate::session::Limits;
 
 mod netns;
@@ -75,10 +77,13 @@ fn start_with(
         listeners: vec![listener],
         endpoint: EndpointConfig {
             max_sessions: 32,
-            limits,
-            error_replies_per_sec: 100,
-            error_reply_burst: 100,
-            open_cache_ttl: Duration::from_secs(1),
+            settings: Settings {
+                limits,
+                error_replies_per_sec: 100,
+                error_reply_burst: 100,
+                open_cache_ttl: Duration::from_secs(1),
+                ..Settings::default()
+            },
             ..EndpointConfig::default()
         },
         files: FileRoot::open(dir, true).unwrap(),
@@ -412,6 +417,39 @@ fn windowed_download_with_options_and_exact_multiple_of_blksize() {
     // the rest as slots come back; big blocks over loopback (MTU 65536).
     let options = [("blksize", "8192"), ("windowsize", "64")];
     fetch(shard.addr, "big", &options).expect_body(&big);
+    shard.stop();
+}
+
+#[test]
+fn new_settings_reach_new_requests_and_running_transfers_keep_theirs() {
+    let body = content(200_000, 9);
+    let Some(shard) = serve(&[("k", &body)]) else {
+        return;
+    };
+    let smaller = Settings {
+        limits: Limits {
+            max_blksize: 512,
+            ..limits()
+        },
+        ..Settings::default()
+    };
+    let mut sent = Some(super::Command::Settings(Arc::new(smaller)));
+    let options = [("blksize", "1024")];
+    // Sent while the transfer runs: it goes on with its 1024-byte blocks.
+    let running = fetch_with(shard.addr, "k", &options, |_, block| {
+        if block == 2 {
+            assert!(shard.handle.send(sent.take().expect("sent once")));
+        }
+    })
+    .expect_body(&body);
+    assert!(sent.is_none());
+    assert!(running.oack.contains(&("blksize".into(), "1024".into())));
+    let next = fetch(shard.addr, "k", &options).expect_body(&body);
+    assert!(
+        next.oack.contains(&("blksize".into(), "512".into())),
+        "{:?}",
+        next.oack
+    );
     shard.stop();
 }
 

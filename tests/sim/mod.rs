@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use ringtftpd::endpoint::{
     DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
 };
+pub use ringtftpd::policy::Settings;
 use ringtftpd::proto::{ErrorCode, Mode, Options, Packet};
 use ringtftpd::session::{Limits, Outcome};
 
@@ -31,13 +32,20 @@ pub fn limits() -> Limits {
     }
 }
 
-pub fn config() -> EndpointConfig {
-    EndpointConfig {
-        max_sessions: 16,
+pub fn settings() -> Settings {
+    Settings {
         limits: limits(),
         error_replies_per_sec: 10,
         error_reply_burst: 5,
         open_cache_ttl: Duration::ZERO,
+        ..Settings::default()
+    }
+}
+
+pub fn config() -> EndpointConfig {
+    EndpointConfig {
+        max_sessions: 16,
+        settings: settings(),
         ..EndpointConfig::default()
     }
 }

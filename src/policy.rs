@@ -1,0 +1,140 @@
+//! What a shard may change while running, and the seam where a request is
+//! decided. [`Settings`] are the limits, rates and [`Policy`] one shard
+//! applies to new requests; the driver swaps them between requests
+//! (running transfers keep what they were granted). Sizes fixed at start
+//! (slab capacity, receive buffers) are not settings: see
+//! [`crate::endpoint::EndpointConfig`]. Sans-IO, like the endpoint.
+#![forbid(unsafe_code)]
+
+use std::borrow::Cow;
+use std::fmt::Debug;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::proto::Request;
+use crate::refusal::Refusal;
+use crate::session::Limits;
+
+/// A request that passed admission (rate, duplicates, capacity), as the
+/// endpoint parsed it, for a [`Policy`] to decide on.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    pub now: Instant,
+    pub peer: SocketAddr,
+    /// The address the request was sent to.
+    pub local: IpAddr,
+    /// The ingress interface's MTU, if known.
+    pub mtu: Option<u32>,
+    /// A write request (WRQ).
+    pub write: bool,
+    pub request: &'a Request<'a>,
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<'a> {
+    Serve(Grant<'a>),
+    Refuse(Refusal),
+}
+
+/// A request to serve, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant<'a> {
+    /// The name to open below the root: the one asked for, or a rewrite
+    /// of it. The open cache is keyed on it.
+    pub path: Cow<'a, [u8]>,
+    /// Limits to negotiate options and run the transfer under.
+    pub limits: Limits,
+    /// Largest upload in bytes (WRQ only); an upload that sends more is
+    /// ended with ERROR 3.
+    pub max_upload: Option<u64>,
+}
+
+/// Decides each admitted request before any file is opened. Remap rules
+/// and per-client rules are policies; [`DefaultPolicy`] is what the
+/// command line alone asks for.
+pub trait Policy: Debug + Send + Sync {
+    fn decide<'a>(&self, incoming: &Incoming<'a>, settings: &Settings) -> Decision<'a>;
+}
+
+/// Serves the name as asked, under the settings' limits; refuses a WRQ
+/// while uploads are off, and one whose announced size (RFC 2349 tsize)
+/// is over `--max-upload`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultPolicy;
+
+impl Policy for DefaultPolicy {
+    fn decide<'a>(&self, incoming: &Incoming<'a>, settings: &Settings) -> Decision<'a> {
+        let grant = Grant {
+            path: Cow::Borrowed(incoming.request.filename),
+            limits: settings.limits.clone(),
+            max_upload: settings.max_upload,
+        };
+        if !incoming.write {
+            return Decision::Serve(grant);
+        }
+        if !settings.uploads {
+            return Decision::Refuse(Refusal::UploadsDisabled);
+        }
+        // Zero is read as "not known" (some clients send it so).
+        let announced = incoming.request.options.tsize.filter(|&t| t > 0);
+        match (settings.max_upload, announced) {
+            (Some(max), Some(t)) if t > max => Decision::Refuse(Refusal::TooLarge),
+            _ => Decision::Serve(grant),
+        }
+    }
+}
+
+/// Per-shard limits, rates and policy for new requests.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub limits: Limits,
+    /// Token bucket for ERROR replies to strangers and bad requests.
+    pub error_replies_per_sec: u32,
+    pub error_reply_burst: u32,
+    /// How long the result of opening a path (the file, or the refusal)
+    /// is reused for later requests of that path; zero opens every time.
+    pub open_cache_ttl: Duration,
+    /// Most concurrent sessions of one client address on this shard, so
+    /// one address cannot take every slot.
+    pub max_sessions_per_client: usize,
+    /// Token bucket per client address for datagrams at the listener;
+    /// beyond it requests are dropped unanswered (the client retries).
+    pub requests_per_sec_per_client: u32,
+    pub request_burst_per_client: u32,
+    /// Token bucket for ERROR replies to well-formed requests (missing
+    /// file, denied, busy, uploads): high enough for a boot storm's probes
+    /// of missing per-MAC configs, bounded all the same.
+    pub refusal_replies_per_sec: u32,
+    /// Largest windowsize for a client address with no finished transfer
+    /// in the path cache (0: no separate cap). Slow start by transfers:
+    /// RFC 7440 receivers acknowledge only full windows, so a window cannot
+    /// grow inside a transfer without costing the client's timeout.
+    pub first_contact_windowsize: u16,
+    /// Write requests are taken (else refused with ERROR 2).
+    pub uploads: bool,
+    /// Largest upload in bytes (`--max-upload`).
+    pub max_upload: Option<u64>,
+    pub policy: Arc<dyn Policy>,
+}
+
+impl Default for Settings {
+    /// The command line's defaults for a one-shard server.
+    fn default() -> Self {
+        Settings {
+            limits: Limits::default(),
+            error_replies_per_sec: 100,
+            error_reply_burst: 100,
+            open_cache_ttl: Duration::from_secs(1),
+            max_sessions_per_client: 256,
+            requests_per_sec_per_client: 1000,
+            request_burst_per_client: 4000,
+            refusal_replies_per_sec: 20_000,
+            first_contact_windowsize: 16,
+            uploads: false,
+            max_upload: None,
+            policy: Arc::new(DefaultPolicy),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The request-decision seam, sans-IO: a `Policy` decides each admitted
+//! request (the path to open and its limits, or a refusal) before any
+//! file is opened, and `Endpoint::set_settings` swaps settings for new
+//! requests while running transfers keep theirs.
+
+mod sim;
+
+use std::borrow::Cow;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringtftpd::endpoint::{
+    Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
+};
+use ringtftpd::policy::{Decision, DefaultPolicy, Grant, Incoming, Policy};
+use ringtftpd::proto::{ErrorCode, Mode, Options, Packet};
+use ringtftpd::refusal::Refusal;
+use ringtftpd::session::Transmit;
+use sim::*;
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const SLOW_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9));
+
+fn peer(host: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), port)
+}
+
+fn rrq(name: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    let mut p = vec![0, 1];
+    for field in [name, "octet"] {
+        p.extend_from_slice(field.as_bytes());
+        p.push(0);
+    }
+    for (n, v) in options {
+        p.extend_from_slice(n.as_bytes());
+        p.push(0);
+        p.extend_from_slice(v.as_bytes());
+        p.push(0);
+    }
+    p
+}
+
+/// Per-MAC configs all resolve to the default one; `secret` is refused;
+/// one client gets small blocks; the rest is the default policy's.
+#[derive(Debug)]
+struct SiteRules;
+
+impl Policy for SiteRules {
+    fn decide<'a>(
+        &self,
+        incoming: &Incoming<'a>,
+        settings: &ringtftpd::policy::Settings,
+    ) -> Decision<'a> {
+        let name = incoming.request.filename;
+        if name == b"secret" {
+            return Decision::Refuse(Refusal::Denied("refused by a rule"));
+        }
+        let mut grant = match DefaultPolicy.decide(incoming, settings) {
+            Decision::Serve(grant) => grant,
+            refused => return refused,
+        };
+        if name.starts_with(b"pxelinux.cfg/01-") {
+            grant.path = Cow::Borrowed(b"pxelinux.cfg/default");
+        }
+        if incoming.peer.ip() == SLOW_CLIENT {
+            grant.limits.max_blksize = 512;
+        }
+        Decision::Serve(grant)
+    }
+}
+
+/// In-memory files that count the opens of each name.
+#[derive(Default)]
+struct Counted {
+    files: MemFiles,
+    opens: Vec<Vec<u8>>,
+}
+
+impl FileSource for Counted {
+    type Handle = Arc<Vec<u8>>;
+    fn open_read(&mut self, name: &[u8], mode: Mode) -> Result<(Self::Handle, u64), OpenError> {
+        self.opens.push(name.to_vec());
+        self.files.open_read(name, mode)
+    }
+}
+
+struct Fixture {
+    now: Instant,
+    endpoint: Endpoint<Arc<Vec<u8>>>,
+    files: Counted,
+    buf: Vec<u8>,
+}
+
+impl Fixture {
+    fn new(policy: Arc<dyn Policy>) -> Self {
+        let mut files = Counted::default();
+        for (name, len) in [("pxelinux.cfg/default", 700), ("boot.img", 100_000)] {
+            let body = Arc::new(content(len, len as u64));
+            files.files.0.insert(name.as_bytes().to_vec(), body);
+        }
+        let config = EndpointConfig {
+            settings: Settings {
+                open_cache_ttl: Duration::from_secs(1),
+                policy,
+                ..settings()
+            },
+            ..config()
+        };
+        Self {
+            now: Instant::now(),
+            endpoint: Endpoint::new(config),
+            files,
+            buf: vec![0; 600],
+        }
+    }
+
+    fn request(&mut self, from: SocketAddr, datagram: &[u8]) -> RequestOutcome {
+        self.endpoint.handle_request(
+            self.now,
+            from,
+            LOCAL,
+            Some(1500),
+            datagram,
+            &mut self.files,
+            &mut self.buf,
+        )
+    }
+
+    #[track_caller]
+    fn started(&mut self, from: SocketAddr, datagram: &[u8]) -> SessionId {
+        match self.request(from, datagram) {
+            RequestOutcome::Started(id) => id,
+            other => panic!("{from}: {other:?}"),
+        }
+    }
+
+    /// The first transmit of `id`: its OACK's options, or None for DATA 1.
+    fn first_reply(&mut self, id: SessionId) -> Option<Options> {
+        let t = self
+            .endpoint
+            .poll_transmit(self.now, id, &mut self.buf)
+            .unwrap();
+        match (t, Packet::parse(&self.buf[..t.header_len()])) {
+            (Transmit::Oack { .. }, Ok(Packet::Oack(options))) => Some(options),
+            (Transmit::Data { .. }, _) => None,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The file bytes `id` serves (its handle).
+    fn content(&self, id: SessionId) -> Arc<Vec<u8>> {
+        self.endpoint.session(id).unwrap().handle.clone()
+    }
+}
+
+#[test]
+fn a_rewritten_path_is_opened_and_the_open_cache_keys_on_it() {
+    let mut f = Fixture::new(Arc::new(SiteRules));
+    let a = f.started(peer(2, 1), &rrq("pxelinux.cfg/01-aa-bb-cc-dd-ee-01", &[]));
+    let b = f.started(peer(3, 1), &rrq("pxelinux.cfg/01-aa-bb-cc-dd-ee-02", &[]));
+    let default = f.files.files.0[&b"pxelinux.cfg/default".to_vec()].clone();
+    assert_eq!(f.content(a), default);
+    assert_eq!(f.content(b), default);
+    // Two names asked, one path opened once.
+    assert_eq!(f.files.opens, [b"pxelinux.cfg/default".to_vec()]);
+    // The log line keeps the name as asked.
+    f.endpoint
+        .abort(f.now, a, ringtftpd::refusal::Abort::ShuttingDown);
+    while f.endpoint.poll_transmit(f.now, a, &mut f.buf).is_some() {}
+    let done = f.endpoint.poll_event(a).expect("ended");
+    assert_eq!(done.filename, "pxelinux.cfg/01-aa-bb-cc-dd-ee-01");
+}
+
+#[test]
+fn a_policy_refusal_is_answered_before_any_open() {
+    let mut f = Fixture::new(Arc::new(SiteRules));
+    let RequestOutcome::Reply(n) = f.request(peer(2, 1), &rrq("secret", &[])) else {
+        panic!("not refused");
+    };
+    assert_eq!(
+        Packet::parse(&f.buf[..n]),
+        Ok(Packet::Error {
+            code: ErrorCode::AccessViolation,
+            message: b"refused by a rule",
+        })
+    );
+    assert!(f.files.opens.is_empty(), "{:?}", f.files.opens);
+}
+
+#[test]
+fn a_grant_sets_the_limits_of_its_transfer() {
+    let mut f = Fixture::new(Arc::new(SiteRules));
+    let ask = rrq("boot.img", &[("blksize", "1468")]);
+    let slow = f.started(SocketAddr::new(SLOW_CLIENT, 1), &ask);
+    let other = f.started(peer(2, 1), &ask);
+    assert_eq!(f.first_reply(slow).unwrap().blksize, Some(512));
+    assert_eq!(f.first_reply(other).unwrap().blksize, Some(1468));
+}
+
+#[test]
+fn new_settings_reach_new_requests_and_running_sessions_keep_theirs() {
+    let mut f = Fixture::new(Arc::new(DefaultPolicy));
+    let ask = rrq("boot.img", &[("blksize", "1468")]);
+    let running = f.started(peer(2, 1), &ask);
+    assert_eq!(f.first_reply(running).unwrap().blksize, Some(1468));
+    let mut smaller = (**f.endpoint.settings()).clone();
+    smaller.limits.max_blksize = 1024;
+    f.endpoint.set_settings(Arc::new(smaller));
+    // The running session goes on with its blocks...
+    f.endpoint
+        .handle_datagram(f.now, running, peer(2, 1), &[0, 4, 0, 0], &mut vec![0; 600]);
+    let t = f
+        .endpoint
+        .poll_transmit(f.now, running, &mut f.buf)
+        .unwrap();
+    assert_eq!(t.payload().map(|p| p.len), Some(1468));
+    // ...a new one is granted under the new limits, and opens afresh (the
+    // open cache started again: a policy may resolve names differently).
+    let opens = f.files.opens.len();
+    let new = f.started(peer(3, 1), &ask);
+    assert_eq!(f.first_reply(new).unwrap().blksize, Some(1024));
+    assert_eq!(f.files.opens.len(), opens + 1);
+}
+
+#[test]
+fn the_default_policy_refuses_uploads_when_off_and_over_the_limit() {
+    let settings = Settings {
+        uploads: true,
+        max_upload: Some(1000),
+        ..settings()
+    };
+    let request = |tsize: &str| {
+        let mut p = rrq("up.bin", &[("tsize", tsize)]);
+        p[1] = 2;
+        p
+    };
+    let decide = |settings: &Settings, datagram: &[u8]| {
+        let Ok(Packet::Wrq(request)) = Packet::parse(datagram) else {
+            panic!()
+        };
+        let incoming = Incoming {
+            now: Instant::now(),
+            peer: peer(2, 1),
+            local: LOCAL,
+            mtu: None,
+            write: true,
+            request: &request,
+        };
+        match DefaultPolicy.decide(&incoming, settings) {
+            Decision::Serve(Grant { path, .. }) => Ok(path.into_owned()),
+            Decision::Refuse(refusal) => Err(refusal),
+        }
+    };
+    assert_eq!(decide(&settings, &request("1000")), Ok(b"up.bin".to_vec()));
+    // Zero is "size unknown", not a limit.
+    assert_eq!(decide(&settings, &request("0")), Ok(b"up.bin".to_vec()));
+    assert_eq!(decide(&settings, &request("1001")), Err(Refusal::TooLarge));
+    let off = Settings {
+        uploads: false,
+        ..settings
+    };
+    assert_eq!(decide(&off, &request("10")), Err(Refusal::UploadsDisabled));
+}
