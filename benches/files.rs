@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ringtftpd::endpoint::FileSource;
-use ringtftpd::files::{FileRoot, netascii_encode};
+use ringtftpd::files::netascii::netascii_encode;
+use ringtftpd::files::{FileRoot, Source};
 use ringtftpd::proto::Mode;
 
 fn open_cached(c: &mut Criterion) {

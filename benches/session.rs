@@ -11,9 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ringtftpd::endpoint::{
-    DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
-};
+use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::files::{OpenError, Sink, Source};
 use ringtftpd::policy::Settings;
 use ringtftpd::proto::{Mode, Options, Packet, Request};
 use ringtftpd::session::{self, Limits, Transfer, Transmit};
@@ -142,12 +141,14 @@ fn bare_transfer(now: Instant, windowsize: u16, buf: &mut [u8]) -> (Transfer, Dr
 /// never touches the payload, only its range.
 struct Endless;
 
-impl FileSource for Endless {
+impl Source for Endless {
     type Handle = ();
     fn open_read(&mut self, _filename: &[u8], _mode: Mode) -> Result<((), u64), OpenError> {
         Ok(((), CONTENT_LEN))
     }
 }
+
+impl Sink for Endless {}
 
 fn endpoint_session(
     now: Instant,

@@ -10,10 +10,10 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser};
 
 use crate::endpoint::EndpointConfig;
+use crate::files::upload::UploadRules;
 use crate::policy::{DefaultPolicy, Settings};
 use crate::proto;
 use crate::session::{self, Limits, MAX_WINDOWSIZE};
-use crate::upload::UploadRules;
 
 /// The TFTP port.
 pub const DEFAULT_PORT: u16 = 69;

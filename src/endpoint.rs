@@ -4,76 +4,12 @@
 //! addressed by index plus generation, never by pointer.
 #![forbid(unsafe_code)]
 
-use crate::proto::Mode;
-
-/// Why a requested file cannot be served. Mapped to TFTP error codes in
-/// one place ([`OpenError::error_code`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OpenError {
-    /// ERROR 1.
-    #[error("file not found")]
-    NotFound,
-    /// ERROR 2: `..`, a magic link or symlink loop, a bad name.
-    #[error("access violation: {0}")]
-    Denied(&'static str),
-    /// ERROR 2: not world-readable (without `--permissive`) or unreadable.
-    #[error("permission denied")]
-    NotReadable,
-    /// ERROR 2: a directory, device, FIFO or socket.
-    #[error("not a regular file")]
-    NotRegular,
-    /// ERROR 0: e.g. a netascii translation over its size cap.
-    #[error("{0}")]
-    Unservable(&'static str),
-    /// ERROR 0: out of descriptors or memory for now (EMFILE, ENFILE,
-    /// ENOMEM...). Never cached: the next request may well succeed.
-    #[error("{0}")]
-    Transient(&'static str),
-    /// ERROR 3: an upload's announced size is over `--max-upload`.
-    #[error("file too large")]
-    TooLarge,
-    /// ERROR 3: no room for an upload.
-    #[error("disk full or allocation exceeded")]
-    DiskFull,
-}
-
-/// Where files come from. The shard gives the real confined file cache;
-/// tests give an in-memory map.
-pub trait FileSource {
-    /// What a session keeps to reach the file's bytes (e.g. a shared mapping).
-    type Handle;
-    /// Opens `filename` (raw request bytes) for reading in `mode`, and
-    /// returns the handle and the length of the content to send, or
-    /// [`session::LEN_UNKNOWN`] if it is learnt while sending.
-    fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(Self::Handle, u64), OpenError>;
-
-    /// The most bytes `handle` may come to hold (it may grow, as a netascii
-    /// translation does), charged to the open cache's byte bound.
-    fn held_bytes(handle: &Self::Handle, len: u64) -> u64 {
-        let _ = handle;
-        len
-    }
-
-    /// Begins storing `filename` for a write request announced as `tsize`
-    /// bytes (RFC 2349), if the client said; its bytes go to the handle's
-    /// upload, which becomes visible only once whole. A read-only source
-    /// refuses.
-    fn open_write(
-        &mut self,
-        filename: &[u8],
-        mode: Mode,
-        tsize: Option<u64>,
-    ) -> Result<Self::Handle, OpenError> {
-        let _ = (filename, mode, tsize);
-        Err(OpenError::Denied("uploads are disabled"))
-    }
-}
-
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::files::{OpenError, Sink, Source};
 use crate::policy::{Decision, Grant, Incoming, Settings};
 use crate::proto::{self, ErrorCode, Packet, Request};
 use crate::refusal::{Abort, Malformed, Refusal, RefusalKind};
@@ -305,7 +241,7 @@ struct Slot<H> {
     entry: Option<Entry<H>>,
 }
 
-/// The per-shard endpoint. `H` is the [`FileSource::Handle`].
+/// The per-shard endpoint. `H` is the [`Source::Handle`].
 ///
 /// Driver call order for a session: after `handle_request` returned
 /// `Started`, and after every `handle_datagram`/`handle_timeout`/`abort`:
@@ -535,7 +471,7 @@ impl<H: Clone> Endpoint<H> {
     /// A datagram on a listening socket from `peer`, sent to `local`,
     /// arriving on an interface with `mtu` (None if unknown).
     #[allow(clippy::too_many_arguments)]
-    pub fn handle_request<F: FileSource<Handle = H>>(
+    pub fn handle_request<F: Sink<Handle = H>>(
         &mut self,
         now: Instant,
         peer: SocketAddr,
@@ -638,7 +574,7 @@ impl<H: Clone> Endpoint<H> {
     /// applies the create and overwrite rules), and held to the smaller of
     /// its announced size and the grant's limit. Never cached: each upload
     /// is its own file.
-    fn start_write<F: FileSource<Handle = H>>(
+    fn start_write<F: Sink<Handle = H>>(
         &mut self,
         now: Instant,
         incoming: Incoming<'_>,
@@ -686,7 +622,7 @@ impl<H: Clone> Endpoint<H> {
     /// Opens `filename`, or reuses an open of it younger than the TTL: a
     /// fleet asks for the same few files (and probes the same missing
     /// ones) thousands of times a second.
-    fn open<F: FileSource<Handle = H>>(
+    fn open<F: Source<Handle = H>>(
         &mut self,
         now: Instant,
         files: &mut F,

@@ -7,7 +7,8 @@
 //! - [`policy`]: the settings a shard may swap while running, and the
 //!   [`policy::Policy`] that decides each admitted request;
 //! - [`timer`]: a hashed timing wheel;
-//! - [`files`]: confined opening and the shared mapping cache;
+//! - [`files`]: where files come from and uploads go: the confined root and
+//!   its mapping cache, netascii, the upload writer, files in memory;
 //! - [`shard`]: the io_uring driver, one per pinned core;
 //! - [`server`] and [`config`]: the command line, start-up and signals.
 
@@ -22,4 +23,3 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod timer;
-pub mod upload;

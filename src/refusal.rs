@@ -4,7 +4,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::endpoint::OpenError;
+use crate::files::OpenError;
 use crate::proto::{ErrorCode, ParseError};
 
 /// Why a request (or a stray datagram) was refused or dropped.

@@ -42,7 +42,7 @@ impl Fixture {
     fn new(config: EndpointConfig) -> Self {
         let mut files = MemFiles::default();
         files
-            .0
+            .files
             .insert(b"boot.img".to_vec(), Arc::new(content(10_000, 1)));
         Self {
             now: Instant::now(),
@@ -368,7 +368,7 @@ fn opens_are_reused_for_the_cache_ttl_then_redone() {
         ErrorCode::FileNotFound
     );
     f.files
-        .0
+        .files
         .insert(b"late.cfg".to_vec(), Arc::new(b"hello".to_vec()));
     assert_eq!(
         f.error_reply(peer(2), &rrq("late.cfg", "octet", &[])).0,
@@ -382,7 +382,7 @@ fn opens_are_reused_for_the_cache_ttl_then_redone() {
     assert_eq!(**f.endpoint.session(id).unwrap().handle, b"hello".to_vec());
     // A replaced file is picked up after the TTL too.
     f.files
-        .0
+        .files
         .insert(b"late.cfg".to_vec(), Arc::new(b"bye".to_vec()));
     let RequestOutcome::Started(id) = f.request(peer(4), &rrq("late.cfg", "octet", &[])) else {
         panic!()
@@ -394,7 +394,7 @@ fn opens_are_reused_for_the_cache_ttl_then_redone() {
     };
     assert_eq!(**f.endpoint.session(id).unwrap().handle, b"bye".to_vec());
     // Modes are cached apart.
-    f.files.0.remove(b"late.cfg".as_slice());
+    f.files.files.remove(b"late.cfg".as_slice());
     assert!(matches!(
         f.error_reply(peer(6), &rrq("late.cfg", "netascii", &[])).0,
         ErrorCode::FileNotFound
@@ -545,22 +545,24 @@ struct Flaky {
     opens: usize,
 }
 
-impl ringtftpd::endpoint::FileSource for Flaky {
+impl ringtftpd::files::Source for Flaky {
     type Handle = Arc<Vec<u8>>;
     fn open_read(
         &mut self,
         filename: &[u8],
         mode: ringtftpd::proto::Mode,
-    ) -> Result<(Self::Handle, u64), ringtftpd::endpoint::OpenError> {
+    ) -> Result<(Self::Handle, u64), ringtftpd::files::OpenError> {
         self.opens += 1;
         if self.failing {
-            return Err(ringtftpd::endpoint::OpenError::Transient(
+            return Err(ringtftpd::files::OpenError::Transient(
                 "server busy, try again later",
             ));
         }
         self.inner.open_read(filename, mode)
     }
 }
+
+impl ringtftpd::files::Sink for Flaky {}
 
 #[test]
 fn transient_open_errors_are_not_cached_and_expired_opens_are_released() {
@@ -570,7 +572,7 @@ fn transient_open_errors_are_not_cached_and_expired_opens_are_released() {
         opens: 0,
     };
     let data = Arc::new(content(5000, 3));
-    files.inner.0.insert(b"f".to_vec(), data.clone());
+    files.inner.files.insert(b"f".to_vec(), data.clone());
     let mut endpoint = Endpoint::new(EndpointConfig {
         settings: Settings {
             open_cache_ttl: Duration::from_secs(1),
@@ -631,13 +633,13 @@ struct Charged {
     opens: usize,
 }
 
-impl ringtftpd::endpoint::FileSource for Charged {
+impl ringtftpd::files::Source for Charged {
     type Handle = Arc<Vec<u8>>;
     fn open_read(
         &mut self,
         filename: &[u8],
         mode: ringtftpd::proto::Mode,
-    ) -> Result<(Self::Handle, u64), ringtftpd::endpoint::OpenError> {
+    ) -> Result<(Self::Handle, u64), ringtftpd::files::OpenError> {
         self.opens += 1;
         self.inner.open_read(filename, mode)
     }
@@ -648,6 +650,8 @@ impl ringtftpd::endpoint::FileSource for Charged {
     }
 }
 
+impl ringtftpd::files::Sink for Charged {}
+
 #[test]
 fn a_huge_file_is_not_cached_and_does_not_flush_the_others() {
     let mut files = Charged {
@@ -656,11 +660,11 @@ fn a_huge_file_is_not_cached_and_does_not_flush_the_others() {
     };
     files
         .inner
-        .0
+        .files
         .insert(b"small".to_vec(), Arc::new(vec![1u8; 100]));
     files
         .inner
-        .0
+        .files
         .insert(b"iso".to_vec(), Arc::new(vec![9u8; 100]));
     let mut endpoint = Endpoint::new(EndpointConfig {
         max_sessions: 64,
@@ -693,7 +697,7 @@ fn a_huge_file_is_not_cached_and_does_not_flush_the_others() {
 fn a_quiet_server_still_releases_expired_opens() {
     let data = Arc::new(content(5000, 4));
     let mut files = MemFiles::default();
-    files.0.insert(b"f".to_vec(), data.clone());
+    files.files.insert(b"f".to_vec(), data.clone());
     let mut endpoint = Endpoint::new(EndpointConfig {
         settings: Settings {
             open_cache_ttl: Duration::from_secs(1),
@@ -730,7 +734,7 @@ fn a_quiet_server_still_releases_expired_opens() {
 fn reflected_bytes(options: &[(&str, &str)], forged_ack0: bool) -> (usize, usize) {
     let mut files = MemFiles::default();
     files
-        .0
+        .files
         .insert(b"big".to_vec(), Arc::new(content(4 << 20, 9)));
     let mut endpoint = Endpoint::new(EndpointConfig {
         settings: Settings {

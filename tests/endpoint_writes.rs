@@ -7,9 +7,8 @@ mod sim;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
-use ringtftpd::endpoint::{
-    DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
-};
+use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::files::{OpenError, Sink, Source};
 use ringtftpd::proto::{ErrorCode, Mode, Packet};
 use ringtftpd::session::Outcome;
 use sim::*;
@@ -52,17 +51,19 @@ const REFUSED: &[(&str, OpenError)] = &[
 
 /// A sink that records what it was asked; handles number the uploads.
 #[derive(Default)]
-struct Sink {
+struct Recorder {
     asked: Vec<(String, Option<u64>)>,
 }
 
-impl FileSource for Sink {
+impl Source for Recorder {
     type Handle = usize;
 
     fn open_read(&mut self, _: &[u8], _: Mode) -> Result<(usize, u64), OpenError> {
         Err(OpenError::NotFound)
     }
+}
 
+impl Sink for Recorder {
     fn open_write(
         &mut self,
         filename: &[u8],
@@ -81,7 +82,7 @@ impl FileSource for Sink {
 struct Fixture {
     now: Instant,
     endpoint: Endpoint<usize>,
-    sink: Sink,
+    sink: Recorder,
     buf: Vec<u8>,
 }
 
@@ -90,7 +91,7 @@ impl Fixture {
         Fixture {
             now: Instant::now(),
             endpoint: Endpoint::new(config),
-            sink: Sink::default(),
+            sink: Recorder::default(),
             buf: vec![0; 70_000],
         }
     }

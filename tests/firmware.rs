@@ -49,7 +49,7 @@ impl Wire {
     fn new(files: &[(&str, &[u8])]) -> Self {
         let mut mem = MemFiles::default();
         for (name, data) in files {
-            mem.0
+            mem.files
                 .insert(name.as_bytes().to_vec(), Arc::new(data.to_vec()));
         }
         Self {

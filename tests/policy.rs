@@ -10,11 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringtftpd::endpoint::{
-    Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
-};
+use ringtftpd::endpoint::{Endpoint, EndpointConfig, RequestOutcome, SessionId};
 use ringtftpd::policy::{Decision, DefaultPolicy, Grant, Incoming, Policy};
-use ringtftpd::proto::{ErrorCode, Mode, Options, Packet};
+use ringtftpd::proto::{ErrorCode, Options, Packet};
 use ringtftpd::refusal::Refusal;
 use ringtftpd::session::Transmit;
 use sim::*;
@@ -70,34 +68,18 @@ impl Policy for SiteRules {
     }
 }
 
-/// In-memory files that count the opens of each name.
-#[derive(Default)]
-struct Counted {
-    files: MemFiles,
-    opens: Vec<Vec<u8>>,
-}
-
-impl FileSource for Counted {
-    type Handle = Arc<Vec<u8>>;
-    fn open_read(&mut self, name: &[u8], mode: Mode) -> Result<(Self::Handle, u64), OpenError> {
-        self.opens.push(name.to_vec());
-        self.files.open_read(name, mode)
-    }
-}
-
 struct Fixture {
     now: Instant,
     endpoint: Endpoint<Arc<Vec<u8>>>,
-    files: Counted,
+    files: MemFiles,
     buf: Vec<u8>,
 }
 
 impl Fixture {
     fn new(policy: Arc<dyn Policy>) -> Self {
-        let mut files = Counted::default();
+        let mut files = MemFiles::default();
         for (name, len) in [("pxelinux.cfg/default", 700), ("boot.img", 100_000)] {
-            let body = Arc::new(content(len, len as u64));
-            files.files.0.insert(name.as_bytes().to_vec(), body);
+            files.insert(name, content(len, len as u64));
         }
         let config = EndpointConfig {
             settings: Settings {
@@ -159,7 +141,7 @@ fn a_rewritten_path_is_opened_and_the_open_cache_keys_on_it() {
     let mut f = Fixture::new(Arc::new(SiteRules));
     let a = f.started(peer(2, 1), &rrq("pxelinux.cfg/01-aa-bb-cc-dd-ee-01", &[]));
     let b = f.started(peer(3, 1), &rrq("pxelinux.cfg/01-aa-bb-cc-dd-ee-02", &[]));
-    let default = f.files.files.0[&b"pxelinux.cfg/default".to_vec()].clone();
+    let default = f.files.files[&b"pxelinux.cfg/default".to_vec()].clone();
     assert_eq!(f.content(a), default);
     assert_eq!(f.content(b), default);
     // Two names asked, one path opened once.

@@ -453,7 +453,7 @@ fn lost_first_reply_retransmitted_rrq_does_not_start_a_second_transfer() {
 #[test]
 fn missing_file_gets_error_1() {
     let mut sim = Sim::new(b"x", &[]);
-    sim.files.0.clear();
+    sim.files.files.clear();
     sim.drive();
     assert_eq!(sim.client.error, Some(ErrorCode::FileNotFound));
     assert_eq!(sim.endpoint.len(), 0);
@@ -959,7 +959,7 @@ fn the_path_cache_is_bounded() {
     let mut endpoint = ringtftpd::endpoint::Endpoint::new(default_config());
     let mut files = MemFiles::default();
     files
-        .0
+        .files
         .insert(b"f".to_vec(), std::sync::Arc::new(vec![7u8; 10]));
     let mut now = std::time::Instant::now();
     let mut buf = [0u8; 600];

@@ -22,9 +22,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ringtftpd::endpoint::Finished;
-use ringtftpd::endpoint::{
-    DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
-};
+use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::files::{OpenError, Sink, Source};
 use ringtftpd::policy::Settings;
 use ringtftpd::proto::{ErrorCode, Mode, Packet};
 use ringtftpd::refusal::Abort;
@@ -55,7 +54,7 @@ const UPLOAD: u64 = u64::MAX;
 /// ranges only.
 struct MemFiles;
 
-impl FileSource for MemFiles {
+impl Source for MemFiles {
     type Handle = u64;
     fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(u64, u64), OpenError> {
         match filename {
@@ -76,7 +75,9 @@ impl FileSource for MemFiles {
         };
         Ok((len, len))
     }
+}
 
+impl Sink for MemFiles {
     fn open_write(
         &mut self,
         filename: &[u8],

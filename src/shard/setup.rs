@@ -29,8 +29,8 @@ use super::{
 };
 use crate::endpoint::{Endpoint, EndpointConfig};
 use crate::files::FileRoot;
+use crate::files::upload::UploadRules;
 use crate::timer::TimerWheel;
-use crate::upload::UploadRules;
 
 /// `struct io_uring_recvmsg_out` (four u32) at the head of each buffer a
 /// multishot receive fills.

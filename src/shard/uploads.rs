@@ -22,11 +22,12 @@ use crossbeam::channel::{self, Receiver, Sender};
 use nix::sys::eventfd::EventFd;
 use nix::sys::stat::fstat;
 
-use crate::endpoint::{FileSource, OpenError};
+use crate::files::netascii::NetasciiDecoder;
+use crate::files::upload::{self, Upload, UploadError, UploadRules};
 use crate::files::{FileData, FileRoot};
+use crate::files::{OpenError, Sink, Source};
 use crate::proto::Mode;
 use crate::refusal::Abort;
-use crate::upload::{self, NetasciiDecoder, Upload, UploadError, UploadRules};
 
 /// Writer threads per shard.
 const WRITERS: usize = 2;
@@ -295,7 +296,7 @@ pub(super) struct ShardFiles {
     pub uploads: Option<UploadDesk>,
 }
 
-impl FileSource for ShardFiles {
+impl Source for ShardFiles {
     type Handle = Held;
 
     fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(Held, u64), OpenError> {
@@ -309,7 +310,9 @@ impl FileSource for ShardFiles {
             Held::Write(_) => 0,
         }
     }
+}
 
+impl Sink for ShardFiles {
     fn open_write(
         &mut self,
         filename: &[u8],

@@ -5,16 +5,14 @@
 // Shared by several test crates, each using a part of it.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringtftpd::endpoint::{
-    DatagramOutcome, Endpoint, EndpointConfig, FileSource, OpenError, RequestOutcome, SessionId,
-};
+use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+pub use ringtftpd::files::mem::MemFiles;
 pub use ringtftpd::policy::Settings;
-use ringtftpd::proto::{ErrorCode, Mode, Options, Packet};
+use ringtftpd::proto::{ErrorCode, Options, Packet};
 use ringtftpd::session::{Limits, Outcome};
 
 pub fn limits() -> Limits {
@@ -47,22 +45,6 @@ pub fn config() -> EndpointConfig {
         max_sessions: 16,
         settings: settings(),
         ..EndpointConfig::default()
-    }
-}
-
-/// Files in memory.
-#[derive(Default)]
-pub struct MemFiles(pub HashMap<Vec<u8>, Arc<Vec<u8>>>);
-
-impl FileSource for MemFiles {
-    type Handle = Arc<Vec<u8>>;
-    fn open_read(
-        &mut self,
-        filename: &[u8],
-        _mode: Mode,
-    ) -> Result<(Self::Handle, u64), OpenError> {
-        let data = self.0.get(filename).ok_or(OpenError::NotFound)?;
-        Ok((data.clone(), data.len() as u64))
     }
 }
 
@@ -295,7 +277,7 @@ impl Sim {
 
     pub fn with_config(file: &[u8], options: &[(&str, &str)], config: EndpointConfig) -> Self {
         let mut files = MemFiles::default();
-        files.0.insert(b"file".to_vec(), Arc::new(file.to_vec()));
+        files.insert("file", file.to_vec());
         let rrq = rrq(options);
         let start = Instant::now();
         Self {
@@ -326,9 +308,7 @@ impl Sim {
     /// afresh; the client keeps its timeout.
     pub fn next_transfer(&mut self, file: &[u8], options: &[(&str, &str)]) -> &mut Self {
         assert!(self.session.is_none(), "the last transfer is still running");
-        self.files
-            .0
-            .insert(b"file".to_vec(), Arc::new(file.to_vec()));
+        self.files.insert("file", file.to_vec());
         let rrq = rrq(options);
         let timeout = self.client.timeout;
         self.client = Client::new(&rrq, 512, 1);

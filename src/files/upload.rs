@@ -323,47 +323,6 @@ impl Drop for Upload {
     }
 }
 
-/// Netascii back to local text, as blocks arrive in order (RFC 764):
-/// CR LF becomes LF, CR NUL becomes CR, a CR before anything else is kept;
-/// a CR that ends a block waits for the next one.
-#[derive(Debug, Default)]
-pub struct NetasciiDecoder {
-    pending_cr: bool,
-}
-
-impl NetasciiDecoder {
-    /// Appends the local text of `input` to `out`.
-    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        for &b in input {
-            if std::mem::take(&mut self.pending_cr) {
-                match b {
-                    b'\n' => {
-                        out.push(b'\n');
-                        continue;
-                    }
-                    0 => {
-                        out.push(b'\r');
-                        continue;
-                    }
-                    _ => out.push(b'\r'),
-                }
-            }
-            if b == b'\r' {
-                self.pending_cr = true;
-            } else {
-                out.push(b);
-            }
-        }
-    }
-
-    /// The end of the input: a CR still waiting is kept.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if std::mem::take(&mut self.pending_cr) {
-            out.push(b'\r');
-        }
-    }
-}
-
 /// The process that made a hidden name, if the name says.
 fn hidden_owner(name: &[u8]) -> Option<u32> {
     let rest = name.strip_prefix(HIDDEN_PREFIX.as_bytes())?;
@@ -616,42 +575,5 @@ mod tests {
         let dir = open_dir(d.path());
         assert_eq!(remove_leftovers(&dir).unwrap(), 1);
         assert_eq!(names(d.path()), [ours, "real.bin".to_string()]);
-    }
-
-    fn decode_in_pieces(wire: &[u8], cuts: &[usize]) -> Vec<u8> {
-        let mut dec = NetasciiDecoder::default();
-        let mut out = Vec::new();
-        let mut at = 0;
-        for &cut in cuts {
-            let cut = cut.min(wire.len()).max(at);
-            dec.decode(&wire[at..cut], &mut out);
-            at = cut;
-        }
-        dec.decode(&wire[at..], &mut out);
-        dec.finish(&mut out);
-        out
-    }
-
-    #[test]
-    fn netascii_decoding_rules() {
-        assert_eq!(decode_in_pieces(b"a\r\nb\r\0c", &[]), b"a\nb\rc");
-        // A CR at a block's end waits for its partner in the next block.
-        assert_eq!(decode_in_pieces(b"a\r\nb", &[2]), b"a\nb");
-        assert_eq!(decode_in_pieces(b"x\r\0", &[2]), b"x\r");
-        // Lenient: a bare CR (before another byte, or at the end) is kept.
-        assert_eq!(decode_in_pieces(b"a\rb\r", &[]), b"a\rb\r");
-        assert_eq!(decode_in_pieces(b"\r\r\n", &[1]), b"\r\n");
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn netascii_decode_inverts_encode_at_any_block_cuts(
-            src in proptest::collection::vec(proptest::sample::select(vec![b'a', b'\r', b'\n', 0u8]), 0..300),
-            mut cuts in proptest::collection::vec(0usize..700, 0..6),
-        ) {
-            cuts.sort_unstable();
-            let wire = crate::files::netascii_encode(&src);
-            proptest::prop_assert_eq!(decode_in_pieces(&wire, &cuts), src);
-        }
     }
 }

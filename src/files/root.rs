@@ -2,7 +2,7 @@
 //!
 //! [`FileRoot`] holds the root directory and a cache shared by every shard
 //! (clone it once per shard; clones share everything). Its
-//! [`FileSource::open_read`] confines the request to the root in the kernel
+//! [`Source::open_read`] confines the request to the root in the kernel
 //! (`openat2` with `RESOLVE_IN_ROOT`: the root is `/` for the whole lookup,
 //! symlinks included, as under tftpd-hpa's chroot), checks that the file is regular and,
 //! unless permissive, world-readable (as tftpd-hpa does), and returns a
@@ -33,13 +33,12 @@
 //! with an ERROR instead of completing. Replacing by rename leaves the old inode's
 //! bytes alone: those transfers go on.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -49,7 +48,8 @@ use memmap2::{Advice, MmapOptions, MmapRaw};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
-use crate::endpoint::{FileSource, OpenError};
+use super::netascii::Netascii;
+use super::{OpenError, Sink, Source};
 use crate::proto::{MAX_FILENAME_LEN, Mode};
 use crate::refusal::Abort;
 use crate::session::LEN_UNKNOWN;
@@ -123,42 +123,6 @@ struct Mapped {
     stamp: Stamp,
 }
 
-/// Netascii content, translated as it is sent: resolving a block reads and
-/// translates at most one chunk of source ([`NETASCII_CHUNK`]), so a fresh
-/// 64 MiB file costs a shard one chunk's work per step, not the whole file
-/// at open. Single-threaded (`Rc`/`RefCell`): a shard's sessions share one
-/// through the endpoint's open cache; other shards build their own.
-struct Netascii {
-    file: File,
-    /// What fstat said at open: the source length to translate, and the
-    /// change check before the final block.
-    stamp: Stamp,
-    state: RefCell<Translation>,
-}
-
-struct Translation {
-    /// The translation so far. Its capacity (twice the source, the most it
-    /// can need) is reserved at open and never exceeded, so it never moves:
-    /// pointers handed to sends in flight stay valid. Reserved, not touched,
-    /// so memory grows with the translation.
-    out: Vec<u8>,
-    /// Source bytes translated.
-    src_done: u64,
-    /// One chunk of source, reused.
-    chunk: Vec<u8>,
-    /// Set once a read fails or the file shrank: every later block fails.
-    failed: Option<BlockError>,
-    /// preads issued and source bytes read (the test seam that bounds the
-    /// work per block).
-    preads: u64,
-    read_bytes: u64,
-}
-
-/// Source bytes read and translated per step of a netascii translation.
-/// One block needs at most one step (a step yields at least this much
-/// output, more than the largest block).
-pub const NETASCII_CHUNK: usize = 256 * 1024;
-
 /// Why a block cannot be sent; the shard ends the transfer with ERROR 0
 /// and this message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,96 +156,10 @@ pub struct Block {
     pub end: Option<u64>,
 }
 
-impl Netascii {
-    fn new(file: File, stamp: Stamp) -> Result<Netascii, OpenError> {
-        let cap = usize::try_from(stamp.size.saturating_mul(2))
-            .map_err(|_| OpenError::Unservable("file too large"))?;
-        let mut out = Vec::new();
-        out.try_reserve_exact(cap)
-            .map_err(|_| OpenError::Transient(TRANSIENT))?;
-        Ok(Netascii {
-            file,
-            stamp,
-            state: RefCell::new(Translation {
-                out,
-                src_done: 0,
-                chunk: Vec::new(),
-                failed: None,
-                preads: 0,
-                read_bytes: 0,
-            }),
-        })
-    }
-
-    /// Translates until `need` bytes exist or the source is exhausted; a
-    /// block asks for at most its own end, so this is one step at most.
-    fn resolve(&self, offset: u64, len: usize) -> Result<Block, BlockError> {
-        let mut t = self.state.borrow_mut();
-        let need = offset.checked_add(len as u64).ok_or(BlockError::Changed)?;
-        while (t.out.len() as u64) < need && t.src_done < self.stamp.size {
-            t.step(&self.file, self.stamp.size)?;
-        }
-        if let Some(e) = t.failed {
-            return Err(e);
-        }
-        let have = t.out.len() as u64;
-        let end = (t.src_done == self.stamp.size).then_some(have);
-        // Past the end: the session was told the length too late (a bug),
-        // or asked beyond it; never hand out a pointer outside.
-        let start = usize::try_from(offset)
-            .ok()
-            .filter(|&s| s as u64 <= have)
-            .ok_or(BlockError::Changed)?;
-        let n = (have.min(need) - offset) as usize;
-        Ok(Block {
-            // wrapping_add: no dereference here; `start <= len` keeps it in
-            // (or one past) the allocation.
-            ptr: t.out.as_ptr().wrapping_add(start),
-            len: n,
-            end,
-        })
-    }
-}
-
-impl Translation {
-    /// Reads one chunk of source with pread (never through a mapping) and
-    /// appends its translation.
-    fn step(&mut self, file: &File, size: u64) -> Result<(), BlockError> {
-        if let Some(e) = self.failed {
-            return Err(e);
-        }
-        let want = (size - self.src_done).min(NETASCII_CHUNK as u64) as usize;
-        self.chunk.resize(want, 0);
-        let mut got = 0;
-        while got < want {
-            self.preads += 1;
-            match file.read_at(&mut self.chunk[got..], self.src_done + got as u64) {
-                Ok(0) => {
-                    // Shorter than at open: truncated under the transfer.
-                    self.failed = Some(BlockError::Changed);
-                    return Err(BlockError::Changed);
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.failed = Some(BlockError::Read);
-                    return Err(BlockError::Read);
-                }
-            }
-        }
-        self.read_bytes += want as u64;
-        self.src_done += want as u64;
-        // Each source byte yields one or two: within the reserved capacity.
-        debug_assert!(self.out.len() + 2 * want <= self.out.capacity());
-        netascii_encode_into(&self.chunk, &mut self.out);
-        Ok(())
-    }
-}
-
 /// What fstat says about a file's content, to tell whether it changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    size: u64,
+pub(super) struct Stamp {
+    pub(super) size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
     nlink: u64,
@@ -309,7 +187,7 @@ impl Stamp {
     }
 
     /// Whether `file` may have changed since this stamp; one fstat.
-    fn changed(&self, file: &File) -> bool {
+    pub(super) fn changed(&self, file: &File) -> bool {
         match file.metadata() {
             Ok(meta) => self.differs(&Stamp::of(&meta)),
             // Cannot tell: do not let a client accept what may be mixed.
@@ -687,52 +565,6 @@ fn relative_name(filename: &[u8]) -> Result<&[u8], OpenError> {
     Ok(rel)
 }
 
-/// RFC 764 / RFC 1350 netascii: LF → CR LF, CR → CR NUL; other bytes as is.
-pub fn netascii_encode(src: &[u8]) -> Vec<u8> {
-    // Exact size first (a cheap vectorised pass), so no regrowth.
-    let specials = src.iter().filter(|&&b| is_special(b)).count();
-    let mut out = Vec::with_capacity(src.len() + specials);
-    netascii_encode_into(src, &mut out);
-    out
-}
-
-/// Appends the netascii translation of `src` to `out`. Each byte is
-/// translated on its own, so `src` may be cut anywhere (a CR at the end of
-/// one chunk and the LF at the start of the next come out as from one).
-fn netascii_encode_into(src: &[u8], out: &mut Vec<u8>) {
-    let mut run = 0; // start of the bytes not yet copied
-    let mut emit = |p: usize, out: &mut Vec<u8>| {
-        out.extend_from_slice(&src[run..p]);
-        out.extend_from_slice(if src[p] == b'\n' { b"\r\n" } else { b"\r\0" });
-        run = p + 1;
-    };
-    // A 16-bit mask of specials per 16 bytes (the compiler vectorises the
-    // compare); copy the runs between them whole.
-    let mut chunks = src.chunks_exact(16);
-    let mut base = 0;
-    for chunk in &mut chunks {
-        let mut mask: u16 = 0;
-        for (k, &b) in chunk.iter().enumerate() {
-            mask |= u16::from(is_special(b)) << k;
-        }
-        while mask != 0 {
-            emit(base + mask.trailing_zeros() as usize, out);
-            mask &= mask - 1;
-        }
-        base += 16;
-    }
-    for (k, &b) in chunks.remainder().iter().enumerate() {
-        if is_special(b) {
-            emit(base + k, out);
-        }
-    }
-    out.extend_from_slice(&src[run..]);
-}
-
-fn is_special(b: u8) -> bool {
-    b == b'\n' || b == b'\r'
-}
-
 fn build_mapped(file: File, stamp: Stamp) -> Result<Mapped, OpenError> {
     let len = usize::try_from(stamp.size).map_err(|_| OpenError::Unservable("file too large"))?;
     // map_raw_read_only never hands out references, so no unsafe: we only
@@ -750,7 +582,7 @@ fn build_mapped(file: File, stamp: Stamp) -> Result<Mapped, OpenError> {
     Ok(Mapped { map, file, stamp })
 }
 
-impl FileSource for FileRoot {
+impl Source for FileRoot {
     type Handle = FileData;
 
     fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(FileData, u64), OpenError> {
@@ -823,9 +655,12 @@ impl FileSource for FileRoot {
     }
 }
 
+impl Sink for FileRoot {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::netascii::{NETASCII_CHUNK, netascii_encode};
     use std::fs;
     use std::os::unix::fs::{PermissionsExt, symlink};
     use std::time::Duration;
@@ -889,51 +724,6 @@ mod tests {
         assert!(d.range_ptr(10_001, 0).is_none());
         assert!(d.range_ptr(u64::MAX, 1).is_none());
         assert!(d.range_ptr(1, usize::MAX).is_none());
-    }
-
-    #[test]
-    fn netascii_encoding_rules() {
-        assert_eq!(netascii_encode(b""), b"");
-        assert_eq!(netascii_encode(b"abc"), b"abc");
-        assert_eq!(netascii_encode(b"a\nb"), b"a\r\nb");
-        assert_eq!(netascii_encode(b"a\rb"), b"a\r\0b");
-        assert_eq!(netascii_encode(b"a\r\nb"), b"a\r\0\r\nb");
-        assert_eq!(netascii_encode(b"end\r"), b"end\r\0");
-        assert_eq!(netascii_encode(b"\n\n"), b"\r\n\r\n");
-        // Specials in both the word loop and the tail, at every offset.
-        for n in 0..40usize {
-            for pos in 0..n {
-                let mut src = vec![b'x'; n];
-                src[pos] = b'\n';
-                let mut want = vec![b'x'; n + 1];
-                want[pos] = b'\r';
-                want[pos + 1] = b'\n';
-                assert_eq!(netascii_encode(&src), want, "n={n} pos={pos}");
-            }
-        }
-    }
-
-    fn naive_netascii(src: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for &b in src {
-            match b {
-                b'\n' => out.extend_from_slice(b"\r\n"),
-                b'\r' => out.extend_from_slice(b"\r\0"),
-                _ => out.push(b),
-            }
-        }
-        out
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
-        #[test]
-        fn netascii_matches_naive(src in proptest::collection::vec(
-            proptest::prop_oneof![proptest::prelude::Just(b'\n'), proptest::prelude::Just(b'\r'), proptest::prelude::any::<u8>()],
-            0..200,
-        )) {
-            proptest::prop_assert_eq!(netascii_encode(&src), naive_netascii(&src));
-        }
     }
 
     #[test]
