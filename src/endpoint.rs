@@ -549,24 +549,30 @@ impl<H: Clone> Endpoint<H> {
         if let Some(path) = path {
             transfer.seed_from_path(&path);
         }
-        let entry = Entry {
-            transfer,
-            peer,
-            local,
-            handle,
-            request: key,
-        };
-        self.start(now, entry, reply)
+        self.start(&incoming, transfer, handle, key, reply)
     }
 
-    fn start(&mut self, now: Instant, entry: Entry<H>, reply: &mut [u8]) -> RequestOutcome {
-        let peer = entry.peer;
+    fn start(
+        &mut self,
+        incoming: &Incoming<'_>,
+        transfer: Transfer,
+        handle: H,
+        request: RequestKey,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        let entry = Entry {
+            transfer,
+            peer: incoming.peer,
+            local: incoming.local,
+            handle,
+            request,
+        };
         match self.insert(entry) {
             Some(id) => {
-                self.by_peer.insert(peer, id);
+                self.by_peer.insert(incoming.peer, id);
                 RequestOutcome::Started(id)
             }
-            None => self.refuse(now, Refusal::Busy, reply),
+            None => self.refuse(incoming.now, Refusal::Busy, reply),
         }
     }
 
@@ -584,11 +590,7 @@ impl<H: Clone> Endpoint<H> {
         reply: &mut [u8],
     ) -> RequestOutcome {
         let Incoming {
-            peer,
-            local,
-            mtu,
-            request,
-            ..
+            peer, mtu, request, ..
         } = incoming;
         // RFC 2349: the client announces its size. Zero is read as "not
         // known" (some clients send it so), not as a limit.
@@ -609,14 +611,7 @@ impl<H: Clone> Endpoint<H> {
         let echoed = request.options.tsize.unwrap_or(session::LEN_UNKNOWN);
         let negotiated = session::negotiate(&request.options, echoed, mtu, ipv6, &limits);
         let transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
-        let entry = Entry {
-            transfer,
-            peer,
-            local,
-            handle,
-            request: key,
-        };
-        self.start(now, entry, reply)
+        self.start(&incoming, transfer, handle, key, reply)
     }
 
     /// Opens `filename`, or reuses an open of it younger than the TTL: a

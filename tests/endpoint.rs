@@ -17,18 +17,7 @@ fn peer(port: u16) -> SocketAddr {
 }
 
 fn rrq(name: &str, mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
-    let mut p = vec![0, 1];
-    for field in [name, mode] {
-        p.extend_from_slice(field.as_bytes());
-        p.push(0);
-    }
-    for (n, v) in options {
-        p.extend_from_slice(n.as_bytes());
-        p.push(0);
-        p.extend_from_slice(v.as_bytes());
-        p.push(0);
-    }
-    p
+    request(1, name, mode, options)
 }
 
 struct Fixture {
@@ -484,8 +473,7 @@ fn every_refusal_goes_through_a_token_bucket() {
         ..config()
     });
     f.start(other_peer(200, 1), "boot.img");
-    let mut wrq = rrq("up.bin", "octet", &[]);
-    wrq[1] = 2;
+    let wrq = request(2, "up.bin", "octet", &[]);
     let mut replies = 0;
     let mut count_reply = |f: &mut Fixture, from, datagram: &[u8]| {
         if let RequestOutcome::Reply(_) = f.request(from, datagram) {

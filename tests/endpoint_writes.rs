@@ -20,18 +20,7 @@ fn peer(port: u16) -> SocketAddr {
 }
 
 fn wrq(name: &str, options: &[(&str, &str)]) -> Vec<u8> {
-    let mut p = vec![0, 2];
-    for field in [name, "octet"] {
-        p.extend_from_slice(field.as_bytes());
-        p.push(0);
-    }
-    for (n, v) in options {
-        p.extend_from_slice(n.as_bytes());
-        p.push(0);
-        p.extend_from_slice(v.as_bytes());
-        p.push(0);
-    }
-    p
+    request(2, name, "octet", options)
 }
 
 fn data(block: u16, payload: &[u8]) -> Vec<u8> {

@@ -25,18 +25,7 @@ fn peer(host: u8, port: u16) -> SocketAddr {
 }
 
 fn rrq(name: &str, options: &[(&str, &str)]) -> Vec<u8> {
-    let mut p = vec![0, 1];
-    for field in [name, "octet"] {
-        p.extend_from_slice(field.as_bytes());
-        p.push(0);
-    }
-    for (n, v) in options {
-        p.extend_from_slice(n.as_bytes());
-        p.push(0);
-        p.extend_from_slice(v.as_bytes());
-        p.push(0);
-    }
-    p
+    request(1, name, "octet", options)
 }
 
 /// Per-MAC configs all resolve to the default one; `secret` is refused;
@@ -212,11 +201,7 @@ fn the_default_policy_refuses_uploads_when_off_and_over_the_limit() {
         max_upload: Some(1000),
         ..settings()
     };
-    let request = |tsize: &str| {
-        let mut p = rrq("up.bin", &[("tsize", tsize)]);
-        p[1] = 2;
-        p
-    };
+    let wrq = |tsize: &str| request(2, "up.bin", "octet", &[("tsize", tsize)]);
     let decide = |settings: &Settings, datagram: &[u8]| {
         let Ok(Packet::Wrq(request)) = Packet::parse(datagram) else {
             panic!()
@@ -234,13 +219,13 @@ fn the_default_policy_refuses_uploads_when_off_and_over_the_limit() {
             Decision::Refuse(refusal) => Err(refusal),
         }
     };
-    assert_eq!(decide(&settings, &request("1000")), Ok(b"up.bin".to_vec()));
+    assert_eq!(decide(&settings, &wrq("1000")), Ok(b"up.bin".to_vec()));
     // Zero is "size unknown", not a limit.
-    assert_eq!(decide(&settings, &request("0")), Ok(b"up.bin".to_vec()));
-    assert_eq!(decide(&settings, &request("1001")), Err(Refusal::TooLarge));
+    assert_eq!(decide(&settings, &wrq("0")), Ok(b"up.bin".to_vec()));
+    assert_eq!(decide(&settings, &wrq("1001")), Err(Refusal::TooLarge));
     let off = Settings {
         uploads: false,
         ..settings
     };
-    assert_eq!(decide(&off, &request("10")), Err(Refusal::UploadsDisabled));
+    assert_eq!(decide(&off, &wrq("10")), Err(Refusal::UploadsDisabled));
 }

@@ -483,17 +483,27 @@ impl Sim {
     }
 }
 
+/// A request datagram: `opcode` (1 RRQ, 2 WRQ), then the name, the mode
+/// and the options as NUL-terminated strings, unchecked (so tests can send
+/// unknown or absurd ones).
+pub fn request(opcode: u8, name: &str, mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    let mut p = vec![0, opcode];
+    for field in [name, mode] {
+        p.extend_from_slice(field.as_bytes());
+        p.push(0);
+    }
+    for (n, v) in options {
+        p.extend_from_slice(n.as_bytes());
+        p.push(0);
+        p.extend_from_slice(v.as_bytes());
+        p.push(0);
+    }
+    p
+}
+
 /// An octet RRQ of "file" with `options`.
 fn rrq(options: &[(&str, &str)]) -> Vec<u8> {
-    let mut rrq = vec![0, 1];
-    rrq.extend_from_slice(b"file\0octet\0");
-    for (name, value) in options {
-        rrq.extend_from_slice(name.as_bytes());
-        rrq.push(0);
-        rrq.extend_from_slice(value.as_bytes());
-        rrq.push(0);
-    }
-    rrq
+    request(1, "file", "octet", options)
 }
 
 /// The RTO floor a finished transfer's log line reports.
