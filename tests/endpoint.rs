@@ -10,8 +10,6 @@ use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutc
 use ringtftpd::proto::{ErrorCode, Packet};
 use sim::*;
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
 fn peer(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), port)
 }
@@ -20,92 +18,48 @@ fn rrq(name: &str, mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
     request(1, name, mode, options)
 }
 
-struct Fixture {
-    now: Instant,
-    endpoint: Endpoint<Arc<Vec<u8>>>,
-    files: MemFiles,
-    reply: Vec<u8>,
+type Fixture = Desk<MemFiles>;
+
+/// An endpoint serving `boot.img` (10,000 bytes).
+fn fixture(config: EndpointConfig) -> Fixture {
+    let mut files = MemFiles::default();
+    files.insert("boot.img", content(10_000, 1));
+    Desk::new(config, files)
 }
 
-impl Fixture {
-    fn new(config: EndpointConfig) -> Self {
-        let mut files = MemFiles::default();
-        files
-            .files
-            .insert(b"boot.img".to_vec(), Arc::new(content(10_000, 1)));
-        Self {
-            now: Instant::now(),
-            endpoint: Endpoint::new(config),
-            files,
-            reply: vec![0; 600],
-        }
-    }
-
-    fn request(&mut self, from: SocketAddr, datagram: &[u8]) -> RequestOutcome {
-        self.endpoint.handle_request(
-            self.now,
-            from,
-            LOCAL,
-            Some(1500),
-            datagram,
-            &mut self.files,
-            &mut self.reply,
-        )
-    }
-
-    /// Requests `name` (octet, no options) from `from`; it must start.
-    #[track_caller]
-    fn start(&mut self, from: SocketAddr, name: &str) {
-        let outcome = self.request(from, &rrq(name, "octet", &[]));
-        assert!(
-            matches!(outcome, RequestOutcome::Started(_)),
-            "{from}: {outcome:?}"
-        );
-    }
-
-    fn error_reply(&mut self, from: SocketAddr, datagram: &[u8]) -> (ErrorCode, String) {
-        match self.request(from, datagram) {
-            RequestOutcome::Reply(n) => match Packet::parse(&self.reply[..n]) {
-                Ok(Packet::Error { code, message }) => {
-                    (code, String::from_utf8_lossy(message).into_owned())
-                }
-                other => panic!("not an ERROR: {other:?}"),
-            },
-            other => panic!("expected a reply, got {other:?}"),
-        }
-    }
+/// Requests `name` (octet, no options) from `from`; it must start.
+#[track_caller]
+fn start(f: &mut Fixture, from: SocketAddr, name: &str) {
+    f.started(from, &rrq(name, "octet", &[]));
 }
 
 #[test]
 fn refusals_carry_the_right_error_codes() {
-    let mut f = Fixture::new(config());
+    let mut f = fixture(config());
     assert_eq!(
-        f.error_reply(peer(1), &rrq("nope", "octet", &[])).0,
+        f.refused(peer(1), &rrq("nope", "octet", &[])).0,
         ErrorCode::FileNotFound
     );
-    let (code, message) = f.error_reply(peer(2), &[0, 2, b'a', 0, b'o', b'c', b't', b'e', b't', 0]);
+    let (code, message) = f.refused(peer(2), &[0, 2, b'a', 0, b'o', b'c', b't', b'e', b't', 0]);
     assert_eq!(code, ErrorCode::AccessViolation);
     assert!(message.contains("uploads are disabled"), "{message}");
     assert_eq!(
-        f.error_reply(peer(3), &rrq("boot.img", "mail", &[])).0,
+        f.refused(peer(3), &rrq("boot.img", "mail", &[])).0,
         ErrorCode::IllegalOperation
     );
     assert_eq!(
-        f.error_reply(peer(4), &rrq("boot.img", "bogus", &[])).0,
+        f.refused(peer(4), &rrq("boot.img", "bogus", &[])).0,
         ErrorCode::IllegalOperation
     );
     assert_eq!(
-        f.error_reply(peer(5), &[0, 9, 1, 2]).0,
+        f.refused(peer(5), &[0, 9, 1, 2]).0,
         ErrorCode::IllegalOperation
     );
-    assert_eq!(
-        f.error_reply(peer(6), b"\x00").0,
-        ErrorCode::IllegalOperation
-    );
+    assert_eq!(f.refused(peer(6), b"\x00").0, ErrorCode::IllegalOperation);
     // Over-long filename: refused, not served.
     let long = "a".repeat(5000);
     assert_eq!(
-        f.error_reply(peer(7), &rrq(&long, "octet", &[])).0,
+        f.refused(peer(7), &rrq(&long, "octet", &[])).0,
         ErrorCode::AccessViolation
     );
     assert!(f.endpoint.is_empty());
@@ -113,7 +67,7 @@ fn refusals_carry_the_right_error_codes() {
 
 #[test]
 fn mode_names_are_case_insensitive() {
-    let mut f = Fixture::new(config());
+    let mut f = fixture(config());
     assert!(matches!(
         f.request(peer(1), &rrq("boot.img", "OcTeT", &[])),
         RequestOutcome::Started(_)
@@ -126,15 +80,15 @@ fn mode_names_are_case_insensitive() {
 
 #[test]
 fn absurd_options_are_refused_without_panic() {
-    let mut f = Fixture::new(config());
+    let mut f = fixture(config());
     let many: Vec<(String, String)> = (0..5000)
         .map(|i| (format!("opt{i}"), "1".to_string()))
         .collect();
     let many: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    let (code, _) = f.error_reply(peer(1), &rrq("boot.img", "octet", &many));
+    let (code, _) = f.refused(peer(1), &rrq("boot.img", "octet", &many));
     assert_eq!(code, ErrorCode::IllegalOperation);
     let long_value = "9".repeat(10_000);
-    let (code, _) = f.error_reply(
+    let (code, _) = f.refused(
         peer(2),
         &rrq("boot.img", "octet", &[("blksize", &long_value)]),
     );
@@ -149,7 +103,7 @@ fn absurd_options_are_refused_without_panic() {
 
 #[test]
 fn option_names_are_case_insensitive_and_oack_lists_only_accepted() {
-    let mut f = Fixture::new(config());
+    let mut f = fixture(config());
     let request = rrq(
         "boot.img",
         "octet",
@@ -176,7 +130,7 @@ fn option_names_are_case_insensitive_and_oack_lists_only_accepted() {
 
 #[test]
 fn strangers_get_error_5_and_the_transfer_goes_on() {
-    let mut f = Fixture::new(config());
+    let mut f = fixture(config());
     let RequestOutcome::Started(id) = f.request(peer(1), &rrq("boot.img", "octet", &[])) else {
         panic!()
     };
@@ -226,7 +180,7 @@ fn strangers_get_error_5_and_the_transfer_goes_on() {
 
 #[test]
 fn error_replies_to_strangers_are_rate_limited() {
-    let mut f = Fixture::new(config()); // 10/s, burst 5
+    let mut f = fixture(config()); // 10/s, burst 5
     let RequestOutcome::Started(id) = f.request(peer(1), &rrq("boot.img", "octet", &[])) else {
         panic!()
     };
@@ -271,14 +225,14 @@ fn error_replies_to_strangers_are_rate_limited() {
 
 #[test]
 fn beyond_max_sessions_the_server_says_it_is_busy() {
-    let mut f = Fixture::new(EndpointConfig {
+    let mut f = fixture(EndpointConfig {
         max_sessions: 3,
         ..config()
     });
     for port in 1..=3 {
-        f.start(peer(port), "boot.img");
+        start(&mut f, peer(port), "boot.img");
     }
-    let (code, message) = f.error_reply(peer(4), &rrq("boot.img", "octet", &[]));
+    let (code, message) = f.refused(peer(4), &rrq("boot.img", "octet", &[]));
     assert_eq!(code, ErrorCode::NotDefined);
     assert!(message.contains("busy"), "{message}");
     assert_eq!(f.endpoint.len(), 3);
@@ -286,7 +240,7 @@ fn beyond_max_sessions_the_server_says_it_is_busy() {
 
 #[test]
 fn stale_session_ids_reach_nothing() {
-    let mut f = Fixture::new(config());
+    let mut f = fixture(config());
     let RequestOutcome::Started(id) = f.request(peer(1), &rrq("boot.img", "octet", &[])) else {
         panic!()
     };
@@ -313,7 +267,7 @@ fn stale_session_ids_reach_nothing() {
 fn a_new_request_from_the_same_port_after_a_probe_starts_a_new_transfer() {
     // OVMF: RRQ tsize → OACK → ERROR 8, then RRQ blksize+windowsize from
     // the same port, possibly before the probe session was reaped.
-    let mut f = Fixture::new(config());
+    let mut f = fixture(config());
     let RequestOutcome::Started(probe) =
         f.request(peer(1), &rrq("boot.img", "octet", &[("tsize", "0")]))
     else {
@@ -334,9 +288,9 @@ fn a_new_request_from_the_same_port_after_a_probe_starts_a_new_transfer() {
 
 #[test]
 fn shutting_down_refuses_new_requests() {
-    let mut f = Fixture::new(config());
+    let mut f = fixture(config());
     f.endpoint.shut_down();
-    let (code, message) = f.error_reply(peer(1), &rrq("boot.img", "octet", &[]));
+    let (code, message) = f.refused(peer(1), &rrq("boot.img", "octet", &[]));
     assert_eq!(code, ErrorCode::NotDefined);
     assert!(message.contains("shutting down"));
 }
@@ -344,7 +298,7 @@ fn shutting_down_refuses_new_requests() {
 #[test]
 fn opens_are_reused_for_the_cache_ttl_then_redone() {
     let ttl = Duration::from_secs(1);
-    let mut f = Fixture::new(EndpointConfig {
+    let mut f = fixture(EndpointConfig {
         settings: Settings {
             open_cache_ttl: ttl,
             ..settings()
@@ -353,14 +307,14 @@ fn opens_are_reused_for_the_cache_ttl_then_redone() {
     });
     // A missing name is refused, and the refusal is remembered...
     assert_eq!(
-        f.error_reply(peer(1), &rrq("late.cfg", "octet", &[])).0,
+        f.refused(peer(1), &rrq("late.cfg", "octet", &[])).0,
         ErrorCode::FileNotFound
     );
     f.files
         .files
         .insert(b"late.cfg".to_vec(), Arc::new(b"hello".to_vec()));
     assert_eq!(
-        f.error_reply(peer(2), &rrq("late.cfg", "octet", &[])).0,
+        f.refused(peer(2), &rrq("late.cfg", "octet", &[])).0,
         ErrorCode::FileNotFound
     );
     // ...until the TTL has passed.
@@ -385,7 +339,7 @@ fn opens_are_reused_for_the_cache_ttl_then_redone() {
     // Modes are cached apart.
     f.files.files.remove(b"late.cfg".as_slice());
     assert!(matches!(
-        f.error_reply(peer(6), &rrq("late.cfg", "netascii", &[])).0,
+        f.refused(peer(6), &rrq("late.cfg", "netascii", &[])).0,
         ErrorCode::FileNotFound
     ));
 }
@@ -398,7 +352,7 @@ fn other_peer(last_octet: u8, port: u16) -> SocketAddr {
 fn one_address_cannot_take_every_slot() {
     // Fill the per-client cap from one address: it is refused, while a
     // second address is still served at once.
-    let mut f = Fixture::new(EndpointConfig {
+    let mut f = fixture(EndpointConfig {
         max_sessions: 16,
         settings: Settings {
             max_sessions_per_client: 4,
@@ -407,23 +361,23 @@ fn one_address_cannot_take_every_slot() {
         ..config()
     });
     for port in 1..=4 {
-        f.start(peer(port), "boot.img");
+        start(&mut f, peer(port), "boot.img");
     }
-    let (code, message) = f.error_reply(peer(5), &rrq("boot.img", "octet", &[]));
+    let (code, message) = f.refused(peer(5), &rrq("boot.img", "octet", &[]));
     assert_eq!(code, ErrorCode::NotDefined);
     assert!(message.contains("too many transfers"), "{message}");
-    f.start(other_peer(3, 1), "boot.img");
+    start(&mut f, other_peer(3, 1), "boot.img");
     let counts = *f.endpoint.refusals();
     assert_eq!(counts.get(ringtftpd::refusal::RefusalKind::PerClientCap), 1);
     // A finished session frees its client's slot.
     let ids: Vec<SessionId> = f.endpoint.session_ids().collect();
     f.endpoint.remove(ids[0]).unwrap();
-    f.start(peer(6), "boot.img");
+    start(&mut f, peer(6), "boot.img");
 }
 
 #[test]
 fn a_flooding_address_is_rate_limited_and_others_are_not() {
-    let mut f = Fixture::new(EndpointConfig {
+    let mut f = fixture(EndpointConfig {
         settings: Settings {
             requests_per_sec_per_client: 10,
             request_burst_per_client: 20,
@@ -443,7 +397,7 @@ fn a_flooding_address_is_rate_limited_and_others_are_not() {
     let counts = *f.endpoint.refusals();
     assert_eq!(counts.get(ringtftpd::refusal::RefusalKind::RateLimited), 80);
     // Another address is served at once.
-    let (code, _) = f.error_reply(other_peer(7, 1), &rrq("nope", "octet", &[]));
+    let (code, _) = f.refused(other_peer(7, 1), &rrq("nope", "octet", &[]));
     assert_eq!(code, ErrorCode::FileNotFound);
     // The flooder's bucket refills: 10 per second.
     f.now += Duration::from_millis(500);
@@ -463,7 +417,7 @@ fn every_refusal_goes_through_a_token_bucket() {
     // Missing files, WRQs, the per-client cap, "busy" and "shutting down"
     // are all refused within one refusal limit, however many distinct
     // (possibly spoofed) addresses ask.
-    let mut f = Fixture::new(EndpointConfig {
+    let mut f = fixture(EndpointConfig {
         max_sessions: 3,
         settings: Settings {
             refusal_replies_per_sec: 10,
@@ -472,7 +426,7 @@ fn every_refusal_goes_through_a_token_bucket() {
         },
         ..config()
     });
-    f.start(other_peer(200, 1), "boot.img");
+    start(&mut f, other_peer(200, 1), "boot.img");
     let wrq = request(2, "up.bin", "octet", &[]);
     let mut replies = 0;
     let mut count_reply = |f: &mut Fixture, from, datagram: &[u8]| {
@@ -498,7 +452,7 @@ fn every_refusal_goes_through_a_token_bucket() {
             ),
         }
     }
-    f.start(other_peer(202, 1), "boot.img");
+    start(&mut f, other_peer(202, 1), "boot.img");
     for i in 0..20u16 {
         count_reply(
             &mut f,

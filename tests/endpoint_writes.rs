@@ -5,15 +5,12 @@
 mod sim;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Instant;
 
-use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::endpoint::{DatagramOutcome, EndpointConfig, RequestOutcome, SessionId};
 use ringtftpd::files::{OpenError, Sink, Source};
 use ringtftpd::proto::{ErrorCode, Mode, Packet};
 use ringtftpd::session::Outcome;
 use sim::*;
-
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn peer(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), port)
@@ -68,25 +65,17 @@ impl Sink for Recorder {
     }
 }
 
-struct Fixture {
-    now: Instant,
-    endpoint: Endpoint<usize>,
-    sink: Recorder,
-    buf: Vec<u8>,
-}
+type Fixture = Desk<Recorder>;
 
 impl Fixture {
-    fn new(config: EndpointConfig) -> Self {
-        Fixture {
-            now: Instant::now(),
-            endpoint: Endpoint::new(config),
-            sink: Recorder::default(),
-            buf: vec![0; 70_000],
-        }
+    fn recording(config: EndpointConfig) -> Self {
+        let mut f = Desk::new(config, Recorder::default());
+        f.mtu = Some(9000);
+        f
     }
 
     fn uploads() -> Self {
-        Self::new(EndpointConfig {
+        Self::recording(EndpointConfig {
             max_upload_blksize: 1000,
             settings: Settings {
                 uploads: true,
@@ -95,39 +84,6 @@ impl Fixture {
             },
             ..config()
         })
-    }
-
-    fn request(&mut self, from: SocketAddr, datagram: &[u8]) -> RequestOutcome {
-        self.endpoint.handle_request(
-            self.now,
-            from,
-            LOCAL,
-            Some(9000),
-            datagram,
-            &mut self.sink,
-            &mut self.buf,
-        )
-    }
-
-    #[track_caller]
-    fn refused(&mut self, from: SocketAddr, datagram: &[u8]) -> (ErrorCode, String) {
-        match self.request(from, datagram) {
-            RequestOutcome::Reply(n) => match Packet::parse(&self.buf[..n]) {
-                Ok(Packet::Error { code, message }) => {
-                    (code, String::from_utf8_lossy(message).into_owned())
-                }
-                other => panic!("not an ERROR: {other:?}"),
-            },
-            other => panic!("expected a refusal, got {other:?}"),
-        }
-    }
-
-    #[track_caller]
-    fn started(&mut self, from: SocketAddr, datagram: &[u8]) -> SessionId {
-        match self.request(from, datagram) {
-            RequestOutcome::Started(id) => id,
-            other => panic!("expected a start, got {other:?}"),
-        }
     }
 
     /// Everything session `id` sends now, parsed.
@@ -168,11 +124,11 @@ impl Fixture {
 
 #[test]
 fn write_requests_are_refused_with_error_2_while_uploads_are_off() {
-    let mut f = Fixture::new(config());
+    let mut f = Fixture::recording(config());
     let (code, message) = f.refused(peer(1), &wrq("new.cfg", &[]));
     assert_eq!(code, ErrorCode::AccessViolation);
     assert!(message.contains("uploads are disabled"), "{message}");
-    assert!(f.sink.asked.is_empty(), "the sink was asked");
+    assert!(f.files.asked.is_empty(), "the sink was asked");
 }
 
 #[test]
@@ -180,10 +136,10 @@ fn a_tsize_over_the_limit_is_refused_with_error_3_before_the_sink_is_asked() {
     let mut f = Fixture::uploads();
     let (code, _) = f.refused(peer(1), &wrq("big.img", &[("tsize", "10001")]));
     assert_eq!(code, ErrorCode::DiskFull);
-    assert!(f.sink.asked.is_empty(), "refused before any file was made");
+    assert!(f.files.asked.is_empty(), "refused before any file was made");
     // At the limit it starts, and the sink hears the size announced.
     f.started(peer(2), &wrq("ok.img", &[("tsize", "10000")]));
-    assert_eq!(f.sink.asked, [("ok.img".to_string(), Some(10_000))]);
+    assert_eq!(f.files.asked, [("ok.img".to_string(), Some(10_000))]);
 }
 
 #[test]
@@ -282,7 +238,7 @@ fn a_retransmitted_wrq_starts_no_second_upload() {
         f.request(client, &wrq("again", &[])),
         RequestOutcome::Ignored
     );
-    assert_eq!(f.sink.asked.len(), 1);
+    assert_eq!(f.files.asked.len(), 1);
     // Its lost ACK 0 is resent by the session's own timer.
     f.now = f.endpoint.poll_timeout(id).expect("ACK 0 timer");
     f.endpoint.handle_timeout(f.now, id);

@@ -10,14 +10,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringtftpd::endpoint::{Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::endpoint::{EndpointConfig, RequestOutcome, SessionId};
 use ringtftpd::policy::{Decision, DefaultPolicy, Grant, Incoming, Policy};
 use ringtftpd::proto::{ErrorCode, Options, Packet};
 use ringtftpd::refusal::Refusal;
 use ringtftpd::session::Transmit;
 use sim::*;
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const SLOW_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9));
 
 fn peer(host: u8, port: u16) -> SocketAddr {
@@ -57,15 +56,11 @@ impl Policy for SiteRules {
     }
 }
 
-struct Fixture {
-    now: Instant,
-    endpoint: Endpoint<Arc<Vec<u8>>>,
-    files: MemFiles,
-    buf: Vec<u8>,
-}
+type Fixture = Desk<MemFiles>;
 
 impl Fixture {
-    fn new(policy: Arc<dyn Policy>) -> Self {
+    /// `pxelinux.cfg/default` and `boot.img`, decided by `policy`.
+    fn with_policy(policy: Arc<dyn Policy>) -> Self {
         let mut files = MemFiles::default();
         for (name, len) in [("pxelinux.cfg/default", 700), ("boot.img", 100_000)] {
             files.insert(name, content(len, len as u64));
@@ -78,32 +73,7 @@ impl Fixture {
             },
             ..config()
         };
-        Self {
-            now: Instant::now(),
-            endpoint: Endpoint::new(config),
-            files,
-            buf: vec![0; 600],
-        }
-    }
-
-    fn request(&mut self, from: SocketAddr, datagram: &[u8]) -> RequestOutcome {
-        self.endpoint.handle_request(
-            self.now,
-            from,
-            LOCAL,
-            Some(1500),
-            datagram,
-            &mut self.files,
-            &mut self.buf,
-        )
-    }
-
-    #[track_caller]
-    fn started(&mut self, from: SocketAddr, datagram: &[u8]) -> SessionId {
-        match self.request(from, datagram) {
-            RequestOutcome::Started(id) => id,
-            other => panic!("{from}: {other:?}"),
-        }
+        Desk::new(config, files)
     }
 
     /// The first transmit of `id`: its OACK's options, or None for DATA 1.
@@ -127,7 +97,7 @@ impl Fixture {
 
 #[test]
 fn a_rewritten_path_is_opened_and_the_open_cache_keys_on_it() {
-    let mut f = Fixture::new(Arc::new(SiteRules));
+    let mut f = Fixture::with_policy(Arc::new(SiteRules));
     let a = f.started(peer(2, 1), &rrq("pxelinux.cfg/01-aa-bb-cc-dd-ee-01", &[]));
     let b = f.started(peer(3, 1), &rrq("pxelinux.cfg/01-aa-bb-cc-dd-ee-02", &[]));
     let default = f.files.files[&b"pxelinux.cfg/default".to_vec()].clone();
@@ -145,7 +115,7 @@ fn a_rewritten_path_is_opened_and_the_open_cache_keys_on_it() {
 
 #[test]
 fn a_policy_refusal_is_answered_before_any_open() {
-    let mut f = Fixture::new(Arc::new(SiteRules));
+    let mut f = Fixture::with_policy(Arc::new(SiteRules));
     let RequestOutcome::Reply(n) = f.request(peer(2, 1), &rrq("secret", &[])) else {
         panic!("not refused");
     };
@@ -161,7 +131,7 @@ fn a_policy_refusal_is_answered_before_any_open() {
 
 #[test]
 fn a_grant_sets_the_limits_of_its_transfer() {
-    let mut f = Fixture::new(Arc::new(SiteRules));
+    let mut f = Fixture::with_policy(Arc::new(SiteRules));
     let ask = rrq("boot.img", &[("blksize", "1468")]);
     let slow = f.started(SocketAddr::new(SLOW_CLIENT, 1), &ask);
     let other = f.started(peer(2, 1), &ask);
@@ -171,7 +141,7 @@ fn a_grant_sets_the_limits_of_its_transfer() {
 
 #[test]
 fn new_settings_reach_new_requests_and_running_sessions_keep_theirs() {
-    let mut f = Fixture::new(Arc::new(DefaultPolicy));
+    let mut f = Fixture::with_policy(Arc::new(DefaultPolicy));
     let ask = rrq("boot.img", &[("blksize", "1468")]);
     let running = f.started(peer(2, 1), &ask);
     assert_eq!(f.first_reply(running).unwrap().blksize, Some(1468));

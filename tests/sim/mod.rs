@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::files::Sink;
 pub use ringtftpd::files::mem::MemFiles;
 pub use ringtftpd::policy::Settings;
 use ringtftpd::proto::{ErrorCode, Options, Packet};
@@ -61,7 +62,7 @@ pub fn content(len: usize, seed: u64) -> Vec<u8> {
 }
 
 pub const CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 40000);
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -480,6 +481,67 @@ impl Sim {
 
     pub fn elapsed(&self) -> Duration {
         self.now - self.start
+    }
+}
+
+/// An endpoint and its files at a fake clock, fed datagrams as a driver
+/// would from the listener (at `LOCAL`, from an interface of `mtu`).
+pub struct Desk<F: Sink> {
+    pub now: Instant,
+    pub endpoint: Endpoint<F::Handle>,
+    pub files: F,
+    /// Replies and transmits are written here.
+    pub buf: Vec<u8>,
+    pub mtu: Option<u32>,
+}
+
+impl<F: Sink> Desk<F>
+where
+    F::Handle: Clone,
+{
+    pub fn new(config: EndpointConfig, files: F) -> Self {
+        Desk {
+            now: Instant::now(),
+            endpoint: Endpoint::new(config),
+            files,
+            buf: vec![0; 70_000],
+            mtu: Some(1500),
+        }
+    }
+
+    pub fn request(&mut self, from: SocketAddr, datagram: &[u8]) -> RequestOutcome {
+        self.endpoint.handle_request(
+            self.now,
+            from,
+            LOCAL,
+            self.mtu,
+            datagram,
+            &mut self.files,
+            &mut self.buf,
+        )
+    }
+
+    /// The request must start a session.
+    #[track_caller]
+    pub fn started(&mut self, from: SocketAddr, datagram: &[u8]) -> SessionId {
+        match self.request(from, datagram) {
+            RequestOutcome::Started(id) => id,
+            other => panic!("{from}: expected a start, got {other:?}"),
+        }
+    }
+
+    /// The request must be refused: its ERROR's code and text.
+    #[track_caller]
+    pub fn refused(&mut self, from: SocketAddr, datagram: &[u8]) -> (ErrorCode, String) {
+        match self.request(from, datagram) {
+            RequestOutcome::Reply(n) => match Packet::parse(&self.buf[..n]) {
+                Ok(Packet::Error { code, message }) => {
+                    (code, String::from_utf8_lossy(message).into_owned())
+                }
+                other => panic!("not an ERROR: {other:?}"),
+            },
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 }
 
