@@ -113,6 +113,10 @@ impl Server {
             Some(n) => usize::from(n),
             None => cpus.len().max(1),
         };
+        for addr in &config.addresses {
+            shard::net::check_port_free(*addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        }
         let mut addresses = config.addresses.clone();
         let mut prepared = Vec::with_capacity(count);
         for index in 0..count {

@@ -223,3 +223,74 @@ fn sigusr1_from_outside_is_ignored_and_sigterm_still_stops_cleanly() {
         "{seen:?}"
     );
 }
+
+/// Starts the binary on `addr` and expects it to refuse at once: its
+/// stderr.
+#[track_caller]
+fn refused_start(addr: SocketAddr, root: &std::path::Path) -> String {
+    let mut child = binary()
+        .args([
+            "--address",
+            &addr.to_string(),
+            "--threads",
+            "1",
+            "--permissive",
+        ])
+        .arg(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringtftpd");
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(1), "{addr}: exited {status}: {stderr}");
+    stderr
+}
+
+#[test]
+fn a_second_server_on_a_taken_port_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("f"), vec![1u8; 100]).expect("write");
+    // `lines` lives on: its reader keeps the server's stderr open.
+    let Serving {
+        mut child,
+        lines: _lines,
+        addr,
+        ..
+    } = serve(binary(), dir.path());
+    // Another ringtftpd: SO_REUSEPORT alone would have let it share the port.
+    let stderr = refused_start(addr, dir.path());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}: address in use")),
+        "{stderr}"
+    );
+    // The first one still serves.
+    let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    client.send_to(b"\0\x01f\0octet\0", addr).expect("send RRQ");
+    let mut buf = [0u8; 600];
+    let (n, _) = client
+        .recv_from(&mut buf)
+        .expect("DATA 1 from the first server");
+    assert_eq!(&buf[..4], [0, 3, 0, 1]);
+    assert_eq!(n, 4 + 100);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    // Any other holder of the port too (a plain socket, as tftpd-hpa's).
+    let holder = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let stderr = refused_start(holder.local_addr().expect("addr"), dir.path());
+    assert!(stderr.contains("address in use"), "{stderr}");
+}

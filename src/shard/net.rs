@@ -217,6 +217,33 @@ pub fn bind_listener(addr: SocketAddr, rcvbuf: usize) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from(fd))
 }
 
+/// Fails if anything already listens on `addr` (port 0 always passes).
+/// Listeners share their port through SO_REUSEPORT, which would just as
+/// silently let a second ringtftpd (same user) split the requests with a
+/// first: a plain bind, without it, is refused while any socket holds the
+/// port. Checked just before the real binds; two servers started within
+/// the same microseconds could still both pass.
+pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let fd = udp_socket(addr.is_ipv6())?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        set_int_opt(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    }
+    bind(fd.as_raw_fd(), addr).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EADDRINUSE) {
+            io::Error::new(
+                e.kind(),
+                "address in use: another TFTP server (or another ringtftpd) \
+                 listens there; stop it first",
+            )
+        } else {
+            e
+        }
+    })
+}
+
 /// Makes the socket of one transfer (its own TID, RFC 1350 §4): bound to
 /// `(local, 0)` so replies leave from the address the request was sent to,
 /// with path-MTU discovery off so no DF bit is set (a large block must get
