@@ -174,6 +174,13 @@ pub struct Config {
     #[arg(short = 'U', long, default_value = "0", value_parser = parse_umask)]
     pub umask: u32,
 
+    /// Transfer ports LOW:HIGH (as tftpd-hpa's -R): every transfer's port
+    /// is drawn at random from the range, shared with the other threads
+    /// and processes; none free gets ERROR 0 "server busy". Default: any
+    /// port the kernel picks.
+    #[arg(short = 'R', long = "port-range", visible_alias = "ports", value_name = "LOW:HIGH", value_parser = parse_port_range)]
+    pub port_range: Option<(u16, u16)>,
+
     /// Largest upload, in bytes, or with a K, M or G suffix (powers of
     /// 1024). A write request announcing more by its tsize is refused with
     /// ERROR 3 before any data moves; one that sends more is ended so.
@@ -201,6 +208,25 @@ pub struct Config {
     /// requests to the directory.
     #[arg(short = 's', long = "secure", hide = true)]
     pub secure: bool,
+}
+
+/// `LOW:HIGH`, 1 <= LOW <= HIGH.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (low, high) = s
+        .split_once(':')
+        .ok_or_else(|| format!("'{s}' is not LOW:HIGH"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("'{p}' is not a port (1..=65535)"))
+    };
+    let (low, high) = (port(low)?, port(high)?);
+    if low > high {
+        return Err(format!("{low} is above {high}"));
+    }
+    Ok((low, high))
 }
 
 /// An octal umask, at most 0777.
@@ -349,6 +375,20 @@ mod tests {
         assert_eq!(p(":6969"), "[::]:6969");
         assert!(parse_listen_address("nonsense").is_err());
         assert!(parse_listen_address("1.2.3.4:99999").is_err());
+    }
+
+    #[test]
+    fn port_ranges_parse_like_tftpd_hpa() {
+        assert_eq!(parse_port_range("40000:40100"), Ok((40000, 40100)));
+        assert_eq!(parse_port_range("69:69"), Ok((69, 69)));
+        for bad in ["40100:40000", "0:10", "1:65536", "40000", "a:b", ":"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+        let c = Config::try_parse_from(["ringtftpd", "-R", "5000:5010", "/tmp"]).unwrap();
+        assert_eq!(c.port_range, Some((5000, 5010)));
+        let c = Config::try_parse_from(["ringtftpd", "--port-range", "1:2", "/tmp"]).unwrap();
+        assert_eq!(c.port_range, Some((1, 2)));
+        assert!(Config::try_parse_from(["ringtftpd", "-R", "9:8", "/tmp"]).is_err());
     }
 
     #[test]

@@ -139,6 +139,8 @@ impl Server {
                 uploads: config.upload_rules(),
                 log_transfers: !config.quiet,
                 shutdown_grace: Duration::from_secs(config.shutdown_grace),
+                port_range: config.port_range,
+                shards: count,
             };
             let shard = shard::prepare(shard_config)
                 .map_err(|e| io::Error::new(e.kind(), format!("shard {index}: io_uring: {e}")))?;

@@ -88,7 +88,7 @@ use bufring::BufRing;
 use command::Commands;
 pub use command::{Command, ShardHandle};
 use gso::NoGsoPaths;
-use pool::IdlePool;
+use pool::{IdlePool, PortRange};
 use recv::Rearm;
 use send::{HEADER_CAP, SendPool};
 use serve::ServeWork;
@@ -224,6 +224,8 @@ struct Shard {
     /// Idle sockets by bound address, reused by new transfers: a socket,
     /// its options, its bind, its close and its receive re-arm saved.
     idle: IdlePool,
+    /// `--port-range`: where fresh transfer sockets bind (None: anywhere).
+    ports: Option<PortRange>,
     live: usize,
     /// `serve`'s scratch space, kept between calls (None while in use).
     serve_work: Option<Box<ServeWork>>,

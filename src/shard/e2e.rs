@@ -63,6 +63,18 @@ fn start_with(
     tuning: Tuning,
     limits: Limits,
 ) -> Option<(ShardHandle, SocketAddr)> {
+    start_ported(dir, addr, grace, tuning, limits, None)
+}
+
+/// As `start_with`, with transfer ports confined to `port_range`.
+fn start_ported(
+    dir: &Path,
+    addr: &str,
+    grace: Duration,
+    tuning: Tuning,
+    limits: Limits,
+    port_range: Option<(u16, u16)>,
+) -> Option<(ShardHandle, SocketAddr)> {
     let listener = match net::bind_listener(addr.parse().unwrap(), 1 << 20) {
         Ok(l) => l,
         Err(e) => {
@@ -90,6 +102,8 @@ fn start_with(
         uploads: None,
         log_transfers: true,
         shutdown_grace: grace,
+        port_range,
+        shards: 1,
     };
     match spawn_tuned(config, tuning) {
         Ok(h) => Some((h, local)),
@@ -451,6 +465,63 @@ fn new_settings_reach_new_requests_and_running_transfers_keep_theirs() {
         next.oack
     );
     shard.stop();
+}
+
+/// `n` consecutive loopback UDP ports free now, found by binding them.
+fn free_port_run(n: u16) -> (u16, u16) {
+    for base in (42_000u16..60_000).step_by(97) {
+        let held: Vec<_> = (base..base + n)
+            .map_while(|p| UdpSocket::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return (base, base + n - 1);
+        }
+    }
+    panic!("no {n} free consecutive ports");
+}
+
+#[test]
+fn transfer_ports_stay_in_the_range_and_a_full_range_is_busy() {
+    let body = content(3000, 5);
+    let root = root_with(&[("f", &body)]);
+    let (low, high) = free_port_run(4);
+    let grace = Duration::from_secs(1);
+    let Some((handle, addr)) = start_ported(
+        root.path(),
+        "127.0.0.1:0",
+        grace,
+        small_tuning(),
+        limits(),
+        Some((low, high)),
+    ) else {
+        return;
+    };
+    for _ in 0..8 {
+        let got = fetch(addr, "f", &[]).expect_body(&body);
+        assert!((low..=high).contains(&got.tid.port()), "TID {}", got.tid);
+    }
+    // Every port of the range taken by others: refused at once, from the
+    // listener, with ERROR 0 "server busy", not a hang.
+    let mut held = Vec::new();
+    for port in low..=high {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // A port the last transfers used is free once their sockets close.
+        loop {
+            match UdpSocket::bind(("127.0.0.1", port)) {
+                Ok(sock) => break held.push(sock),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("port {port} stays taken: {e}"),
+            }
+        }
+    }
+    let refused = fetch(addr, "f", &[]).expect_error(0);
+    assert_eq!(refused.from, addr);
+    assert!(refused.message.contains("busy"), "{}", refused.message);
+    drop(held);
+    fetch(addr, "f", &[]).expect_body(&body);
+    stop(handle);
 }
 
 #[test]

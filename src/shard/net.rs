@@ -248,8 +248,10 @@ pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
 /// `(local, 0)` so replies leave from the address the request was sent to,
 /// with path-MTU discovery off so no DF bit is set (a large block must get
 /// through fragmented rather than vanish into a PMTU black hole).
-/// `scope_id` is used for an IPv6 link-local `local`.
-pub fn transfer_socket(local: IpAddr, scope_id: u32) -> io::Result<OwnedFd> {
+/// `scope_id` is used for an IPv6 link-local `local`. The port is the first
+/// of `ports` free to bind (0: the kernel's choice); if all are taken, the
+/// last `EADDRINUSE`.
+pub fn transfer_socket(local: IpAddr, scope_id: u32, ports: &[u16]) -> io::Result<OwnedFd> {
     let v6 = local.is_ipv6();
     let fd = udp_socket(v6)?;
     let raw = fd.as_raw_fd();
@@ -269,19 +271,27 @@ pub fn transfer_socket(local: IpAddr, scope_id: u32) -> io::Result<OwnedFd> {
             libc::IP_PMTUDISC_DONT,
         )?;
     }
-    let addr = match local {
-        IpAddr::V4(ip) => SocketAddr::V4(SocketAddrV4::new(ip, 0)),
+    let addr = |port| match local {
+        IpAddr::V4(ip) => SocketAddr::V4(SocketAddrV4::new(ip, port)),
         IpAddr::V6(ip) => {
             let scope = if ip.is_unicast_link_local() {
                 scope_id
             } else {
                 0
             };
-            SocketAddr::V6(SocketAddrV6::new(ip, 0, 0, scope))
+            SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope))
         }
     };
-    bind(raw, addr)?;
-    Ok(fd)
+    let mut last = io::Error::from_raw_os_error(libc::EADDRINUSE);
+    for &port in ports {
+        // A failed bind leaves the socket unbound: try the next port on it.
+        match bind(raw, addr(port)) {
+            Ok(()) => return Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 /// True if `fd` is an IPv6 socket.
@@ -429,7 +439,7 @@ mod tests {
 
     #[test]
     fn transfer_socket_has_pmtudisc_dont_and_is_bound() {
-        let fd = transfer_socket("127.0.0.1".parse().unwrap(), 0).unwrap();
+        let fd = transfer_socket("127.0.0.1".parse().unwrap(), 0, &[0]).unwrap();
         assert_eq!(
             get_int_opt(fd.as_fd(), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER).unwrap(),
             libc::IP_PMTUDISC_DONT
@@ -439,7 +449,7 @@ mod tests {
         assert_ne!(local.port(), 0);
         assert!(!is_v6_socket(fd.as_fd()).unwrap());
 
-        if let Ok(fd6) = transfer_socket("::1".parse().unwrap(), 0) {
+        if let Ok(fd6) = transfer_socket("::1".parse().unwrap(), 0, &[0]) {
             assert_eq!(
                 get_int_opt(fd6.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER).unwrap(),
                 libc::IPV6_PMTUDISC_DONT

@@ -131,6 +131,62 @@ impl IdlePool {
     }
 }
 
+/// Random ports tried before the sweep, for a socket in a `--port-range`.
+const RANDOM_TRIES: usize = 32;
+
+/// Ranges up to this size are swept whole when the random tries all
+/// found their port taken; a larger one that is that full gets "busy".
+const SWEEP_MAX: usize = 1024;
+
+/// Transfer ports confined to `--port-range LOW:HIGH`: which ports a new
+/// socket tries, in an order nobody can guess. Shards and other processes
+/// share the range through the kernel: a bind to a port in use fails and
+/// the next is tried.
+pub struct PortRange {
+    low: u16,
+    high: u16,
+    rng: StdRng,
+}
+
+impl PortRange {
+    pub fn new(low: u16, high: u16, rng: StdRng) -> Self {
+        debug_assert!(low <= high);
+        PortRange { low, high, rng }
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.high - self.low) + 1
+    }
+
+    /// Ports to try for one socket, at most `RANDOM_TRIES + SWEEP_MAX`:
+    /// random ones, then (for a small range) every port from a random
+    /// start.
+    pub fn candidates(&mut self) -> Vec<u16> {
+        let len = self.len();
+        let (low, high) = (self.low, self.high);
+        let mut ports: Vec<u16> = (0..RANDOM_TRIES.min(len))
+            .map(|_| self.rng.random_range(low..=high))
+            .collect();
+        if len <= SWEEP_MAX {
+            let start = self.rng.random_range(0..len);
+            ports.extend((0..len).map(|k| low + ((start + k) % len) as u16));
+        }
+        ports
+    }
+
+    /// Idle sockets one of `shards` shards may keep: a quarter of its
+    /// share of the range, so pools never starve the others; 0 (no
+    /// pooling) where that is too few to pick from at random.
+    pub fn idle_cap(&self, shards: usize, min_choice: usize) -> usize {
+        let cap = self.len() / (4 * shards.max(1));
+        if cap < min_choice {
+            0
+        } else {
+            cap.min(MAX_IDLE)
+        }
+    }
+}
+
 /// Whether a socket that could not be made with `err` is worth one more
 /// try after closing the `idle` pooled sockets: they hold descriptors and
 /// socket memory, which is what these errors lack.
@@ -149,6 +205,36 @@ mod tests {
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn port_range_candidates_stay_inside_and_a_small_range_is_swept_whole() {
+        let mut r = PortRange::new(40_000, 40_009, StdRng::seed_from_u64(5));
+        let c = r.candidates();
+        assert!(c.iter().all(|p| (40_000..=40_009).contains(p)), "{c:?}");
+        // 10 random tries, then each of the 10 ports once.
+        assert_eq!(c.len(), 20);
+        let mut swept = c[10..].to_vec();
+        swept.sort_unstable();
+        assert_eq!(swept, (40_000..=40_009).collect::<Vec<_>>());
+        // One port: that port.
+        let mut one = PortRange::new(7, 7, StdRng::seed_from_u64(6));
+        assert_eq!(one.candidates(), [7, 7]);
+        // A large range is not swept: random tries only, spread over it.
+        let mut big = PortRange::new(1, 65_535, StdRng::seed_from_u64(7));
+        let c = big.candidates();
+        assert_eq!(c.len(), RANDOM_TRIES);
+        let distinct: std::collections::HashSet<_> = c.iter().collect();
+        assert!(distinct.len() > RANDOM_TRIES / 2, "{c:?}");
+    }
+
+    #[test]
+    fn port_range_pools_leave_ports_for_the_other_shards() {
+        let r = |low, high| PortRange::new(low, high, StdRng::seed_from_u64(8));
+        // 101 ports on 2 shards: 12 each would be too few to pick from.
+        assert_eq!(r(40_000, 40_100).idle_cap(2, MIN_IDLE_CHOICE), 0);
+        assert_eq!(r(40_000, 43_999).idle_cap(2, MIN_IDLE_CHOICE), 500);
+        assert_eq!(r(1, 65_535).idle_cap(1, MIN_IDLE_CHOICE), MAX_IDLE);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use super::bufring::BufRing;
 use super::command::{Commands, ShardHandle};
 use super::gso::{self, NoGsoPaths};
-use super::pool::{self, IdlePool};
+use super::pool::{self, IdlePool, PortRange};
 use super::send::SendPool;
 use super::sqe::Ring;
 use super::uploads::{ShardFiles, UploadDesk};
@@ -51,6 +51,10 @@ pub struct ShardConfig {
     pub log_transfers: bool,
     /// How long live transfers may run on after shutdown was asked for.
     pub shutdown_grace: Duration,
+    /// `--port-range`: transfer ports confined to LOW..=HIGH, shared with
+    /// `shards` shards in all.
+    pub port_range: Option<(u16, u16)>,
+    pub shards: usize,
 }
 
 /// Sizes of the ring, buffer rings and send pool.
@@ -316,6 +320,12 @@ impl Shard {
             None => None,
         };
         let capacity = endpoint.capacity();
+        let ports = config
+            .port_range
+            .map(|(low, high)| PortRange::new(low, high, StdRng::from_os_rng()));
+        let idle_cap = ports.as_ref().map_or(pool::MAX_IDLE, |r| {
+            r.idle_cap(config.shards, tuning.min_idle_choice)
+        });
         let now = Instant::now();
         let mut shard = Shard {
             ring: Ring::new(ring),
@@ -337,11 +347,8 @@ impl Shard {
             socks: (0..capacity).map(|_| None).collect(),
             tsocks: Vec::new(),
             tsocks_free: Vec::new(),
-            idle: IdlePool::new(
-                pool::MAX_IDLE,
-                tuning.min_idle_choice,
-                StdRng::from_os_rng(),
-            ),
+            idle: IdlePool::new(idle_cap, tuning.min_idle_choice, StdRng::from_os_rng()),
+            ports,
             live: 0,
             serve_work: Some(Box::default()),
             next_epoch: 0,

@@ -54,14 +54,20 @@ impl Shard {
             }
             return Ok(si);
         }
-        let fd = match net::transfer_socket(local, ifindex) {
+        let ports = match &mut self.ports {
+            Some(range) => range.candidates(),
+            None => Vec::new(),
+        };
+        // No range: port 0, the kernel's (random) choice.
+        let ports = if ports.is_empty() { &[0][..] } else { &ports };
+        let fd = match net::transfer_socket(local, ifindex, ports) {
             Ok(fd) => fd,
             // Out of descriptors or socket memory: idle pooled sockets hold
             // both; give them up and try once more.
             Err(e) if pool::close_idle_and_retry(&e, self.idle.len()) => {
                 self.counters.pool_flushes += 1;
                 self.close_idle_now();
-                net::transfer_socket(local, ifindex)?
+                net::transfer_socket(local, ifindex, ports)?
             }
             Err(e) => return Err(e),
         };
