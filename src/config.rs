@@ -11,7 +11,7 @@ use clap::{CommandFactory, Parser};
 
 use crate::endpoint::EndpointConfig;
 use crate::files::upload::UploadRules;
-use crate::policy::{DefaultPolicy, Settings};
+use crate::policy::{DefaultPolicy, RefusedOptions, Settings};
 use crate::proto;
 use crate::session::{self, Limits, MAX_WINDOWSIZE};
 
@@ -174,6 +174,16 @@ pub struct Config {
     #[arg(short = 'U', long, default_value = "0", value_parser = parse_umask)]
     pub umask: u32,
 
+    /// Never negotiate this option (as tftpd-hpa's -r): blksize, tsize,
+    /// timeout or windowsize (tftpd-hpa's utimeout, rollover and blksize2
+    /// are accepted and never negotiated anyway). Repeatable.
+    #[arg(short = 'r', long = "refuse", visible_alias = "reject", value_name = "OPTION", value_parser = parse_refused_option)]
+    pub refuse: Vec<String>,
+
+    /// Negotiate no options at all (RFC 1350 only), as tftpd-hpa 7.x.
+    #[arg(long = "refuse-all", visible_alias = "reject-all")]
+    pub refuse_all: bool,
+
     /// Transfer ports LOW:HIGH (as tftpd-hpa's -R): every transfer's port
     /// is drawn at random from the range, shared with the other threads
     /// and processes; none free gets ERROR 0 "server busy". Default: any
@@ -208,6 +218,17 @@ pub struct Config {
     /// requests to the directory.
     #[arg(short = 's', long = "secure", hide = true)]
     pub secure: bool,
+}
+
+/// An option name `-r` knows.
+fn parse_refused_option(name: &str) -> Result<String, String> {
+    if RefusedOptions::default().add(name) {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "'{name}' is not an option: blksize, tsize, timeout, windowsize, utimeout, rollover or blksize2"
+        ))
+    }
 }
 
 /// `LOW:HIGH`, 1 <= LOW <= HIGH.
@@ -330,6 +351,18 @@ impl Config {
         })
     }
 
+    /// `-r` and `--refuse-all` together.
+    pub fn refused_options(&self) -> RefusedOptions {
+        if self.refuse_all {
+            return RefusedOptions::ALL;
+        }
+        let mut refused = RefusedOptions::default();
+        for name in &self.refuse {
+            refused.add(name);
+        }
+        refused
+    }
+
     /// The settings of one of `shards` shards: what a reload may change.
     pub fn settings(&self, shards: usize) -> Settings {
         let shards = shards.max(1) as u32;
@@ -345,6 +378,7 @@ impl Config {
             first_contact_windowsize: self.first_contact_windowsize,
             uploads: self.upload_rules().is_some(),
             max_upload: self.max_upload,
+            refused_options: self.refused_options(),
             policy: Arc::new(DefaultPolicy),
         }
     }
@@ -375,6 +409,23 @@ mod tests {
         assert_eq!(p(":6969"), "[::]:6969");
         assert!(parse_listen_address("nonsense").is_err());
         assert!(parse_listen_address("1.2.3.4:99999").is_err());
+    }
+
+    #[test]
+    fn refused_options_are_named_as_in_tftpd_hpa() {
+        let c = parse(&["-r", "blksize", "--refuse", "TSIZE", "--reject", "rollover"]).unwrap();
+        let r = c.refused_options();
+        assert!(r.blksize && r.tsize && !r.timeout && !r.windowsize);
+        assert_eq!(c.settings(1).refused_options, r);
+        assert_eq!(
+            parse(&["--refuse-all"]).unwrap().refused_options(),
+            RefusedOptions::ALL
+        );
+        assert_eq!(
+            parse(&[]).unwrap().refused_options(),
+            RefusedOptions::default()
+        );
+        assert!(parse(&["-r", "nonsense"]).is_err());
     }
 
     #[test]

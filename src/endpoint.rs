@@ -542,7 +542,8 @@ impl<H: Clone> Endpoint<H> {
         if path.is_none() && first_window > 0 {
             limits.max_windowsize = limits.max_windowsize.min(first_window);
         }
-        let negotiated = session::negotiate(&request.options, content_len, mtu, ipv6, &limits);
+        let asked = grant.refused.strip(&request.options);
+        let negotiated = session::negotiate(&asked, content_len, mtu, ipv6, &limits);
         let mut transfer = Transfer::new_read(now, &negotiated, content_len, &limits);
         // A client seen recently starts from what its last transfer
         // measured; a first contact keeps the conservative initial RTO.
@@ -609,7 +610,10 @@ impl<H: Clone> Endpoint<H> {
         let ipv6 = matches!(peer, SocketAddr::V6(_));
         // The OACK echoes the client's tsize (as tftpd-hpa does).
         let echoed = request.options.tsize.unwrap_or(session::LEN_UNKNOWN);
-        let negotiated = session::negotiate(&request.options, echoed, mtu, ipv6, &limits);
+        // A refused tsize still bounds the upload above; it is just not
+        // acknowledged.
+        let asked = grant.refused.strip(&request.options);
+        let negotiated = session::negotiate(&asked, echoed, mtu, ipv6, &limits);
         let transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
         self.start(&incoming, transfer, handle, key, reply)
     }

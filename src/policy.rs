@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::proto::Request;
+use crate::proto::{Options, Request};
 use crate::refusal::Refusal;
 use crate::session::Limits;
 
@@ -49,6 +49,55 @@ pub struct Grant<'a> {
     /// Largest upload in bytes (WRQ only); an upload that sends more is
     /// ended with ERROR 3.
     pub max_upload: Option<u64>,
+    /// Options not negotiated for this request (as if the client had not
+    /// asked).
+    pub refused: RefusedOptions,
+}
+
+/// RFC 2347 options the server will not negotiate (tftpd-hpa's
+/// `-r/--refuse OPTION` and `--refuse-all`): left out of the OACK, the
+/// transfer runs with that option's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefusedOptions {
+    pub blksize: bool,
+    pub tsize: bool,
+    pub timeout: bool,
+    pub windowsize: bool,
+}
+
+impl RefusedOptions {
+    /// Every option.
+    pub const ALL: RefusedOptions = RefusedOptions {
+        blksize: true,
+        tsize: true,
+        timeout: true,
+        windowsize: true,
+    };
+
+    /// Refuses option `name` as tftpd-hpa spells it; false if it names
+    /// none. Options we never negotiate (tftpd-hpa's utimeout, rollover,
+    /// blksize2) are already refused.
+    pub fn add(&mut self, name: &str) -> bool {
+        match name.to_ascii_lowercase().as_str() {
+            "blksize" => self.blksize = true,
+            "tsize" => self.tsize = true,
+            "timeout" => self.timeout = true,
+            "windowsize" => self.windowsize = true,
+            "utimeout" | "rollover" | "blksize2" => {}
+            _ => return false,
+        }
+        true
+    }
+
+    /// What the client asked, less what is refused.
+    pub fn strip(&self, asked: &Options) -> Options {
+        Options {
+            blksize: asked.blksize.filter(|_| !self.blksize),
+            tsize: asked.tsize.filter(|_| !self.tsize),
+            timeout: asked.timeout.filter(|_| !self.timeout),
+            windowsize: asked.windowsize.filter(|_| !self.windowsize),
+        }
+    }
 }
 
 /// Decides each admitted request before any file is opened. Remap rules
@@ -70,6 +119,7 @@ impl Policy for DefaultPolicy {
             path: Cow::Borrowed(incoming.request.filename),
             limits: settings.limits.clone(),
             max_upload: settings.max_upload,
+            refused: settings.refused_options,
         };
         if !incoming.write {
             return Decision::Serve(grant);
@@ -116,6 +166,8 @@ pub struct Settings {
     pub uploads: bool,
     /// Largest upload in bytes (`--max-upload`).
     pub max_upload: Option<u64>,
+    /// `-r/--refuse`, `--refuse-all`.
+    pub refused_options: RefusedOptions,
     pub policy: Arc<dyn Policy>,
 }
 
@@ -134,6 +186,7 @@ impl Default for Settings {
             first_contact_windowsize: 16,
             uploads: false,
             max_upload: None,
+            refused_options: RefusedOptions::default(),
             policy: Arc::new(DefaultPolicy),
         }
     }

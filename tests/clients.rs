@@ -528,6 +528,28 @@ fn oack_lists_exactly_the_requested_options() {
     s.assert_running();
 }
 
+/// tftpd-hpa's `-r OPTION`: that option is not negotiated, the others are.
+#[test]
+fn a_refused_option_is_left_out_of_the_oack() {
+    let mut s = Server::start_with(ServerOpts {
+        shared_args: ["-r", "blksize"].map(String::from).to_vec(),
+        ..ServerOpts::default()
+    });
+    let size = s.source("mib.bin").len();
+    let got = raw_download(&s, "mib.bin", &[("blksize", "1468"), ("tsize", "0")]);
+    let oack = got.oack.as_ref().expect("an OACK for tsize");
+    let keys: Vec<String> = oack.iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
+    assert_eq!(keys, ["tsize"], "OACK {oack:?}");
+    assert_eq!(opt(oack, "tsize"), Some(size.to_string().as_str()));
+    assert_eq!(got.blksize, 512, "blocks of the default size");
+    assert_same(
+        "download with blksize refused",
+        &got.data,
+        &s.source("mib.bin"),
+    );
+    s.assert_running();
+}
+
 #[test]
 fn mode_and_option_names_are_case_insensitive() {
     let s = Server::start();

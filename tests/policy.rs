@@ -199,3 +199,25 @@ fn the_default_policy_refuses_uploads_when_off_and_over_the_limit() {
     };
     assert_eq!(decide(&off, &wrq("10")), Err(Refusal::UploadsDisabled));
 }
+
+#[test]
+fn refused_options_are_left_out_of_the_oack() {
+    let mut f = Fixture::with_policy(Arc::new(DefaultPolicy));
+    let mut refusing = (**f.endpoint.settings()).clone();
+    refusing.refused_options.blksize = true;
+    f.endpoint.set_settings(Arc::new(refusing.clone()));
+    let ask = rrq("boot.img", &[("blksize", "1468"), ("tsize", "0")]);
+    let id = f.started(peer(2, 1), &ask);
+    let oack = f.first_reply(id).expect("an OACK for tsize");
+    assert_eq!((oack.blksize, oack.tsize), (None, Some(100_000)));
+    // Its DATA are the default 512 bytes.
+    f.endpoint
+        .handle_datagram(f.now, id, peer(2, 1), &[0, 4, 0, 0], &mut vec![0; 600]);
+    let t = f.endpoint.poll_transmit(f.now, id, &mut f.buf).unwrap();
+    assert_eq!(t.payload().map(|p| p.len), Some(512));
+    // Everything refused: plain RFC 1350, DATA 1 at once.
+    refusing.refused_options = ringtftpd::policy::RefusedOptions::ALL;
+    f.endpoint.set_settings(Arc::new(refusing));
+    let id = f.started(peer(3, 1), &ask);
+    assert_eq!(f.first_reply(id), None);
+}

@@ -192,6 +192,9 @@ pub struct ServerOpts {
     pub max_blksize: Option<u32>,
     /// Extra arguments, passed to ringtftpd only.
     pub extra_args: Vec<String>,
+    /// Arguments both servers take with the same meaning (tftpd-hpa's
+    /// spelling), before the root.
+    pub shared_args: Vec<String>,
     /// Take uploads: `-c` (both servers), and a root anyone may write to
     /// (tftpd-hpa writes as nobody).
     pub uploads: bool,
@@ -314,6 +317,7 @@ impl Server {
                         c.arg("--create");
                     }
                     c.args(&opts.extra_args);
+                    c.args(&opts.shared_args);
                     c.arg(&root);
                     c
                 }
@@ -331,6 +335,7 @@ impl Server {
                     if opts.uploads {
                         c.arg("-c");
                     }
+                    c.args(&opts.shared_args);
                     c
                 }
             };
