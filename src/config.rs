@@ -59,8 +59,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u16).range(i64::from(proto::MIN_BLKSIZE)..=i64::from(proto::MAX_BLKSIZE)))]
     pub max_blksize: u16,
 
-    /// Largest windowsize granted (RFC 7440).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_WINDOWSIZE)))]
+    /// Largest windowsize granted (RFC 7440); `-W`/`--windowsize` as in
+    /// tftpd-hpa 7.x.
+    #[arg(short = 'W', long, visible_alias = "windowsize", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_WINDOWSIZE)))]
     pub max_windowsize: u16,
 
     /// Do not clamp blksize to the MTU of the interface a request came in on.
@@ -122,6 +123,12 @@ pub struct Config {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_RTO_MS))]
     pub initial_rto_ms: u64,
 
+    /// The same in microseconds, as tftpd-hpa's -T (rounded up to whole
+    /// milliseconds; replaces --initial-rto-ms).
+    #[arg(short = 'T', long = "retransmit", value_name = "USEC", conflicts_with = "initial_rto_ms",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RTO_MS * 1000))]
+    pub retransmit_us: Option<u64>,
+
     /// Most concurrent transfers, across all threads (1..=1048576).
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SESSIONS)))]
     pub max_sessions: u32,
@@ -173,6 +180,11 @@ pub struct Config {
     /// tftpd-hpa's -U; default 0: anyone can read and write them).
     #[arg(short = 'U', long, default_value = "0", value_parser = parse_umask)]
     pub umask: u32,
+
+    /// Write the process ID to FILE once the ports are bound (before
+    /// dropping privileges), as tftpd-hpa's -P; removed at a clean exit.
+    #[arg(short = 'P', long = "pidfile", value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
 
     /// Never negotiate this option (as tftpd-hpa's -r): blksize, tsize,
     /// timeout or windowsize (tftpd-hpa's utimeout, rollover and blksize2
@@ -329,7 +341,7 @@ impl Config {
             max_blksize: self.max_blksize,
             max_windowsize: self.max_windowsize,
             mtu_clamp: !self.no_mtu_clamp,
-            initial_rto: Duration::from_millis(self.initial_rto_ms).clamp(rto_min, rto_max),
+            initial_rto: Duration::from_millis(self.initial_rto_ms()).clamp(rto_min, rto_max),
             rto_min,
             rto_max,
             retries: self.retries,
@@ -349,6 +361,12 @@ impl Config {
             umask: self.umask,
             max_size: self.max_upload,
         })
+    }
+
+    /// `--initial-rto-ms`, or `-T` in whole milliseconds.
+    fn initial_rto_ms(&self) -> u64 {
+        self.retransmit_us
+            .map_or(self.initial_rto_ms, |us| us.div_ceil(1000))
     }
 
     /// `-r` and `--refuse-all` together.
@@ -575,5 +593,13 @@ mod tests {
         assert_eq!(c.limits().initial_rto, Duration::from_millis(500));
         let d = parse(&[]).expect("defaults");
         assert_eq!(d.limits().initial_rto, Duration::from_millis(1000));
+        // tftpd-hpa's -T, in microseconds.
+        let t = parse(&["-T", "250000"]).expect("-T");
+        assert_eq!(t.limits().initial_rto, Duration::from_millis(250));
+        let t = parse(&["--retransmit", "1500"]).expect("--retransmit");
+        assert_eq!(t.limits().initial_rto, Duration::from_millis(5)); // 2 ms, raised to the floor
+        assert!(parse(&["-T", "1000", "--initial-rto-ms", "5"]).is_err());
+        assert_eq!(parse(&["-W", "8"]).unwrap().max_windowsize, 8);
+        assert_eq!(parse(&["--windowsize", "9"]).unwrap().max_windowsize, 9);
     }
 }

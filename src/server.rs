@@ -148,6 +148,11 @@ impl Server {
         }
         // Ports are bound, the root is open and the rings exist: nothing
         // after this needs root.
+        if let Some(path) = &config.pidfile {
+            std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display()))
+            })?;
+        }
         if let Some(user) = &config.user {
             drop_privileges(user)?;
             files.check_searchable().map_err(|e| {
@@ -290,6 +295,12 @@ pub fn run(config: &Config) -> io::Result<()> {
         return Err(io::Error::other(format!("shard {index} died{why}")));
     }
     joined?;
+    if let Some(path) = &config.pidfile
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        // As --user, the pidfile's directory may be out of reach.
+        eprintln!("ringtftpd: warning: cannot remove {}: {e}", path.display());
+    }
     eprintln!("ringtftpd: stopped");
     Ok(())
 }

@@ -294,3 +294,28 @@ fn a_second_server_on_a_taken_port_refuses_to_start() {
     let stderr = refused_start(holder.local_addr().expect("addr"), dir.path());
     assert!(stderr.contains("address in use"), "{stderr}");
 }
+
+#[test]
+fn the_pidfile_holds_the_pid_while_serving_and_goes_at_a_clean_exit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    let pidfile = dir.path().join("ringtftpd.pid");
+    let mut cmd = binary();
+    cmd.arg("-P").arg(&pidfile);
+    let Serving {
+        mut child,
+        lines: _lines,
+        ..
+    } = serve(cmd, &root);
+    // Written before the "serving" line.
+    let written = std::fs::read_to_string(&pidfile).expect("pidfile");
+    assert_eq!(written, format!("{}\n", child.id()));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    assert!(!pidfile.exists(), "pidfile left behind");
+}
