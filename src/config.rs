@@ -54,8 +54,9 @@ pub struct Config {
     #[arg(short = 'a', long = "address", value_parser = parse_listen_address, default_value = "[::]:69")]
     pub addresses: Vec<SocketAddr>,
 
-    /// Largest blksize granted (RFC 2348: 8..=65464).
-    #[arg(short = 'B', long = "max-blksize", default_value_t = proto::MAX_BLKSIZE,
+    /// Largest blksize granted (RFC 2348: 8..=65464); `--blocksize` as in
+    /// tftpd-hpa.
+    #[arg(short = 'B', long = "max-blksize", visible_alias = "blocksize", default_value_t = proto::MAX_BLKSIZE,
           value_parser = clap::value_parser!(u16).range(i64::from(proto::MIN_BLKSIZE)..=i64::from(proto::MAX_BLKSIZE)))]
     pub max_blksize: u16,
 
@@ -218,6 +219,14 @@ pub struct Config {
     #[arg(short = 'u', long = "user", value_name = "USER")]
     pub user: Option<String>,
 
+    /// IPv4 only (as tftpd-hpa's -4): `[::]` becomes `0.0.0.0`.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// IPv6 only (as tftpd-hpa's -6): `[::]` takes no IPv4 traffic.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
     /// Accepted for tftpd-hpa compatibility; ringtftpd always runs standalone.
     #[arg(short = 'l', long = "listen", hide = true)]
     pub listen: bool,
@@ -322,6 +331,34 @@ impl Config {
     /// Rejects combinations of flags that are each in range but do not fit
     /// together (single values are bounded by their parsers).
     pub fn check(&self) -> Result<(), clap::Error> {
+        let family = |flag: &str, want_v6: bool| match self
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv6() != want_v6)
+        {
+            Some(a) => Err(Self::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("{flag} with the address {a}"),
+            )),
+            None => Ok(()),
+        };
+        if self.ipv4 {
+            // `[::]` (the default) means "every address": 0.0.0.0 under -4.
+            let unspecified_v6 = |a: &SocketAddr| a.is_ipv6() && a.ip().is_unspecified();
+            if let Some(a) = self
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv6() && !unspecified_v6(a))
+            {
+                return Err(Self::command().error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("--ipv4 with the address {a}"),
+                ));
+            }
+        }
+        if self.ipv6 {
+            family("--ipv6", true)?;
+        }
         if self.rto_min_ms > self.rto_max_ms {
             return Err(Self::command().error(
                 clap::error::ErrorKind::ArgumentConflict,
@@ -332,6 +369,19 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The addresses to listen on, after -4: `[::]:p` is `0.0.0.0:p`.
+    pub fn listen_addresses(&self) -> Vec<SocketAddr> {
+        self.addresses
+            .iter()
+            .map(|&a| match a {
+                SocketAddr::V6(v6) if self.ipv4 && v6.ip().is_unspecified() => {
+                    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), a.port())
+                }
+                _ => a,
+            })
+            .collect()
     }
 
     pub fn limits(&self) -> Limits {
@@ -444,6 +494,25 @@ mod tests {
             RefusedOptions::default()
         );
         assert!(parse(&["-r", "nonsense"]).is_err());
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_only_as_in_tftpd_hpa() {
+        let c = parse(&["-4"]).unwrap();
+        assert_eq!(c.listen_addresses(), ["0.0.0.0:69".parse().unwrap()]);
+        let c = parse(&["--ipv4", "-a", ":6969", "-a", "127.0.0.1:70"]).unwrap();
+        assert_eq!(
+            c.listen_addresses(),
+            [
+                "0.0.0.0:6969".parse().unwrap(),
+                "127.0.0.1:70".parse().unwrap()
+            ]
+        );
+        assert!(parse(&["-4", "-a", "[::1]:69"]).is_err());
+        let c = parse(&["-6"]).unwrap();
+        assert_eq!(c.listen_addresses(), ["[::]:69".parse().unwrap()]);
+        assert!(parse(&["-6", "-a", "127.0.0.1"]).is_err());
+        assert!(parse(&["-4", "-6"]).is_err());
     }
 
     #[test]

@@ -113,16 +113,17 @@ impl Server {
             Some(n) => usize::from(n),
             None => cpus.len().max(1),
         };
-        for addr in &config.addresses {
-            shard::net::check_port_free(*addr)
+        let mut addresses = config.listen_addresses();
+        for addr in &addresses {
+            shard::net::check_port_free(*addr, config.ipv6)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         }
-        let mut addresses = config.addresses.clone();
         let mut prepared = Vec::with_capacity(count);
         for index in 0..count {
             let mut listeners = Vec::with_capacity(addresses.len());
             for addr in addresses.iter_mut() {
-                let socket = shard::net::bind_listener(*addr, config.rcvbuf).map_err(|e| {
+                let bound = shard::net::bind_listener_family(*addr, config.rcvbuf, config.ipv6);
+                let socket = bound.map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
                 })?;
                 // With port 0 the first shard picks the port; the others

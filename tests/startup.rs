@@ -319,3 +319,78 @@ fn the_pidfile_holds_the_pid_while_serving_and_goes_at_a_clean_exit() {
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
     assert!(!pidfile.exists(), "pidfile left behind");
 }
+
+/// `args` started on an ephemeral port: the server, its stderr lines (kept
+/// alive: their reader holds the pipe) and the address it reports.
+fn serve_args(
+    args: &[&str],
+    root: &std::path::Path,
+) -> (Child, mpsc::Receiver<String>, SocketAddr) {
+    let mut child = binary()
+        .args(args)
+        .args(["--threads", "1", "--permissive", "--shutdown-grace", "0"])
+        .arg(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringtftpd");
+    let lines = stderr_lines(&mut child);
+    let addr = serving_address(&lines, &mut Vec::new());
+    (child, lines, addr)
+}
+
+/// Whether an RRQ for `f` sent to `to` from `from` gets DATA 1 within 1 s.
+fn answers(from: &str, to: SocketAddr) -> bool {
+    let client = UdpSocket::bind(from).expect("bind");
+    client
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    client.send_to(b"\0\x01f\0octet\0", to).expect("send RRQ");
+    let mut buf = [0u8; 600];
+    matches!(client.recv_from(&mut buf), Ok((n, _)) if n >= 4 && buf[..4] == [0, 3, 0, 1])
+}
+
+fn stop_child(child: &mut Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(wait_exit(child, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn ipv4_only_and_ipv6_only_listen_as_in_tftpd_hpa() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipping: no IPv6 loopback");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("f"), vec![1u8; 10]).expect("write");
+    // -4: `[::]` means 0.0.0.0.
+    let (mut child, _lines, addr) = serve_args(&["-4", "--address", "[::]:0"], dir.path());
+    assert_eq!(addr.ip().to_string(), "0.0.0.0");
+    assert!(answers(
+        "127.0.0.1:0",
+        SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+    ));
+    stop_child(&mut child);
+    // -6: `[::]` takes IPv6 only; without it, IPv4 too (dual stack).
+    for (flags, v4_served) in [(&["-6"][..], false), (&[][..], true)] {
+        let mut args = flags.to_vec();
+        args.extend(["--address", "[::]:0"]);
+        let (mut child, _lines, addr) = serve_args(&args, dir.path());
+        let port = addr.port();
+        assert!(answers(
+            "[::1]:0",
+            SocketAddr::new("::1".parse().unwrap(), port)
+        ));
+        assert_eq!(
+            answers("127.0.0.1:0", SocketAddr::new([127, 0, 0, 1].into(), port)),
+            v4_served,
+            "{flags:?}"
+        );
+        stop_child(&mut child);
+    }
+}

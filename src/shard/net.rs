@@ -192,13 +192,23 @@ fn bind(fd: RawFd, addr: SocketAddr) -> io::Result<()> {
 /// buffer (`SO_RCVBUFFORCE`, else `SO_RCVBUF` capped by `rmem_max`; 0 keeps
 /// the default), nonblocking and close-on-exec.
 pub fn bind_listener(addr: SocketAddr, rcvbuf: usize) -> io::Result<UdpSocket> {
+    bind_listener_family(addr, rcvbuf, false)
+}
+
+/// As [`bind_listener`]; `ipv6_only` keeps `[::]` from taking IPv4 (`-6`).
+pub fn bind_listener_family(
+    addr: SocketAddr,
+    rcvbuf: usize,
+    ipv6_only: bool,
+) -> io::Result<UdpSocket> {
     let fd = udp_socket(addr.is_ipv6())?;
     let raw = fd.as_raw_fd();
     set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
     if addr.is_ipv6() {
         if addr.ip().is_unspecified() {
-            set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+            let v6only = i32::from(ipv6_only);
+            set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only)?;
         }
         set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
         // For IPv4 traffic on a dual-stack socket: gives ipi_spec_dst. Not
@@ -223,13 +233,19 @@ pub fn bind_listener(addr: SocketAddr, rcvbuf: usize) -> io::Result<UdpSocket> {
 /// first: a plain bind, without it, is refused while any socket holds the
 /// port. Checked just before the real binds; two servers started within
 /// the same microseconds could still both pass.
-pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
+pub fn check_port_free(addr: SocketAddr, ipv6_only: bool) -> io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
     let fd = udp_socket(addr.is_ipv6())?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
-        set_int_opt(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+        let v6only = i32::from(ipv6_only);
+        set_int_opt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            v6only,
+        )?;
     }
     bind(fd.as_raw_fd(), addr).map_err(|e| {
         if e.raw_os_error() == Some(libc::EADDRINUSE) {
