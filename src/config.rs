@@ -227,6 +227,20 @@ pub struct Config {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
+    /// tftpd-hpa's more verbose logging; accepted with a warning (each
+    /// finished transfer is logged already; refusals are counted).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// tftpd-hpa's logging level; accepted with a warning, as -v.
+    #[arg(long = "verbosity", value_name = "N")]
+    pub verbosity: Option<u32>,
+
+    /// tftpd-hpa's idle exit under inetd; accepted with a warning:
+    /// ringtftpd runs standalone.
+    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+
     /// Accepted for tftpd-hpa compatibility; ringtftpd always runs standalone.
     #[arg(short = 'l', long = "listen", hide = true)]
     pub listen: bool,
@@ -371,6 +385,27 @@ impl Config {
         Ok(())
     }
 
+    /// What tftpd-hpa flags given here do not do in ringtftpd, one line
+    /// each, for start-up to print.
+    pub fn compat_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.verbose > 0 || self.verbosity.is_some() {
+            warnings.push(
+                "-v/--verbosity: no more detail to give yet: each finished transfer is logged \
+                 (unless -q) and refusals are counted in the exit report"
+                    .to_string(),
+            );
+        }
+        if self.idle_timeout.is_some() {
+            warnings.push(
+                "-t/--timeout: ignored: it sets tftpd-hpa's idle exit under inetd, and \
+                 ringtftpd runs standalone"
+                    .to_string(),
+            );
+        }
+        warnings
+    }
+
     /// The addresses to listen on, after -4: `[::]:p` is `0.0.0.0:p`.
     pub fn listen_addresses(&self) -> Vec<SocketAddr> {
         self.addresses
@@ -513,6 +548,22 @@ mod tests {
         assert_eq!(c.listen_addresses(), ["[::]:69".parse().unwrap()]);
         assert!(parse(&["-6", "-a", "127.0.0.1"]).is_err());
         assert!(parse(&["-4", "-6"]).is_err());
+    }
+
+    #[test]
+    fn flags_ringtftpd_cannot_honour_are_accepted_with_a_warning() {
+        assert!(parse(&[]).unwrap().compat_warnings().is_empty());
+        let c = parse(&["-vvv", "-t", "300"]).unwrap();
+        let w = c.compat_warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("-v/--verbosity") && w[1].starts_with("-t/--timeout"));
+        assert_eq!(
+            parse(&["--verbosity", "3"])
+                .unwrap()
+                .compat_warnings()
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -250,6 +250,9 @@ pub fn run(config: &Config) -> io::Result<()> {
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGUSR1);
     signals.thread_block().map_err(io::Error::from)?;
+    for warning in config.compat_warnings() {
+        eprintln!("ringtftpd: warning: {warning}");
+    }
     if let Err(e) = raise_nofile_limit() {
         eprintln!("ringtftpd: warning: cannot raise RLIMIT_NOFILE: {e}");
     }
