@@ -396,6 +396,13 @@ impl Config {
                     .to_string(),
             );
         }
+        if self.listen && !self.foreground {
+            warnings.push(
+                "-l: ringtftpd stays in the foreground (it does not detach yet); run it under \
+                 a service manager, or add -L as tftpd-hpa's own units do"
+                    .to_string(),
+            );
+        }
         if self.idle_timeout.is_some() {
             warnings.push(
                 "-t/--timeout: ignored: it sets tftpd-hpa's idle exit under inetd, and \
@@ -564,6 +571,8 @@ mod tests {
                 .len(),
             1
         );
+        assert_eq!(parse(&["-l"]).unwrap().compat_warnings().len(), 1);
+        assert!(parse(&["-l", "-L"]).unwrap().compat_warnings().is_empty());
     }
 
     #[test]
