@@ -241,12 +241,13 @@ pub struct Config {
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub idle_timeout: Option<u64>,
 
-    /// Accepted for tftpd-hpa compatibility; ringtftpd always runs standalone.
-    #[arg(short = 'l', long = "listen", hide = true)]
+    /// Standalone, detached once the ports are bound (as tftpd-hpa's -l
+    /// without -L): the command returns, the server runs on.
+    #[arg(short = 'l', long = "listen")]
     pub listen: bool,
 
-    /// Accepted for tftpd-hpa compatibility; ringtftpd stays in the foreground.
-    #[arg(short = 'L', long = "foreground", hide = true)]
+    /// Stay in the foreground (the default; with -l, as tftpd-hpa's -L).
+    #[arg(short = 'L', long = "foreground")]
     pub foreground: bool,
 
     /// Accepted for tftpd-hpa compatibility; ringtftpd always confines
@@ -393,13 +394,6 @@ impl Config {
             warnings.push(
                 "-v/--verbosity: no more detail to give yet: each finished transfer is logged \
                  (unless -q) and refusals are counted in the exit report"
-                    .to_string(),
-            );
-        }
-        if self.listen && !self.foreground {
-            warnings.push(
-                "-l: ringtftpd stays in the foreground (it does not detach yet); run it under \
-                 a service manager, or add -L as tftpd-hpa's own units do"
                     .to_string(),
             );
         }
@@ -571,8 +565,7 @@ mod tests {
                 .len(),
             1
         );
-        assert_eq!(parse(&["-l"]).unwrap().compat_warnings().len(), 1);
-        assert!(parse(&["-l", "-L"]).unwrap().compat_warnings().is_empty());
+        assert!(parse(&["-l"]).unwrap().compat_warnings().is_empty());
     }
 
     #[test]

@@ -238,11 +238,49 @@ fn wait_wake(signals: &SigSet) -> io::Result<Wake> {
     }
 }
 
+/// Forks: the parent waits until the child says it is serving (a byte on
+/// a pipe, written once the ports are bound) and exits 0, or exits 1 if
+/// the child ended first; the child leaves the terminal's session and
+/// goes on, holding the pipe's write end.
+fn detach() -> io::Result<std::os::fd::OwnedFd> {
+    let (read, write) = nix::unistd::pipe().map_err(io::Error::from)?;
+    // SAFETY: called first thing in `run`, before any thread is started,
+    // so the child has the only thread and no lock is held mid-way.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(write);
+            let mut byte = [0u8; 1];
+            let ready = matches!(nix::unistd::read(&read, &mut byte), Ok(1));
+            std::process::exit(if ready { 0 } else { 1 });
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(read);
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            // Nothing is read or printed there, and a caller capturing
+            // them must not wait for the daemon; stderr keeps the logs.
+            let null = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?;
+            nix::unistd::dup2_stdin(&null).map_err(io::Error::from)?;
+            nix::unistd::dup2_stdout(&null).map_err(io::Error::from)?;
+            Ok(write)
+        }
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM, then drains it. A second
 /// signal exits at once. A shard that dies (a panic, its ring failing)
 /// drains the others the same way and makes `run` fail, so the process
 /// exits non-zero and a service manager can restart it.
 pub fn run(config: &Config) -> io::Result<()> {
+    // `-l` without `-L`: detach as tftpd-hpa does; the caller (an init
+    // script, a Type=forking unit) returns once the ports are bound.
+    let ready = if config.listen && !config.foreground {
+        Some(detach()?)
+    } else {
+        None
+    };
     // Block the signals before any thread starts, so that every thread
     // inherits the mask and only `wait_wake` below receives them.
     let mut signals = SigSet::empty();
@@ -257,6 +295,10 @@ pub fn run(config: &Config) -> io::Result<()> {
         eprintln!("ringtftpd: warning: cannot raise RLIMIT_NOFILE: {e}");
     }
     let server = Server::start(config)?;
+    if let Some(ready) = ready {
+        // The waiting parent exits 0 now; until this byte it would exit 1.
+        let _ = nix::unistd::write(&ready, b"R");
+    }
     if Uid::effective().is_root() {
         eprintln!("ringtftpd: warning: running as root; --user USER drops to USER once bound");
     }

@@ -394,3 +394,58 @@ fn ipv4_only_and_ipv6_only_listen_as_in_tftpd_hpa() {
         stop_child(&mut child);
     }
 }
+
+#[test]
+fn listen_without_foreground_detaches_once_bound_as_tftpd_hpa() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::fs::write(root.join("f"), vec![1u8; 10]).expect("write");
+    let pidfile = dir.path().join("pid");
+    let detached = |address: &str| {
+        let mut child = binary()
+            .arg("-l")
+            .arg("-P")
+            .arg(&pidfile)
+            .args([
+                "--address",
+                address,
+                "--threads",
+                "1",
+                "--shutdown-grace",
+                "0",
+            ])
+            .arg(&root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringtftpd");
+        let lines = stderr_lines(&mut child);
+        // The command itself returns once the daemon is bound.
+        let status = wait_exit(&mut child, Duration::from_secs(10));
+        (child.id(), status, lines)
+    };
+    let (parent, status, lines) = detached("127.0.0.1:0");
+    assert!(status.success(), "exited {status}");
+    let daemon: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert_ne!(daemon as u32, parent);
+    let addr = serving_address(&lines, &mut Vec::new());
+    assert!(answers("127.0.0.1:0", addr), "the daemon serves");
+    let daemon = nix::unistd::Pid::from_raw(daemon);
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nix::sys::signal::kill(daemon, None).is_ok() && pidfile.exists() {
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A daemon that cannot bind makes the command fail, not succeed.
+    let holder = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("addr").to_string();
+    let (_, status, _lines) = detached(&taken);
+    assert_eq!(status.code(), Some(1), "exited {status}");
+}
