@@ -10,6 +10,7 @@
 //! - [`files`]: where files come from and uploads go: the confined root and
 //!   its mapping cache, netascii, the upload writer, files in memory;
 //! - [`shard`]: the io_uring driver, one per pinned core;
+//! - [`remap`]: tftpd-hpa's filename remapping rules, pure;
 //! - [`server`] and [`config`]: the command line, start-up and signals.
 
 pub mod config;
@@ -19,6 +20,7 @@ pub mod policy;
 pub mod proto;
 pub mod receive;
 pub mod refusal;
+pub mod remap;
 pub mod server;
 pub mod session;
 pub mod shard;
