@@ -31,6 +31,29 @@ fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
     }
 }
 
+/// Runs the binary with `args` and `root`, which must exit within 5 s:
+/// its status and stderr.
+#[track_caller]
+fn run_to_exit(args: &[&str], root: &std::path::Path) -> (ExitStatus, String) {
+    let mut child = binary()
+        .args(args)
+        .arg(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringtftpd");
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    (status, stderr)
+}
+
 #[test]
 fn out_of_range_and_inconsistent_flags_exit_non_zero_naming_the_flag() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -52,24 +75,10 @@ fn out_of_range_and_inconsistent_flags_exit_non_zero_naming_the_flag() {
         ),
     ];
     for (args, flag) in cases {
-        let mut child = binary()
-            .args(*args)
-            .args(["--address", "127.0.0.1:0"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringtftpd");
+        let mut all = args.to_vec();
+        all.extend(["--address", "127.0.0.1:0"]);
         // Before the fix some of these started serving: bounded wait.
-        let status = wait_exit(&mut child, Duration::from_secs(5));
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut stderr)
-            .expect("read stderr");
+        let (status, stderr) = run_to_exit(&all, dir.path());
         assert!(!status.success(), "{args:?}: exited {status}");
         assert_eq!(status.code(), Some(2), "{args:?}: clap's usage status");
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
@@ -228,28 +237,9 @@ fn sigusr1_from_outside_is_ignored_and_sigterm_still_stops_cleanly() {
 /// stderr.
 #[track_caller]
 fn refused_start(addr: SocketAddr, root: &std::path::Path) -> String {
-    let mut child = binary()
-        .args([
-            "--address",
-            &addr.to_string(),
-            "--threads",
-            "1",
-            "--permissive",
-        ])
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ringtftpd");
-    let status = wait_exit(&mut child, Duration::from_secs(5));
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let addr = addr.to_string();
+    let args = ["--address", &addr, "--threads", "1", "--permissive"];
+    let (status, stderr) = run_to_exit(&args, root);
     assert_eq!(status.code(), Some(1), "{addr}: exited {status}: {stderr}");
     stderr
 }
