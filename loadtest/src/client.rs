@@ -109,9 +109,10 @@ pub struct Granted {
 pub struct Counters {
     /// Datagrams resent because a deadline passed.
     pub retransmits: u64,
-    /// In-order DATA blocks accepted (the empty final block included).
+    /// In-order DATA blocks accepted (the empty final block included); for an upload, DATA
+    /// blocks the server acknowledged.
     pub blocks: u64,
-    /// Payload bytes accepted in order.
+    /// Payload bytes accepted in order (for an upload: acknowledged).
     pub bytes: u64,
     /// DATA (or OACK) that was a duplicate or out of order.
     pub out_of_order: u64,
@@ -119,6 +120,43 @@ pub struct Counters {
     pub resync_acks: u64,
     /// Datagrams from a source other than the server TID (each answered by ERROR 5).
     pub foreign_tid: u64,
+}
+
+/// What the run's statistics read of a finished transfer, download or upload.
+pub trait TransferView {
+    fn id(&self) -> u64;
+    fn name(&self) -> &str;
+    fn outcome(&self) -> Option<&Outcome>;
+    fn counters(&self) -> &Counters;
+    fn granted(&self) -> &Granted;
+    /// Request sent to the first DATA (a read) or the first reply (an upload).
+    fn time_to_first_data(&self) -> Option<Duration>;
+    /// Request sent to the last DATA (a read) or the final ACK (an upload); completed only.
+    fn total_time(&self) -> Option<Duration>;
+}
+
+impl TransferView for Transfer {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+    fn granted(&self) -> &Granted {
+        &self.granted
+    }
+    fn time_to_first_data(&self) -> Option<Duration> {
+        self.first_data
+    }
+    fn total_time(&self) -> Option<Duration> {
+        self.total
+    }
 }
 
 /// A datagram to send: `len` bytes at the start of the buffer given to `poll_transmit`.
@@ -214,29 +252,6 @@ impl Transfer {
         t
     }
 
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    pub fn outcome(&self) -> Option<&Outcome> {
-        self.outcome.as_ref()
-    }
-    pub fn counters(&self) -> &Counters {
-        &self.counters
-    }
-    pub fn granted(&self) -> &Granted {
-        &self.granted
-    }
-    /// RRQ sent to first DATA received.
-    pub fn time_to_first_data(&self) -> Option<Duration> {
-        self.first_data
-    }
-    /// RRQ sent to last DATA received; only for a completed transfer.
-    pub fn total_time(&self) -> Option<Duration> {
-        self.total
-    }
     /// Whether `poll_transmit` has something to send.
     pub fn has_transmit(&self) -> bool {
         !self.pending.is_empty()

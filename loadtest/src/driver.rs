@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use crate::client::{ClientConfig, Transfer};
+use crate::client::{ClientConfig, Outcome, Transfer};
 use crate::stats::Stats;
+use crate::upload::Upload;
 
 /// Datagrams read from one socket per readiness event before moving on (fairness).
 const RECV_BURST: usize = 64;
@@ -46,10 +47,19 @@ pub struct FileSpec {
     pub content: Arc<[u8]>,
 }
 
+/// Uploads instead of downloads: transfer `i` writes `size` bytes of the name's pattern
+/// (`crate::pattern`) to `{prefix}{i}`.
+#[derive(Debug, Clone)]
+pub struct PutSpec {
+    pub prefix: Arc<str>,
+    pub size: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub server: SocketAddr,
-    /// Transfers to run; transfer `i` fetches `files[i % files.len()]`.
+    /// Transfers to run; transfer `i` fetches `files[i % files.len()]` (or, with `put`,
+    /// uploads to its own name).
     pub n: u64,
     pub concurrency: usize,
     pub client: ClientConfig,
@@ -63,11 +73,55 @@ pub struct RunConfig {
     /// Abort (fail what is in flight, launch no more) when nothing at all has been received
     /// for this long while transfers are in flight: a server that hung.
     pub stall: Option<Duration>,
+    /// Upload instead (then `files` is unused).
+    pub put: Option<PutSpec>,
+}
+
+/// A download or an upload; both follow the same sans-IO call order.
+enum Xfer {
+    Get(Transfer),
+    Put(Upload),
+}
+
+macro_rules! each {
+    ($x:expr, $t:ident => $e:expr) => {
+        match $x {
+            Xfer::Get($t) => $e,
+            Xfer::Put($t) => $e,
+        }
+    };
+}
+
+impl Xfer {
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        each!(self, t => t.handle_datagram(now, from, bytes))
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        each!(self, t => t.handle_timeout(now))
+    }
+    fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<crate::client::Transmit> {
+        each!(self, t => t.poll_transmit(buf))
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        each!(self, t => t.poll_timeout())
+    }
+    fn has_transmit(&self) -> bool {
+        each!(self, t => t.has_transmit())
+    }
+    fn fail_local(&mut self, detail: String) {
+        each!(self, t => t.fail_local(detail))
+    }
+    fn outcome(&self) -> Option<&Outcome> {
+        each!(self, t => crate::client::TransferView::outcome(t))
+    }
+    fn record(&self, stats: &mut Stats) {
+        each!(self, t => { stats.record(t); })
+    }
 }
 
 struct Session {
     sock: UdpSocket,
-    xfer: Transfer,
+    xfer: Xfer,
     /// Deadline of this session's live heap entry, if any.
     queued: Option<Instant>,
 }
@@ -120,7 +174,7 @@ fn token(idx: u32, generation: u32) -> u64 {
 
 /// Runs the whole load and returns its wall time (first launch to last finish).
 pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
-    if cfg.files.is_empty() || cfg.concurrency == 0 {
+    if (cfg.files.is_empty() && cfg.put.is_none()) || cfg.concurrency == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "need at least one file and a concurrency of at least 1",
@@ -197,23 +251,36 @@ pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
 
 impl Driver<'_> {
     fn launch(&mut self, i: u64, stats: &mut Stats) {
-        let file = &self.cfg.files[(i % self.cfg.files.len() as u64) as usize];
         let now = Instant::now();
-        let xfer = Transfer::new(
-            i,
-            file.name.clone(),
-            file.content.clone(),
-            self.cfg.client,
-            self.cfg.server,
-            self.cfg.seed,
-            now,
-        );
+        let xfer = match &self.cfg.put {
+            Some(p) => Xfer::Put(Upload::new(
+                i,
+                format!("{}{i}", p.prefix).into(),
+                p.size,
+                self.cfg.client,
+                self.cfg.server,
+                self.cfg.seed,
+                now,
+            )),
+            None => {
+                let file = &self.cfg.files[(i % self.cfg.files.len() as u64) as usize];
+                Xfer::Get(Transfer::new(
+                    i,
+                    file.name.clone(),
+                    file.content.clone(),
+                    self.cfg.client,
+                    self.cfg.server,
+                    self.cfg.seed,
+                    now,
+                ))
+            }
+        };
         let sock = match self.open_socket() {
             Ok(s) => s,
             Err(e) => {
                 let mut xfer = xfer;
                 xfer.fail_local(format!("cannot open a client socket: {e}"));
-                stats.record(&xfer);
+                xfer.record(stats);
                 return;
             }
         };
@@ -232,7 +299,7 @@ impl Driver<'_> {
         if let Err(e) = self.epoll.add(&sock, ev) {
             let mut xfer = xfer;
             xfer.fail_local(format!("epoll_ctl(ADD): {e}"));
-            stats.record(&xfer);
+            xfer.record(stats);
             self.free.push(idx);
             return;
         }
@@ -364,7 +431,7 @@ impl Driver<'_> {
         }
         if s.xfer.outcome().is_some() {
             if let Some(s) = slot.session.take() {
-                stats.record(&s.xfer);
+                s.xfer.record(stats);
                 // Out of the epoll set now; the socket (its port) is closed later.
                 let _ = self.epoll.delete(&s.sock);
                 if self.quarantine.len() >= QUARANTINE_MAX {
@@ -527,6 +594,7 @@ mod tests {
             max_time: Some(Duration::from_secs(20)),
             loss,
             stall: None,
+            put: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();
@@ -572,6 +640,116 @@ mod tests {
             reused.is_empty(),
             "ports reused within the quarantine: {reused:?}"
         );
+    }
+
+    /// Files a toy upload server received, by name.
+    type Received = Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+
+    /// A minimal lock-step upload server: answers a WRQ with an OACK of its blksize (or ACK 0
+    /// without options; neither is resent), ACKs each DATA, and keeps each finished file by
+    /// name.
+    fn toy_upload_server() -> (SocketAddr, Arc<AtomicBool>, Received) {
+        let (listener, addr, stop) = toy_listener();
+        let files = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let (stop2, files2) = (stop.clone(), files.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((len, peer)) = listener.recv_from(&mut buf) else {
+                    continue;
+                };
+                let req = buf[..len].to_vec();
+                let files = files2.clone();
+                thread::spawn(move || {
+                    assert!(req.starts_with(b"\x00\x02"), "{req:?}");
+                    let f: Vec<&[u8]> = req[2..].split(|&b| b == 0).collect();
+                    let name = String::from_utf8(f[0].to_vec()).unwrap();
+                    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    // Longer than a few client retransmit timeouts in a row.
+                    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut blksize = 512;
+                    if f.len() >= 4 && f[2] == b"blksize" {
+                        blksize = std::str::from_utf8(f[3]).unwrap().parse().unwrap();
+                        let mut o = b"\x00\x06blksize\0".to_vec();
+                        o.extend_from_slice(f[3]);
+                        o.push(0);
+                        sock.send_to(&o, peer).unwrap();
+                    } else {
+                        sock.send_to(b"\x00\x04\x00\x00", peer).unwrap();
+                    }
+                    let mut content = Vec::new();
+                    let mut next: u16 = 1;
+                    let mut buf = [0u8; 2048];
+                    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+                        let Ok(Packet::Data { block, payload }) = wire::parse(&buf[..n]) else {
+                            return;
+                        };
+                        if block == next {
+                            content.extend_from_slice(payload);
+                            next = next.wrapping_add(1);
+                        }
+                        sock.send_to(&[0, 4, (block >> 8) as u8, block as u8], peer)
+                            .unwrap();
+                        // Stays (dallies) until the client is quiet, to re-ACK a final
+                        // block whose ACK was lost.
+                        if block == next.wrapping_sub(1) && payload.len() < blksize {
+                            files
+                                .lock()
+                                .unwrap()
+                                .entry(name.clone())
+                                .or_insert_with(|| content.clone());
+                        }
+                    }
+                });
+            }
+        });
+        (addr, stop, files)
+    }
+
+    #[test]
+    fn uploads_land_whole_under_their_own_names() {
+        let (addr, stop, files) = toy_upload_server();
+        for (blksize, size) in [(Some(1024u16), 10_000u64), (None, 1024), (Some(1000), 0)] {
+            files.lock().unwrap().clear();
+            let cfg = RunConfig {
+                server: addr,
+                n: 12,
+                concurrency: 5,
+                client: ClientConfig {
+                    options: RequestOptions {
+                        blksize,
+                        ..RequestOptions::default()
+                    },
+                    timeout: Duration::from_millis(300),
+                    retries: 3,
+                    backoff: false,
+                },
+                files: Vec::new(),
+                seed: 1,
+                max_time: Some(Duration::from_secs(20)),
+                loss: 0.05,
+                stall: None,
+                put: Some(PutSpec {
+                    prefix: "up-t-".into(),
+                    size,
+                }),
+            };
+            let mut stats = Stats::new();
+            run(&cfg, &mut stats).unwrap();
+            assert_eq!(stats.counts.completed, 12, "{:?}", stats.failure_lines);
+            assert_eq!(stats.counts.payload_bytes, 12 * size);
+            let got = files.lock().unwrap();
+            for i in 0..12 {
+                let name = format!("up-t-{i}");
+                let f = got.get(&name).unwrap_or_else(|| panic!("{name} missing"));
+                assert_eq!(f.len() as u64, size);
+                assert_eq!(
+                    crate::pattern::first_mismatch(crate::pattern::key(&name), 0, f),
+                    None
+                );
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
     }
 
     #[test]
@@ -646,6 +824,7 @@ mod tests {
             max_time: Some(Duration::from_secs(20)),
             loss: 0.0,
             stall: Some(Duration::from_millis(200)),
+            put: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();
@@ -684,6 +863,7 @@ mod tests {
             max_time: Some(Duration::from_secs(10)),
             loss: 0.0,
             stall: None,
+            put: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();

@@ -2,16 +2,23 @@
 //!
 //! Runs N RRQ transfers (octet mode, each from its own UDP socket) with at most C in flight,
 //! checks each against the expected file content and the OACK, and reports throughput,
-//! latency percentiles and client CPU, as a table or one JSON line. Exit status: 0 when every
-//! transfer completed and matched, 1 when any failed, 2 on a usage or setup error.
+//! latency percentiles and client CPU, as a table or one JSON line. With `--put` it runs N
+//! uploads (WRQ) instead, each to its own name `PREFIX<i>`, of a deterministic pattern derived
+//! from that name (`pattern`), so whoever can read the server's directory can check them (the
+//! `compare` harness does); an upload counts as complete when the final ACK arrives. Exit
+//! status: 0 when every transfer completed (and matched), 1 when any failed, 2 on a usage or
+//! setup error.
 //!
-//! Layout: `wire` (client-side codec), `client` (one transfer, sans-IO), `driver` (the epoll
-//! loop), `stats` (counters, histograms, report).
+//! Layout: `wire` (client-side codec), `client` (one download, sans-IO), `upload` (one
+//! upload, sans-IO), `pattern` (upload content), `driver` (the epoll loop), `stats`
+//! (counters, histograms, report).
 #![forbid(unsafe_code)]
 
 mod client;
 mod driver;
+mod pattern;
 mod stats;
+mod upload;
 mod wire;
 
 use std::net::SocketAddr;
@@ -25,7 +32,7 @@ use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
 use nix::sys::time::TimeValLike;
 
 use client::ClientConfig;
-use driver::{FileSpec, RunConfig};
+use driver::{FileSpec, PutSpec, RunConfig};
 use stats::{Cpu, Report, RunInfo, Stats};
 use wire::RequestOptions;
 
@@ -33,12 +40,22 @@ use wire::RequestOptions;
 #[command(
     name = "loadtest",
     about = "TFTP load generator: N verified RRQ transfers, at most C in flight",
-    after_help = "Example: loadtest --server 127.0.0.1:6969 --file f64k --expect /srv/tftp/f64k -n 1000 -c 200 --blksize 1468"
+    after_help = "Examples:\n  loadtest --server 127.0.0.1:6969 --file f64k --expect /srv/tftp/f64k -n 1000 -c 200 --blksize 1468\n  loadtest --server 127.0.0.1:6969 --put --put-size 1M --put-prefix up-1- -n 200 -c 50 --blksize 1428"
 )]
 struct Args {
     /// Server address (its listening port).
     #[arg(long)]
     server: SocketAddr,
+    /// Upload instead: transfer i writes --put-size bytes to PREFIX<i> (see --put-prefix).
+    #[arg(long, requires = "put_size", conflicts_with_all = ["file", "files", "expect", "expect_dir"])]
+    put: bool,
+    /// Bytes per upload, with an optional K, M or G suffix (powers of 1024).
+    #[arg(long, value_parser = parse_size)]
+    put_size: Option<u64>,
+    /// Remote name of upload i: this prefix followed by i. Pick one per run so that no
+    /// upload replaces another's file.
+    #[arg(long, default_value = "up-")]
+    put_prefix: String,
     /// Remote file name to fetch.
     #[arg(long, conflicts_with = "files")]
     file: Option<String>,
@@ -108,6 +125,20 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|v| v.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?} (bytes, or with a K, M or G suffix)"))
 }
 
 fn seconds(what: &str, s: f64) -> Result<Duration, String> {
@@ -188,7 +219,25 @@ fn cpu_now() -> Result<Cpu, String> {
 }
 
 fn run(args: &Args) -> Result<bool, String> {
-    let files = load_files(args)?;
+    let put = match (args.put, args.put_size) {
+        (true, Some(size)) => {
+            let p = &args.put_prefix;
+            if p.contains('\0') || p.len() > 300 {
+                return Err(format!("bad --put-prefix {p:?}"));
+            }
+            Some(PutSpec {
+                prefix: p.as_str().into(),
+                size,
+            })
+        }
+        (true, None) => return Err("--put needs --put-size".into()),
+        (false, _) => None,
+    };
+    let files = if put.is_some() {
+        Vec::new()
+    } else {
+        load_files(args)?
+    };
     let timeout = seconds("--timeout", args.timeout)?;
     let max_time = args
         .max_time
@@ -222,11 +271,19 @@ fn run(args: &Args) -> Result<bool, String> {
         max_time,
         loss: args.loss,
         stall,
+        put: put.clone(),
+    };
+    let (names, sizes) = match &put {
+        Some(p) => (vec![format!("{}<i>", p.prefix)], vec![p.size]),
+        None => (
+            files.iter().map(|f| f.name.to_string()).collect(),
+            files.iter().map(|f| f.content.len() as u64).collect(),
+        ),
     };
     let info = RunInfo {
         server: args.server.to_string(),
-        files: files.iter().map(|f| f.name.to_string()).collect(),
-        file_sizes: files.iter().map(|f| f.content.len() as u64).collect(),
+        files: names,
+        file_sizes: sizes,
         n: args.n,
         concurrency,
         blksize: args.blksize,
@@ -236,6 +293,7 @@ fn run(args: &Args) -> Result<bool, String> {
         retries: args.retries,
         backoff: args.backoff,
         loss: args.loss,
+        put: put.is_some(),
     };
 
     let mut stats = Stats::new();

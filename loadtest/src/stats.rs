@@ -8,7 +8,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use crate::client::{Outcome, Transfer};
+use crate::client::{Outcome, TransferView};
 
 /// Failure lines printed verbatim; beyond this only the counts by kind are shown.
 pub const MAX_FAILURE_LINES: usize = 20;
@@ -84,7 +84,7 @@ impl Stats {
     }
 
     /// Adds one finished transfer. Returns the failure line if it failed.
-    pub fn record(&mut self, t: &Transfer) -> Option<String> {
+    pub fn record(&mut self, t: &impl TransferView) -> Option<String> {
         let c = t.counters();
         let n = &mut self.counts;
         n.retransmits += c.retransmits;
@@ -158,6 +158,8 @@ pub struct RunInfo {
     pub backoff: bool,
     /// Simulated loss probability (`--loss`).
     pub loss: f64,
+    /// Uploads (WRQ) instead of downloads.
+    pub put: bool,
 }
 
 /// Client CPU over the run (getrusage RUSAGE_SELF deltas).
@@ -238,7 +240,7 @@ impl Report {
             Some((lo, hi)) => json!([lo, hi]),
             None => Value::Null,
         };
-        json!({
+        let mut v = json!({
             "server": self.info.server,
             "files": self.info.files,
             "file_sizes": self.info.file_sizes,
@@ -280,7 +282,9 @@ impl Report {
             "cpu_sys_s": round3(self.cpu.sys.as_secs_f64()),
             "cpu_pct": round3(self.cpu_pct),
             "cpu_us_per_block": round3(self.cpu_us_per_block),
-        })
+        });
+        v["direction"] = json!(if self.info.put { "put" } else { "get" });
+        v
     }
 
     pub fn to_human(&self) -> String {
@@ -304,7 +308,8 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "loadtest {}  {}  n={} c={} blksize={} windowsize={} tsize={} timeout={}s retries={}{}",
+            "loadtest {}{}  {}  n={} c={} blksize={} windowsize={} tsize={} timeout={}s retries={}{}",
+            if i.put { "put " } else { "" },
             i.server,
             files,
             i.n,
@@ -420,6 +425,7 @@ mod tests {
             retries: 5,
             backoff: false,
             loss: 0.0,
+            put: false,
         }
     }
 

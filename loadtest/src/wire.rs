@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub const OP_RRQ: u16 = 1;
+pub const OP_WRQ: u16 = 2;
 pub const OP_DATA: u16 = 3;
 pub const OP_ACK: u16 = 4;
 pub const OP_ERROR: u16 = 5;
@@ -55,7 +56,7 @@ pub enum Packet<'a> {
     Oack {
         options: &'a [u8],
     },
-    /// RRQ/WRQ or an unknown opcode: nothing a reading client should receive.
+    /// RRQ/WRQ or an unknown opcode: nothing a client should receive.
     Other {
         opcode: u16,
     },
@@ -185,11 +186,32 @@ pub fn encode_rrq(
     filename: &str,
     opts: &RequestOptions,
 ) -> Result<usize, BufferTooSmall> {
+    encode_request(buf, OP_RRQ, filename, opts, 0)
+}
+
+/// WRQ in octet mode with the given options; with `opts.tsize` it carries `tsize` = `size`,
+/// the length about to be sent (RFC 2349: a writing client states it).
+pub fn encode_wrq(
+    buf: &mut [u8],
+    filename: &str,
+    opts: &RequestOptions,
+    size: u64,
+) -> Result<usize, BufferTooSmall> {
+    encode_request(buf, OP_WRQ, filename, opts, size)
+}
+
+fn encode_request(
+    buf: &mut [u8],
+    opcode: u16,
+    filename: &str,
+    opts: &RequestOptions,
+    tsize: u64,
+) -> Result<usize, BufferTooSmall> {
     let mut w = Writer::new(buf);
-    w.put_u16(OP_RRQ);
+    w.put_u16(opcode);
     w.put_str0(filename);
     w.put_str0("octet");
-    let mut num = [0u8; 8];
+    let mut num = [0u8; 20];
     if let Some(b) = opts.blksize {
         w.put_str0("blksize");
         w.put_str0(fmt_u64(&mut num, u64::from(b)));
@@ -200,12 +222,20 @@ pub fn encode_rrq(
     }
     if opts.tsize {
         w.put_str0("tsize");
-        w.put_str0("0");
+        w.put_str0(fmt_u64(&mut num, tsize));
     }
     if let Some(ws) = opts.windowsize {
         w.put_str0("windowsize");
         w.put_str0(fmt_u64(&mut num, u64::from(ws)));
     }
+    w.finish()
+}
+
+/// The 4-byte header of DATA block `block`; the payload follows it in the same buffer.
+pub fn encode_data_header(buf: &mut [u8], block: u16) -> Result<usize, BufferTooSmall> {
+    let mut w = Writer::new(buf);
+    w.put_u16(OP_DATA);
+    w.put_u16(block);
     w.finish()
 }
 
@@ -224,8 +254,8 @@ pub fn encode_error(buf: &mut [u8], code: u16, message: &str) -> Result<usize, B
     w.finish()
 }
 
-/// Decimal without allocating; `u64::MAX` fits in 20 digits but option values fit in 8.
-fn fmt_u64(out: &mut [u8; 8], mut v: u64) -> &str {
+/// Decimal without allocating; `u64::MAX` fits in 20 digits.
+fn fmt_u64(out: &mut [u8; 20], mut v: u64) -> &str {
     let mut i = out.len();
     loop {
         i -= 1;
@@ -257,6 +287,25 @@ mod tests {
             &buf[..n],
             b"\x00\x01pxelinux.0\0octet\0blksize\x001468\0timeout\x003\0tsize\x000\0windowsize\x0016\0"
         );
+    }
+
+    #[test]
+    fn wrq_states_its_size_and_data_header() {
+        let mut buf = [0u8; 128];
+        let opts = RequestOptions {
+            blksize: Some(1428),
+            tsize: true,
+            ..RequestOptions::default()
+        };
+        let n = encode_wrq(&mut buf, "up-1", &opts, 1_048_576).unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"\x00\x02up-1\0octet\0blksize\x001428\0tsize\x001048576\0"
+        );
+        let n = encode_wrq(&mut buf, "u", &RequestOptions::default(), 9).unwrap();
+        assert_eq!(&buf[..n], b"\x00\x02u\0octet\0");
+        let n = encode_data_header(&mut buf, 0x0102).unwrap();
+        assert_eq!(&buf[..n], b"\x00\x03\x01\x02");
     }
 
     #[test]
@@ -343,8 +392,9 @@ mod tests {
 
     #[test]
     fn fmt_u64_digits() {
-        let mut b = [0u8; 8];
+        let mut b = [0u8; 20];
         assert_eq!(fmt_u64(&mut b, 0), "0");
         assert_eq!(fmt_u64(&mut b, 65535), "65535");
+        assert_eq!(fmt_u64(&mut b, u64::MAX), "18446744073709551615");
     }
 }
