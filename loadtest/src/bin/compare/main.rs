@@ -1,6 +1,8 @@
-//! `compare`: runs scenarios S1–S6 against ringtftpd, tftpd-hpa, atftpd and dnsmasq on
-//! loopback, one server at a time, and writes docs/benchmarks.md, its PNG charts and the raw
-//! JSON lines. `--quick` runs ringtftpd alone at tiny sizes and checks correctness only.
+//! `compare`: runs scenarios S1–S6 (downloads) and S7 (uploads) against ringtftpd,
+//! tftpd-hpa, atftpd and dnsmasq on loopback, one server at a time, and writes
+//! docs/benchmarks.md, its PNG charts and the raw JSON lines. `--quick` runs ringtftpd alone
+//! at tiny sizes and checks correctness only (uploads byte for byte on disk). A run of S7
+//! alone rewrites only the uploads section of the page and `benchmarks/uploads-raw.jsonl`.
 //!
 //! Normally started by `scripts/compare.sh`, which builds the binaries and installs the
 //! peers. Each server runs pinned to one CPU inside a cgroup of its own; this process and the
@@ -11,6 +13,8 @@
 mod cgroup;
 mod chart;
 mod criterion;
+#[path = "../../pattern.rs"]
+mod pattern;
 mod procfs;
 mod report;
 mod run;
@@ -42,7 +46,7 @@ struct Args {
     /// Servers to run, comma-separated (default: all four; with --quick: ringtftpd).
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
-    /// Scenarios to run, comma-separated (default: S1..S6).
+    /// Scenarios to run, comma-separated (default: S1..S7).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Repetitions per scenario and server (default 3; 1 with --quick).
@@ -206,7 +210,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
             let s = all
                 .iter()
                 .find(|s| s.id.eq_ignore_ascii_case(id))
-                .ok_or_else(|| format!("unknown scenario {id} (S1..S6)"))?;
+                .ok_or_else(|| format!("unknown scenario {id} (S1..S7)"))?;
             v.push(s.clone());
         }
         v
@@ -295,23 +299,41 @@ fn real_main(a: &Args) -> Result<bool, String> {
     // The served tree.
     let tmp = std::env::temp_dir().join(format!("ringtftpd-compare-{}", std::process::id()));
     let root = tmp.join("root");
+    let upload_root = tmp.join("uploads");
     let work = tmp.join("work");
-    fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-    fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    for d in [&root, &upload_root, &work] {
+        fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
     {
         use std::os::unix::fs::PermissionsExt;
         for d in [&tmp, &root] {
             fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
         }
+        // tftpd-hpa writes as nobody.
+        fs::set_permissions(&upload_root, fs::Permissions::from_mode(0o777))
+            .map_err(|e| e.to_string())?;
     }
     let _cleanup = RemoveOnDrop(tmp.clone());
     run::make_file(&root, run::PROBE_FILE, 4096)?;
-    for sc in &scenarios {
+    run::make_file(&upload_root, run::PROBE_FILE, 4096)?;
+    for sc in scenarios.iter().filter(|s| !s.put) {
         run::make_file(&root, &sc.file, sc.size)?;
     }
+    // Servers that cannot take uploads sit out the upload scenarios.
+    let mut scenario_skips: Vec<(String, String, String)> = Vec::new();
+    for sc in scenarios.iter().filter(|s| s.put) {
+        for s in &servers {
+            if let Err(why) = s.kind.uploads() {
+                log(&format!("SKIP {} in {}: {why}", s.kind.name(), sc.id));
+                scenario_skips.push((sc.id.into(), s.kind.name().into(), why.into()));
+            }
+        }
+    }
+    let runs_in = |sc: &Scenario, s: &Server| !sc.put || s.kind.uploads().is_ok();
     let ctx = Ctx {
         loadtest,
         floor,
+        upload_root: upload_root.clone(),
         root: root.clone(),
         work,
         server_cpu,
@@ -351,7 +373,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
             floors.push(f);
         }
         for rep in 1..=reps {
-            for s in &servers {
+            for s in servers.iter().filter(|s| runs_in(sc, s)) {
                 if measured(&started, waited_total) > budget {
                     records.push(
                         json!({"kind": "run", "server": s.kind.name(), "scenario": sc.id,
@@ -473,6 +495,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
         .flat_map(|sc| {
             servers
                 .iter()
+                .filter(|s| runs_in(sc, s))
                 .map(|s| report::aggregate(s.kind.name(), sc, &records))
         })
         .collect();
@@ -519,10 +542,90 @@ fn real_main(a: &Args) -> Result<bool, String> {
     if !a.no_docs {
         let dir = a.docs.join("benchmarks");
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let is_put = |r: &Value| {
+            r["scenario"]
+                .as_str()
+                .is_some_and(|id| scenarios.iter().any(|s| s.put && s.id == id))
+        };
+        let (reads, puts): (Vec<Scenario>, Vec<Scenario>) =
+            scenarios.iter().cloned().partition(|s| !s.put);
+        let out = a.docs.join("benchmarks.md");
+        let old_page = fs::read_to_string(&out).ok();
+        let date = now_utc();
+        let uploads = (!puts.is_empty()).then(|| {
+            let mut raw = String::new();
+            for v in floors.iter().chain(records.iter().filter(|r| is_put(r))) {
+                raw.push_str(&v.to_string());
+                raw.push('\n');
+            }
+            if let Err(e) = fs::write(dir.join("uploads-raw.jsonl"), raw) {
+                log(&format!("uploads-raw.jsonl: {e}"));
+            }
+            let commands: Vec<(String, String)> = servers
+                .iter()
+                .filter(|s| s.kind.uploads().is_ok())
+                .map(|s| {
+                    let cmd = s
+                        .command(Path::new("ROOT"), 0, true)
+                        .join(" ")
+                        .replace(&s.binary.display().to_string(), &short_bin(s))
+                        .replace("127.0.0.1:0", "127.0.0.1:PORT")
+                        .replace("--port 0 ", "--port PORT ");
+                    (s.kind.name().to_string(), cmd)
+                })
+                .collect();
+            let notes = fs::read_to_string(dir.join("upload-notes.md")).ok();
+            let put_recs: Vec<Value> = records.iter().filter(|r| is_put(r)).cloned().collect();
+            report::uploads_markdown(&report::UploadDoc {
+                command: &a.command,
+                date: &date,
+                reps,
+                scenarios: &puts,
+                aggs: &aggs
+                    .iter()
+                    .filter(|g| puts.iter().any(|p| p.id == g.scenario))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                records: &put_recs,
+                skipped: &scenario_skips,
+                commands: &commands,
+                busy_before,
+                notes: notes.as_deref(),
+            })
+        });
+        if reads.is_empty() {
+            // Uploads alone: the rest of the page (and raw.jsonl, the charts) stay as they are.
+            if let Some(u) = &uploads {
+                let page = match &old_page {
+                    Some(p) => report::splice_uploads(p, u),
+                    None => format!("# Benchmarks\n\n{u}"),
+                };
+                fs::write(&out, page).map_err(|e| format!("{}: {e}", out.display()))?;
+                log(&format!(
+                    "updated the uploads section of {} and wrote {}/uploads-raw.jsonl",
+                    out.display(),
+                    dir.display()
+                ));
+            }
+            log(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
+            return Ok(true);
+        }
+        // Without an upload scenario in this run, the page keeps the uploads section it had.
+        let uploads_md = uploads.or_else(|| {
+            old_page
+                .as_deref()
+                .and_then(report::uploads_section_of)
+                .map(str::to_string)
+        });
+        let read_aggs: Vec<Agg> = aggs
+            .iter()
+            .filter(|g| reads.iter().any(|r| r.id == g.scenario))
+            .cloned()
+            .collect();
         let mut raw = String::new();
         for v in floors
             .iter()
-            .chain(&records)
+            .chain(records.iter().filter(|r| !is_put(r)))
             .chain(&syscalls)
             .chain(&instructions)
         {
@@ -530,6 +633,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
             raw.push('\n');
         }
         fs::write(dir.join("raw.jsonl"), raw).map_err(|e| e.to_string())?;
+        let (scenarios, aggs) = (reads, read_aggs);
         let charts = draw_charts(&dir, &scenarios, &servers, &aggs, floor_us);
         if let Some(p) = &profile {
             let _ = fs::write(dir.join("ringtftpd-s1-profile.txt"), p);
@@ -538,7 +642,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
             std::fs::read_to_string(a.docs.join("benchmarks/profile-notes.md")).ok();
         let md = report::markdown(&report::DocInput {
             command: &a.command,
-            date: &now_utc(),
+            date: &date,
             machine: &machine,
             accounting: &accounting,
             pinning: &pinning,
@@ -557,13 +661,21 @@ fn real_main(a: &Args) -> Result<bool, String> {
             charts: &charts,
             elapsed_s: started.elapsed().as_secs_f64(),
             busy_before,
+            uploads: uploads_md.as_deref(),
         });
-        let out = a.docs.join("benchmarks.md");
         fs::write(&out, md).map_err(|e| format!("{}: {e}", out.display()))?;
         log(&format!("wrote {} and {}/", out.display(), dir.display()));
     }
     log(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
     Ok(true)
+}
+
+/// The binary's name as the docs show it: `ringtftpd`, `in.tftpd`, `atftpd`, `dnsmasq`.
+fn short_bin(s: &Server) -> String {
+    s.binary.file_name().map_or_else(
+        || s.kind.name().to_string(),
+        |f| f.to_string_lossy().into_owned(),
+    )
 }
 
 /// The micro-benchmarks compare.sh ran just before: None when it ran none.

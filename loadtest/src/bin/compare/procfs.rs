@@ -186,6 +186,44 @@ pub fn descendants(root: i32) -> Vec<i32> {
     out
 }
 
+/// A thread's name without its trailing number: "ringtftpd-writer-3" (the kernel keeps 15
+/// bytes: "ringtftpd-write") and "iou-wrk-1234" group as "ringtftpd-write" and "iou-wrk".
+pub fn thread_group(comm: &str) -> String {
+    let t = comm.trim_end_matches(|c: char| c.is_ascii_digit());
+    let t = t.strip_suffix('-').unwrap_or(t);
+    if t.is_empty() { comm } else { t }.to_string()
+}
+
+/// The name (comm) of a /proc/PID/task/TID/stat line and its utime+stime in clock ticks.
+pub fn parse_task_stat(text: &str) -> Option<(String, u64)> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_string();
+    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    let at = |field: usize| f.get(field - 3).and_then(|v| v.parse::<u64>().ok());
+    Some((comm, at(14)? + at(15)?))
+}
+
+/// CPU ticks (utime+stime, USER_HZ) of every live thread of `pids`, summed by
+/// [`thread_group`]. Threads (or processes) that exited are not counted.
+pub fn thread_ticks(pids: &[i32]) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for pid in pids {
+        let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            if let Some((comm, ticks)) = fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|t| parse_task_stat(&t))
+            {
+                *out.entry(thread_group(&comm)).or_insert(0) += ticks;
+            }
+        }
+    }
+    out
+}
+
 /// CPU ticks of a process tree: its live members plus the children the root reaped.
 pub fn tree_cpu_ticks(root: i32) -> u64 {
     descendants(root)
@@ -331,5 +369,15 @@ mod tests {
         assert!(fd_count(me).is_some_and(|n| n >= 3));
         let m = machine();
         assert!(m.nproc >= 1 && !m.kernel.is_empty());
+    }
+
+    #[test]
+    fn thread_names_and_ticks() {
+        assert_eq!(thread_group("ringtftpd-write"), "ringtftpd-write");
+        assert_eq!(thread_group("shard-0"), "shard");
+        assert_eq!(thread_group("iou-wrk-1234"), "iou-wrk");
+        assert_eq!(thread_group("123"), "123");
+        let line = "42 (shard-0) S 1 42 42 0 -1 4194560 100 0 0 0 250 130 0 0 20 0 3 0 1 2 3";
+        assert_eq!(parse_task_stat(line), Some(("shard-0".into(), 380)));
     }
 }

@@ -380,6 +380,8 @@ pub struct DocInput<'a> {
     pub elapsed_s: f64,
     /// CPUs' worth of work the machine did in the second before the run started.
     pub busy_before: Option<f64>,
+    /// The uploads section (markers included), placed after the server resources.
+    pub uploads: Option<&'a str>,
 }
 
 pub fn markdown(d: &DocInput<'_>) -> String {
@@ -619,6 +621,10 @@ pub fn markdown(d: &DocInput<'_>) -> String {
     }
     s.push('\n');
 
+    if let Some(u) = d.uploads {
+        let _ = writeln!(s, "{}\n", u.trim_end());
+    }
+
     if !d.syscalls.is_empty() {
         let _ = writeln!(s, "## System calls per block (separate S1 run)\n");
         let _ = writeln!(
@@ -777,6 +783,256 @@ pub fn markdown(d: &DocInput<'_>) -> String {
          - Quick smoke test (correctness only, ringtftpd alone, tiny sizes, no timing asserted): \
          `scripts/compare.sh --quick`.\n"
     );
+    s
+}
+
+/// First and last line of the uploads section of docs/benchmarks.md. A run of upload
+/// scenarios alone replaces only what lies between them; a run with downloads rewrites the
+/// page and keeps the old section when it ran no upload scenario.
+pub const UPLOADS_BEGIN: &str =
+    "<!-- uploads: written by compare; a run of S7 alone replaces only this section -->";
+pub const UPLOADS_END: &str = "<!-- end of uploads -->";
+
+/// The uploads section of an existing page, markers included.
+pub fn uploads_section_of(page: &str) -> Option<&str> {
+    let a = page.find(UPLOADS_BEGIN)?;
+    let b = a + page[a..].find(UPLOADS_END)? + UPLOADS_END.len();
+    Some(&page[a..b])
+}
+
+/// `page` with its uploads section replaced by `section`; without one, `section` goes before
+/// "## Method" (or at the end).
+pub fn splice_uploads(page: &str, section: &str) -> String {
+    let section = section.trim_end();
+    if let Some(old) = uploads_section_of(page) {
+        return page.replacen(old, section, 1);
+    }
+    match page.find("\n## Method\n") {
+        Some(i) => format!("{}\n{section}\n{}", &page[..=i], &page[i + 1..]),
+        None => format!("{}\n\n{section}\n", page.trim_end()),
+    }
+}
+
+/// Everything the uploads section needs.
+pub struct UploadDoc<'a> {
+    pub command: &'a str,
+    pub date: &'a str,
+    pub reps: u32,
+    pub scenarios: &'a [Scenario],
+    pub aggs: &'a [Agg],
+    /// The `kind: run` records of these scenarios (for the on-disk checks and thread CPU).
+    pub records: &'a [Value],
+    /// (scenario, server, why) for servers that cannot take uploads.
+    pub skipped: &'a [(String, String, String)],
+    /// The server commands, as run (with the upload flags).
+    pub commands: &'a [(String, String)],
+    pub busy_before: Option<f64>,
+    /// Hand-written notes (docs/benchmarks/upload-notes.md).
+    pub notes: Option<&'a str>,
+}
+
+/// The uploads section (S7), markers included.
+pub fn uploads_markdown(d: &UploadDoc<'_>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{UPLOADS_BEGIN}\n");
+    let _ = writeln!(s, "## Uploads (S7)\n");
+    let _ = writeln!(
+        s,
+        "Measured by `{}` on {}: every figure is the **median of {} runs** of this one invocation \
+         (the server started afresh for each run), ratios are against tftpd-hpa **in the same \
+         invocation**; counts are sums over the runs. This section is rewritten only by a run that \
+         includes S7, so its date may differ from the rest of the page.\n",
+        d.command, d.date, d.reps
+    );
+    for sc in d.scenarios {
+        let _ = writeln!(s, "- **{} {}**: {}.", sc.id, sc.title, sc.describe());
+    }
+    let _ = writeln!(
+        s,
+        "- Each upload goes to a name of its own (`up-<server>-<scenario>-r<rep>-<i>`), so none \
+         replaces another; its content is a pseudo-random stream derived from the name \
+         (`loadtest/src/pattern.rs`). An upload counts as completed when the ACK of its final, \
+         short block arrives. After each run, while the server still runs, the harness reads \
+         every file back and checks its size and every byte (waiting up to 5 s for files the \
+         client saw acknowledged but not yet whole on disk), counts any other file left in the \
+         directory (\"stray\", e.g. a temporary), then deletes them all before the next run.\n\
+         - Upload directory: a fresh directory on the same ext4 file system as the read root, \
+         mode 0777 (tftpd-hpa writes as `nobody`). ringtftpd `fsync`s each upload before its \
+         final ACK (README); tftpd-hpa and atftpd do not, so their data may still be only in the \
+         page cache when they acknowledge.\n"
+    );
+    if !d.commands.is_empty() {
+        let c: Vec<String> = d
+            .commands
+            .iter()
+            .map(|(k, v)| format!("{k}: `{v}`"))
+            .collect();
+        let _ = writeln!(s, "**Server commands**: {}.\n", c.join("; "));
+    }
+    for (sc, who, why) in d.skipped {
+        let _ = writeln!(s, "- **{who} not run in {sc}**: {why}.");
+    }
+    if !d.skipped.is_empty() {
+        s.push('\n');
+    }
+    // Background load.
+    let worst = d
+        .aggs
+        .iter()
+        .filter_map(|a| a.other_load.map(|l| (l, a)))
+        .max_by(|x, y| x.0.total_cmp(&y.0));
+    let _ = write!(s, "**Other load**: ");
+    match d.busy_before {
+        Some(b) => {
+            let _ = write!(s, "{b:.2} CPUs busy in the second before the invocation");
+        }
+        None => {
+            let _ = write!(s, "not measured before the invocation");
+        }
+    }
+    match worst {
+        Some((l, a)) if l > 0.2 => {
+            let _ = writeln!(
+                s,
+                "; up to {l:.2} CPUs of other work during the runs (median, {}): **something else \
+                 competed; treat that row with caution**.\n",
+                a.server
+            );
+        }
+        Some((l, _)) => {
+            let _ = writeln!(
+                s,
+                "; at most {l:.2} CPUs of other work during the runs (median per row; this harness's \
+                 sampler is a few hundredths).\n"
+            );
+        }
+        None => {
+            let _ = writeln!(s, ".\n");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "MB = 10^6 bytes of payload acknowledged; \"CPU s\" is the server's (all its processes and \
+         threads, from its cgroup) while the load ran, \"µs/block\" per DATA block acknowledged; \
+         \"× hpa\" is the ratio to tftpd-hpa's median (for CPU, below 1 is better); latency from \
+         WRQ sent to final ACK received. \"whole on disk\" counts files of exactly the bytes sent.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| scen. | server | transfers/s | MB/s | MB/s × hpa | CPU s | CPU s/GB | CPU s/GB × hpa | CPU µs/block | total p50 ms | total p99 ms | completed/asked | whole on disk | stray files | client CPU % | client retx | other load |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for sc in d.scenarios {
+        let hpa = d
+            .aggs
+            .iter()
+            .find(|a| a.scenario == sc.id && a.server == "tftpd-hpa");
+        for a in d.aggs.iter().filter(|a| a.scenario == sc.id) {
+            let mine: Vec<&Value> = d
+                .records
+                .iter()
+                .filter(|r| r["server"] == a.server.as_str() && r["scenario"] == sc.id)
+                .collect();
+            let up =
+                |k: &str| -> u64 { mine.iter().filter_map(|r| r["uploads"][k].as_u64()).sum() };
+            let checked = mine.iter().any(|r| r["uploads"].is_object());
+            let whole = if checked {
+                format!("{}/{}", up("whole"), up("asked"))
+            } else {
+                "–".into()
+            };
+            let late = up("whole").saturating_sub(up("whole_at_first_check"));
+            let whole = if late > 0 {
+                format!("{whole} ({late} only after the final ACK)")
+            } else {
+                whole
+            };
+            let bold = |x: String, ok: bool| if ok { x } else { format!("**{x}**") };
+            let mut completed = bold(format!("{}/{}", a.completed, a.asked), a.all_completed());
+            if !a.errors.is_empty() {
+                completed = format!(
+                    "{completed} ({} run(s) did not start: {})",
+                    a.errors.len(),
+                    a.errors[0]
+                );
+            } else if !a.failures.is_empty() {
+                let f: Vec<String> = a.failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                completed = format!("{completed} ({})", f.join(", "));
+            }
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                sc.id,
+                a.server,
+                sig3(a.transfers_per_s),
+                sig3(a.mb_per_s),
+                fmt_opt(ratio(a.mb_per_s, hpa.and_then(|h| h.mb_per_s)), 2),
+                sig3(a.server_cpu_s),
+                sig3(a.cpu_s_per_gb),
+                fmt_opt(ratio(a.cpu_s_per_gb, hpa.and_then(|h| h.cpu_s_per_gb)), 2),
+                sig3(a.cpu_us_per_block),
+                sig3(a.total_p50),
+                sig3(a.total_p99),
+                completed,
+                bold(whole, !checked || up("whole") == up("asked")),
+                if checked {
+                    up("stray").to_string()
+                } else {
+                    "–".into()
+                },
+                fmt_opt(a.client_cpu_pct, 0),
+                fmt_opt(a.client_retransmits, 0),
+                fmt_opt(a.other_load, 2),
+            );
+        }
+    }
+    s.push('\n');
+    // Where the CPU went, by thread, for servers with long-lived threads.
+    for sc in d.scenarios {
+        let mine: Vec<&Value> = d
+            .records
+            .iter()
+            .filter(|r| r["server"] == "ringtftpd" && r["scenario"] == sc.id)
+            .collect();
+        let mut names: Vec<String> = mine
+            .iter()
+            .filter_map(|r| r["thread_cpu_s"].as_object())
+            .flat_map(|m| m.keys().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            continue;
+        }
+        let parts: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let m = median(
+                    mine.iter()
+                        .map(|r| r["thread_cpu_s"][n.as_str()].as_f64().unwrap_or(0.0))
+                        .collect(),
+                );
+                format!("`{n}` {} s", sig3(m))
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "**ringtftpd's CPU by thread in {}** (utime + stime from `/proc/PID/task/*/stat` over the \
+             load, 10 ms ticks, median of the runs; `shard` serves the protocol, `ringtftpd-write` \
+             are the writer threads, `iou-wrk` the kernel's io_uring workers): {}.\n",
+            sc.id,
+            parts.join(", ")
+        );
+    }
+    if let Some(n) = d.notes {
+        let _ = writeln!(s, "{}\n", n.trim_end());
+    }
+    let _ = writeln!(
+        s,
+        "Raw records: `docs/benchmarks/uploads-raw.jsonl`. Reproduce: `{}`.\n",
+        d.command
+    );
+    let _ = writeln!(s, "{UPLOADS_END}");
     s
 }
 
@@ -1009,6 +1265,7 @@ mod tests {
             charts: &[("c".into(), "benchmarks/c.png".into())],
             elapsed_s: 60.0,
             busy_before: Some(0.05),
+            uploads: None,
         });
         assert!(
             md.contains("`scripts/compare.sh`")
@@ -1099,6 +1356,7 @@ mod tests {
                 charts: &[],
                 elapsed_s: 1.0,
                 busy_before: None,
+                uploads: None,
             })
         };
         let md = doc(Some(&run));

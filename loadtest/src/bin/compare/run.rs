@@ -25,6 +25,9 @@ pub struct Ctx {
     pub floor: PathBuf,
     /// The directory served (random-byte files, world-readable: tftpd-hpa runs as nobody).
     pub root: PathBuf,
+    /// The directory served to upload scenarios: world-writable (tftpd-hpa writes as nobody),
+    /// holding only the probe file between runs.
+    pub upload_root: PathBuf,
     /// Server logs and traced-run output.
     pub work: PathBuf,
     /// CPU the server is pinned to (with taskset), if pinning is possible.
@@ -125,7 +128,18 @@ impl Running {
 impl Ctx {
     /// Starts `server` serving the root, wrapped by `wrap` (e.g. valgrind; empty for none),
     /// pinned to the server CPU, inside a fresh cgroup, and waits until it answers a probe.
-    pub fn start(&self, server: &Server, tag: &str, wrap: &[String]) -> Result<Running, String> {
+    pub fn start(
+        &self,
+        server: &Server,
+        tag: &str,
+        wrap: &[String],
+        uploads: bool,
+    ) -> Result<Running, String> {
+        let root = if uploads {
+            &self.upload_root
+        } else {
+            &self.root
+        };
         let port = match server.kind.fixed_port() {
             Some(p) => {
                 if procfs::port_in_use(p) {
@@ -155,7 +169,7 @@ impl Ctx {
             None => script.push_str("exec \"$@\"\n"),
         }
         let mut argv: Vec<String> = wrap.to_vec();
-        argv.extend(server.command(&self.root, port));
+        argv.extend(server.command(root, port, uploads));
         let log = self.work.join(format!("{}-{tag}.log", server.kind.name()));
         let out = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
@@ -188,7 +202,7 @@ impl Ctx {
                 r.stop();
                 return Err(format!("exited at start-up ({st}): {why}"));
             }
-            if self.probe(&r.addr()) {
+            if self.probe(&r.addr(), root) {
                 return Ok(r);
             }
             if t0.elapsed() > Duration::from_secs(limit) {
@@ -203,7 +217,7 @@ impl Ctx {
     }
 
     /// One 4 KiB transfer, verified, with short timeouts.
-    fn probe(&self, addr: &str) -> bool {
+    fn probe(&self, addr: &str, root: &Path) -> bool {
         let args: Vec<String> = [
             "--server",
             addr,
@@ -222,7 +236,7 @@ impl Ctx {
         .map(|s| s.to_string())
         .chain([
             "--expect".to_string(),
-            self.root.join(PROBE_FILE).display().to_string(),
+            root.join(PROBE_FILE).display().to_string(),
         ])
         .collect();
         let Ok(mut c) = Command::new(&self.loadtest)
@@ -237,13 +251,18 @@ impl Ctx {
     }
 
     /// Runs the load generator for `sc` against `addr`; returns its JSON report, its exit
-    /// status and the first lines of its stderr (the failures it describes).
+    /// status and the first lines of its stderr (the failures it describes). Uploads go to
+    /// [`upload_prefix`]`(tag)` followed by the transfer's index.
     pub fn loadtest(&self, sc: &Scenario, addr: &str, tag: &str) -> LoadResult {
         let errf = self.work.join(format!("loadtest-{tag}.err"));
         let mut cmd = Command::new(&self.loadtest);
-        cmd.args(["--server", addr, "--json", "--expect"])
-            .arg(self.root.join(&sc.file))
-            .args(sc.loadtest_args())
+        cmd.args(["--server", addr, "--json"]);
+        if sc.put {
+            cmd.args(["--put-prefix", &upload_prefix(tag)]);
+        } else {
+            cmd.arg("--expect").arg(self.root.join(&sc.file));
+        }
+        cmd.args(sc.loadtest_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         if let Ok(f) = File::create(&errf) {
@@ -291,11 +310,12 @@ impl Ctx {
             "scenario": sc.id,
             "rep": rep,
         });
-        let r = match self.start(server, &tag, &[]) {
+        let r = match self.start(server, &tag, &[], sc.put) {
             Ok(r) => r,
             Err(e) => return with(base, json!({"ok": false, "error": e})),
         };
         let idle = sample(&r.tracker);
+        let threads0 = procfs::thread_ticks(&r.tracker.pids());
         let cpu0 = r.tracker.cpu();
         let snmp0 = procfs::read_rcvbuf_errors();
         let drops0 = procfs::read_listen_drops(r.port);
@@ -304,21 +324,53 @@ impl Ctx {
         let stop = AtomicBool::new(false);
         let peaks = Mutex::new(Peaks::default());
         let t0 = Instant::now();
+        let lt_tag = format!("{}-{tag}", server.kind.name());
         let lr = std::thread::scope(|s| {
             s.spawn(|| sampler(&r.tracker, &stop, &peaks));
-            let lr = self.loadtest(sc, &r.addr(), &format!("{}-{tag}", server.kind.name()));
+            let lr = self.loadtest(sc, &r.addr(), &lt_tag);
             stop.store(true, Ordering::Relaxed);
             lr
         });
         let wall = t0.elapsed();
         let cpu1 = r.tracker.cpu();
+        let threads1 = procfs::thread_ticks(&r.tracker.pids());
         let snmp1 = procfs::read_rcvbuf_errors();
         let drops1 = procfs::read_listen_drops(r.port);
         let ticks1 = procfs::read_cpu_ticks();
         let mem_peak = r.tracker.mem_peak();
         let accounting = r.tracker.describe();
         let peaks = peaks.into_inner().unwrap_or_default();
+        // Uploads are checked on disk while the server still runs (a server may finish
+        // writing after its final ACK), then removed.
+        let completed = lr
+            .report
+            .as_ref()
+            .and_then(|v| v["completed"].as_u64())
+            .unwrap_or(0);
+        let uploads = sc.put.then(|| {
+            let v = verify_uploads(
+                &self.upload_root,
+                &upload_prefix(&lt_tag),
+                sc.n,
+                sc.size,
+                completed,
+            );
+            let removed = clear_uploads(&self.upload_root);
+            with(v, json!({"removed": removed}))
+        });
         r.stop();
+        // Whatever a killed server still left behind goes too.
+        if sc.put {
+            clear_uploads(&self.upload_root);
+        }
+        let threads: serde_json::Map<String, Value> = threads1
+            .iter()
+            .map(|(k, t1)| {
+                let d = t1.saturating_sub(threads0.get(k).copied().unwrap_or(0));
+                (k.clone(), json!(d as f64 / 100.0))
+            })
+            .filter(|(_, v)| v.as_f64().is_some_and(|x| x > 0.0))
+            .collect();
 
         let server_cpu = match (cpu0, cpu1) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
@@ -327,7 +379,9 @@ impl Ctx {
         let lt = lr.report.clone().unwrap_or(Value::Null);
         let payload = lt["payload_bytes"].as_u64().unwrap_or(0);
         let blocks = lt["blocks"].as_u64().unwrap_or(0);
-        let ok = lr.exit == Some(0) && lt["ok"].as_bool() == Some(true);
+        let ok = lr.exit == Some(0)
+            && lt["ok"].as_bool() == Some(true)
+            && uploads.as_ref().is_none_or(|u| u["ok"] == true);
         // Everything else the machine did meanwhile: this harness, other users' processes,
         // the hypervisor taking CPUs away (steal). USER_HZ = 100.
         let (busy_s, steal_s) = match (ticks0, ticks1) {
@@ -369,6 +423,8 @@ impl Ctx {
                 "steal_s": steal_s,
                 "other_load_cpus": other_cpus,
                 "rcvbuf_errors": match (snmp0, snmp1) { (Some(a), Some(b)) => Some(b.saturating_sub(a)), _ => None },
+                "thread_cpu_s": threads,
+                "uploads": uploads,
             }),
         )
     }
@@ -384,7 +440,7 @@ impl Ctx {
                 json!({"ok": false, "error": "no syscall tracepoints (perf) on this machine"}),
             );
         }
-        let r = match self.start(server, &format!("{}-syscalls", sc.id), &[]) {
+        let r = match self.start(server, &format!("{}-syscalls", sc.id), &[], false) {
             Ok(r) => r,
             Err(e) => return with(base, json!({"ok": false, "error": e})),
         };
@@ -508,7 +564,7 @@ impl Ctx {
                 "--tool=callgrind".into(),
                 format!("--callgrind-out-file={}/cg.%p", dir.display()),
             ];
-            let r = match self.start(server, &format!("callgrind-{n}"), &wrap) {
+            let r = match self.start(server, &format!("callgrind-{n}"), &wrap, false) {
                 Ok(r) => r,
                 Err(e) => return with(base, json!({"ok": false, "error": e})),
             };
@@ -556,7 +612,7 @@ impl Ctx {
 
     /// `perf record -g` on a running server under `sc`; returns the top of `perf report`.
     pub fn profile(&self, server: &Server, sc: &Scenario) -> Result<String, String> {
-        let r = self.start(server, &format!("{}-profile", sc.id), &[])?;
+        let r = self.start(server, &format!("{}-profile", sc.id), &[], false)?;
         let data = self
             .work
             .join(format!("{}-{}.perf.data", server.kind.name(), sc.id));
@@ -644,6 +700,123 @@ impl Ctx {
             Err(e) => json!({"kind": "floor", "ok": false, "error": e.to_string()}),
         }
     }
+}
+
+/// Name prefix of the uploads of the load generator run tagged `tag`; upload `i` is
+/// `{prefix}{i}`, so no two uploads of an invocation share a name.
+pub fn upload_prefix(tag: &str) -> String {
+    format!("up-{tag}-")
+}
+
+/// How long uploads the client saw acknowledged may take to appear whole on disk.
+const UPLOAD_SETTLE: Duration = Duration::from_secs(5);
+
+/// One uploaded file against what was sent: `Ok` or what is wrong with it.
+fn check_upload(path: &Path, name: &str, size: u64) -> Result<(), String> {
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("missing".into()),
+        Err(e) => return Err(format!("unreadable: {e}")),
+    };
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    if len != size {
+        return Err(format!("size {len}, sent {size}"));
+    }
+    let key = crate::pattern::key(name);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut off = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = crate::pattern::first_mismatch(key, off, &buf[..n]) {
+            return Err(format!("content differs at byte {}", off + i as u64));
+        }
+        off += n as u64;
+    }
+    if off != size {
+        return Err(format!("read {off} bytes, sent {size}"));
+    }
+    Ok(())
+}
+
+/// Checks the uploads `{prefix}0 .. {prefix}{n-1}` in `root`: each must hold exactly the
+/// `size` bytes of its name's pattern. Waits (up to [`UPLOAD_SETTLE`]) while fewer than the
+/// `completed` the client counted are whole. Returns the record: counts, the first problems,
+/// files in `root` that are none of these (temporaries left behind), and `ok` (all `n` whole
+/// and nothing stray).
+pub fn verify_uploads(root: &Path, prefix: &str, n: u64, size: u64, completed: u64) -> Value {
+    let t0 = Instant::now();
+    let mut bad: std::collections::BTreeMap<u64, String> =
+        (0..n).map(|i| (i, String::new())).collect();
+    let mut first_pass_whole = None;
+    // Bounded: at most UPLOAD_SETTLE / 50 ms passes, each over the files still wrong.
+    loop {
+        bad.retain(|i, why| {
+            let name = format!("{prefix}{i}");
+            match check_upload(&root.join(&name), &name, size) {
+                Ok(()) => false,
+                Err(e) => {
+                    *why = e;
+                    true
+                }
+            }
+        });
+        let whole = n - bad.len() as u64;
+        first_pass_whole.get_or_insert(whole);
+        if whole >= completed || t0.elapsed() >= UPLOAD_SETTLE {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let whole = n - bad.len() as u64;
+    let names: std::collections::HashSet<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let stray: Vec<String> = fs::read_dir(root)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|f| f != PROBE_FILE && !names.contains(f))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut kinds: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for why in bad.values() {
+        let k = why.split([' ', ':']).next().unwrap_or("").to_string();
+        *kinds.entry(k).or_insert(0) += 1;
+    }
+    json!({
+        "ok": whole == n && stray.is_empty(),
+        "asked": n,
+        "client_completed": completed,
+        "whole": whole,
+        "whole_at_first_check": first_pass_whole,
+        "settle_s": t0.elapsed().as_secs_f64(),
+        "bad_by_kind": kinds,
+        "bad_first": bad.iter().take(5).map(|(i, w)| format!("{prefix}{i}: {w}")).collect::<Vec<_>>(),
+        "stray": stray.len(),
+        "stray_first": stray.iter().take(5).collect::<Vec<_>>(),
+    })
+}
+
+/// Removes everything in the upload root but the probe file; returns how many entries went.
+pub fn clear_uploads(root: &Path) -> u64 {
+    let mut n = 0;
+    if let Ok(d) = fs::read_dir(root) {
+        for e in d.flatten() {
+            if e.file_name() == PROBE_FILE {
+                continue;
+            }
+            let p = e.path();
+            let gone = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            n += u64::from(gone.is_ok());
+        }
+    }
+    n
 }
 
 fn log_cmd(argv: &[String]) {
@@ -836,6 +1009,50 @@ mod tests {
         let v = with(json!({"a": 1}), json!({"b": 2}));
         assert_eq!(v, json!({"a": 1, "b": 2}));
         assert_eq!(sh_quote("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn uploads_are_checked_byte_for_byte_and_cleared() {
+        let root = std::env::temp_dir().join(format!("up-verify-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        make_file(&root, PROBE_FILE, 10).unwrap();
+        let put = |name: &str, len: usize, flip: Option<usize>| {
+            let mut b = vec![0u8; len];
+            crate::pattern::fill(crate::pattern::key(name), 0, &mut b);
+            if let Some(i) = flip {
+                b[i] ^= 1;
+            }
+            fs::write(root.join(name), b).unwrap();
+        };
+        for i in 0..3 {
+            put(&format!("up-t-{i}"), 100_000, None);
+        }
+        let v = verify_uploads(&root, "up-t-", 3, 100_000, 3);
+        assert_eq!(
+            (v["ok"].clone(), v["whole"].clone()),
+            (json!(true), json!(3)),
+            "{v}"
+        );
+        put("up-t-1", 100_000, Some(77_777));
+        put("up-t-2", 99_999, None);
+        fs::write(root.join(".tmp-left"), b"x").unwrap();
+        // As many whole as the client completed: no waiting; the rest is reported.
+        let v = verify_uploads(&root, "up-t-", 4, 100_000, 1);
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["whole"], 1);
+        assert_eq!(v["stray"], 1);
+        assert_eq!(
+            v["bad_by_kind"],
+            json!({"content": 1, "missing": 1, "size": 1}),
+            "{v}"
+        );
+        assert!(
+            v["bad_first"][0].as_str().unwrap().contains("byte 77777"),
+            "{v}"
+        );
+        assert_eq!(clear_uploads(&root), 4);
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 1, "the probe stays");
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

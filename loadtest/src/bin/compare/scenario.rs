@@ -1,6 +1,8 @@
-//! The scenarios of issue 5 (S1–S6) at full size, and the scaled-down set of `--quick`.
+//! The scenarios of issue 5 (S1–S6, downloads) and S7 (uploads) at full size, and the
+//! scaled-down set of `--quick`.
 
-/// One workload: N RRQs of one random-byte file with C in flight, and how clients behave.
+/// One workload: N RRQs of one random-byte file with C in flight (or, with `put`, N uploads
+/// of `size` bytes, each to a name of its own), and how clients behave.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scenario {
     pub id: &'static str,
@@ -22,14 +24,24 @@ pub struct Scenario {
     /// ... or when nothing at all has come back from the server for this long (a hung server
     /// would otherwise hold the run until `max_time_s`).
     pub stall_s: u64,
+    /// Uploads (WRQ): `file` is unused; the names and their checks come from the harness.
+    pub put: bool,
 }
 
 impl Scenario {
     /// Arguments for `loadtest` (server, expectation and output flags excluded).
     pub fn loadtest_args(&self) -> Vec<String> {
-        let mut a = vec![
-            "--file".to_string(),
-            self.file.clone(),
+        let what = if self.put {
+            vec![
+                "--put".to_string(),
+                "--put-size".into(),
+                self.size.to_string(),
+            ]
+        } else {
+            vec!["--file".to_string(), self.file.clone()]
+        };
+        let mut a = what;
+        a.extend([
             "-n".into(),
             self.n.to_string(),
             "-c".into(),
@@ -42,7 +54,7 @@ impl Scenario {
             self.max_time_s.to_string(),
             "--stall".into(),
             self.stall_s.to_string(),
-        ];
+        ]);
         if let Some(b) = self.blksize {
             a.extend(["--blksize".into(), b.to_string()]);
         }
@@ -58,7 +70,8 @@ impl Scenario {
     /// A one-line description for the docs.
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "{} × {}, {} in flight, ",
+            "{}{} × {}, {} in flight, ",
+            if self.put { "WRQ (upload), " } else { "" },
             self.n,
             human_size(self.size),
             self.c
@@ -67,8 +80,10 @@ impl Scenario {
             Some(b) => s.push_str(&format!("blksize {b}")),
             None => s.push_str("no options (512-byte blocks)"),
         }
-        if let Some(w) = self.windowsize {
-            s.push_str(&format!(", windowsize {w}"));
+        match self.windowsize {
+            Some(w) => s.push_str(&format!(", windowsize {w}")),
+            None if self.put => s.push_str(", lock-step"),
+            None => {}
         }
         if self.backoff {
             s.push_str(&format!(
@@ -127,8 +142,33 @@ fn s(
         max_time_s,
         // Patient clients may wait 8 s between tries; allow several such gaps.
         stall_s: if backoff { 30 } else { 15 },
+        put: false,
     }
 }
+
+/// An upload scenario: N × `size` bytes, C in flight, lock-step at `blksize`.
+fn put(size: u64, n: u64, c: u64, blksize: u16, max_time_s: u64) -> Scenario {
+    Scenario {
+        file: String::new(),
+        put: true,
+        ..s(
+            "S7",
+            "uploads",
+            size,
+            n,
+            c,
+            Some(blksize),
+            None,
+            false,
+            max_time_s,
+        )
+    }
+}
+
+/// Uploads are lock-step at blksize 1428: ringtftpd grants at most 2000 to a WRQ (its
+/// receive buffers), and 1428 keeps a DATA datagram within a 1500-byte MTU as the reads'
+/// 1468 does (with room for IPv6).
+pub const PUT_BLKSIZE: u16 = 1428;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -202,6 +242,7 @@ pub fn full() -> Vec<Scenario> {
             true,
             90,
         ),
+        put(MIB, 200, 50, PUT_BLKSIZE, 60),
     ]
 }
 
@@ -274,6 +315,8 @@ pub fn quick() -> Vec<Scenario> {
             true,
             40,
         ),
+        // 40 full blocks, then the empty final DATA 41 (the full S7's 1 MiB ends short).
+        put(40 * PUT_BLKSIZE as u64, 20, 10, PUT_BLKSIZE, 20),
     ]
 }
 
@@ -285,7 +328,11 @@ mod tests {
     fn full_set_matches_the_issue() {
         let f = full();
         let ids: Vec<_> = f.iter().map(|s| s.id).collect();
-        assert_eq!(ids, ["S1", "S2", "S3", "S4", "S5", "S6"]);
+        assert_eq!(ids, ["S1", "S2", "S3", "S4", "S5", "S6", "S7"]);
+        let u = &f[6];
+        assert!(u.put && !f[..6].iter().any(|s| s.put));
+        assert_eq!((u.n, u.c, u.size, u.blksize), (200, 50, MIB, Some(1428)));
+        assert_eq!(u.windowsize, None);
         assert_eq!(
             (f[0].n, f[0].c, f[0].size, f[0].blksize),
             (1000, 200, 65536, Some(1468))
@@ -311,6 +358,26 @@ mod tests {
         let a = full()[1].loadtest_args().join(" ");
         assert!(!a.contains("--blksize"), "{a}");
         assert!(full()[5].loadtest_args().contains(&"--backoff".to_string()));
+        let a = full()[6].loadtest_args().join(" ");
+        assert!(
+            a.starts_with("--put --put-size 1048576 -n 200 -c 50") && !a.contains("--file"),
+            "{a}"
+        );
+        assert!(
+            a.contains("--blksize 1428") && !a.contains("--windowsize"),
+            "{a}"
+        );
+        let d = full()[6].describe();
+        assert!(
+            d.starts_with("WRQ (upload), 200 × 1 MiB, 50 in flight, blksize 1428, lock-step;"),
+            "{d}"
+        );
+        let q = quick();
+        assert_eq!(q.len(), 7);
+        assert!(
+            q[6].put && q[6].size.is_multiple_of(1428),
+            "the quick S7 ends on an empty block"
+        );
     }
 
     #[test]

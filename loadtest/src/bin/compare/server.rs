@@ -27,6 +27,16 @@ impl Kind {
         ALL.into_iter().find(|k| k.name() == s)
     }
 
+    /// Whether the server can take uploads that create new files, and if not, why.
+    pub fn uploads(self) -> Result<(), &'static str> {
+        match self {
+            Kind::Dnsmasq => Err(
+                "dnsmasq's TFTP server is read-only (it answers every WRQ with an ERROR);                  it has no option to take uploads",
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// dnsmasq has no TFTP port option: it serves on 69 only.
     pub fn fixed_port(self) -> Option<u16> {
         (self == Kind::Dnsmasq).then_some(69)
@@ -42,8 +52,10 @@ pub struct Server {
 
 impl Server {
     /// The argument vector (binary first) serving `root` on 127.0.0.1:`port`, in the
-    /// foreground, quiet, with limits that let 10,000 transfers run at once.
-    pub fn command(&self, root: &Path, port: u16) -> Vec<String> {
+    /// foreground, quiet, with limits that let 10,000 transfers run at once. With `uploads`,
+    /// it also takes WRQs creating new files (ringtftpd and tftpd-hpa `-c`; atftpd takes them
+    /// without a flag, into a directory it can write: it runs as root here).
+    pub fn command(&self, root: &Path, port: u16, uploads: bool) -> Vec<String> {
         let bin = self.binary.display().to_string();
         let root = root.display().to_string();
         let addr = format!("127.0.0.1:{port}");
@@ -101,6 +113,15 @@ impl Server {
                 "--log-facility=/dev/null".into(),
             ],
         };
+        let mut v = v;
+        if uploads {
+            match self.kind {
+                // Before the root, its last argument.
+                Kind::Ringtftpd => v.insert(v.len() - 1, "-c".into()),
+                Kind::TftpdHpa => v.insert(1, "-c".into()),
+                Kind::Atftpd | Kind::Dnsmasq => {}
+            }
+        }
         v
     }
 }
@@ -118,23 +139,40 @@ mod tests {
         let root = Path::new("/tmp/r");
         assert_eq!(
             s(Kind::Ringtftpd, "/x/ringtftpd")
-                .command(root, 7000)
+                .command(root, 7000, false)
                 .join(" "),
             "/x/ringtftpd --address 127.0.0.1:7000 --threads 1 -q --max-per-client 1048576 \
              --request-rate 0 /tmp/r"
         );
         assert_eq!(
             s(Kind::TftpdHpa, "/usr/sbin/in.tftpd")
-                .command(root, 7001)
+                .command(root, 7001, false)
                 .join(" "),
             "/usr/sbin/in.tftpd -L -s /tmp/r -a 127.0.0.1:7001"
         );
-        let a = s(Kind::Atftpd, "atftpd").command(root, 7002).join(" ");
+        assert_eq!(
+            s(Kind::TftpdHpa, "/usr/sbin/in.tftpd")
+                .command(root, 7001, true)
+                .join(" "),
+            "/usr/sbin/in.tftpd -c -L -s /tmp/r -a 127.0.0.1:7001"
+        );
+        assert!(
+            s(Kind::Ringtftpd, "r")
+                .command(root, 7000, true)
+                .join(" ")
+                .ends_with(" -c /tmp/r")
+        );
+        assert!(Kind::Dnsmasq.uploads().is_err() && Kind::Atftpd.uploads().is_ok());
+        let a = s(Kind::Atftpd, "atftpd")
+            .command(root, 7002, true)
+            .join(" ");
         assert!(
             a.contains("--port 7002 --bind-address 127.0.0.1") && a.ends_with(" /tmp/r"),
             "{a}"
         );
-        let d = s(Kind::Dnsmasq, "dnsmasq").command(root, 69).join(" ");
+        let d = s(Kind::Dnsmasq, "dnsmasq")
+            .command(root, 69, false)
+            .join(" ");
         assert!(
             d.contains("--tftp-root=/tmp/r") && d.contains("--port=0"),
             "{d}"
