@@ -688,10 +688,9 @@ mod tests {
                             content.extend_from_slice(payload);
                             next = next.wrapping_add(1);
                         }
-                        sock.send_to(&[0, 4, (block >> 8) as u8, block as u8], peer)
-                            .unwrap();
-                        // Stays (dallies) until the client is quiet, to re-ACK a final
-                        // block whose ACK was lost.
+                        // Stored before the final ACK leaves (the client counts the upload
+                        // done on it); then stays (dallies) until the client is quiet, to
+                        // re-ACK a final block whose ACK was lost.
                         if block == next.wrapping_sub(1) && payload.len() < blksize {
                             files
                                 .lock()
@@ -699,6 +698,8 @@ mod tests {
                                 .entry(name.clone())
                                 .or_insert_with(|| content.clone());
                         }
+                        sock.send_to(&[0, 4, (block >> 8) as u8, block as u8], peer)
+                            .unwrap();
                     }
                 });
             }
