@@ -931,7 +931,9 @@ pub fn uploads_markdown(d: &UploadDoc<'_>) -> String {
             let mine: Vec<&Value> = d
                 .records
                 .iter()
-                .filter(|r| r["server"] == a.server.as_str() && r["scenario"] == sc.id)
+                .filter(|r| {
+                    r["kind"] == "run" && r["server"] == a.server.as_str() && r["scenario"] == sc.id
+                })
                 .collect();
             let up =
                 |k: &str| -> u64 { mine.iter().filter_map(|r| r["uploads"][k].as_u64()).sum() };
@@ -992,7 +994,7 @@ pub fn uploads_markdown(d: &UploadDoc<'_>) -> String {
         let mine: Vec<&Value> = d
             .records
             .iter()
-            .filter(|r| r["server"] == "ringtftpd" && r["scenario"] == sc.id)
+            .filter(|r| r["kind"] == "run" && r["server"] == "ringtftpd" && r["scenario"] == sc.id)
             .collect();
         let mut names: Vec<String> = mine
             .iter()
