@@ -199,9 +199,7 @@ pub struct Transfer {
     since_ack: u16,
     /// An ACK of the last in-order block was already sent for the current gap.
     resynced: bool,
-    deadline: Option<Instant>,
-    /// Retransmissions since the last progress.
-    attempt: u32,
+    timer: Retransmit,
     pending: VecDeque<Pending>,
     started: Instant,
     first_data: Option<Duration>,
@@ -209,7 +207,6 @@ pub struct Transfer {
     granted: Granted,
     counters: Counters,
     outcome: Option<Outcome>,
-    rng: u64,
 }
 
 impl Transfer {
@@ -223,6 +220,7 @@ impl Transfer {
         seed: u64,
         now: Instant,
     ) -> Self {
+        let timer = Retransmit::new(&cfg, seed, id, now);
         let mut t = Transfer {
             id,
             name,
@@ -236,8 +234,7 @@ impl Transfer {
             next: 1,
             since_ack: 0,
             resynced: false,
-            deadline: None,
-            attempt: 0,
+            timer,
             pending: VecDeque::with_capacity(2),
             started: now,
             first_data: None,
@@ -245,10 +242,8 @@ impl Transfer {
             granted: Granted::default(),
             counters: Counters::default(),
             outcome: None,
-            rng: splitmix64(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
         };
         t.pending.push_back(Pending::Rrq);
-        t.deadline = Some(now + t.retransmit_timeout());
         t
     }
 
@@ -258,7 +253,7 @@ impl Transfer {
     }
     /// The one next deadline; `None` once finished.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        self.timer.deadline()
     }
 
     /// Fails the transfer for a reason outside the protocol (socket error, run aborted).
@@ -267,27 +262,22 @@ impl Transfer {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(deadline) = self.deadline else {
-            return;
-        };
-        if self.outcome.is_some() || now < deadline {
+        if self.outcome.is_some() {
             return;
         }
-        if self.attempt >= self.cfg.retries {
-            let waiting = match self.phase {
-                Phase::Requested => "the first reply".to_string(),
-                _ => format!("DATA block {}", self.next),
-            };
-            self.fail(
-                FailureKind::Timeout,
-                format!(
-                    "timed out waiting for {waiting} after {} retransmits",
-                    self.attempt
-                ),
-            );
-            return;
+        match self.timer.expire(now) {
+            Expiry::NotDue => return,
+            Expiry::GiveUp(attempts) => {
+                let waiting = match self.phase {
+                    Phase::Requested => "the first reply".to_string(),
+                    _ => format!("DATA block {}", self.next),
+                };
+                let detail =
+                    format!("timed out waiting for {waiting} after {attempts} retransmits");
+                return self.fail(FailureKind::Timeout, detail);
+            }
+            Expiry::Resend => {}
         }
-        self.attempt += 1;
         self.counters.retransmits += 1;
         match self.phase {
             Phase::Requested => self.queue(Pending::Rrq),
@@ -300,7 +290,6 @@ impl Transfer {
             }
             Phase::Finished => {}
         }
-        self.deadline = Some(now + self.retransmit_timeout());
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
@@ -493,7 +482,7 @@ impl Transfer {
             self.queue(Pending::Ack(block));
             self.total = Some(now.saturating_duration_since(self.started));
             self.phase = Phase::Finished;
-            self.deadline = None;
+            self.timer.stop();
             self.outcome = Some(Outcome::Done);
             return;
         }
@@ -526,8 +515,7 @@ impl Transfer {
     }
 
     fn progress(&mut self, now: Instant) {
-        self.attempt = 0;
-        self.deadline = Some(now + self.retransmit_timeout());
+        self.timer.progress(now);
     }
 
     fn queue(&mut self, p: Pending) {
@@ -542,24 +530,90 @@ impl Transfer {
             self.outcome = Some(Outcome::Failed(Failure { kind, detail }));
         }
         self.phase = Phase::Finished;
-        self.deadline = None;
+        self.timer.stop();
         // Only ERROR 5 replies may still go out; a failed transfer sends nothing else.
         self.pending.retain(|p| matches!(p, Pending::UnknownTid(_)));
     }
+}
 
-    fn retransmit_timeout(&mut self) -> Duration {
-        let base = self.cfg.timeout;
-        if !self.cfg.backoff {
-            return base;
+/// The retransmission timer of one client transfer (read or upload): its
+/// one deadline, the resends since the last progress, and the back-off's
+/// jitter.
+#[derive(Debug)]
+pub(crate) struct Retransmit {
+    timeout: Duration,
+    backoff: bool,
+    retries: u32,
+    deadline: Option<Instant>,
+    attempt: u32,
+    rng: u64,
+}
+
+/// What a deadline check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    NotDue,
+    /// Resend what is outstanding; the timer is armed again.
+    Resend,
+    /// Out of retries after this many resends.
+    GiveUp(u32),
+}
+
+impl Retransmit {
+    /// Armed from `now`; its jitter is seeded per transfer, so a run is
+    /// reproducible with --seed.
+    pub(crate) fn new(cfg: &ClientConfig, seed: u64, id: u64, now: Instant) -> Self {
+        let mut timer = Retransmit {
+            timeout: cfg.timeout,
+            backoff: cfg.backoff,
+            retries: cfg.retries,
+            deadline: None,
+            attempt: 0,
+            rng: splitmix64(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
+        };
+        timer.arm(now);
+        timer
+    }
+
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The transfer moved on: the count of resends starts again.
+    pub(crate) fn progress(&mut self, now: Instant) {
+        self.attempt = 0;
+        self.arm(now);
+    }
+
+    pub(crate) fn stop(&mut self) {
+        self.deadline = None;
+    }
+
+    pub(crate) fn expire(&mut self, now: Instant) -> Expiry {
+        if !self.deadline.is_some_and(|d| now >= d) {
+            return Expiry::NotDue;
         }
-        let base = base * (1u32 << self.attempt.min(3));
-        // Up to +25 % jitter so retransmits of a burst of clients do not stay in step.
-        let r = (self.next_random() >> 11) as f64 / (1u64 << 53) as f64;
-        base + base.mul_f64(0.25 * r)
+        if self.attempt >= self.retries {
+            return Expiry::GiveUp(self.attempt);
+        }
+        self.attempt += 1;
+        self.arm(now);
+        Expiry::Resend
+    }
+
+    fn arm(&mut self, now: Instant) {
+        let mut wait = self.timeout;
+        if self.backoff {
+            wait *= 1u32 << self.attempt.min(3);
+            // Up to +25 % jitter so retransmits of a burst of clients do not stay in step.
+            let r = (self.next_random() >> 11) as f64 / (1u64 << 53) as f64;
+            wait += wait.mul_f64(0.25 * r);
+        }
+        self.deadline = Some(now + wait);
     }
 
     fn next_random(&mut self) -> u64 {
-        // xorshift64*: cheap, seeded per transfer, so a run is reproducible with --seed.
+        // xorshift64*: cheap.
         let mut x = self.rng;
         x ^= x >> 12;
         x ^= x << 25;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::{
-    ClientConfig, Counters, DEFAULT_BLKSIZE, Failure, FailureKind, Granted, Outcome, TransferView,
-    Transmit, validate_oack,
+    ClientConfig, Counters, DEFAULT_BLKSIZE, Expiry, Failure, FailureKind, Granted, Outcome,
+    Retransmit, TransferView, Transmit, validate_oack,
 };
 use crate::pattern;
 use crate::wire::{self, Packet};
@@ -64,8 +64,7 @@ pub struct Upload {
     /// First block not yet acknowledged.
     base: u64,
     oack_resent: bool,
-    deadline: Option<Instant>,
-    attempt: u32,
+    timer: Retransmit,
     pending: VecDeque<Pending>,
     started: Instant,
     first_reply: Option<Duration>,
@@ -73,7 +72,6 @@ pub struct Upload {
     granted: Granted,
     counters: Counters,
     outcome: Option<Outcome>,
-    rng: u64,
 }
 
 impl Upload {
@@ -88,6 +86,7 @@ impl Upload {
         now: Instant,
     ) -> Self {
         let key = pattern::key(&name);
+        let timer = Retransmit::new(&cfg, seed, id, now);
         let mut u = Upload {
             id,
             name,
@@ -102,8 +101,7 @@ impl Upload {
             nblocks: 0,
             base: 1,
             oack_resent: false,
-            deadline: None,
-            attempt: 0,
+            timer,
             pending: VecDeque::with_capacity(4),
             started: now,
             first_reply: None,
@@ -111,12 +109,8 @@ impl Upload {
             granted: Granted::default(),
             counters: Counters::default(),
             outcome: None,
-            rng: (seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-                .wrapping_mul(0x2545_f491_4f6c_dd1d)
-                | 1,
         };
         u.pending.push_back(Pending::Wrq);
-        u.deadline = Some(now + u.retransmit_timeout());
         u
     }
 
@@ -124,41 +118,35 @@ impl Upload {
         !self.pending.is_empty()
     }
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        self.timer.deadline()
     }
     pub fn fail_local(&mut self, detail: String) {
         self.fail(FailureKind::Local, detail);
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(deadline) = self.deadline else {
-            return;
-        };
-        if self.outcome.is_some() || now < deadline {
+        if self.outcome.is_some() {
             return;
         }
-        if self.attempt >= self.cfg.retries {
-            let waiting = match self.phase {
-                Phase::Requested => "the first reply".to_string(),
-                _ => format!("the ACK of block {}", self.base),
-            };
-            self.fail(
-                FailureKind::Timeout,
-                format!(
-                    "timed out waiting for {waiting} after {} retransmits",
-                    self.attempt
-                ),
-            );
-            return;
+        match self.timer.expire(now) {
+            Expiry::NotDue => return,
+            Expiry::GiveUp(attempts) => {
+                let waiting = match self.phase {
+                    Phase::Requested => "the first reply".to_string(),
+                    _ => format!("the ACK of block {}", self.base),
+                };
+                let detail =
+                    format!("timed out waiting for {waiting} after {attempts} retransmits");
+                return self.fail(FailureKind::Timeout, detail);
+            }
+            Expiry::Resend => {}
         }
-        self.attempt += 1;
         self.counters.retransmits += 1;
         match self.phase {
             Phase::Requested => self.queue(Pending::Wrq),
             Phase::Sending => self.queue_window(),
             Phase::Finished => {}
         }
-        self.deadline = Some(now + self.retransmit_timeout());
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
@@ -323,7 +311,7 @@ impl Upload {
                 if upto == self.nblocks {
                     self.total = Some(now.saturating_duration_since(self.started));
                     self.phase = Phase::Finished;
-                    self.deadline = None;
+                    self.timer.stop();
                     self.outcome = Some(Outcome::Done);
                     return;
                 }
@@ -347,8 +335,7 @@ impl Upload {
     }
 
     fn progress(&mut self, now: Instant) {
-        self.attempt = 0;
-        self.deadline = Some(now + self.retransmit_timeout());
+        self.timer.progress(now);
     }
 
     fn fail(&mut self, kind: FailureKind, detail: String) {
@@ -356,23 +343,8 @@ impl Upload {
             self.outcome = Some(Outcome::Failed(Failure { kind, detail }));
         }
         self.phase = Phase::Finished;
-        self.deadline = None;
+        self.timer.stop();
         self.pending.retain(|p| matches!(p, Pending::UnknownTid(_)));
-    }
-
-    fn retransmit_timeout(&mut self) -> Duration {
-        let base = self.cfg.timeout;
-        if !self.cfg.backoff {
-            return base;
-        }
-        let base = base * (1u32 << self.attempt.min(3));
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        let r = (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
-        base + base.mul_f64(0.25 * r)
     }
 }
 
