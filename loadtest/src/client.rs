@@ -590,7 +590,7 @@ impl Retransmit {
     }
 
     pub(crate) fn expire(&mut self, now: Instant) -> Expiry {
-        if !self.deadline.is_some_and(|d| now >= d) {
+        if self.deadline.is_none_or(|d| now < d) {
             return Expiry::NotDue;
         }
         if self.attempt >= self.retries {

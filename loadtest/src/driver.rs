@@ -488,9 +488,11 @@ mod tests {
         (listener, addr, Arc::new(AtomicBool::new(false)))
     }
 
-    /// A minimal lock-step TFTP server on loopback, one thread per transfer, for driving the
-    /// event loop with real sockets. `corrupt` flips one byte of every transfer's block 2.
-    fn toy_server(content: Arc<[u8]>, corrupt: bool) -> (SocketAddr, Arc<AtomicBool>) {
+    /// A toy server on a loopback socket: each request datagram goes to `serve` (with the
+    /// requester's address) on a thread of its own, until the returned flag is set.
+    fn toy_accept(
+        serve: impl Fn(Vec<u8>, SocketAddr) + Clone + Send + 'static,
+    ) -> (SocketAddr, Arc<AtomicBool>) {
         let (listener, addr, stop) = toy_listener();
         let stop2 = stop.clone();
         thread::spawn(move || {
@@ -499,13 +501,18 @@ mod tests {
                 let Ok((len, peer)) = listener.recv_from(&mut buf) else {
                     continue;
                 };
-                // Expect "\0\1name\0octet\0[blksize\0N\0]".
-                let req = buf[..len].to_vec();
-                let content = content.clone();
-                thread::spawn(move || serve_one(&req, peer, &content, corrupt));
+                let (req, serve) = (buf[..len].to_vec(), serve.clone());
+                thread::spawn(move || serve(req, peer));
             }
         });
         (addr, stop)
+    }
+
+    /// A minimal lock-step TFTP server on loopback, one thread per transfer, for driving the
+    /// event loop with real sockets. `corrupt` flips one byte of every transfer's block 2.
+    fn toy_server(content: Arc<[u8]>, corrupt: bool) -> (SocketAddr, Arc<AtomicBool>) {
+        // Expects "\0\1name\0octet\0[blksize\0N\0]".
+        toy_accept(move |req, peer| serve_one(&req, peer, &content, corrupt))
     }
 
     fn serve_one(req: &[u8], peer: SocketAddr, content: &[u8], corrupt: bool) {
@@ -649,59 +656,47 @@ mod tests {
     /// without options; neither is resent), ACKs each DATA, and keeps each finished file by
     /// name.
     fn toy_upload_server() -> (SocketAddr, Arc<AtomicBool>, Received) {
-        let (listener, addr, stop) = toy_listener();
-        let files = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-        let (stop2, files2) = (stop.clone(), files.clone());
-        thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !stop2.load(Ordering::Relaxed) {
-                let Ok((len, peer)) = listener.recv_from(&mut buf) else {
-                    continue;
+        let files: Received = Arc::default();
+        let kept = files.clone();
+        let (addr, stop) = toy_accept(move |req, peer| {
+            assert!(req.starts_with(b"\x00\x02"), "{req:?}");
+            let f: Vec<&[u8]> = req[2..].split(|&b| b == 0).collect();
+            let name = String::from_utf8(f[0].to_vec()).unwrap();
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            // Longer than a few client retransmit timeouts in a row.
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut blksize = 512;
+            if f.len() >= 4 && f[2] == b"blksize" {
+                blksize = std::str::from_utf8(f[3]).unwrap().parse().unwrap();
+                let mut o = b"\x00\x06blksize\0".to_vec();
+                o.extend_from_slice(f[3]);
+                o.push(0);
+                sock.send_to(&o, peer).unwrap();
+            } else {
+                sock.send_to(b"\x00\x04\x00\x00", peer).unwrap();
+            }
+            let mut content = Vec::new();
+            let mut next: u16 = 1;
+            let mut buf = [0u8; 2048];
+            while let Ok((n, _)) = sock.recv_from(&mut buf) {
+                let Ok(Packet::Data { block, payload }) = wire::parse(&buf[..n]) else {
+                    return;
                 };
-                let req = buf[..len].to_vec();
-                let files = files2.clone();
-                thread::spawn(move || {
-                    assert!(req.starts_with(b"\x00\x02"), "{req:?}");
-                    let f: Vec<&[u8]> = req[2..].split(|&b| b == 0).collect();
-                    let name = String::from_utf8(f[0].to_vec()).unwrap();
-                    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-                    // Longer than a few client retransmit timeouts in a row.
-                    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                    let mut blksize = 512;
-                    if f.len() >= 4 && f[2] == b"blksize" {
-                        blksize = std::str::from_utf8(f[3]).unwrap().parse().unwrap();
-                        let mut o = b"\x00\x06blksize\0".to_vec();
-                        o.extend_from_slice(f[3]);
-                        o.push(0);
-                        sock.send_to(&o, peer).unwrap();
-                    } else {
-                        sock.send_to(b"\x00\x04\x00\x00", peer).unwrap();
-                    }
-                    let mut content = Vec::new();
-                    let mut next: u16 = 1;
-                    let mut buf = [0u8; 2048];
-                    while let Ok((n, _)) = sock.recv_from(&mut buf) {
-                        let Ok(Packet::Data { block, payload }) = wire::parse(&buf[..n]) else {
-                            return;
-                        };
-                        if block == next {
-                            content.extend_from_slice(payload);
-                            next = next.wrapping_add(1);
-                        }
-                        // Stored before the final ACK leaves (the client counts the upload
-                        // done on it); then stays (dallies) until the client is quiet, to
-                        // re-ACK a final block whose ACK was lost.
-                        if block == next.wrapping_sub(1) && payload.len() < blksize {
-                            files
-                                .lock()
-                                .unwrap()
-                                .entry(name.clone())
-                                .or_insert_with(|| content.clone());
-                        }
-                        sock.send_to(&[0, 4, (block >> 8) as u8, block as u8], peer)
-                            .unwrap();
-                    }
-                });
+                if block == next {
+                    content.extend_from_slice(payload);
+                    next = next.wrapping_add(1);
+                }
+                // Stored before the final ACK leaves (the client counts the upload
+                // done on it); then stays (dallies) until the client is quiet, to
+                // re-ACK a final block whose ACK was lost.
+                if block == next.wrapping_sub(1) && payload.len() < blksize {
+                    kept.lock()
+                        .unwrap()
+                        .entry(name.clone())
+                        .or_insert_with(|| content.clone());
+                }
+                sock.send_to(&[0, 4, (block >> 8) as u8, block as u8], peer)
+                    .unwrap();
             }
         });
         (addr, stop, files)
