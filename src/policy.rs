@@ -108,8 +108,8 @@ pub trait Policy: Debug + Send + Sync {
 }
 
 /// Serves the name as asked, under the settings' limits; refuses a WRQ
-/// while uploads are off, and one whose announced size (RFC 2349 tsize)
-/// is over `--max-upload`.
+/// while uploads are off. (A WRQ whose announced size is over the grant's
+/// `max_upload` is refused by the endpoint, whatever policy granted it.)
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultPolicy;
 
@@ -121,18 +121,10 @@ impl Policy for DefaultPolicy {
             max_upload: settings.max_upload,
             refused: settings.refused_options,
         };
-        if !incoming.write {
-            return Decision::Serve(grant);
-        }
-        if !settings.uploads {
+        if incoming.write && !settings.uploads {
             return Decision::Refuse(Refusal::UploadsDisabled);
         }
-        // Zero is read as "not known" (some clients send it so).
-        let announced = incoming.request.options.tsize.filter(|&t| t > 0);
-        match (settings.max_upload, announced) {
-            (Some(max), Some(t)) if t > max => Decision::Refuse(Refusal::TooLarge),
-            _ => Decision::Serve(grant),
-        }
+        Decision::Serve(grant)
     }
 }
 

@@ -165,13 +165,12 @@ fn new_settings_reach_new_requests_and_running_sessions_keep_theirs() {
 }
 
 #[test]
-fn the_default_policy_refuses_uploads_when_off_and_over_the_limit() {
+fn the_default_policy_refuses_uploads_only_while_they_are_off() {
     let settings = Settings {
         uploads: true,
         max_upload: Some(1000),
         ..settings()
     };
-    let wrq = |tsize: &str| request(2, "up.bin", "octet", &[("tsize", tsize)]);
     let decide = |settings: &Settings, datagram: &[u8]| {
         let Ok(Packet::Wrq(request)) = Packet::parse(datagram) else {
             panic!()
@@ -185,19 +184,60 @@ fn the_default_policy_refuses_uploads_when_off_and_over_the_limit() {
             request: &request,
         };
         match DefaultPolicy.decide(&incoming, settings) {
-            Decision::Serve(Grant { path, .. }) => Ok(path.into_owned()),
+            Decision::Serve(Grant {
+                path, max_upload, ..
+            }) => Ok((path.into_owned(), max_upload)),
             Decision::Refuse(refusal) => Err(refusal),
         }
     };
-    assert_eq!(decide(&settings, &wrq("1000")), Ok(b"up.bin".to_vec()));
-    // Zero is "size unknown", not a limit.
-    assert_eq!(decide(&settings, &wrq("0")), Ok(b"up.bin".to_vec()));
-    assert_eq!(decide(&settings, &wrq("1001")), Err(Refusal::TooLarge));
+    let wrq = request(2, "up.bin", "octet", &[("tsize", "5000")]);
+    // Granted with the limit; the endpoint holds the announced size to it.
+    assert_eq!(
+        decide(&settings, &wrq),
+        Ok((b"up.bin".to_vec(), Some(1000)))
+    );
     let off = Settings {
         uploads: false,
         ..settings
     };
-    assert_eq!(decide(&off, &wrq("10")), Err(Refusal::UploadsDisabled));
+    assert_eq!(decide(&off, &wrq), Err(Refusal::UploadsDisabled));
+}
+
+/// A policy may grant a smaller upload limit than the settings: the
+/// endpoint refuses an announced size over the grant's, before any sink.
+#[derive(Debug)]
+struct SmallUploads;
+
+impl Policy for SmallUploads {
+    fn decide<'a>(
+        &self,
+        incoming: &Incoming<'a>,
+        settings: &ringtftpd::policy::Settings,
+    ) -> Decision<'a> {
+        match DefaultPolicy.decide(incoming, settings) {
+            Decision::Serve(grant) => Decision::Serve(Grant {
+                max_upload: Some(100),
+                ..grant
+            }),
+            refused => refused,
+        }
+    }
+}
+
+#[test]
+fn an_upload_over_the_grants_limit_is_refused_with_error_3() {
+    let mut f = Fixture::with_policy(Arc::new(SmallUploads));
+    let mut on = (**f.endpoint.settings()).clone();
+    on.uploads = true;
+    f.endpoint.set_settings(Arc::new(on));
+    let over = request(2, "up.bin", "octet", &[("tsize", "101")]);
+    assert_eq!(
+        f.refused(peer(2, 1), &over),
+        (ErrorCode::DiskFull, "file too large".to_string())
+    );
+    // At the limit it reaches the sink (read-only here: ERROR 2).
+    let at = request(2, "up.bin", "octet", &[("tsize", "100")]);
+    assert_eq!(f.refused(peer(3, 1), &at).0, ErrorCode::AccessViolation);
 }
 
 #[test]
