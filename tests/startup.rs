@@ -86,15 +86,15 @@ fn out_of_range_and_inconsistent_flags_exit_non_zero_naming_the_flag() {
 }
 
 /// Forwards `child`'s stderr lines to a channel (and to the test's stderr).
+/// It reads to the end even once the receiver is gone, so a test that drops
+/// it never leaves the server writing into a closed pipe (SIGPIPE).
 fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stderr = child.stderr.take().expect("stderr piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("server: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     rx
@@ -128,8 +128,14 @@ struct Serving {
 }
 
 fn serve(mut cmd: Command, root: &std::path::Path) -> Serving {
+    cmd.args(["--address", "127.0.0.1:0"]);
+    serve_at(cmd, root)
+}
+
+/// As `serve`, on the addresses `cmd` already names.
+fn serve_at(mut cmd: Command, root: &std::path::Path) -> Serving {
     let mut child = cmd
-        .args(["--address", "127.0.0.1:0", "--threads", "1", "--permissive"])
+        .args(["--threads", "1", "--permissive"])
         .arg(root)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -248,12 +254,8 @@ fn refused_start(addr: SocketAddr, root: &std::path::Path) -> String {
 fn a_second_server_on_a_taken_port_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("f"), vec![1u8; 100]).expect("write");
-    // `lines` lives on: its reader keeps the server's stderr open.
     let Serving {
-        mut child,
-        lines: _lines,
-        addr,
-        ..
+        mut child, addr, ..
     } = serve(binary(), dir.path());
     // Another ringtftpd: SO_REUSEPORT alone would have let it share the port.
     let stderr = refused_start(addr, dir.path());
@@ -273,12 +275,7 @@ fn a_second_server_on_a_taken_port_refuses_to_start() {
         .expect("DATA 1 from the first server");
     assert_eq!(&buf[..4], [0, 3, 0, 1]);
     assert_eq!(n, 4 + 100);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    stop_child(&mut child);
     // Any other holder of the port too (a plain socket, as tftpd-hpa's).
     let holder = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let stderr = refused_start(holder.local_addr().expect("addr"), dir.path());
@@ -293,41 +290,19 @@ fn the_pidfile_holds_the_pid_while_serving_and_goes_at_a_clean_exit() {
     let pidfile = dir.path().join("ringtftpd.pid");
     let mut cmd = binary();
     cmd.arg("-P").arg(&pidfile);
-    let Serving {
-        mut child,
-        lines: _lines,
-        ..
-    } = serve(cmd, &root);
+    let Serving { mut child, .. } = serve(cmd, &root);
     // Written before the "serving" line.
     let written = std::fs::read_to_string(&pidfile).expect("pidfile");
     assert_eq!(written, format!("{}\n", child.id()));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    stop_child(&mut child);
     assert!(!pidfile.exists(), "pidfile left behind");
 }
 
-/// `args` started on an ephemeral port: the server, its stderr lines (kept
-/// alive: their reader holds the pipe) and the address it reports.
-fn serve_args(
-    args: &[&str],
-    root: &std::path::Path,
-) -> (Child, mpsc::Receiver<String>, SocketAddr) {
-    let mut child = binary()
-        .args(args)
-        .args(["--threads", "1", "--permissive", "--shutdown-grace", "0"])
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ringtftpd");
-    let lines = stderr_lines(&mut child);
-    let addr = serving_address(&lines, &mut Vec::new());
-    (child, lines, addr)
+/// `args` (which name the address) served with no shutdown grace.
+fn serve_args(args: &[&str], root: &std::path::Path) -> Serving {
+    let mut cmd = binary();
+    cmd.args(args).args(["--shutdown-grace", "0"]);
+    serve_at(cmd, root)
 }
 
 /// Whether an RRQ for `f` sent to `to` from `from` gets DATA 1 within 1 s.
@@ -359,7 +334,9 @@ fn ipv4_only_and_ipv6_only_listen_as_in_tftpd_hpa() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("f"), vec![1u8; 10]).expect("write");
     // -4: `[::]` means 0.0.0.0.
-    let (mut child, _lines, addr) = serve_args(&["-4", "--address", "[::]:0"], dir.path());
+    let Serving {
+        mut child, addr, ..
+    } = serve_args(&["-4", "--address", "[::]:0"], dir.path());
     assert_eq!(addr.ip().to_string(), "0.0.0.0");
     assert!(answers(
         "127.0.0.1:0",
@@ -370,7 +347,9 @@ fn ipv4_only_and_ipv6_only_listen_as_in_tftpd_hpa() {
     for (flags, v4_served) in [(&["-6"][..], false), (&[][..], true)] {
         let mut args = flags.to_vec();
         args.extend(["--address", "[::]:0"]);
-        let (mut child, _lines, addr) = serve_args(&args, dir.path());
+        let Serving {
+            mut child, addr, ..
+        } = serve_args(&args, dir.path());
         let port = addr.port();
         assert!(answers(
             "[::1]:0",
@@ -436,6 +415,6 @@ fn listen_without_foreground_detaches_once_bound_as_tftpd_hpa() {
     // A daemon that cannot bind makes the command fail, not succeed.
     let holder = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let taken = holder.local_addr().expect("addr").to_string();
-    let (_, status, _lines) = detached(&taken);
+    let (_, status, _) = detached(&taken);
     assert_eq!(status.code(), Some(1), "exited {status}");
 }
