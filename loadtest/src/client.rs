@@ -296,26 +296,16 @@ impl Transfer {
         if self.outcome.is_some() {
             return;
         }
-        let known = match self.tid {
-            Some(tid) => from == tid,
-            // RFC 1350 §4: the server picks a new port; the first reply's source becomes the TID.
-            None => from.ip() == self.server.ip(),
-        };
-        if !known {
-            // RFC 1350 §4: answer a stranger with ERROR 5 without disturbing the transfer.
-            self.counters.foreign_tid += 1;
-            self.queue(Pending::UnknownTid(from));
-            return;
-        }
-        let packet = match wire::parse(bytes) {
-            Ok(p) => p,
-            Err(e) => {
-                self.fail(
-                    FailureKind::Protocol,
-                    format!("{e} from server ({} bytes)", bytes.len()),
-                );
+        let packet = match arrival(self.server, self.tid, from, bytes) {
+            Arrival::Packet(p) => p,
+            Arrival::Stranger => {
+                self.counters.foreign_tid += 1;
+                if self.pending.len() < MAX_PENDING_ERRORS {
+                    self.queue(Pending::UnknownTid(from));
+                }
                 return;
             }
+            Arrival::Garbage(why) => return self.fail(FailureKind::Protocol, why),
         };
         match packet {
             Packet::Error { code, message } => self.fail(
@@ -533,6 +523,39 @@ impl Transfer {
         self.timer.stop();
         // Only ERROR 5 replies may still go out; a failed transfer sends nothing else.
         self.pending.retain(|p| matches!(p, Pending::UnknownTid(_)));
+    }
+}
+
+/// Most ERROR 5 replies to strangers queued at once: a flood of them must
+/// not grow the queue.
+pub(crate) const MAX_PENDING_ERRORS: usize = 8;
+
+/// What a datagram is to a transfer with `server` and, once known, `tid`.
+pub(crate) enum Arrival<'a> {
+    Packet(Packet<'a>),
+    /// From another TID (RFC 1350 §4): answer ERROR 5, go on undisturbed.
+    Stranger,
+    /// From the server but unparseable: why.
+    Garbage(String),
+}
+
+pub(crate) fn arrival<'a>(
+    server: SocketAddr,
+    tid: Option<SocketAddr>,
+    from: SocketAddr,
+    bytes: &'a [u8],
+) -> Arrival<'a> {
+    let known = match tid {
+        Some(tid) => from == tid,
+        // RFC 1350 §4: the server picks a new port; the first reply's source becomes the TID.
+        None => from.ip() == server.ip(),
+    };
+    if !known {
+        return Arrival::Stranger;
+    }
+    match wire::parse(bytes) {
+        Ok(p) => Arrival::Packet(p),
+        Err(e) => Arrival::Garbage(format!("{e} from server ({} bytes)", bytes.len())),
     }
 }
 
@@ -845,6 +868,23 @@ mod tests {
             next = end;
         }
         all_acks
+    }
+
+    #[test]
+    fn strangers_get_error_5_and_a_flood_of_them_queues_a_bounded_number() {
+        let file = content(100);
+        let now = Instant::now();
+        let mut t = start(&file, no_options(), now);
+        drain(&mut t);
+        for port in 0..20 {
+            let stranger = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), 1000 + port);
+            t.handle_datagram(now, stranger, b"\x00\x03\x00\x01x");
+        }
+        let sent = drain(&mut t);
+        assert_eq!(sent.len(), MAX_PENDING_ERRORS);
+        assert!(sent.iter().all(|(_, p)| p.starts_with(b"\x00\x05\x00\x05")));
+        assert_eq!(t.counters().foreign_tid, 20);
+        assert!(t.outcome().is_none(), "the transfer goes on");
     }
 
     #[test]

@@ -23,13 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::{
-    ClientConfig, Counters, DEFAULT_BLKSIZE, Expiry, Failure, FailureKind, Granted, Outcome,
-    Retransmit, TransferView, Transmit, validate_oack,
+    Arrival, ClientConfig, Counters, DEFAULT_BLKSIZE, Expiry, Failure, FailureKind, Granted,
+    MAX_PENDING_ERRORS, Outcome, Retransmit, TransferView, Transmit, arrival, validate_oack,
 };
 use crate::pattern;
 use crate::wire::{self, Packet};
-
-const MAX_PENDING_ERRORS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
@@ -153,26 +151,16 @@ impl Upload {
         if self.outcome.is_some() {
             return;
         }
-        let known = match self.tid {
-            Some(tid) => from == tid,
-            None => from.ip() == self.server.ip(),
-        };
-        if !known {
-            self.counters.foreign_tid += 1;
-            if self.pending.len() < MAX_PENDING_ERRORS {
-                self.pending.push_back(Pending::UnknownTid(from));
-            }
-            return;
-        }
-        let packet = match wire::parse(bytes) {
-            Ok(p) => p,
-            Err(e) => {
-                self.fail(
-                    FailureKind::Protocol,
-                    format!("{e} from server ({} bytes)", bytes.len()),
-                );
+        let packet = match arrival(self.server, self.tid, from, bytes) {
+            Arrival::Packet(p) => p,
+            Arrival::Stranger => {
+                self.counters.foreign_tid += 1;
+                if self.pending.len() < MAX_PENDING_ERRORS {
+                    self.queue(Pending::UnknownTid(from));
+                }
                 return;
             }
+            Arrival::Garbage(why) => return self.fail(FailureKind::Protocol, why),
         };
         match packet {
             Packet::Error { code, message } => self.fail(
