@@ -4,7 +4,7 @@
 #
 # Usage:
 #   scripts/compare.sh             full run: the criterion micro-benchmarks (benches/*.rs),
-#                                  then S1-S6 x 3 repetitions x 4 servers, plus syscall
+#                                  then S1-S7 x 3 repetitions x 4 servers (S7 uploads: not dnsmasq), plus syscall
 #                                  counts, instruction counts and a profile (about 15-25 min)
 #   scripts/compare.sh --quick     smoke test: ringtftpd alone, tiny sizes, checks that every
 #                                  transfer completes byte-exact, asserts no timing (seconds)
