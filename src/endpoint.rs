@@ -523,8 +523,7 @@ impl<H: Clone> Endpoint<H> {
             write,
             request: &request,
         };
-        let settings = Arc::clone(&self.settings);
-        let grant = match settings.policy.decide(&incoming, &settings) {
+        let grant = match self.settings.policy.decide(&incoming, &self.settings) {
             Decision::Serve(grant) => grant,
             Decision::Refuse(refusal) => return self.refuse(now, refusal, reply),
         };
@@ -538,7 +537,7 @@ impl<H: Clone> Endpoint<H> {
         let ipv6 = matches!(peer, SocketAddr::V6(_));
         let path = self.recent_path(now, peer.ip());
         let mut limits = grant.limits;
-        let first_window = settings.first_contact_windowsize;
+        let first_window = self.settings.first_contact_windowsize;
         if path.is_none() && first_window > 0 {
             limits.max_windowsize = limits.max_windowsize.min(first_window);
         }
