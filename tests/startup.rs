@@ -13,6 +13,15 @@ fn binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ringtftpd"))
 }
 
+/// Starts `cmd` with stderr piped (read it, or let `stderr_lines` do).
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringtftpd")
+}
+
 /// Waits up to `limit` for `child` to exit; kills it (by its PID) and
 /// fails if it does not.
 #[track_caller]
@@ -35,14 +44,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
 /// its status and stderr.
 #[track_caller]
 fn run_to_exit(args: &[&str], root: &std::path::Path) -> (ExitStatus, String) {
-    let mut child = binary()
-        .args(args)
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ringtftpd");
+    let mut child = spawn(binary().args(args).arg(root));
     let status = wait_exit(&mut child, Duration::from_secs(5));
     let mut stderr = String::new();
     child
@@ -134,14 +136,7 @@ fn serve(mut cmd: Command, root: &std::path::Path) -> Serving {
 
 /// As `serve`, on the addresses `cmd` already names.
 fn serve_at(mut cmd: Command, root: &std::path::Path) -> Serving {
-    let mut child = cmd
-        .args(["--threads", "1", "--permissive"])
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ringtftpd");
+    let mut child = spawn(cmd.args(["--threads", "1", "--permissive"]).arg(root));
     let lines = stderr_lines(&mut child);
     let mut seen = Vec::new();
     let addr = serving_address(&lines, &mut seen);
@@ -372,24 +367,21 @@ fn listen_without_foreground_detaches_once_bound_as_tftpd_hpa() {
     std::fs::write(root.join("f"), vec![1u8; 10]).expect("write");
     let pidfile = dir.path().join("pid");
     let detached = |address: &str| {
-        let mut child = binary()
-            .arg("-l")
-            .arg("-P")
-            .arg(&pidfile)
-            .args([
-                "--address",
-                address,
-                "--threads",
-                "1",
-                "--shutdown-grace",
-                "0",
-            ])
-            .arg(&root)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringtftpd");
+        let mut child = spawn(
+            binary()
+                .arg("-l")
+                .arg("-P")
+                .arg(&pidfile)
+                .args([
+                    "--address",
+                    address,
+                    "--threads",
+                    "1",
+                    "--shutdown-grace",
+                    "0",
+                ])
+                .arg(&root),
+        );
         let lines = stderr_lines(&mut child);
         // The command itself returns once the daemon is bound.
         let status = wait_exit(&mut child, Duration::from_secs(10));
