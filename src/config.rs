@@ -11,8 +11,9 @@ use clap::{CommandFactory, Parser};
 
 use crate::endpoint::EndpointConfig;
 use crate::files::upload::UploadRules;
-use crate::policy::{DefaultPolicy, RefusedOptions, Settings};
+use crate::policy::{DefaultPolicy, NameProbe, Policy, RefusedOptions, RemapPolicy, Settings};
 use crate::proto;
+use crate::remap::{self, RemapRules};
 use crate::session::{self, Limits, MAX_WINDOWSIZE};
 
 /// The TFTP port.
@@ -35,6 +36,8 @@ pub const MAX_SESSIONS: u32 = 1 << 20;
 pub const MAX_THREADS: u16 = 1024;
 /// Largest `--rcvbuf`, in bytes.
 pub const MAX_RCVBUF: u64 = 1 << 30;
+/// Largest `--map-steps`.
+pub const MAX_MAP_STEPS: u32 = 1_000_000;
 /// Largest `--error-rate`, per second and thread.
 pub const MAX_ERROR_RATE: u32 = 1_000_000;
 
@@ -209,6 +212,24 @@ pub struct Config {
     /// ERROR 3 before any data moves; one that sends more is ended so.
     #[arg(long, visible_alias = "max-size", value_name = "SIZE", value_parser = parse_size)]
     pub max_upload: Option<u64>,
+
+    /// Filename remap rules (tftpd-hpa 7.x's language): each requested
+    /// name is rewritten or refused by them before it is opened. An error
+    /// in the file fails start-up with its line; SIGHUP re-reads it.
+    #[arg(short = 'm', long = "map-file", value_name = "FILE")]
+    pub map_file: Option<PathBuf>,
+
+    /// Most remap rules run on one name before the mapping fails
+    /// (1..=1000000; each is a regex search of the name).
+    #[arg(long = "map-steps", value_name = "STEPS", default_value_t = remap::DEFAULT_MAX_STEPS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAP_STEPS)))]
+    pub map_steps: u32,
+
+    /// Print what the remap rules make of each line of FILE (`-` for
+    /// standard input) and exit, as tftpd-hpa 7.x: -6 asks as an IPv6
+    /// client, --create as a write request.
+    #[arg(long = "map-test", value_name = "FILE")]
+    pub map_test: Option<PathBuf>,
 
     /// No log line per finished transfer.
     #[arg(short = 'q', long)]
@@ -467,8 +488,41 @@ impl Config {
         refused
     }
 
-    /// The settings of one of `shards` shards: what a reload may change.
+    /// The remap rules of `--map-file`, read and parsed now (at start and
+    /// on SIGHUP); the error names the file and the line.
+    pub fn remap_rules(&self) -> Result<Option<RemapRules>, String> {
+        let Some(path) = &self.map_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        RemapRules::parse_bytes(&text)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The policy for these remap rules (none: [`DefaultPolicy`]), asking
+    /// `probe` for `E` rules.
+    pub fn policy(&self, rules: Option<RemapRules>, probe: Arc<NameProbe>) -> Arc<dyn Policy> {
+        let inner: Arc<dyn Policy> = Arc::new(DefaultPolicy);
+        match rules {
+            Some(rules) => Arc::new(RemapPolicy {
+                rules,
+                max_steps: self.map_steps as usize,
+                probe: Some(probe),
+                inner,
+            }),
+            None => inner,
+        }
+    }
+
+    /// The settings of one of `shards` shards, with no remap rules.
     pub fn settings(&self, shards: usize) -> Settings {
+        self.settings_with(shards, Arc::new(DefaultPolicy))
+    }
+
+    /// The settings of one of `shards` shards under `policy`: what a
+    /// reload may change.
+    pub fn settings_with(&self, shards: usize, policy: Arc<dyn Policy>) -> Settings {
         let shards = shards.max(1) as u32;
         Settings {
             limits: self.limits(),
@@ -483,17 +537,17 @@ impl Config {
             uploads: self.upload_rules().is_some(),
             max_upload: self.max_upload,
             refused_options: self.refused_options(),
-            policy: Arc::new(DefaultPolicy),
+            policy,
         }
     }
 
     /// The endpoint configuration of one of `shards` shards.
-    pub fn endpoint(&self, shards: usize) -> EndpointConfig {
+    pub fn endpoint(&self, shards: usize, settings: Settings) -> EndpointConfig {
         EndpointConfig {
             max_sessions: self.max_sessions.div_ceil(shards.max(1) as u32) as usize,
             // The driver lowers it to what its receive buffers hold.
             max_upload_blksize: self.max_blksize,
-            settings: self.settings(shards),
+            settings,
         }
     }
 }
@@ -600,7 +654,7 @@ mod tests {
         assert_eq!(c.directory, PathBuf::from("/tmp"));
         assert!(Config::try_parse_from(["ringtftpd", "--max-blksize", "7", "/tmp"]).is_err());
         assert!(Config::try_parse_from(["ringtftpd", "--max-windowsize", "0", "/tmp"]).is_err());
-        assert_eq!(c.endpoint(3).max_sessions, 6667);
+        assert_eq!(c.endpoint(3, c.settings(3)).max_sessions, 6667);
     }
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::proto::{Options, Request};
 use crate::refusal::Refusal;
+use crate::remap::{RemapContext, RemapRules, Remapped};
 use crate::session::Limits;
 
 /// A request that passed admission (rate, duplicates, capacity), as the
@@ -36,6 +37,19 @@ pub struct Incoming<'a> {
 pub enum Decision<'a> {
     Serve(Grant<'a>),
     Refuse(Refusal),
+}
+
+impl Decision<'_> {
+    /// The same decision, owning its path.
+    pub fn into_owned(self) -> Decision<'static> {
+        match self {
+            Decision::Serve(grant) => Decision::Serve(Grant {
+                path: Cow::Owned(grant.path.into_owned()),
+                ..grant
+            }),
+            Decision::Refuse(refusal) => Decision::Refuse(refusal),
+        }
+    }
 }
 
 /// A request to serve, and how.
@@ -125,6 +139,68 @@ impl Policy for DefaultPolicy {
             return Decision::Refuse(Refusal::UploadsDisabled);
         }
         Decision::Serve(grant)
+    }
+}
+
+/// `E`'s question for [`RemapPolicy`]: could this name be served as it
+/// stands (for a WRQ: written)? The driver answers from the file root.
+pub type NameProbe = dyn Fn(&[u8], bool) -> bool + Send + Sync;
+
+/// tftpd-hpa's `-m/--map-file`: the remap rules rewrite or refuse the
+/// requested name first, then `inner` decides on the rewritten request.
+pub struct RemapPolicy {
+    pub rules: RemapRules,
+    /// `--map-steps`.
+    pub max_steps: usize,
+    /// Without one, `E` rules never see a file (as `--map-test`).
+    pub probe: Option<Arc<NameProbe>>,
+    pub inner: Arc<dyn Policy>,
+}
+
+impl Debug for RemapPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemapPolicy")
+            .field("rules", &self.rules.len())
+            .field("max_steps", &self.max_steps)
+            .field("probe", &self.probe.is_some())
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl Policy for RemapPolicy {
+    fn decide<'a>(&self, incoming: &Incoming<'a>, settings: &Settings) -> Decision<'a> {
+        let write = incoming.write;
+        let probe = self
+            .probe
+            .as_deref()
+            .map(|p| move |name: &[u8]| p(name, write));
+        let mut context = RemapContext::new(incoming.peer.ip(), write);
+        if let Some(probe) = &probe {
+            context = context.with_probe(probe);
+        }
+        let name = match self
+            .rules
+            .apply(incoming.request.filename, &context, self.max_steps)
+        {
+            Remapped::Rewritten(name) => name,
+            // As tftpd-hpa 7.x, the client is told "access denied" only; an
+            // `a` rule's message is for --map-test.
+            Remapped::Refused(_) => return Decision::Refuse(Refusal::RemapDenied),
+            Remapped::Failed(_) => return Decision::Refuse(Refusal::RemapFailed),
+        };
+        if name == incoming.request.filename {
+            return self.inner.decide(incoming, settings);
+        }
+        let request = Request {
+            filename: &name,
+            ..*incoming.request
+        };
+        let rewritten = Incoming {
+            request: &request,
+            ..*incoming
+        };
+        self.inner.decide(&rewritten, settings).into_owned()
     }
 }
 

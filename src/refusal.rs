@@ -32,6 +32,11 @@ pub enum Refusal {
     DiskFull,
     /// Not a request the listener can take.
     Malformed(Malformed),
+    /// A remap rule (`a`) refused the name.
+    RemapDenied,
+    /// The remap rules failed on the name (step limit, a missing label):
+    /// tftpd-hpa's "Remap table failure".
+    RemapFailed,
     ShuttingDown,
     /// A datagram at a transfer's port from another TID (RFC 1350 §4).
     UnknownTid,
@@ -61,10 +66,12 @@ pub enum RefusalKind {
     Malformed,
     ShuttingDown,
     Stranger,
+    /// Refused or failed by the remap rules.
+    Remap,
 }
 
 impl RefusalKind {
-    pub const ALL: [RefusalKind; 11] = [
+    pub const ALL: [RefusalKind; 12] = [
         RefusalKind::NotFound,
         RefusalKind::Denied,
         RefusalKind::Busy,
@@ -76,6 +83,7 @@ impl RefusalKind {
         RefusalKind::Malformed,
         RefusalKind::ShuttingDown,
         RefusalKind::Stranger,
+        RefusalKind::Remap,
     ];
 
     /// The name in log lines and metric labels.
@@ -92,6 +100,7 @@ impl RefusalKind {
             RefusalKind::Malformed => "malformed",
             RefusalKind::ShuttingDown => "shutting_down",
             RefusalKind::Stranger => "stranger",
+            RefusalKind::Remap => "remap",
         }
     }
 }
@@ -113,6 +122,7 @@ impl Refusal {
             Refusal::Malformed(_) => RefusalKind::Malformed,
             Refusal::ShuttingDown => RefusalKind::ShuttingDown,
             Refusal::UnknownTid => RefusalKind::Stranger,
+            Refusal::RemapDenied | Refusal::RemapFailed => RefusalKind::Remap,
         }
     }
 
@@ -134,7 +144,9 @@ impl Refusal {
             Refusal::Denied(_)
             | Refusal::NotReadable
             | Refusal::NotRegular
-            | Refusal::UploadsDisabled => ErrorCode::AccessViolation,
+            | Refusal::UploadsDisabled
+            | Refusal::RemapDenied
+            | Refusal::RemapFailed => ErrorCode::AccessViolation,
             Refusal::Malformed(Malformed::Parse(ParseError::BadFilename)) => {
                 ErrorCode::AccessViolation
             }
@@ -173,6 +185,8 @@ impl Refusal {
             Refusal::Malformed(Malformed::Oversized) => "request too long",
             Refusal::ShuttingDown => "server shutting down",
             Refusal::UnknownTid => "unknown transfer ID",
+            // tftpd-hpa 7.x tells the client no more than this for either.
+            Refusal::RemapDenied | Refusal::RemapFailed => "access denied",
         }
     }
 }

@@ -123,7 +123,7 @@ impl fmt::Display for RemapError {
 impl std::error::Error for RemapError {}
 
 /// `E`'s question: may this name be transferred (it exists, may be opened)?
-pub type Probe = dyn Fn(&[u8]) -> bool;
+pub type Probe<'a> = dyn Fn(&[u8]) -> bool + 'a;
 
 /// Who asks, and how: what the `4`/`6`/`G`/`P` letters and `\i`/`\x` see.
 #[derive(Clone, Copy)]
@@ -134,7 +134,7 @@ pub struct RemapContext<'a> {
     pub write: bool,
     /// For `E`: could this name be transferred? `None` answers no, as
     /// `--map-test` does.
-    pub probe: Option<&'a Probe>,
+    pub probe: Option<&'a Probe<'a>>,
 }
 
 impl<'a> RemapContext<'a> {
@@ -146,7 +146,7 @@ impl<'a> RemapContext<'a> {
         }
     }
 
-    pub fn with_probe(mut self, probe: &'a Probe) -> Self {
+    pub fn with_probe(mut self, probe: &'a Probe<'a>) -> Self {
         self.probe = Some(probe);
         self
     }
@@ -219,7 +219,7 @@ enum Rule {
 }
 
 /// A parsed rule file.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RemapRules {
     rules: Vec<Rule>,
 }

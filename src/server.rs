@@ -1,8 +1,10 @@
 //! Start-up and shutdown: resource limits, the file root, one pinned shard
 //! per CPU of the affinity mask, and signals.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -11,7 +13,9 @@ use nix::unistd::{Gid, Uid, User};
 
 use crate::config::Config;
 use crate::files::FileRoot;
-use crate::shard::{self, ShardConfig, ShardHandle};
+use crate::policy::NameProbe;
+use crate::remap::{self, RemapContext, RemapRules};
+use crate::shard::{self, Command, ShardConfig, ShardHandle};
 
 /// The CPUs this process may run on (honours taskset, systemd
 /// CPUAffinity and container cpusets).
@@ -97,6 +101,8 @@ fn holds_capabilities() -> io::Result<bool> {
 pub struct Server {
     shards: Vec<ShardHandle>,
     pub addresses: Vec<SocketAddr>,
+    /// What `E` remap rules ask, kept for a reload's new rules.
+    probe: Arc<NameProbe>,
 }
 
 impl Server {
@@ -108,11 +114,17 @@ impl Server {
                 format!("cannot serve {}: {e}", config.directory.display()),
             )
         })?;
+        let rules = config.remap_rules().map_err(io::Error::other)?;
+        let probe: Arc<NameProbe> = {
+            let files = files.clone();
+            Arc::new(move |name: &[u8], _write: bool| files.has_file(name))
+        };
         let cpus = allowed_cpus();
         let count = match config.threads {
             Some(n) => usize::from(n),
             None => cpus.len().max(1),
         };
+        let settings = config.settings_with(count, config.policy(rules, probe.clone()));
         let mut addresses = config.listen_addresses();
         for addr in &addresses {
             shard::net::check_port_free(*addr, config.ipv6)
@@ -135,7 +147,7 @@ impl Server {
                 index,
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
                 listeners,
-                endpoint: config.endpoint(count),
+                endpoint: config.endpoint(count, settings.clone()),
                 files: files.clone(),
                 uploads: config.upload_rules(),
                 log_transfers: !config.quiet,
@@ -173,7 +185,25 @@ impl Server {
                 .map_err(|e| io::Error::new(e.kind(), format!("shard {index}: {e}")))?;
             shards.push(shard);
         }
-        Ok(Server { shards, addresses })
+        Ok(Server {
+            shards,
+            addresses,
+            probe,
+        })
+    }
+
+    /// Re-reads the files the command line names (`--map-file`) and gives
+    /// every shard the new settings; transfers running keep theirs. A file
+    /// that no longer parses changes nothing.
+    pub fn reload(&self, config: &Config) -> Result<(), String> {
+        let rules = config.remap_rules()?;
+        let settings = Arc::new(
+            config.settings_with(self.shards.len(), config.policy(rules, self.probe.clone())),
+        );
+        for shard in &self.shards {
+            shard.send(Command::Settings(settings.clone()));
+        }
+        Ok(())
     }
 
     /// Asks every shard to drain and stop.
@@ -205,6 +235,8 @@ enum Wake {
     /// A shard thread ended without being asked to (it queued SIGUSR1 with
     /// its index to this process).
     ShardDied(usize),
+    /// SIGHUP: re-read the remap rules.
+    Reload,
 }
 
 /// Waits for one of `signals` (blocked in every thread). A SIGUSR1 counts
@@ -232,6 +264,7 @@ fn wait_wake(signals: &SigSet) -> io::Result<Wake> {
                 }
                 eprintln!("ringtftpd: SIGUSR1 from pid {pid} ignored");
             }
+            Ok(Signal::SIGHUP) => return Ok(Wake::Reload),
             Ok(signal) => return Ok(Wake::Stop(signal)),
             Err(_) => {}
         }
@@ -274,6 +307,9 @@ fn detach() -> io::Result<std::os::fd::OwnedFd> {
 /// drains the others the same way and makes `run` fail, so the process
 /// exits non-zero and a service manager can restart it.
 pub fn run(config: &Config) -> io::Result<()> {
+    if let Some(input) = &config.map_test {
+        return map_test(config, input);
+    }
     // `-l` without `-L`: detach as tftpd-hpa does; the caller (an init
     // script, a Type=forking unit) returns once the ports are bound.
     let ready = if config.listen && !config.foreground {
@@ -287,6 +323,7 @@ pub fn run(config: &Config) -> io::Result<()> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGUSR1);
+    signals.add(Signal::SIGHUP);
     signals.thread_block().map_err(io::Error::from)?;
     for warning in config.compat_warnings() {
         eprintln!("ringtftpd: warning: {warning}");
@@ -309,25 +346,32 @@ pub fn run(config: &Config) -> io::Result<()> {
         listening.join(", "),
         server.shards.len()
     );
-    let died = match wait_wake(&signals)? {
-        Wake::Stop(signal) => {
-            eprintln!(
-                "ringtftpd: {signal}: finishing transfers (up to {} s)",
-                config.shutdown_grace
-            );
-            None
-        }
-        Wake::ShardDied(index) => {
-            eprintln!(
-                "ringtftpd: shard {index} died: stopping, finishing the other transfers (up to {} s)",
-                config.shutdown_grace
-            );
-            Some(index)
+    let died = loop {
+        match wait_wake(&signals)? {
+            Wake::Stop(signal) => {
+                eprintln!(
+                    "ringtftpd: {signal}: finishing transfers (up to {} s)",
+                    config.shutdown_grace
+                );
+                break None;
+            }
+            Wake::ShardDied(index) => {
+                eprintln!(
+                    "ringtftpd: shard {index} died: stopping, finishing the other transfers (up to {} s)",
+                    config.shutdown_grace
+                );
+                break Some(index);
+            }
+            Wake::Reload => match server.reload(config) {
+                Ok(()) => eprintln!("ringtftpd: SIGHUP: reloaded"),
+                Err(e) => eprintln!("ringtftpd: SIGHUP: {e}; keeping the rules in force"),
+            },
         }
     };
     server.shut_down();
     std::thread::spawn(move || {
         // Another shard dying meanwhile changes nothing; a signal ends it.
+        // (A SIGHUP now has nothing left to reload.)
         while let Ok(wake) = wait_wake(&signals) {
             if let Wake::Stop(_) = wake {
                 eprintln!("ringtftpd: second signal: exiting now");
@@ -349,4 +393,25 @@ pub fn run(config: &Config) -> io::Result<()> {
     }
     eprintln!("ringtftpd: stopped");
     Ok(())
+}
+
+/// `--map-test FILE`: prints what the remap rules make of each line of
+/// FILE, as tftpd-hpa 7.x does, and serves nothing.
+fn map_test(config: &Config, input: &Path) -> io::Result<()> {
+    let rules = config.remap_rules().map_err(io::Error::other)?;
+    let names = if input == Path::new("-") {
+        let mut names = Vec::new();
+        io::stdin().read_to_end(&mut names)?;
+        names
+    } else {
+        std::fs::read(input)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", input.display())))?
+    };
+    let context = RemapContext::new(remap::map_test_client(config.ipv6), config.create);
+    let output = match rules {
+        Some(rules) => rules.map_test(&names, &context, config.map_steps as usize),
+        // No rules: every name as it came (tftpd-hpa prints them so too).
+        None => RemapRules::default().map_test(&names, &context, 1),
+    };
+    io::stdout().write_all(&output)
 }

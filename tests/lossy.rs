@@ -203,6 +203,7 @@ impl NsServer {
                     .arg(&root)
                     .args(["-a", &addr]);
             }
+            ServerKind::Hpa7 => panic!("RINGTFTPD_TEST_SERVER never picks tftpd-hpa 7.x"),
         }
         let log = fs::File::create(dir.path().join("server.log")).expect("server log");
         // `ip netns exec` execs the server: this PID is the server's.

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringtftpd::endpoint::{EndpointConfig, RequestOutcome, SessionId};
-use ringtftpd::policy::{Decision, DefaultPolicy, Grant, Incoming, Policy};
+use ringtftpd::policy::{Decision, DefaultPolicy, Grant, Incoming, NameProbe, Policy, RemapPolicy};
 use ringtftpd::proto::{ErrorCode, Options, Packet};
-use ringtftpd::refusal::Refusal;
+use ringtftpd::refusal::{Refusal, RefusalKind};
+use ringtftpd::remap::RemapRules;
 use ringtftpd::session::Transmit;
 use sim::*;
 
@@ -260,4 +261,97 @@ fn refused_options_are_left_out_of_the_oack() {
     f.endpoint.set_settings(Arc::new(refusing));
     let id = f.started(peer(3, 1), &ask);
     assert_eq!(f.first_reply(id), None);
+}
+
+/// `-m`'s rules in front of the default policy, with `E` answered by
+/// `has` (names that exist).
+fn remap_policy(rules: &str, has: &'static [&'static str]) -> Arc<dyn Policy> {
+    let probe: Arc<NameProbe> =
+        Arc::new(move |name: &[u8], _write| has.iter().any(|h| h.as_bytes() == name));
+    Arc::new(RemapPolicy {
+        rules: RemapRules::parse(rules).expect("rules parse"),
+        max_steps: 64,
+        probe: Some(probe),
+        inner: Arc::new(DefaultPolicy),
+    })
+}
+
+#[test]
+fn remap_rules_rewrite_the_path_opened_and_the_log_keeps_the_name_asked() {
+    let rules = "rg \\\\ /\nri ^PXELINUX\\.CFG/01-.* pxelinux.cfg/default\n";
+    let mut f = Fixture::with_policy(remap_policy(rules, &[]));
+    let id = f.started(peer(2, 1), &rrq("PXELINUX.CFG\\01-aa-bb", &[]));
+    assert_eq!(
+        f.content(id),
+        f.files.files[&b"pxelinux.cfg/default".to_vec()]
+    );
+    assert_eq!(f.files.opens, [b"pxelinux.cfg/default".to_vec()]);
+    f.endpoint
+        .abort(f.now, id, ringtftpd::refusal::Abort::ShuttingDown);
+    while f.endpoint.poll_transmit(f.now, id, &mut f.buf).is_some() {}
+    // (Escaped for the log line.)
+    let asked = f.endpoint.poll_event(id).expect("ended").filename;
+    assert_eq!(asked, r"PXELINUX.CFG\\01-aa-bb");
+}
+
+#[test]
+fn remap_refusals_and_failures_say_access_denied_and_are_counted_as_remap() {
+    let rules = "a \\.key$ keys\\ stay\\ here\n:spin\nrg spin$ spin\n";
+    let mut f = Fixture::with_policy(remap_policy(rules, &[]));
+    for name in ["host.key", "spin"] {
+        let (code, text) = f.refused(peer(2, 1), &rrq(name, &[]));
+        assert_eq!(
+            (code, text.as_str()),
+            (ErrorCode::AccessViolation, "access denied"),
+            "{name}"
+        );
+    }
+    assert_eq!(f.endpoint.refusals().get(RefusalKind::Remap), 2);
+    assert!(f.files.opens.is_empty(), "nothing was opened");
+}
+
+#[test]
+fn remap_e_rules_ask_the_probe_and_undo_a_miss() {
+    let rules = "rE ^(.*)$ \\1.local\n";
+    let mut f = Fixture::with_policy(remap_policy(rules, &["boot.img.local"]));
+    f.files.insert("boot.img.local", content(10, 9));
+    let hit = f.started(peer(2, 1), &rrq("boot.img", &[]));
+    assert_eq!(f.content(hit).len(), 10, "the override the probe found");
+    let miss = f.started(peer(3, 1), &rrq("pxelinux.cfg/default", &[]));
+    assert_eq!(f.content(miss).len(), 700, "no override: the name as asked");
+}
+
+#[test]
+fn remap_direction_and_family_letters_see_the_request() {
+    // Uploads land per client; downloads are untouched.
+    let rules = "rP ^ uploads/\\i/\nr6 ^ v6/\n";
+    let policy = remap_policy(rules, &[]);
+    let request = ringtftpd::proto::Request {
+        filename: b"log.txt",
+        mode: ringtftpd::proto::Mode::Octet,
+        options: Options::default(),
+    };
+    let settings = Settings {
+        uploads: true,
+        ..settings()
+    };
+    let decide = |peer: SocketAddr, write: bool| -> Vec<u8> {
+        let incoming = Incoming {
+            now: Instant::now(),
+            peer,
+            local: LOCAL,
+            mtu: None,
+            write,
+            request: &request,
+        };
+        match policy.decide(&incoming, &settings) {
+            Decision::Serve(grant) => grant.path.into_owned(),
+            Decision::Refuse(refusal) => panic!("{refusal:?}"),
+        }
+    };
+    let v6: SocketAddr = "[2001:db8::1]:69".parse().unwrap();
+    assert_eq!(decide(peer(2, 1), false), b"log.txt");
+    assert_eq!(decide(peer(2, 1), true), b"uploads/127.0.0.2/log.txt");
+    assert_eq!(decide(v6, false), b"v6/log.txt");
+    assert_eq!(decide(v6, true), b"v6/uploads/2001:db8::1/log.txt");
 }

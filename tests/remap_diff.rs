@@ -2,7 +2,8 @@
 //! `--map-test`: for every `tests/remap/NAME.rules` with its `NAME.names`
 //! (and, if present, `NAME.steps` for `--map-steps`), both sides map every
 //! name as an IPv4 and an IPv6 client, for RRQ and WRQ (`--create`), and
-//! their outputs must agree line for line. Then seeded random single-rule
+//! their outputs must agree line for line: tftpd-hpa's `--map-test` and
+//! our binary's, given the same arguments. Then seeded random single-rule
 //! files over the regex subset we accept check the regex translation.
 //!
 //! The peer comes from `scripts/peer-hpa7.sh` (Debian unstable's package).
@@ -62,7 +63,8 @@ const CASES: [Case; 4] = [
     },
 ];
 
-fn hpa_map_test(
+/// `--map-test` of the server that `prefix` runs (tftpd-hpa, or ours).
+fn run_map_test(
     prefix: &[String],
     rules: &Path,
     names: &Path,
@@ -84,16 +86,18 @@ fn hpa_map_test(
         cmd.arg("--map-steps").arg(n.to_string());
     }
     cmd.arg("--map-test").arg(names);
-    let out = cmd.output().expect("run in.tftpd");
+    let out = cmd.output().expect("run --map-test");
     assert!(
         out.status.success(),
-        "in.tftpd --map-test {} failed: {}",
+        "{} --map-test {} failed: {}",
+        prefix[prefix.len() - 1],
         rules.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
 }
 
+/// The library's answer (the random rules skip the process per rule).
 fn ours(rules: &RemapRules, names: &[u8], steps: usize, case: &Case) -> Vec<u8> {
     let ctx = RemapContext::new(map_test_client(case.ipv6), case.write);
     rules.map_test(names, &ctx, steps)
@@ -146,9 +150,13 @@ fn fixtures_match_tftpd_hpa_map_test() {
         let names = std::fs::read(&names_path).expect("each .rules has its .names");
         let rules = RemapRules::parse_bytes(&text)
             .unwrap_or_else(|e| panic!("{}: {e}", rules_path.display()));
+        let binary = [env!("CARGO_BIN_EXE_ringtftpd").to_owned()];
         for case in &CASES {
-            let theirs = hpa_map_test(&prefix, rules_path, &names_path, steps, case);
-            let mine = ours(&rules, &names, steps.unwrap_or(DEFAULT_MAX_STEPS), case);
+            let theirs = run_map_test(&prefix, rules_path, &names_path, steps, case);
+            // Our binary's --map-test, with the very same arguments.
+            let mine = run_map_test(&binary, rules_path, &names_path, steps, case);
+            let library = ours(&rules, &names, steps.unwrap_or(DEFAULT_MAX_STEPS), case);
+            assert_eq!(mine, library, "the binary prints what the library maps");
             let what = format!(
                 "{} ({}, {})",
                 rules_path.display(),
@@ -233,7 +241,7 @@ fn random_regexes_match_tftpd_hpa() {
         let rules = RemapRules::parse(&text).unwrap_or_else(|e| panic!("generated {text:?}: {e}"));
         let path = dir.path().join(format!("r{i}.rules"));
         std::fs::write(&path, &text).expect("write rules");
-        let theirs = hpa_map_test(&prefix, &path, &names_path, None, case);
+        let theirs = run_map_test(&prefix, &path, &names_path, None, case);
         let mine = ours(&rules, &names, DEFAULT_MAX_STEPS, case);
         compare(&format!("random rule {text:?}"), &names, &theirs, &mine);
         checked += 1;

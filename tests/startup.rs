@@ -410,3 +410,104 @@ fn listen_without_foreground_detaches_once_bound_as_tftpd_hpa() {
     let (_, status, _) = detached(&taken);
     assert_eq!(status.code(), Some(1), "exited {status}");
 }
+
+/// What an RRQ for `name` to `to` gets first: DATA 1's payload, or the
+/// ERROR's text (prefixed "ERROR ").
+fn first_answer(name: &str, to: SocketAddr) -> String {
+    let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let rrq = [&b"\0\x01"[..], name.as_bytes(), b"\0octet\0"].concat();
+    client.send_to(&rrq, to).expect("send RRQ");
+    let mut buf = [0u8; 600];
+    let (n, from) = client.recv_from(&mut buf).expect("an answer");
+    match buf[..4] {
+        [0, 3, 0, 1] => {
+            client.send_to(&[0, 4, 0, 1], from).expect("ACK");
+            String::from_utf8_lossy(&buf[4..n]).into_owned()
+        }
+        [0, 5, ..] => format!("ERROR {}", String::from_utf8_lossy(&buf[4..n - 1])),
+        _ => panic!("unexpected answer {:?}", &buf[..n]),
+    }
+}
+
+#[test]
+fn a_bad_remap_file_fails_start_up_naming_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules");
+    std::fs::write(&rules, "# fine so far\nr ^a b\nrQ ^x y\n").expect("write");
+    let rules = rules.to_str().expect("utf-8 path");
+    let (status, stderr) = run_to_exit(&["-a", "127.0.0.1:0", "-m", rules], dir.path());
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rules: remap: line 3:"), "{stderr}");
+    let (status, stderr) = run_to_exit(
+        &["-a", "127.0.0.1:0", "-m", "/nonexistent/rules"],
+        dir.path(),
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/rules: No such file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sighup_rereads_the_remap_file_and_a_bad_one_keeps_the_rules_in_force() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    for (name, body) in [("a", "file a"), ("b", "file b"), ("c", "file c")] {
+        std::fs::write(root.join(name), body).expect("write");
+    }
+    let rules = dir.path().join("rules");
+    std::fs::write(&rules, "r ^x$ a\n").expect("write");
+    let mut cmd = binary();
+    cmd.arg("-m").arg(&rules);
+    let mut s = serve(cmd, &root);
+    assert_eq!(first_answer("x", s.addr), "file a");
+    let hup = |s: &Serving| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(s.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP");
+    };
+    let wait_line = |s: &mut Serving, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(line) = s.lines.recv_timeout(left) else {
+                break;
+            };
+            s.seen.push(line.clone());
+            if line.contains(what) {
+                return;
+            }
+        }
+        panic!("no line with {what:?}: {:?}", s.seen);
+    };
+    std::fs::write(&rules, "r ^x$ b\n").expect("write");
+    hup(&s);
+    wait_line(&mut s, "SIGHUP: reloaded");
+    assert_eq!(
+        first_answer("x", s.addr),
+        "file b",
+        "new rules for new requests"
+    );
+    std::fs::write(&rules, "r ^x$ c\nQ broken line\n").expect("write");
+    hup(&s);
+    wait_line(&mut s, "line 2:");
+    assert_eq!(
+        first_answer("x", s.addr),
+        "file b",
+        "a bad file changes nothing"
+    );
+    assert!(
+        s.seen
+            .iter()
+            .any(|l| l.contains("keeping the rules in force")),
+        "{:?}",
+        s.seen
+    );
+    stop_child(&mut s.child);
+}

@@ -467,6 +467,25 @@ impl FileRoot {
 }
 
 impl FileRoot {
+    /// Whether `filename` names a regular file that a read request could
+    /// open (world-readable unless permissive): what a remap rule's `E`
+    /// asks. Nothing is mapped or cached.
+    pub fn has_file(&self, filename: &[u8]) -> bool {
+        let Ok(rel) = relative_name(filename) else {
+            return false;
+        };
+        if rel.is_empty() {
+            return false;
+        }
+        let Ok(file) = self.open_in_root(rel) else {
+            return false;
+        };
+        file.metadata().is_ok_and(|meta| {
+            meta.mode() & libc::S_IFMT == libc::S_IFREG
+                && (self.inner.permissive || meta.mode() & libc::S_IROTH != 0)
+        })
+    }
+
     /// For a write request: the directory `filename` goes in (opened with
     /// the same confinement as reads, so it can be fsync'd) and the name
     /// inside it. A missing directory is not created: ERROR 1.
@@ -699,6 +718,32 @@ mod tests {
             assert_eq!(len, d.len(), "returned length matches the handle");
             d
         })
+    }
+
+    #[test]
+    fn has_file_answers_what_a_read_could_open() {
+        let f = fixture();
+        write_file(&f.root_dir.join("a.bin"), b"a");
+        fs::create_dir(f.root_dir.join("dir")).expect("mkdir");
+        let private = f.root_dir.join("private");
+        write_file(&private, b"p");
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).expect("chmod");
+        symlink(&f.outside, f.root_dir.join("escape")).expect("symlink");
+        let r = root(&f, false);
+        assert!(r.has_file(b"a.bin"));
+        assert!(r.has_file(b"/a.bin"), "a leading slash names the root");
+        for name in [
+            &b"missing"[..],
+            b"dir",
+            b"",
+            b"/",
+            b"private",
+            b"escape",
+            b"../secret",
+        ] {
+            assert!(!r.has_file(name), "{:?}", String::from_utf8_lossy(name));
+        }
+        assert!(root(&f, true).has_file(b"private"), "permissive serves it");
     }
 
     #[test]

@@ -63,7 +63,47 @@ pub enum ServerKind {
     Ringtftpd,
     /// tftpd-hpa, for validating the tests against a reference server.
     Hpa,
+    /// tftpd-hpa 7.x from Debian unstable (scripts/peer-hpa7.sh), for
+    /// differential tests of what 5.2 lacks.
+    Hpa7,
 }
+
+/// The command prefix that runs tftpd-hpa 7.x's in.tftpd, fetched once
+/// per test process; None when RINGTFTPD_SKIP_PEER_HPA7=1.
+pub fn hpa7_command() -> Option<Vec<String>> {
+    static PREFIX: std::sync::OnceLock<Option<Vec<String>>> = std::sync::OnceLock::new();
+    PREFIX
+        .get_or_init(|| {
+            if std::env::var("RINGTFTPD_SKIP_PEER_HPA7").as_deref() == Ok("1") {
+                eprintln!("tftpd-hpa 7.x: skipped (RINGTFTPD_SKIP_PEER_HPA7=1)");
+                return None;
+            }
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer-hpa7.sh");
+            let out = Command::new("bash")
+                .arg(script)
+                .output()
+                .expect("run scripts/peer-hpa7.sh");
+            assert!(
+                out.status.success(),
+                "scripts/peer-hpa7.sh could not provide tftpd-hpa 7.x (set RINGTFTPD_SKIP_PEER_HPA7=1 to skip):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let line = String::from_utf8(out.stdout).expect("prefix is text");
+            Some(line.split_whitespace().map(str::to_owned).collect())
+        })
+        .clone()
+}
+
+/// Whether tftpd-hpa 5.2 (Debian's /usr/sbin/in.tftpd) can be run;
+/// scripts/test.sh installs it.
+pub fn have_hpa() -> bool {
+    client_available(
+        "tftpd-hpa (/usr/sbin/in.tftpd)",
+        Path::new(HPA_SERVER).exists(),
+    )
+}
+
+const HPA_SERVER: &str = "/usr/sbin/in.tftpd";
 
 pub fn server_kind() -> ServerKind {
     match std::env::var("RINGTFTPD_TEST_SERVER").as_deref() {
@@ -198,6 +238,8 @@ pub struct ServerOpts {
     /// Take uploads: `-c` (both servers), and a root anyone may write to
     /// (tftpd-hpa writes as nobody).
     pub uploads: bool,
+    /// This server rather than RINGTFTPD_TEST_SERVER's.
+    pub kind: Option<ServerKind>,
 }
 
 /// A running server on loopback with its own root; killed on drop.
@@ -247,7 +289,7 @@ impl Server {
     }
 
     pub fn start_with(opts: ServerOpts) -> Server {
-        let kind = server_kind();
+        let kind = opts.kind.unwrap_or_else(server_kind);
         let dir = tempfile::Builder::new()
             .prefix("ringtftpd-it-")
             .tempdir_in({
@@ -321,12 +363,19 @@ impl Server {
                     c.arg(&root);
                     c
                 }
-                ServerKind::Hpa => {
+                ServerKind::Hpa | ServerKind::Hpa7 => {
                     assert!(
                         !opts.dual,
                         "tftpd-hpa listens on one address only (-a); this test is ringtftpd-only"
                     );
-                    let mut c = Command::new("/usr/sbin/in.tftpd");
+                    let mut c = if kind == ServerKind::Hpa7 {
+                        let prefix = hpa7_command().expect("tftpd-hpa 7.x was asked for");
+                        let mut c = Command::new(&prefix[0]);
+                        c.args(&prefix[1..]);
+                        c
+                    } else {
+                        Command::new(HPA_SERVER)
+                    };
                     c.arg("-L").arg("-s").arg(&root);
                     c.arg("-a").arg(format_addr(addrs[0]));
                     if let Some(b) = opts.max_blksize {
