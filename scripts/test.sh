@@ -5,7 +5,9 @@
 # what is missing and runs `apt-get update` only when it must install.
 #
 # RINGTFTPD_TEST_SERVER=hpa runs the client tests against tftpd-hpa instead
-# of ringtftpd (to validate the tests); it is installed without starting it.
+# of ringtftpd (to validate the tests). tftpd-hpa is installed without
+# starting it; tftpd-hpa 7.x comes from Debian unstable through
+# scripts/peer-hpa7.sh (RINGTFTPD_SKIP_PEER_HPA7=1 skips what needs it).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -90,7 +92,9 @@ bb_pkg=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' busybox busybox-sta
     awk '$1 == "ii" { print $2 }' | head -n1 || true)
 log "busybox tftp applet from package: ${bb_pkg:-unknown}"
 
-if [[ ${RINGTFTPD_TEST_SERVER:-} == hpa && ! -x /usr/sbin/in.tftpd ]]; then
+# tftpd-hpa 5.2 is the reference server of the differential tests
+# (tests/remap.rs, and every client test under RINGTFTPD_TEST_SERVER=hpa).
+if [[ ! -x /usr/sbin/in.tftpd ]]; then
     # Keep the package's service from starting: policy-rc.d exit 101 denies
     # it. Remove the policy afterwards only if we created it.
     policy=/usr/sbin/policy-rc.d

@@ -145,6 +145,9 @@ pub struct SessionView<'a, H> {
 pub struct Finished<H> {
     pub peer: SocketAddr,
     pub filename: String,
+    /// The path opened instead (escaped), where a remap or per-client rule
+    /// rewrote the name.
+    pub served: Option<String>,
     /// An upload (WRQ).
     pub write: bool,
     pub handle: H,
@@ -232,6 +235,8 @@ struct Entry<H> {
     peer: SocketAddr,
     local: IpAddr,
     handle: H,
+    /// The path opened, where the policy rewrote the name asked.
+    served: Option<Box<[u8]>>,
     request: RequestKey,
 }
 
@@ -549,12 +554,13 @@ impl<H: Clone> Endpoint<H> {
         if let Some(path) = path {
             transfer.seed_from_path(&path);
         }
-        self.start(&incoming, transfer, handle, key, reply)
+        self.start(&incoming, &grant.path, transfer, handle, key, reply)
     }
 
     fn start(
         &mut self,
         incoming: &Incoming<'_>,
+        path: &[u8],
         transfer: Transfer,
         handle: H,
         request: RequestKey,
@@ -565,6 +571,7 @@ impl<H: Clone> Endpoint<H> {
             peer: incoming.peer,
             local: incoming.local,
             handle,
+            served: (path != incoming.request.filename).then(|| path.into()),
             request,
         };
         match self.insert(entry) {
@@ -614,7 +621,7 @@ impl<H: Clone> Endpoint<H> {
         let asked = grant.refused.strip(&request.options);
         let negotiated = session::negotiate(&asked, echoed, mtu, ipv6, &limits);
         let transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
-        self.start(&incoming, transfer, handle, key, reply)
+        self.start(&incoming, &grant.path, transfer, handle, key, reply)
     }
 
     /// Opens `filename`, or reuses an open of it younger than the TTL: a
@@ -847,6 +854,7 @@ impl<H: Clone> Endpoint<H> {
             peer: entry.peer,
             write: entry.request.write,
             filename: entry.request.filename.escape_ascii().to_string(),
+            served: entry.served.map(|path| path.escape_ascii().to_string()),
             handle: entry.handle,
             outcome,
             stats,
@@ -950,6 +958,9 @@ impl<H> std::fmt::Display for Finished<H> {
             self.stats.rto_floor.as_secs_f64() * 1000.0,
             self.outcome.as_str(),
         )?;
+        if let Some(served) = &self.served {
+            write!(f, " served=\"{served}\"")?;
+        }
         match self.outcome {
             Outcome::PeerError(code) | Outcome::Aborted(code) => {
                 write!(f, " error_code={}", code.to_u16())

@@ -290,8 +290,14 @@ fn remap_rules_rewrite_the_path_opened_and_the_log_keeps_the_name_asked() {
         .abort(f.now, id, ringtftpd::refusal::Abort::ShuttingDown);
     while f.endpoint.poll_transmit(f.now, id, &mut f.buf).is_some() {}
     // (Escaped for the log line.)
-    let asked = f.endpoint.poll_event(id).expect("ended").filename;
-    assert_eq!(asked, r"PXELINUX.CFG\\01-aa-bb");
+    let done = f.endpoint.poll_event(id).expect("ended");
+    assert_eq!(done.filename, r"PXELINUX.CFG\\01-aa-bb");
+    assert_eq!(done.served.as_deref(), Some("pxelinux.cfg/default"));
+    assert!(
+        done.to_string()
+            .contains(r#" served="pxelinux.cfg/default""#),
+        "{done}"
+    );
 }
 
 #[test]
