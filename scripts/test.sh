@@ -115,6 +115,8 @@ else
     command -v nft >/dev/null 2>&1 || die "nftables installed but nft not on PATH"
 fi
 command -v ip >/dev/null 2>&1 || apt_install iproute2
+# tests/startup.rs starts the server under socket activation as systemd does.
+command -v systemd-socket-activate >/dev/null 2>&1 || apt_install systemd
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust stable first)"
 

@@ -36,6 +36,10 @@ pub const MAX_SESSIONS: u32 = 1 << 20;
 pub const MAX_THREADS: u16 = 1024;
 /// Largest `--rcvbuf`, in bytes.
 pub const MAX_RCVBUF: u64 = 1 << 30;
+/// Largest `-t/--timeout`, in seconds (a week).
+pub const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// tftpd-hpa's idle exit under inetd or systemd, in seconds.
+pub const INHERITED_IDLE_SECS: u64 = 900;
 /// Largest `--map-steps`.
 pub const MAX_MAP_STEPS: u32 = 1_000_000;
 /// Largest `--error-rate`, per second and thread.
@@ -257,10 +261,17 @@ pub struct Config {
     #[arg(long = "verbosity", value_name = "N")]
     pub verbosity: Option<u32>,
 
-    /// tftpd-hpa's idle exit under inetd; accepted with a warning:
-    /// ringtftpd runs standalone.
-    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    /// Exit after SECS without a request and with no transfer running, as
+    /// tftpd-hpa's -t (0: never). Default: never when standalone, 900
+    /// under inetd or --systemd (which start it again on the next request).
+    #[arg(short = 't', long = "timeout", value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_IDLE_TIMEOUT_SECS))]
     pub idle_timeout: Option<u64>,
+
+    /// Take the listening sockets from systemd socket activation
+    /// (LISTEN_FDS), as tftpd-hpa 7.x; --address is then ignored.
+    #[arg(long)]
+    pub systemd: bool,
 
     /// Standalone, detached once the ports are bound (as tftpd-hpa's -l
     /// without -L): the command returns, the server runs on.
@@ -275,6 +286,11 @@ pub struct Config {
     /// requests to the directory.
     #[arg(short = 's', long = "secure", hide = true)]
     pub secure: bool,
+
+    /// As tftpd-hpa 7.x's --jail, always on: names resolve under the
+    /// directory with openat2 (RESOLVE_IN_ROOT), so no root is needed.
+    #[arg(short = 'j', long = "jail", hide = true)]
+    pub jail: bool,
 }
 
 /// An option name `-r` knows.
@@ -327,6 +343,11 @@ fn parse_size(text: &str) -> Result<u64, String> {
     };
     let n: u64 = digits.parse().map_err(|_| bad())?;
     n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// `--address`'s default: every address, both families, port 69.
+fn default_address() -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), DEFAULT_PORT)
 }
 
 /// Parses tftpd-hpa style listen addresses: `1.2.3.4`, `1.2.3.4:69`,
@@ -418,14 +439,22 @@ impl Config {
                     .to_string(),
             );
         }
-        if self.idle_timeout.is_some() {
+        if self.systemd && self.addresses != [default_address()] {
             warnings.push(
-                "-t/--timeout: ignored: it sets tftpd-hpa's idle exit under inetd, and \
-                 ringtftpd runs standalone"
+                "--address: ignored under --systemd: the sockets come from the socket unit"
                     .to_string(),
             );
         }
         warnings
+    }
+
+    /// How long the server may go idle before it exits (None: never);
+    /// `inherited`: its sockets came from inetd or systemd.
+    pub fn idle_exit(&self, inherited: bool) -> Option<Duration> {
+        let secs = self
+            .idle_timeout
+            .unwrap_or(if inherited { INHERITED_IDLE_SECS } else { 0 });
+        (secs > 0).then(|| Duration::from_secs(secs))
     }
 
     /// The addresses to listen on, after -4: `[::]:p` is `0.0.0.0:p`.
@@ -608,10 +637,11 @@ mod tests {
     #[test]
     fn flags_ringtftpd_cannot_honour_are_accepted_with_a_warning() {
         assert!(parse(&[]).unwrap().compat_warnings().is_empty());
-        let c = parse(&["-vvv", "-t", "300"]).unwrap();
+        let c = parse(&["-vvv", "--systemd", "-a", "127.0.0.1:69"]).unwrap();
         let w = c.compat_warnings();
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].starts_with("-v/--verbosity") && w[1].starts_with("-t/--timeout"));
+        assert!(w[0].starts_with("-v/--verbosity") && w[1].starts_with("--address: ignored"));
+        assert!(parse(&["--systemd"]).unwrap().compat_warnings().is_empty());
         assert_eq!(
             parse(&["--verbosity", "3"])
                 .unwrap()
@@ -676,6 +706,17 @@ mod tests {
                 assert!(text.contains(flag), "{args:?}: {text}");
             }
         }
+    }
+
+    #[test]
+    fn idle_exit_defaults_as_in_tftpd_hpa() {
+        let standalone = parse(&[]).unwrap();
+        assert_eq!(standalone.idle_exit(false), None);
+        assert_eq!(standalone.idle_exit(true), Some(Duration::from_secs(900)));
+        let t = parse(&["-t", "30"]).unwrap();
+        assert_eq!(t.idle_exit(false), Some(Duration::from_secs(30)));
+        assert_eq!(parse(&["-t", "0"]).unwrap().idle_exit(true), None);
+        assert!(parse(&["-t", "99999999"]).is_err());
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! per CPU of the affinity mask, and signals.
 
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{SigSet, Signal};
@@ -108,6 +110,13 @@ pub struct Server {
 impl Server {
     /// Binds every address on every shard and starts the shards.
     pub fn start(config: &Config) -> io::Result<Server> {
+        Server::start_on(config, Vec::new())
+    }
+
+    /// Starts the shards on `inherited` sockets (from inetd or systemd,
+    /// shared by every shard), or if there are none on the addresses of
+    /// the command line, bound anew by each shard.
+    pub fn start_on(config: &Config, inherited: Vec<UdpSocket>) -> io::Result<Server> {
         let files = FileRoot::open(&config.directory, config.permissive).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -125,15 +134,30 @@ impl Server {
             None => cpus.len().max(1),
         };
         let settings = config.settings_with(count, config.policy(rules, probe.clone()));
-        let mut addresses = config.listen_addresses();
-        for addr in &addresses {
-            shard::net::check_port_free(*addr, config.ipv6)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let mut addresses = if inherited.is_empty() {
+            config.listen_addresses()
+        } else {
+            inherited
+                .iter()
+                .map(UdpSocket::local_addr)
+                .collect::<io::Result<_>>()?
+        };
+        if inherited.is_empty() {
+            for addr in &addresses {
+                shard::net::check_port_free(*addr, config.ipv6).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?;
+            }
         }
         let mut prepared = Vec::with_capacity(count);
         for index in 0..count {
             let mut listeners = Vec::with_capacity(addresses.len());
-            for addr in addresses.iter_mut() {
+            // Inherited sockets are one per address: every shard receives
+            // from the same one (the kernel hands each datagram to one).
+            for socket in &inherited {
+                listeners.push(socket.try_clone()?);
+            }
+            for addr in addresses.iter_mut().filter(|_| inherited.is_empty()) {
                 let bound = shard::net::bind_listener_family(*addr, config.rcvbuf, config.ipv6);
                 let socket = bound.map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
@@ -206,6 +230,17 @@ impl Server {
         Ok(())
     }
 
+    /// Requests seen and sessions live, summed over the shards.
+    pub fn activity(&self) -> (u64, usize) {
+        self.shards.iter().fold((0, 0), |(requests, live), shard| {
+            let a = shard.activity();
+            (
+                requests + a.requests.load(Ordering::Relaxed),
+                live + a.live.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     /// Asks every shard to drain and stop.
     pub fn shut_down(&self) {
         for shard in &self.shards {
@@ -237,23 +272,36 @@ enum Wake {
     ShardDied(usize),
     /// SIGHUP: re-read the remap rules.
     Reload,
+    /// The wait's timeout passed.
+    Tick,
 }
 
 /// Waits for one of `signals` (blocked in every thread). A SIGUSR1 counts
 /// as a shard's death only when this process queued it (`sigqueue` from a
 /// shard thread); one sent from outside is ignored.
-fn wait_wake(signals: &SigSet) -> io::Result<Wake> {
+fn wait_wake(signals: &SigSet, timeout: Option<Duration>) -> io::Result<Wake> {
     loop {
-        // SAFETY: siginfo_t is plain data; sigwaitinfo fills it.
+        // SAFETY: siginfo_t is plain data; sigtimedwait fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid set and a valid out-pointer.
-        let rc = unsafe { libc::sigwaitinfo(signals.as_ref(), &mut info) };
+        let rc = match timeout {
+            // SAFETY: a valid set and a valid out-pointer.
+            None => unsafe { libc::sigwaitinfo(signals.as_ref(), &mut info) },
+            Some(timeout) => {
+                let ts = libc::timespec {
+                    tv_sec: timeout.as_secs() as libc::time_t,
+                    tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+                };
+                // SAFETY: a valid set, out-pointer and timespec.
+                unsafe { libc::sigtimedwait(signals.as_ref(), &mut info, &ts) }
+            }
+        };
         if rc < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(Wake::Tick),
+                _ => return Err(e),
             }
-            return Err(e);
         }
         match Signal::try_from(rc) {
             Ok(Signal::SIGUSR1) => {
@@ -310,9 +358,11 @@ pub fn run(config: &Config) -> io::Result<()> {
     if let Some(input) = &config.map_test {
         return map_test(config, input);
     }
+    // Taken before anything could write to inetd's socket on stdout.
+    let inherited = inherited_sockets(config)?;
     // `-l` without `-L`: detach as tftpd-hpa does; the caller (an init
     // script, a Type=forking unit) returns once the ports are bound.
-    let ready = if config.listen && !config.foreground {
+    let ready = if config.listen && !config.foreground && !config.systemd {
         Some(detach()?)
     } else {
         None
@@ -331,7 +381,8 @@ pub fn run(config: &Config) -> io::Result<()> {
     if let Err(e) = raise_nofile_limit() {
         eprintln!("ringtftpd: warning: cannot raise RLIMIT_NOFILE: {e}");
     }
-    let server = Server::start(config)?;
+    let idle_exit = config.idle_exit(!inherited.is_empty());
+    let server = Server::start_on(config, inherited)?;
     if let Some(ready) = ready {
         // The waiting parent exits 0 now; until this byte it would exit 1.
         let _ = nix::unistd::write(&ready, b"R");
@@ -346,8 +397,18 @@ pub fn run(config: &Config) -> io::Result<()> {
         listening.join(", "),
         server.shards.len()
     );
+    let mut idle = IdleWatch::new(idle_exit);
     let died = loop {
-        match wait_wake(&signals)? {
+        match wait_wake(&signals, idle.poll_every())? {
+            Wake::Tick => {
+                if idle.expired(Instant::now(), server.activity()) {
+                    eprintln!(
+                        "ringtftpd: idle for {} s (-t): exiting",
+                        idle_exit.unwrap_or_default().as_secs()
+                    );
+                    break None;
+                }
+            }
             Wake::Stop(signal) => {
                 eprintln!(
                     "ringtftpd: {signal}: finishing transfers (up to {} s)",
@@ -372,7 +433,7 @@ pub fn run(config: &Config) -> io::Result<()> {
     std::thread::spawn(move || {
         // Another shard dying meanwhile changes nothing; a signal ends it.
         // (A SIGHUP now has nothing left to reload.)
-        while let Ok(wake) = wait_wake(&signals) {
+        while let Ok(wake) = wait_wake(&signals, None) {
             if let Wake::Stop(_) = wake {
                 eprintln!("ringtftpd: second signal: exiting now");
                 std::process::exit(130);
@@ -393,6 +454,99 @@ pub fn run(config: &Config) -> io::Result<()> {
     }
     eprintln!("ringtftpd: stopped");
     Ok(())
+}
+
+/// `-t`: the server is idle once no request came and no transfer ran for
+/// the whole limit.
+struct IdleWatch {
+    limit: Option<Duration>,
+    requests: u64,
+    since: Instant,
+}
+
+impl IdleWatch {
+    fn new(limit: Option<Duration>) -> Self {
+        IdleWatch {
+            limit,
+            requests: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// How often to look (None: never, without a limit).
+    fn poll_every(&self) -> Option<Duration> {
+        self.limit.map(|limit| limit.min(Duration::from_secs(1)))
+    }
+
+    /// Whether `activity` (requests so far, sessions live) shows the
+    /// server idle past the limit by `now`.
+    fn expired(&mut self, now: Instant, (requests, live): (u64, usize)) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        if requests != self.requests || live > 0 {
+            self.requests = requests;
+            self.since = now;
+            return false;
+        }
+        now.saturating_duration_since(self.since) >= limit
+    }
+}
+
+/// The listening sockets handed over rather than bound: systemd's with
+/// `--systemd`; or inetd's (and xinetd's, and a systemd `Accept=no`
+/// socket's without `--systemd`) on standard input, when started without
+/// `-l`/`-L`, as tftpd-hpa serves there. None otherwise: standalone.
+fn inherited_sockets(config: &Config) -> io::Result<Vec<UdpSocket>> {
+    if config.systemd {
+        let mut fds = listenfd::ListenFd::from_env();
+        let mut sockets = Vec::with_capacity(fds.len());
+        for index in 0..fds.len() {
+            let socket = fds.take_udp_socket(index).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("--systemd: descriptor {}: {e}", index + 3),
+                )
+            })?;
+            if let Some(socket) = socket {
+                sockets.push(shard::net::adopt_listener(socket, config.rcvbuf)?);
+            }
+        }
+        if sockets.is_empty() {
+            return Err(io::Error::other(
+                "--systemd: no sockets were passed (LISTEN_FDS); start it from a .socket unit",
+            ));
+        }
+        return Ok(sockets);
+    }
+    if config.listen || config.foreground || !is_udp_socket(io::stdin().as_fd()) {
+        return Ok(Vec::new());
+    }
+    let socket = UdpSocket::from(io::stdin().as_fd().try_clone_to_owned()?);
+    // inetd makes the socket standard output and error too, where a log
+    // line would fail: those go to /dev/null (tftpd-hpa logs to syslog).
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null).map_err(io::Error::from)?;
+    if is_socket(io::stdout().as_fd()) {
+        nix::unistd::dup2_stdout(&null).map_err(io::Error::from)?;
+    }
+    if is_socket(io::stderr().as_fd()) {
+        nix::unistd::dup2_stderr(&null).map_err(io::Error::from)?;
+    }
+    Ok(vec![shard::net::adopt_listener(socket, config.rcvbuf)?])
+}
+
+fn is_socket(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+}
+
+fn is_udp_socket(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    is_socket(fd)
+        && shard::net::get_int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+            .is_ok_and(|t| t == libc::SOCK_DGRAM)
 }
 
 /// `--map-test FILE`: prints what the remap rules make of each line of

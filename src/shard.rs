@@ -77,6 +77,7 @@ use std::mem;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, types};
@@ -86,7 +87,7 @@ use crate::endpoint::{Endpoint, SessionId};
 use crate::timer::TimerWheel;
 use bufring::BufRing;
 use command::Commands;
-pub use command::{Command, ShardHandle};
+pub use command::{Activity, Command, ShardHandle};
 use gso::NoGsoPaths;
 use pool::{IdlePool, PortRange};
 use recv::Rearm;
@@ -256,6 +257,7 @@ struct Shard {
     /// Paths that refused a GSO send lately: one packet per send there.
     no_gso: NoGsoPaths,
     counters: Counters,
+    activity: Arc<Activity>,
     phase: Phase,
     index: usize,
     log_transfers: bool,
@@ -324,6 +326,10 @@ impl Shard {
             self.serve_ready(now);
             self.serve_touched(now);
             self.rearm_recvs();
+            self.activity
+                .requests
+                .store(self.counters.requests, Ordering::Relaxed);
+            self.activity.live.store(self.live, Ordering::Relaxed);
             if self.should_exit(now) {
                 return Ok(());
             }

@@ -511,3 +511,98 @@ fn sighup_rereads_the_remap_file_and_a_bad_one_keeps_the_rules_in_force() {
     );
     stop_child(&mut s.child);
 }
+
+/// Waits for a "serving" line and checks it names `addr`.
+fn serving_on(s: &mut (mpsc::Receiver<String>, Vec<String>), addr: SocketAddr) {
+    let seen = serving_address(&s.0, &mut s.1);
+    assert_eq!(seen, addr, "{:?}", s.1);
+}
+
+#[test]
+fn under_inetd_it_serves_the_socket_on_stdin_and_exits_when_idle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("f"), vec![7u8; 10]).expect("write");
+    // What inetd (wait) hands over: the bound socket as standard input.
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let mut child = binary()
+        .args(["-t", "2", "--threads", "1", "--permissive"])
+        .arg(dir.path())
+        .stdin(std::os::fd::OwnedFd::from(socket))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = (stderr_lines(&mut child), Vec::new());
+    serving_on(&mut lines, addr);
+    assert_eq!(
+        first_answer("f", addr),
+        "\x07".repeat(10),
+        "the file, from the inherited socket"
+    );
+    let started = Instant::now();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "left before going idle"
+    );
+    drain(&lines.0, &mut lines.1);
+    assert!(
+        lines.1.iter().any(|l| l.contains("idle for 2 s")),
+        "{:?}",
+        lines.1
+    );
+}
+
+#[test]
+fn with_systemd_it_serves_the_activated_socket() {
+    let Ok(activate) = which("systemd-socket-activate") else {
+        assert_ne!(
+            std::env::var("RINGTFTPD_REQUIRE_CLIENTS").as_deref(),
+            Ok("1"),
+            "systemd-socket-activate is missing (RINGTFTPD_REQUIRE_CLIENTS=1)"
+        );
+        eprintln!("SKIP: systemd-socket-activate not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("f"), vec![7u8; 10]).expect("write");
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = spawn(
+        Command::new(activate)
+            .args(["--datagram", "-l", &addr.to_string()])
+            .arg(env!("CARGO_BIN_EXE_ringtftpd"))
+            .args(["--systemd", "-t", "0", "--threads", "2", "--permissive"])
+            .arg(dir.path()),
+    );
+    let mut lines = (stderr_lines(&mut child), Vec::new());
+    serving_on(&mut lines, addr);
+    for _ in 0..4 {
+        assert!(
+            answers("127.0.0.1:0", addr),
+            "no DATA from the activated socket"
+        );
+    }
+    stop_child(&mut child);
+    // Without sockets, --systemd refuses to start.
+    let (status, stderr) = run_to_exit(&["--systemd"], dir.path());
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--systemd: no sockets were passed"),
+        "{stderr}"
+    );
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .ok_or(())
+}

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -26,10 +27,21 @@ pub enum Command {
     Settings(Arc<Settings>),
 }
 
+/// What a shard publishes once per loop turn (relaxed stores, never per
+/// packet) for the process to read: enough to tell an idle server.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Requests seen at the listeners so far.
+    pub requests: AtomicU64,
+    /// Live sessions.
+    pub live: AtomicUsize,
+}
+
 /// A running shard thread.
 pub struct ShardHandle {
     commands: Sender<Command>,
     wake: Arc<EventFd>,
+    activity: Arc<Activity>,
     thread: JoinHandle<io::Result<ExitReport>>,
 }
 
@@ -37,13 +49,20 @@ impl ShardHandle {
     pub(super) fn new(
         commands: Sender<Command>,
         wake: Arc<EventFd>,
+        activity: Arc<Activity>,
         thread: JoinHandle<io::Result<ExitReport>>,
     ) -> Self {
         ShardHandle {
             commands,
             wake,
+            activity,
             thread,
         }
+    }
+
+    /// What the shard last published.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// Sends `command` and wakes the shard; false if the shard is gone.

@@ -9,7 +9,7 @@ use std::ffi::CStr;
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// A `sockaddr_in` or `sockaddr_in6`, to point a `msghdr` at.
 #[repr(C)]
@@ -142,7 +142,7 @@ fn set_int_opt(
     .map(drop)
 }
 
-/// Reads an `int` socket option (used by tests and diagnostics).
+/// Reads an `int` socket option.
 pub fn get_int_opt(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
@@ -205,11 +205,19 @@ pub fn bind_listener_family(
     let raw = fd.as_raw_fd();
     set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
-    if addr.is_ipv6() {
-        if addr.ip().is_unspecified() {
-            let v6only = i32::from(ipv6_only);
-            set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only)?;
-        }
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        let v6only = i32::from(ipv6_only);
+        set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only)?;
+    }
+    set_listener_options(raw, addr.is_ipv6(), rcvbuf)?;
+    bind(raw, addr)?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// What every listener needs, bound here or inherited: the address each
+/// request was sent to (PKTINFO), and a large receive buffer.
+fn set_listener_options(raw: RawFd, v6: bool, rcvbuf: usize) -> io::Result<()> {
+    if v6 {
         set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
         // For IPv4 traffic on a dual-stack socket: gives ipi_spec_dst. Not
         // fatal if refused, IPV6_PKTINFO still comes.
@@ -223,8 +231,25 @@ pub fn bind_listener_family(
             set_int_opt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, size)?;
         }
     }
-    bind(raw, addr)?;
-    Ok(UdpSocket::from(fd))
+    Ok(())
+}
+
+/// A listening socket handed over already bound (inetd's standard input,
+/// systemd's LISTEN_FDS), made ready as ours are. Fails unless it is a
+/// bound UDP socket of IPv4 or IPv6.
+pub fn adopt_listener(socket: UdpSocket, rcvbuf: usize) -> io::Result<UdpSocket> {
+    let raw = socket.as_raw_fd();
+    if get_int_opt(socket.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_DGRAM {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a datagram socket",
+        ));
+    }
+    let bound = socket.local_addr()?;
+    set_listener_options(raw, bound.is_ipv6(), rcvbuf)?;
+    // The shard's multishot receive must never block the thread.
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// Fails if anything already listens on `addr` (port 0 always passes).

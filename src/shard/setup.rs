@@ -17,7 +17,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::bufring::BufRing;
-use super::command::{Commands, ShardHandle};
+use super::command::{Activity, Commands, ShardHandle};
 use super::gso::{self, NoGsoPaths};
 use super::pool::{self, IdlePool, PortRange};
 use super::send::SendPool;
@@ -141,6 +141,8 @@ impl PreparedShard {
         let index = config.index;
         let name = format!("shard-{index}");
         let panic_hook = test_panic_hook(index);
+        let activity = Arc::new(Activity::default());
+        let published = activity.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let mut shard = match Shard::new(config, tuning, ring, thread_wake, thread_commands) {
                 Ok(shard) => {
@@ -155,6 +157,7 @@ impl PreparedShard {
             };
             // Armed only now, so that set-up itself never trips it.
             shard.panic_on_send = panic_hook;
+            shard.activity = published;
             // `run` returns Ok only after a requested shutdown; an error or
             // a panic leaves this thread serving nothing: report it.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run())) {
@@ -178,7 +181,7 @@ impl PreparedShard {
             }
         })?;
         match rx.recv() {
-            Ok(Ok(())) => Ok(ShardHandle::new(commands, wake, thread)),
+            Ok(Ok(())) => Ok(ShardHandle::new(commands, wake, activity, thread)),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -370,6 +373,7 @@ impl Shard {
             exit: ExitReport::default(),
             no_gso: NoGsoPaths::new(gso::NO_GSO_PATHS, gso::NO_GSO_TTL),
             counters: Counters::default(),
+            activity: Arc::default(),
             phase: Phase::Running,
             index: config.index,
             log_transfers: config.log_transfers,
