@@ -56,10 +56,21 @@ pub struct Config {
     #[arg(default_value = "/srv/tftp")]
     pub directory: PathBuf,
 
-    /// Address to listen on, `ADDR[:PORT]`, `[V6ADDR][:PORT]` or `:PORT`;
-    /// repeatable. `[::]` is dual-stack.
-    #[arg(short = 'a', long = "address", value_parser = parse_listen_address, default_value = "[::]:69")]
-    pub addresses: Vec<SocketAddr>,
+    /// Address to listen on, `ADDR[:PORT]`, `[V6ADDR][:PORT]`,
+    /// `HOST[:PORT]` (every address it has) or `:PORT`, PORT a number or a
+    /// service name; repeatable. Default: every address (dual-stack).
+    #[arg(short = 'a', long = "address", value_name = "[ADDR][:PORT]", value_parser = parse_listen_address)]
+    pub addresses: Vec<ListenSpec>,
+
+    /// The port (number or service name) of an --address without one, as
+    /// tftpd-hpa's -S/--service/--port. Default: 69.
+    #[arg(
+        short = 'S',
+        long = "port",
+        visible_alias = "service",
+        value_name = "PORT"
+    )]
+    pub service: Option<String>,
 
     /// Largest blksize granted (RFC 2348: 8..=65464); `--blocksize` as in
     /// tftpd-hpa.
@@ -345,33 +356,135 @@ fn parse_size(text: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
-/// `--address`'s default: every address, both families, port 69.
-fn default_address() -> SocketAddr {
-    SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), DEFAULT_PORT)
+/// One `-a/--address` as given (tftpd-hpa's `[address][:port]`): an
+/// address or a host name, and a port number or a service name, each of
+/// which may be left out. Names are looked up at start
+/// ([`ListenSpec::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// None: every address (dual-stack `[::]`, `0.0.0.0` under -4).
+    pub host: Option<String>,
+    /// None: `-S/--port`'s, else 69.
+    pub port: Option<String>,
+}
+
+impl std::fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            Some(host) if host.contains(':') => write!(f, "[{host}]")?,
+            Some(host) => f.write_str(host)?,
+            None => {}
+        }
+        match &self.port {
+            Some(port) => write!(f, ":{port}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ListenSpec {
+    /// The socket addresses to bind: every address `host` resolves to, on
+    /// the port (or service) given, else on `default_port`.
+    pub fn resolve(&self, default_port: Option<&str>) -> Result<Vec<SocketAddr>, String> {
+        let port = match self.port.as_deref().or(default_port) {
+            None => DEFAULT_PORT,
+            Some(port) => resolve_port(port)?,
+        };
+        let Some(host) = &self.host else {
+            return Ok(vec![SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                port,
+            )]);
+        };
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let hints = dns_lookup::AddrInfoHints {
+            socktype: libc::SOCK_DGRAM,
+            ..dns_lookup::AddrInfoHints::default()
+        };
+        let found = dns_lookup::getaddrinfo(Some(host), None, Some(hints))
+            .map_err(|e| format!("cannot resolve the host name '{host}': {e:?}"))?;
+        let mut addresses = Vec::new();
+        for info in found {
+            let ip = info
+                .map_err(|e| format!("cannot resolve the host name '{host}': {e}"))?
+                .sockaddr
+                .ip();
+            let addr = SocketAddr::new(ip, port);
+            if !addresses.contains(&addr) {
+                addresses.push(addr);
+            }
+        }
+        if addresses.is_empty() {
+            return Err(format!("the host name '{host}' has no address"));
+        }
+        Ok(addresses)
+    }
+}
+
+/// A port number, or a UDP service name from services(5).
+fn resolve_port(port: &str) -> Result<u16, String> {
+    if let Ok(number) = port.parse::<u16>() {
+        return Ok(number);
+    }
+    let hints = dns_lookup::AddrInfoHints {
+        socktype: libc::SOCK_DGRAM,
+        flags: libc::AI_PASSIVE,
+        ..dns_lookup::AddrInfoHints::default()
+    };
+    let unknown = || format!("'{port}' is neither a port number nor a UDP service name");
+    dns_lookup::getaddrinfo(None, Some(port), Some(hints))
+        .map_err(|_| unknown())?
+        .filter_map(Result::ok)
+        .map(|info| info.sockaddr.port())
+        .next()
+        .ok_or_else(unknown)
 }
 
 /// Parses tftpd-hpa style listen addresses: `1.2.3.4`, `1.2.3.4:69`,
-/// `[::1]`, `[::1]:69`, `::1`, `:6969` (all addresses, dual-stack).
-pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, DEFAULT_PORT));
-    }
-    if let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
-        if let Ok(ip) = inner.parse::<Ipv6Addr>() {
-            return Ok(SocketAddr::new(IpAddr::V6(ip), DEFAULT_PORT));
+/// `[::1]`, `[::1]:69`, `::1`, `:6969` (all addresses, dual-stack),
+/// `host`, `host:tftp`. Numbers are checked now, names at start.
+pub fn parse_listen_address(text: &str) -> Result<ListenSpec, String> {
+    let bad = || {
+        format!(
+            "'{text}' is not an address: use ADDR[:PORT], [V6ADDR][:PORT], HOST[:PORT] or :PORT \
+             (PORT a number or a service name)"
+        )
+    };
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (inner, after) = rest.split_once(']').ok_or_else(bad)?;
+        inner.parse::<Ipv6Addr>().map_err(|_| bad())?;
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':').ok_or_else(bad)?),
+        };
+        (Some(inner), port)
+    } else if text.parse::<Ipv6Addr>().is_ok() {
+        // An unbracketed IPv6 address has no port.
+        (Some(text), None)
+    } else {
+        match text.split_once(':') {
+            Some((host, port)) => ((!host.is_empty()).then_some(host), Some(port)),
+            None => (Some(text), None),
         }
+    };
+    if port.is_some_and(|p| p.is_empty() || p.contains(':'))
+        || host.is_some_and(|h| h.is_empty() || h.contains(char::is_whitespace))
+    {
+        return Err(bad());
     }
-    if let Some(port) = text.strip_prefix(':') {
-        if let Ok(port) = port.parse::<u16>() {
-            return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
-        }
+    // A number must fit; a name is looked up at start.
+    if let Some(port) = port
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_err()
+    {
+        return Err(bad());
     }
-    Err(format!(
-        "'{text}' is not an address: use ADDR[:PORT], [V6ADDR][:PORT] or :PORT"
-    ))
+    Ok(ListenSpec {
+        host: host.map(str::to_owned),
+        port: port.map(str::to_owned),
+    })
 }
 
 impl Config {
@@ -388,25 +501,25 @@ impl Config {
     /// Rejects combinations of flags that are each in range but do not fit
     /// together (single values are bounded by their parsers).
     pub fn check(&self) -> Result<(), clap::Error> {
-        let family = |flag: &str, want_v6: bool| match self
-            .addresses
-            .iter()
-            .find(|a| a.is_ipv6() != want_v6)
-        {
-            Some(a) => Err(Self::command().error(
-                clap::error::ErrorKind::ArgumentConflict,
-                format!("{flag} with the address {a}"),
-            )),
-            None => Ok(()),
+        let invalid =
+            |why: String| Self::command().error(clap::error::ErrorKind::ValueValidation, why);
+        let addresses = if self.systemd {
+            Vec::new()
+        } else {
+            self.requested_addresses().map_err(invalid)?
         };
+        let family =
+            |flag: &str, want_v6: bool| match addresses.iter().find(|a| a.is_ipv6() != want_v6) {
+                Some(a) => Err(Self::command().error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("{flag} with the address {a}"),
+                )),
+                None => Ok(()),
+            };
         if self.ipv4 {
             // `[::]` (the default) means "every address": 0.0.0.0 under -4.
             let unspecified_v6 = |a: &SocketAddr| a.is_ipv6() && a.ip().is_unspecified();
-            if let Some(a) = self
-                .addresses
-                .iter()
-                .find(|a| a.is_ipv6() && !unspecified_v6(a))
-            {
+            if let Some(a) = addresses.iter().find(|a| a.is_ipv6() && !unspecified_v6(a)) {
                 return Err(Self::command().error(
                     clap::error::ErrorKind::ArgumentConflict,
                     format!("--ipv4 with the address {a}"),
@@ -439,7 +552,7 @@ impl Config {
                     .to_string(),
             );
         }
-        if self.systemd && self.addresses != [default_address()] {
+        if self.systemd && !self.addresses.is_empty() {
             warnings.push(
                 "--address: ignored under --systemd: the sockets come from the socket unit"
                     .to_string(),
@@ -458,16 +571,39 @@ impl Config {
     }
 
     /// The addresses to listen on, after -4: `[::]:p` is `0.0.0.0:p`.
-    pub fn listen_addresses(&self) -> Vec<SocketAddr> {
-        self.addresses
-            .iter()
-            .map(|&a| match a {
+    pub fn listen_addresses(&self) -> Result<Vec<SocketAddr>, String> {
+        Ok(self
+            .requested_addresses()?
+            .into_iter()
+            .map(|a| match a {
                 SocketAddr::V6(v6) if self.ipv4 && v6.ip().is_unspecified() => {
                     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), a.port())
                 }
                 _ => a,
             })
-            .collect()
+            .collect())
+    }
+
+    /// Every `--address` resolved (host and service names looked up).
+    fn requested_addresses(&self) -> Result<Vec<SocketAddr>, String> {
+        let every = [ListenSpec {
+            host: None,
+            port: None,
+        }];
+        let specs = if self.addresses.is_empty() {
+            &every[..]
+        } else {
+            &self.addresses
+        };
+        let mut addresses = Vec::new();
+        for spec in specs {
+            for addr in spec.resolve(self.service.as_deref())? {
+                if !addresses.contains(&addr) {
+                    addresses.push(addr);
+                }
+            }
+        }
+        Ok(addresses)
     }
 
     pub fn limits(&self) -> Limits {
@@ -587,15 +723,47 @@ mod tests {
 
     #[test]
     fn listen_addresses_parse_like_tftpd_hpa() {
-        let p = |s| parse_listen_address(s).unwrap().to_string();
-        assert_eq!(p("127.0.0.1:6969"), "127.0.0.1:6969");
-        assert_eq!(p("127.0.0.1"), "127.0.0.1:69");
-        assert_eq!(p("[::1]:6969"), "[::1]:6969");
-        assert_eq!(p("[::1]"), "[::1]:69");
-        assert_eq!(p("::1"), "[::1]:69");
-        assert_eq!(p(":6969"), "[::]:6969");
-        assert!(parse_listen_address("nonsense").is_err());
-        assert!(parse_listen_address("1.2.3.4:99999").is_err());
+        let p = |s, port| {
+            let spec = parse_listen_address(s).unwrap();
+            let addrs = spec.resolve(port).unwrap();
+            addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(p("127.0.0.1:6969", None), "127.0.0.1:6969");
+        assert_eq!(p("127.0.0.1", None), "127.0.0.1:69");
+        assert_eq!(p("127.0.0.1", Some("7000")), "127.0.0.1:7000");
+        assert_eq!(p("127.0.0.1:6969", Some("7000")), "127.0.0.1:6969");
+        assert_eq!(p("[::1]:6969", None), "[::1]:6969");
+        assert_eq!(p("[::1]", None), "[::1]:69");
+        assert_eq!(p("::1", None), "[::1]:69");
+        assert_eq!(p(":6969", None), "[::]:6969");
+        // Names, from /etc/hosts and /etc/services as tftpd-hpa looks them up
+        // (no name here may need DNS: tests stay off the network).
+        assert!(p("localhost:6969", None).contains("127.0.0.1:6969"));
+        if std::fs::read_to_string("/etc/services").is_ok_and(|s| s.contains("tftp")) {
+            assert_eq!(p("127.0.0.1:tftp", None), "127.0.0.1:69");
+            assert_eq!(p(":tftp", None), "[::]:69");
+        }
+        assert!(
+            parse_listen_address("127.0.0.1:no-such-service")
+                .unwrap()
+                .resolve(None)
+                .is_err()
+        );
+        for bad in [
+            "1.2.3.4:99999",
+            "[::1",
+            "[nonsense]:69",
+            "a:",
+            "a b",
+            "[::1]x",
+            "",
+        ] {
+            assert!(parse_listen_address(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -618,10 +786,13 @@ mod tests {
     #[test]
     fn ipv4_and_ipv6_only_as_in_tftpd_hpa() {
         let c = parse(&["-4"]).unwrap();
-        assert_eq!(c.listen_addresses(), ["0.0.0.0:69".parse().unwrap()]);
+        assert_eq!(
+            c.listen_addresses().unwrap(),
+            ["0.0.0.0:69".parse().unwrap()]
+        );
         let c = parse(&["--ipv4", "-a", ":6969", "-a", "127.0.0.1:70"]).unwrap();
         assert_eq!(
-            c.listen_addresses(),
+            c.listen_addresses().unwrap(),
             [
                 "0.0.0.0:6969".parse().unwrap(),
                 "127.0.0.1:70".parse().unwrap()
@@ -629,7 +800,15 @@ mod tests {
         );
         assert!(parse(&["-4", "-a", "[::1]:69"]).is_err());
         let c = parse(&["-6"]).unwrap();
-        assert_eq!(c.listen_addresses(), ["[::]:69".parse().unwrap()]);
+        assert_eq!(c.listen_addresses().unwrap(), ["[::]:69".parse().unwrap()]);
+        let c = parse(&["-S", "7000", "-a", "127.0.0.1", "-a", ":7001"]).unwrap();
+        assert_eq!(
+            c.listen_addresses().unwrap(),
+            [
+                "127.0.0.1:7000".parse().unwrap(),
+                "[::]:7001".parse().unwrap()
+            ]
+        );
         assert!(parse(&["-6", "-a", "127.0.0.1"]).is_err());
         assert!(parse(&["-4", "-6"]).is_err());
     }
@@ -669,7 +848,7 @@ mod tests {
     #[test]
     fn defaults_and_repeated_addresses() {
         let c = Config::parse_from(["ringtftpd", "/tmp"]);
-        assert_eq!(c.addresses, vec!["[::]:69".parse().unwrap()]);
+        assert_eq!(c.listen_addresses().unwrap(), ["[::]:69".parse().unwrap()]);
         let c = Config::parse_from([
             "ringtftpd",
             "-a",

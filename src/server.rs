@@ -135,7 +135,7 @@ impl Server {
         };
         let settings = config.settings_with(count, config.policy(rules, probe.clone()));
         let mut addresses = if inherited.is_empty() {
-            config.listen_addresses()
+            config.listen_addresses().map_err(io::Error::other)?
         } else {
             inherited
                 .iter()
