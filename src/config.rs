@@ -11,6 +11,7 @@ use clap::{CommandFactory, Parser};
 
 use crate::endpoint::EndpointConfig;
 use crate::files::upload::UploadRules;
+use crate::log;
 use crate::policy::{DefaultPolicy, NameProbe, Policy, RefusedOptions, RemapPolicy, Settings};
 use crate::proto;
 use crate::remap::{self, RemapRules};
@@ -246,6 +247,32 @@ pub struct Config {
     #[arg(long = "map-test", value_name = "FILE")]
     pub map_test: Option<PathBuf>,
 
+    /// Log to the system log (facility daemon): the default once detached
+    /// (-l without -L) or under inetd, as tftpd-hpa.
+    #[arg(long, group = "log_target")]
+    pub syslog: bool,
+
+    /// Log to standard error (the default in the foreground), optionally
+    /// as `--stderr=FORMAT` (see --logformat).
+    #[arg(long, group = "log_target", value_name = "FORMAT", num_args = 0..=1,
+          require_equals = true, default_missing_value = "", value_parser = parse_log_format_or_empty)]
+    pub stderr: Option<FormatIfGiven>,
+
+    /// Log to standard output, optionally as `--stdout=FORMAT`.
+    #[arg(long, group = "log_target", value_name = "FORMAT", num_args = 0..=1,
+          require_equals = true, default_missing_value = "", value_parser = parse_log_format_or_empty)]
+    pub stdout: Option<FormatIfGiven>,
+
+    /// Log to FILE (appended to, created 0644), reopened on SIGHUP for
+    /// rotation.
+    #[arg(long, group = "log_target", value_name = "FILE")]
+    pub logfile: Option<PathBuf>,
+
+    /// How log lines are dressed: `human` (the default) or `tag`
+    /// (`<N>` priority prefixes, which journald reads).
+    #[arg(long, value_name = "FORMAT", value_parser = parse_log_format)]
+    pub logformat: Option<log::Format>,
+
     /// No log line per finished transfer.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -302,6 +329,26 @@ pub struct Config {
     /// directory with openat2 (RESOLVE_IN_ROOT), so no root is needed.
     #[arg(short = 'j', long = "jail", hide = true)]
     pub jail: bool,
+}
+
+/// `--logformat`'s names, as tftpd-hpa 7.x.
+fn parse_log_format(name: &str) -> Result<log::Format, String> {
+    match name {
+        "human" => Ok(log::Format::Human),
+        "tag" => Ok(log::Format::Tag),
+        _ => Err(format!("'{name}' is not a log format: human or tag")),
+    }
+}
+
+/// `--stderr=FORMAT`'s format; None for `--stderr` alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FormatIfGiven(pub Option<log::Format>);
+
+fn parse_log_format_or_empty(name: &str) -> Result<FormatIfGiven, String> {
+    match name {
+        "" => Ok(FormatIfGiven(None)),
+        name => parse_log_format(name).map(|f| FormatIfGiven(Some(f))),
+    }
 }
 
 /// An option name `-r` knows.
@@ -559,6 +606,23 @@ impl Config {
             );
         }
         warnings
+    }
+
+    /// Where log lines go and how: `background` says the server runs
+    /// detached or under inetd, with no terminal to write to.
+    pub fn log_target(&self, background: bool) -> (log::Target, log::Format) {
+        let (target, format) = if let Some(FormatIfGiven(format)) = self.stderr {
+            (log::Target::Stderr, format)
+        } else if let Some(FormatIfGiven(format)) = self.stdout {
+            (log::Target::Stdout, format)
+        } else if let Some(path) = &self.logfile {
+            (log::Target::File(path.clone()), None)
+        } else if self.syslog || background {
+            (log::Target::Syslog, None)
+        } else {
+            (log::Target::Stderr, None)
+        };
+        (target, format.or(self.logformat).unwrap_or_default())
     }
 
     /// How long the server may go idle before it exits (None: never);
@@ -885,6 +949,27 @@ mod tests {
                 assert!(text.contains(flag), "{args:?}: {text}");
             }
         }
+    }
+
+    #[test]
+    fn log_targets_as_in_tftpd_hpa() {
+        use log::{Format, Target};
+        let t = |args: &[&str], background| parse(args).unwrap().log_target(background);
+        assert_eq!(t(&[], false), (Target::Stderr, Format::Human));
+        assert_eq!(t(&[], true), (Target::Syslog, Format::Human));
+        assert_eq!(t(&["--stderr"], true), (Target::Stderr, Format::Human));
+        assert_eq!(t(&["--stderr=tag"], true), (Target::Stderr, Format::Tag));
+        assert_eq!(
+            t(&["--stdout", "--logformat", "tag"], false),
+            (Target::Stdout, Format::Tag)
+        );
+        assert_eq!(
+            t(&["--logfile", "/var/log/x"], false),
+            (Target::File("/var/log/x".into()), Format::Human)
+        );
+        assert_eq!(t(&["--syslog"], false), (Target::Syslog, Format::Human));
+        assert!(parse(&["--syslog", "--stderr"]).is_err(), "one target");
+        assert!(parse(&["--stderr=json"]).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 fn main() {
     let config = ringtftpd::config::Config::parse_checked();
     if let Err(e) = ringtftpd::server::run(&config) {
-        eprintln!("ringtftpd: {e}");
+        ringtftpd::server::fatal(&e);
         std::process::exit(1);
     }
 }

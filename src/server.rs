@@ -15,6 +15,7 @@ use nix::unistd::{Gid, Uid, User};
 
 use crate::config::Config;
 use crate::files::FileRoot;
+use crate::log::{self, Level};
 use crate::policy::NameProbe;
 use crate::remap::{self, RemapContext, RemapRules};
 use crate::shard::{self, Command, ShardConfig, ShardHandle};
@@ -310,7 +311,7 @@ fn wait_wake(signals: &SigSet, timeout: Option<Duration>) -> io::Result<Wake> {
                 if info.si_code == libc::SI_QUEUE && pid == std::process::id() as libc::pid_t {
                     return Ok(Wake::ShardDied(value.sival_ptr as usize));
                 }
-                eprintln!("ringtftpd: SIGUSR1 from pid {pid} ignored");
+                say(Level::Notice, format!("SIGUSR1 from pid {pid} ignored"));
             }
             Ok(Signal::SIGHUP) => return Ok(Wake::Reload),
             Ok(signal) => return Ok(Wake::Stop(signal)),
@@ -375,58 +376,93 @@ pub fn run(config: &Config) -> io::Result<()> {
     signals.add(Signal::SIGUSR1);
     signals.add(Signal::SIGHUP);
     signals.thread_block().map_err(io::Error::from)?;
+    // Detached or under inetd there is no terminal: syslog, as tftpd-hpa.
+    let background = ready.is_some() || (!inherited.is_empty() && !config.systemd);
+    let (target, format) = config.log_target(background);
+    let quiet_stderr = ready.is_some() && target != log::Target::Stderr;
+    log::configure(target, format)?;
     for warning in config.compat_warnings() {
-        eprintln!("ringtftpd: warning: {warning}");
+        say(Level::Warning, format!("warning: {warning}"));
     }
     if let Err(e) = raise_nofile_limit() {
-        eprintln!("ringtftpd: warning: cannot raise RLIMIT_NOFILE: {e}");
+        say(
+            Level::Warning,
+            format!("warning: cannot raise RLIMIT_NOFILE: {e}"),
+        );
     }
     let idle_exit = config.idle_exit(!inherited.is_empty());
     let server = Server::start_on(config, inherited)?;
     if let Some(ready) = ready {
         // The waiting parent exits 0 now; until this byte it would exit 1.
         let _ = nix::unistd::write(&ready, b"R");
+        if quiet_stderr {
+            // The logs go elsewhere: let go of the caller's stderr (a pipe
+            // it may read to its end, as an init script's caller does).
+            let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+            nix::unistd::dup2_stderr(&null).map_err(io::Error::from)?;
+        }
     }
     if Uid::effective().is_root() {
-        eprintln!("ringtftpd: warning: running as root; --user USER drops to USER once bound");
+        say(
+            Level::Warning,
+            "warning: running as root; --user USER drops to USER once bound",
+        );
     }
     let listening: Vec<String> = server.addresses.iter().map(|a| a.to_string()).collect();
-    eprintln!(
-        "ringtftpd: serving {} on {} with {} thread(s)",
-        config.directory.display(),
-        listening.join(", "),
-        server.shards.len()
+    say(
+        Level::Notice,
+        format!(
+            "serving {} on {} with {} thread(s)",
+            config.directory.display(),
+            listening.join(", "),
+            server.shards.len()
+        ),
     );
     let mut idle = IdleWatch::new(idle_exit);
     let died = loop {
         match wait_wake(&signals, idle.poll_every())? {
             Wake::Tick => {
                 if idle.expired(Instant::now(), server.activity()) {
-                    eprintln!(
-                        "ringtftpd: idle for {} s (-t): exiting",
-                        idle_exit.unwrap_or_default().as_secs()
+                    say(
+                        Level::Notice,
+                        format!(
+                            "idle for {} s (-t): exiting",
+                            idle_exit.unwrap_or_default().as_secs()
+                        ),
                     );
                     break None;
                 }
             }
             Wake::Stop(signal) => {
-                eprintln!(
-                    "ringtftpd: {signal}: finishing transfers (up to {} s)",
-                    config.shutdown_grace
+                say(
+                    Level::Notice,
+                    format!(
+                        "{signal}: finishing transfers (up to {} s)",
+                        config.shutdown_grace
+                    ),
                 );
                 break None;
             }
             Wake::ShardDied(index) => {
-                eprintln!(
-                    "ringtftpd: shard {index} died: stopping, finishing the other transfers (up to {} s)",
-                    config.shutdown_grace
+                say(
+                    Level::Error,
+                    format!(
+                        "shard {index} died: stopping, finishing the other transfers (up to {} s)",
+                        config.shutdown_grace
+                    ),
                 );
                 break Some(index);
             }
-            Wake::Reload => match server.reload(config) {
-                Ok(()) => eprintln!("ringtftpd: SIGHUP: reloaded"),
-                Err(e) => eprintln!("ringtftpd: SIGHUP: {e}; keeping the rules in force"),
-            },
+            Wake::Reload => {
+                log::reopen();
+                match server.reload(config) {
+                    Ok(()) => say(Level::Notice, "SIGHUP: reloaded"),
+                    Err(e) => say(
+                        Level::Error,
+                        format!("SIGHUP: {e}; keeping the rules in force"),
+                    ),
+                }
+            }
         }
     };
     server.shut_down();
@@ -435,7 +471,8 @@ pub fn run(config: &Config) -> io::Result<()> {
         // (A SIGHUP now has nothing left to reload.)
         while let Ok(wake) = wait_wake(&signals, None) {
             if let Wake::Stop(_) = wake {
-                eprintln!("ringtftpd: second signal: exiting now");
+                say(Level::Notice, "second signal: exiting now");
+                log::flush(Duration::from_millis(200));
                 std::process::exit(130);
             }
         }
@@ -450,10 +487,32 @@ pub fn run(config: &Config) -> io::Result<()> {
         && let Err(e) = std::fs::remove_file(path)
     {
         // As --user, the pidfile's directory may be out of reach.
-        eprintln!("ringtftpd: warning: cannot remove {}: {e}", path.display());
+        say(
+            Level::Warning,
+            format!("warning: cannot remove {}: {e}", path.display()),
+        );
     }
-    eprintln!("ringtftpd: stopped");
+    say(Level::Notice, "stopped");
+    log::flush(LOG_FLUSH);
     Ok(())
+}
+
+/// How long the last lines may take to be written at exit.
+const LOG_FLUSH: Duration = Duration::from_secs(1);
+
+/// A line of the server's own, after the name.
+fn say(level: Level, text: impl std::fmt::Display) {
+    log::line_at(level, format!("ringtftpd: {text}"));
+}
+
+/// A failure that ends the process: on standard error, where whoever
+/// started it looks, and in the log if that is elsewhere.
+pub fn fatal(error: &io::Error) {
+    eprintln!("ringtftpd: {error}");
+    if log::is_elsewhere() {
+        say(Level::Error, error);
+        log::flush(LOG_FLUSH);
+    }
 }
 
 /// `-t`: the server is idle once no request came and no transfer ran for

@@ -58,7 +58,6 @@ mod command;
 #[cfg(test)]
 mod e2e;
 mod gso;
-mod log;
 pub mod net;
 mod pool;
 mod recv;
@@ -84,6 +83,7 @@ use io_uring::{cqueue, types};
 use nix::sys::eventfd::EventFd;
 
 use crate::endpoint::{Endpoint, SessionId};
+use crate::log;
 use crate::timer::TimerWheel;
 use bufring::BufRing;
 use command::Commands;

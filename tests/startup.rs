@@ -366,10 +366,11 @@ fn listen_without_foreground_detaches_once_bound_as_tftpd_hpa() {
     std::fs::create_dir(&root).expect("mkdir");
     std::fs::write(root.join("f"), vec![1u8; 10]).expect("write");
     let pidfile = dir.path().join("pid");
-    let detached = |address: &str| {
+    let detached = |address: &str, logs: &[&str]| {
         let mut child = spawn(
             binary()
                 .arg("-l")
+                .args(logs)
                 .arg("-P")
                 .arg(&pidfile)
                 .args([
@@ -387,27 +388,51 @@ fn listen_without_foreground_detaches_once_bound_as_tftpd_hpa() {
         let status = wait_exit(&mut child, Duration::from_secs(10));
         (child.id(), status, lines)
     };
-    let (parent, status, lines) = detached("127.0.0.1:0");
+    let stop = |daemon: nix::unistd::Pid| {
+        nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nix::sys::signal::kill(daemon, None).is_ok() && pidfile.exists() {
+            assert!(Instant::now() < deadline, "the daemon did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let daemon_pid = || -> nix::unistd::Pid {
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("a pid");
+        nix::unistd::Pid::from_raw(pid)
+    };
+    // With --stderr the daemon keeps logging there.
+    let (parent, status, lines) = detached("127.0.0.1:0", &["--stderr"]);
     assert!(status.success(), "exited {status}");
-    let daemon: i32 = std::fs::read_to_string(&pidfile)
-        .expect("pidfile")
-        .trim()
-        .parse()
-        .expect("a pid");
-    assert_ne!(daemon as u32, parent);
+    let daemon = daemon_pid();
+    assert_ne!(daemon.as_raw() as u32, parent);
     let addr = serving_address(&lines, &mut Vec::new());
     assert!(answers("127.0.0.1:0", addr), "the daemon serves");
-    let daemon = nix::unistd::Pid::from_raw(daemon);
-    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while nix::sys::signal::kill(daemon, None).is_ok() && pidfile.exists() {
-        assert!(Instant::now() < deadline, "the daemon did not stop");
-        std::thread::sleep(Duration::from_millis(20));
+    stop(daemon);
+    // By default it logs to syslog, as tftpd-hpa, and lets go of the
+    // caller's stderr: a caller reading it to its end is not held.
+    let (_, status, lines) = detached("127.0.0.1:0", &[]);
+    assert!(status.success(), "exited {status}");
+    let daemon = daemon_pid();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match lines.recv_timeout(Duration::from_millis(100)) {
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            _ => assert!(Instant::now() < deadline, "stderr still held by the daemon"),
+        }
     }
+    assert!(
+        nix::sys::signal::kill(daemon, None).is_ok(),
+        "the daemon runs on"
+    );
+    stop(daemon);
     // A daemon that cannot bind makes the command fail, not succeed.
     let holder = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let taken = holder.local_addr().expect("addr").to_string();
-    let (_, status, _) = detached(&taken);
+    let (_, status, _) = detached(&taken, &[]);
     assert_eq!(status.code(), Some(1), "exited {status}");
 }
 
@@ -526,7 +551,7 @@ fn under_inetd_it_serves_the_socket_on_stdin_and_exits_when_idle() {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let addr = socket.local_addr().expect("addr");
     let mut child = binary()
-        .args(["-t", "2", "--threads", "1", "--permissive"])
+        .args(["-t", "2", "--stderr", "--threads", "1", "--permissive"])
         .arg(dir.path())
         .stdin(std::os::fd::OwnedFd::from(socket))
         .stdout(Stdio::null())
@@ -605,4 +630,62 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
         .map(|dir| dir.join(program))
         .find(|path| path.is_file())
         .ok_or(())
+}
+
+#[test]
+fn logfile_gets_the_lines_and_sighup_reopens_it_for_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::fs::write(root.join("f"), "file f").expect("write");
+    let log = dir.path().join("tftpd.log");
+    let mut child = spawn(
+        binary()
+            .arg("--logfile")
+            .arg(&log)
+            .args(["--logformat", "tag", "-a", "127.0.0.1:0", "--threads", "1"])
+            .args(["--permissive", "--shutdown-grace", "0"])
+            .arg(&root),
+    );
+    let read = |path: &std::path::Path, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.contains(want) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {want:?} in {}: {text:?}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let text = read(&log, "serving");
+    let addr: SocketAddr = text
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|a| a.parse().ok())
+        .expect("the address in the serving line");
+    assert!(text.starts_with("<"), "tag format: {text:?}");
+    assert_eq!(first_answer("f", addr), "file f");
+    read(&log, "file=\"f\"");
+    let rotated = dir.path().join("tftpd.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    read(&log, "SIGHUP: reloaded");
+    assert_eq!(first_answer("f", addr), "file f");
+    stop_child(&mut child);
+    let after = read(&log, "stopped");
+    assert!(
+        after.contains("file=\"f\""),
+        "the new file has the new transfer: {after:?}"
+    );
+    assert!(!read(&rotated, "serving").contains("reloaded"));
 }

@@ -207,7 +207,10 @@ fn test_panic_hook(index: usize) -> bool {
 /// sent only where SIGUSR1 is blocked (run blocks it and waits for it), so
 /// that a process not expecting it is not killed by it.
 fn report_death(index: usize, why: &str) {
-    eprintln!("ringtftpd: shard {index} died: {why}");
+    crate::log::line_at(
+        crate::log::Level::Error,
+        format!("ringtftpd: shard {index} died: {why}"),
+    );
     let blocked = nix::sys::signal::SigSet::thread_get_mask()
         .is_ok_and(|m| m.contains(nix::sys::signal::Signal::SIGUSR1));
     if blocked {

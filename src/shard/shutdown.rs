@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use io_uring::types;
 
 use super::token::Token;
-use super::{Counters, Phase, Shard, is_transient, log, sqe};
+use super::{Counters, Phase, Shard, is_transient, sqe};
 use crate::endpoint::SessionId;
+use crate::log;
 use crate::refusal::Abort;
 
 /// How a shard ended, for tests and the last log line.
