@@ -12,6 +12,7 @@ use clap::{CommandFactory, Parser};
 use crate::endpoint::EndpointConfig;
 use crate::files::upload::UploadRules;
 use crate::log;
+use crate::paths::{Normalize, PathPolicy, PathRules, canonical_directory};
 use crate::policy::{DefaultPolicy, NameProbe, Policy, RefusedOptions, RemapPolicy, Settings};
 use crate::proto;
 use crate::remap::{self, RemapRules};
@@ -56,6 +57,11 @@ pub struct Config {
     /// Directory to serve; a leading '/' in requests means this root.
     #[arg(default_value = "/srv/tftp")]
     pub directory: PathBuf,
+
+    /// tftpd-hpa takes several directories; ringtftpd serves one (refused
+    /// with a message, never ignored).
+    #[arg(hide = true)]
+    pub more_directories: Vec<PathBuf>,
 
     /// Address to listen on, `ADDR[:PORT]`, `[V6ADDR][:PORT]`,
     /// `HOST[:PORT]` (every address it has) or `:PORT`, PORT a number or a
@@ -320,15 +326,46 @@ pub struct Config {
     #[arg(short = 'L', long = "foreground")]
     pub foreground: bool,
 
-    /// Accepted for tftpd-hpa compatibility; ringtftpd always confines
-    /// requests to the directory.
-    #[arg(short = 's', long = "secure", hide = true)]
+    /// Names are relative to the directory, as under tftpd-hpa's -s
+    /// (chroot): always so, by openat2. Without -s or -j, a name carrying
+    /// the directory's absolute path (tftpd-hpa's form then) is served from
+    /// inside it too.
+    #[arg(short = 's', long = "secure", visible_alias = "chroot", hide = true)]
     pub secure: bool,
+
+    /// tftpd-hpa 7.x's path validation after remapping: names must be
+    /// absolute, without `.`, `..` or control characters (and, without -s
+    /// or -j, inside the directory), repeated slashes dropped.
+    #[arg(long)]
+    pub validate: bool,
+
+    /// `root` adds a leading '/' to each name, `path` (the default of a
+    /// bare --normalize) also drops `//` and `.`, and `..` with the part
+    /// before it, after remapping (tftpd-hpa 7.x).
+    #[arg(long, value_name = "MODE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "path", value_parser = parse_normalize)]
+    pub normalize: Option<Normalize>,
+
+    /// Serve PREFIX joined with the directory (tftpd-hpa 7.x's
+    /// --path-prefix under -s or -j: `--path-prefix /var/lib /tftpboot`
+    /// serves /var/lib/tftpboot).
+    #[arg(long, value_name = "PREFIX")]
+    pub path_prefix: Option<PathBuf>,
 
     /// As tftpd-hpa 7.x's --jail, always on: names resolve under the
     /// directory with openat2 (RESOLVE_IN_ROOT), so no root is needed.
     #[arg(short = 'j', long = "jail", hide = true)]
     pub jail: bool,
+}
+
+/// `--normalize`'s modes, as tftpd-hpa 7.x.
+fn parse_normalize(mode: &str) -> Result<Normalize, String> {
+    match mode {
+        "none" => Ok(Normalize::None),
+        "root" => Ok(Normalize::Root),
+        "path" => Ok(Normalize::Path),
+        _ => Err(format!("'{mode}' is not a mode: none, root or path")),
+    }
 }
 
 /// `--logformat`'s names, as tftpd-hpa 7.x.
@@ -576,6 +613,17 @@ impl Config {
         if self.ipv6 {
             family("--ipv6", true)?;
         }
+        if let Some(extra) = self.more_directories.first() {
+            return Err(Self::command().error(
+                clap::error::ErrorKind::TooManyValues,
+                format!(
+                    "several directories ({} and {}): ringtftpd serves one; \
+                     tftpd-hpa's absolute names inside it are served as they were",
+                    self.directory.display(),
+                    extra.display()
+                ),
+            ));
+        }
         if self.rto_min_ms > self.rto_max_ms {
             return Err(Self::command().error(
                 clap::error::ErrorKind::ArgumentConflict,
@@ -729,10 +777,45 @@ impl Config {
             .map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// The policy for these remap rules (none: [`DefaultPolicy`]), asking
-    /// `probe` for `E` rules.
+    /// The directory served: `--path-prefix` joined with the directory.
+    pub fn root_directory(&self) -> PathBuf {
+        match &self.path_prefix {
+            // Joined as strings, as tftpd-hpa does: the directory is
+            // absolute, and must not replace the prefix.
+            Some(prefix) => {
+                let mut joined = prefix.clone().into_os_string();
+                joined.push(self.directory.as_os_str());
+                PathBuf::from(joined)
+            }
+            None => self.directory.clone(),
+        }
+    }
+
+    /// What happens to a name between the remap rules and the open.
+    pub fn path_rules(&self) -> PathRules {
+        use std::os::unix::ffi::OsStrExt;
+        PathRules {
+            normalize: self.normalize.unwrap_or_default(),
+            validate: self.validate,
+            directory: if self.secure || self.jail {
+                None
+            } else {
+                canonical_directory(self.directory.as_os_str().as_bytes())
+            },
+        }
+    }
+
+    /// The policy chain: remap rules (asking `probe` for `E` rules), then
+    /// the path rules, then [`DefaultPolicy`].
     pub fn policy(&self, rules: Option<RemapRules>, probe: Arc<NameProbe>) -> Arc<dyn Policy> {
-        let inner: Arc<dyn Policy> = Arc::new(DefaultPolicy);
+        let mut inner: Arc<dyn Policy> = Arc::new(DefaultPolicy);
+        let path_rules = self.path_rules();
+        if path_rules.is_active() {
+            inner = Arc::new(PathPolicy {
+                rules: path_rules,
+                inner,
+            });
+        }
         match rules {
             Some(rules) => Arc::new(RemapPolicy {
                 rules,

@@ -17,6 +17,7 @@ pub mod config;
 pub mod endpoint;
 pub mod files;
 pub mod log;
+pub mod paths;
 pub mod policy;
 pub mod proto;
 pub mod receive;

@@ -425,6 +425,18 @@ impl RemapRules {
     /// chunk without its newline (a last line unterminated, or the head
     /// of an overlong line) skipped.
     pub fn map_test(&self, input: &[u8], ctx: &RemapContext<'_>, max_steps: usize) -> Vec<u8> {
+        self.map_test_then(input, ctx, max_steps, |name| name)
+    }
+
+    /// [`Self::map_test`], with `then` applied to each rewritten name
+    /// (tftpd-hpa prints names normalized under `--normalize`).
+    pub fn map_test_then(
+        &self,
+        input: &[u8],
+        ctx: &RemapContext<'_>,
+        max_steps: usize,
+        then: impl Fn(Vec<u8>) -> Vec<u8>,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         let mut rest = input;
         while !rest.is_empty() {
@@ -435,7 +447,11 @@ impl RemapRules {
             };
             rest = &rest[chunk.len() + usize::from(terminated)..];
             if terminated {
-                out.extend(self.map_test_line(chunk, ctx, max_steps));
+                let line = match self.apply(chunk, ctx, max_steps) {
+                    Remapped::Rewritten(name) => then(name),
+                    other => other.map_test_output(),
+                };
+                out.extend(line);
                 out.push(b'\n');
             }
         }

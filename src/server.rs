@@ -16,8 +16,9 @@ use nix::unistd::{Gid, Uid, User};
 use crate::config::Config;
 use crate::files::FileRoot;
 use crate::log::{self, Level};
+use crate::paths::PathRules;
 use crate::policy::NameProbe;
-use crate::remap::{self, RemapContext, RemapRules};
+use crate::remap::{self, RemapContext};
 use crate::shard::{self, Command, ShardConfig, ShardHandle};
 
 /// The CPUs this process may run on (honours taskset, systemd
@@ -118,10 +119,11 @@ impl Server {
     /// shared by every shard), or if there are none on the addresses of
     /// the command line, bound anew by each shard.
     pub fn start_on(config: &Config, inherited: Vec<UdpSocket>) -> io::Result<Server> {
-        let files = FileRoot::open(&config.directory, config.permissive).map_err(|e| {
+        let directory = config.root_directory();
+        let files = FileRoot::open(&directory, config.permissive).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("cannot serve {}: {e}", config.directory.display()),
+                format!("cannot serve {}: {e}", directory.display()),
             )
         })?;
         let rules = config.remap_rules().map_err(io::Error::other)?;
@@ -621,10 +623,16 @@ fn map_test(config: &Config, input: &Path) -> io::Result<()> {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", input.display())))?
     };
     let context = RemapContext::new(remap::map_test_client(config.ipv6), config.create);
-    let output = match rules {
-        Some(rules) => rules.map_test(&names, &context, config.map_steps as usize),
-        // No rules: every name as it came (tftpd-hpa prints them so too).
-        None => RemapRules::default().map_test(&names, &context, 1),
+    let normalize = PathRules {
+        normalize: config.normalize.unwrap_or_default(),
+        ..PathRules::default()
     };
+    let then = |name: Vec<u8>| match normalize.apply(&name) {
+        Ok(normalized) => normalized.into_owned(),
+        Err(_) => name,
+    };
+    // No rules: every name as it came (tftpd-hpa prints them so too).
+    let rules = rules.unwrap_or_default();
+    let output = rules.map_test_then(&names, &context, config.map_steps as usize, then);
     io::stdout().write_all(&output)
 }

@@ -248,3 +248,35 @@ fn random_regexes_match_tftpd_hpa() {
     }
     eprintln!("remap_diff: {checked} random rules x 24 names identical");
 }
+
+#[test]
+fn normalized_names_match_tftpd_hpa_map_test() {
+    let Some(prefix) = peer() else { return };
+    let names = root().join("tests/remap/normalize.names.txt");
+    let rules = root().join("tests/remap/windows.rules");
+    let binary = env!("CARGO_BIN_EXE_ringtftpd");
+    for mode in [
+        "--normalize",
+        "--normalize=root",
+        "--normalize=path",
+        "--normalize=none",
+    ] {
+        let run = |program: &[String]| {
+            let out = Command::new(&program[0])
+                .args(&program[1..])
+                .arg("-m")
+                .arg(&rules)
+                .arg(mode)
+                .arg("--map-test")
+                .arg(&names)
+                .env("LC_ALL", "C")
+                .output()
+                .expect("run --map-test");
+            assert!(out.status.success(), "{program:?} {mode}");
+            out.stdout
+        };
+        let theirs = run(&prefix);
+        let mine = run(&[binary.to_owned()]);
+        compare(mode, &std::fs::read(&names).unwrap(), &theirs, &mine);
+    }
+}

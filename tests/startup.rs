@@ -689,3 +689,54 @@ fn logfile_gets_the_lines_and_sighup_reopens_it_for_rotation() {
     );
     assert!(!read(&rotated, "serving").contains("reloaded"));
 }
+
+#[test]
+fn path_flags_act_as_in_tftpd_hpa_after_remapping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::fs::write(root.join("f"), "file f").expect("write");
+    let abs = format!("{}/f", root.display());
+    let denied = |text: &str| text.starts_with("ERROR ");
+    // Without -s: tftpd-hpa's absolute names are served from inside too.
+    let mut s = serve(binary(), &root);
+    assert_eq!(first_answer(&abs, s.addr), "file f");
+    assert_eq!(first_answer("f", s.addr), "file f");
+    stop_child(&mut s.child);
+    // --validate without -s: absolute names inside the directory only.
+    let mut cmd = binary();
+    cmd.arg("--validate");
+    let mut s = serve(cmd, &root);
+    assert_eq!(first_answer(&abs, s.addr), "file f");
+    assert_eq!(
+        first_answer(&format!("{}//f", root.display()), s.addr),
+        "file f"
+    );
+    for bad in [
+        "f".to_owned(),
+        format!("{}/../root/f", root.display()),
+        "/etc/passwd".into(),
+    ] {
+        assert!(denied(&first_answer(&bad, s.addr)), "{bad}");
+    }
+    stop_child(&mut s.child);
+    // -s --validate: absolute names under the root; --normalize=root
+    // makes relative ones absolute first.
+    let mut cmd = binary();
+    cmd.args(["-s", "--validate", "--normalize=root"]);
+    let mut s = serve(cmd, &root);
+    assert_eq!(first_answer("/f", s.addr), "file f");
+    assert_eq!(first_answer("f", s.addr), "file f");
+    assert!(denied(&first_answer("/./f", s.addr)));
+    stop_child(&mut s.child);
+    // --path-prefix P DIR serves P joined with DIR.
+    let mut cmd = binary();
+    cmd.arg("--path-prefix").arg(dir.path());
+    let mut s = serve(cmd, std::path::Path::new("/root"));
+    assert_eq!(first_answer("f", s.addr), "file f");
+    stop_child(&mut s.child);
+    // Several directories are refused with a message, not ignored.
+    let (status, stderr) = run_to_exit(&[dir.path().to_str().unwrap()], &root);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("several directories"), "{stderr}");
+}
