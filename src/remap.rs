@@ -25,7 +25,8 @@
 //!
 //! PATTERN escapes: `\0` the match, `\1`..`\9` groups, `\i` the client's
 //! address (dotted quad, or glibc's `inet_ntop` form for IPv6), `\x` the
-//! address in upper-case hex, `\U` `\L` `\E` upper/lower/stop case
+//! address in upper-case hex, `\m` the client's MAC (ours, below), `\U`
+//! `\L` `\E` upper/lower/stop case
 //! folding, `\\` a backslash, and `\` before any other byte that byte (so
 //! `\ ` and `\#`). A trailing `\` is a backslash.
 //!
@@ -49,6 +50,9 @@
 //!   prints `ERROR: (null)`).
 //!
 //! # Where we differ, on purpose
+//! - `\m` is the client's MAC, `aa-bb-cc-dd-ee-ff` as pxelinux spells it
+//!   (without its `01-`), when the neighbour table knows it (a directly
+//!   attached client), else nothing. In tftpd-hpa `\m` is a plain `m`.
 //! - A `j` whose target has no escape must name a label that exists, and
 //!   must not be empty: a parse error here, a failure at run time there.
 //! - At most [`MAX_RULES`] rules, names up to [`MAX_NAME_LEN`] bytes after
@@ -135,6 +139,8 @@ pub struct RemapContext<'a> {
     /// For `E`: could this name be transferred? `None` answers no, as
     /// `--map-test` does.
     pub probe: Option<&'a Probe<'a>>,
+    /// The client's hardware address, for `\m` (ours), where known.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl<'a> RemapContext<'a> {
@@ -143,7 +149,13 @@ impl<'a> RemapContext<'a> {
             client,
             write,
             probe: None,
+            mac: None,
         }
+    }
+
+    pub fn with_mac(mut self, mac: Option<[u8; 6]>) -> Self {
+        self.mac = mac;
+        self
     }
 
     pub fn with_probe(mut self, probe: &'a Probe<'a>) -> Self {
@@ -289,6 +301,22 @@ impl RemapRules {
         self.rules.len()
     }
 
+    /// Whether a pattern uses `\m`, so that requests need their MAC.
+    pub fn uses_mac(&self) -> bool {
+        self.rules.iter().any(|rule| match rule {
+            Rule::Op { pattern, .. } => {
+                let mut bytes = pattern.iter();
+                while let Some(&b) = bytes.next() {
+                    if b == b'\\' && bytes.next() == Some(&b'm') {
+                        return true;
+                    }
+                }
+                false
+            }
+            Rule::Label(_) => false,
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
@@ -297,7 +325,7 @@ impl RemapRules {
     pub fn apply(&self, name: &[u8], ctx: &RemapContext<'_>, max_steps: usize) -> Remapped {
         let name = name.split(|&b| b == 0).next().unwrap_or_default();
         let client = ctx.client.to_canonical();
-        let macros = Macros::new(client);
+        let macros = Macros::new(client, ctx.mac);
         let v4 = client.is_ipv4();
         let mut current = name.to_vec();
         let mut steps = max_steps;
@@ -547,6 +575,7 @@ fn expand(
             b'\\' => out.push(b'\\'),
             b'i' => emit(&mut out, macros.dotted.as_bytes(), case)?,
             b'x' => emit(&mut out, macros.hex.as_bytes(), case)?,
+            b'm' => emit(&mut out, macros.mac.as_bytes(), case)?,
             // Any other escaped byte is itself: drop the backslash only.
             _ => i -= 1,
         }
@@ -576,20 +605,26 @@ fn emit(out: &mut Vec<u8>, text: &[u8], case: Case) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `\i` and `\x` for one client, computed once per name.
+/// `\i`, `\x` and `\m` for one client, computed once per name.
 struct Macros {
     dotted: String,
     hex: String,
+    /// `aa-bb-cc-dd-ee-ff` (pxelinux's spelling, without its `01-`), or
+    /// empty when the MAC is not known.
+    mac: String,
 }
 
 impl Macros {
-    fn new(client: IpAddr) -> Self {
+    fn new(client: IpAddr, mac: Option<[u8; 6]>) -> Self {
         let (dotted, octets) = match client {
             IpAddr::V4(a) => (a.to_string(), a.octets().to_vec()),
             IpAddr::V6(a) => (inet_ntop6(&a), a.octets().to_vec()),
         };
         let hex = octets.iter().map(|o| format!("{o:02X}")).collect();
-        Macros { dotted, hex }
+        let mac = mac
+            .map(|m| m.map(|b| format!("{b:02x}")).join("-"))
+            .unwrap_or_default();
+        Macros { dotted, hex, mac }
     }
 }
 
@@ -1059,6 +1094,32 @@ mod tests {
     fn err_line(rules: &str) -> (usize, String) {
         let e = RemapRules::parse(rules).expect_err("must not parse");
         (e.line, e.message)
+    }
+
+    #[test]
+    fn the_mac_escape_expands_to_the_known_mac_or_nothing() {
+        let rules = RemapRules::parse("r ^pxelinux\\.cfg/default$ pxelinux.cfg/01-\\m\n").unwrap();
+        assert!(rules.uses_mac());
+        let client = IpAddr::from([10, 0, 0, 5]);
+        let known =
+            RemapContext::new(client, false).with_mac(Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert_eq!(
+            rules.apply(b"pxelinux.cfg/default", &known, 16),
+            Remapped::Rewritten(b"pxelinux.cfg/01-52-54-00-ab-cd-ef".to_vec())
+        );
+        let unknown = RemapContext::new(client, false);
+        assert_eq!(
+            rules.apply(b"pxelinux.cfg/default", &unknown, 16),
+            Remapped::Rewritten(b"pxelinux.cfg/01-".to_vec())
+        );
+        let upper = RemapRules::parse("r ^ \\U\\m/\n").unwrap();
+        assert_eq!(
+            upper.apply(b"x", &known, 16),
+            Remapped::Rewritten(b"52-54-00-AB-CD-EF/x".to_vec())
+        );
+        for text in ["r ^ \\i\n", "r ^ \\\\m\n", ":m\n"] {
+            assert!(!RemapRules::parse(text).unwrap().uses_mac(), "{text}");
+        }
     }
 
     #[test]
