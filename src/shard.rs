@@ -167,11 +167,20 @@ struct Listener {
     recv_armed: bool,
 }
 
+/// Where a session's datagrams come and go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Its own transfer socket, at this index of `Shard::tsocks`.
+    Transfer(u32),
+    /// `--single-port`: the listener it was requested on, at this index of
+    /// `Shard::listeners`; sends name their source address (pktinfo).
+    Listener { index: u32, ifindex: u32 },
+}
+
 /// A live session's driver state, at `SessionId::index`.
 struct LiveSock {
     id: SessionId,
-    /// Index of its socket in `Shard::tsocks`.
-    sock: u32,
+    sock: Via,
     peer: SocketAddr,
     /// The address its socket is bound to (with `peer`, the GSO path).
     local: IpAddr,
@@ -226,6 +235,8 @@ struct Shard {
     idle: IdlePool,
     /// `--port-range`: where fresh transfer sockets bind (None: anywhere).
     ports: Option<PortRange>,
+    /// `--single-port`: sessions run on their listener, no transfer sockets.
+    single_port: bool,
     live: usize,
     /// `serve`'s scratch space, kept between calls (None while in use).
     serve_work: Option<Box<ServeWork>>,
