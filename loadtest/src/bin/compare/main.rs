@@ -43,7 +43,8 @@ struct Args {
     /// Tiny sizes, ringtftpd only, one repetition, no docs: a correctness smoke test.
     #[arg(long)]
     quick: bool,
-    /// Servers to run, comma-separated (default: all four; with --quick: ringtftpd).
+    /// Servers to run, comma-separated (default: all four; with --quick: ringtftpd); also
+    /// ringtftpd-single-port and dnsmasq-single-port (every transfer on the listening port).
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
     /// Scenarios to run, comma-separated (default: S1..S7).
@@ -234,7 +235,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
     let mut skipped: Vec<(String, String)> = Vec::new();
     let mut versions: Vec<(String, String)> = Vec::new();
     for k in wanted {
-        let bin = match k {
+        let bin = match k.base() {
             Kind::Ringtftpd => a
                 .ringtftpd
                 .clone()
@@ -246,6 +247,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
                 .or_else(|| which("atftpd"))
                 .unwrap_or_else(|| PathBuf::from("atftpd")),
             Kind::Dnsmasq => a.dnsmasq.clone(),
+            _ => unreachable!("base() is one of the four programs"),
         };
         if !executable(&bin) {
             skipped.push((
@@ -254,19 +256,19 @@ fn real_main(a: &Args) -> Result<bool, String> {
             ));
             continue;
         }
-        if k == Kind::Dnsmasq && procfs::port_in_use(69) {
+        if k.base() == Kind::Dnsmasq && procfs::port_in_use(69) {
             skipped.push((
                 k.name().into(),
                 "UDP port 69 is in use by another program; dnsmasq serves TFTP on 69 only".into(),
             ));
             continue;
         }
-        let v = match k {
-            Kind::Ringtftpd | Kind::Dnsmasq => first_line(&bin, "--version"),
+        let v = match k.base() {
             Kind::TftpdHpa => first_line(&bin, "-V"),
             Kind::Atftpd => {
                 first_line(&bin, "--version").or_else(|| Some("(version not reported)".into()))
             }
+            _ => first_line(&bin, "--version"),
         };
         versions.push((k.name().into(), v.unwrap_or_default()));
         servers.push(Server {
