@@ -443,8 +443,11 @@ mod tests {
         // SAFETY: msg points into the live slot.
         let m = unsafe { &*msg };
         let control = m.msg_control as *const u8;
+        // msg_controllen is size_t on glibc, socklen_t on musl.
+        #[allow(clippy::useless_conversion)]
+        let len = usize::try_from(m.msg_controllen).unwrap();
         // SAFETY: msg_control points at msg_controllen bytes of the slot.
-        let bytes = unsafe { std::slice::from_raw_parts(control, m.msg_controllen as usize) };
+        let bytes = unsafe { std::slice::from_raw_parts(control, len) };
         assert_eq!(slot.gso.segment(), 516);
         // The pktinfo after the UDP_SEGMENT names the source address.
         let info = super::super::cmsg::parse_pktinfo(bytes).expect("a pktinfo");

@@ -299,8 +299,13 @@ impl Shard {
             tuning.listen_bufs.0
         };
         let listen_bufs = BufRing::new(listen_count, tuning.listen_bufs.1, LISTEN_BGID)?;
-        let session_bufs =
-            BufRing::new(tuning.session_bufs.0, tuning.session_bufs.1, SESSION_BGID)?;
+        // ... and no transfer socket uses the sessions' ring: a token one.
+        let session_count = if single_port {
+            1
+        } else {
+            tuning.session_bufs.0
+        };
+        let session_bufs = BufRing::new(session_count, tuning.session_bufs.1, SESSION_BGID)?;
         listen_bufs.register(&ring.submitter())?;
         session_bufs.register(&ring.submitter())?;
         let mut listeners = Vec::with_capacity(config.listeners.len());

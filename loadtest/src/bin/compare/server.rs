@@ -143,7 +143,13 @@ impl Server {
         match self.kind {
             // Before the root, its last argument.
             Kind::RingtftpdSinglePort => v.insert(v.len() - 1, "--single-port".into()),
-            Kind::DnsmasqSinglePort => v.push("--tftp-single-port".into()),
+            // dnsmasq 2.90 fails every single-port send with ENETUNREACH when bound to
+            // the interface's address (--bind-interfaces): bound to the wildcard it
+            // still answers only 127.0.0.1 (--listen-address).
+            Kind::DnsmasqSinglePort => {
+                v.retain(|a| a != "--bind-interfaces");
+                v.push("--tftp-single-port".into());
+            }
             _ => {}
         }
         if uploads {
@@ -219,6 +225,7 @@ mod tests {
         );
         let d = s(Kind::DnsmasqSinglePort, "dnsmasq").command(root, 69, false);
         assert_eq!(d.last().map(String::as_str), Some("--tftp-single-port"));
+        assert!(!d.iter().any(|a| a == "--bind-interfaces"));
         assert_eq!(Kind::DnsmasqSinglePort.fixed_port(), Some(69));
         assert!(Kind::DnsmasqSinglePort.uploads().is_err());
         assert_eq!(
