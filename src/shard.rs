@@ -42,6 +42,13 @@
 //! copy fail with `EFAULT` (and the session is aborted) instead of raising
 //! SIGBUS here.
 //!
+//! With `--single-port` there are no transfer sockets: a session sends from
+//! the listener its request came to (naming the request's destination as
+//! its source, as the listener's own replies do), and the listener's
+//! receive hands a datagram to the session of its source address and port
+//! (`Endpoint::route`) before anything is parsed as a request; the
+//! listeners then keep receiving through the drain.
+//!
 //! The rooms: `setup` (start-up, ring set-up), `command` (commands to a
 //! shard), `sqe` (every submission entry and its `unsafe`), `token` (CQE
 //! `user_data`), `recv` (receive path), `serve` (transmits into sends),

@@ -486,6 +486,24 @@ mod tests {
     }
 
     #[test]
+    fn no_pmtu_discovery_on_a_dual_stack_listener_covers_both_families() {
+        let Ok(sock) = bind_listener("[::]:0".parse().unwrap(), 0) else {
+            eprintln!("skipping: no IPv6");
+            return;
+        };
+        no_pmtu_discovery(sock.as_fd(), true).unwrap();
+        let fd = sock.as_fd();
+        assert_eq!(
+            get_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER).unwrap(),
+            libc::IPV6_PMTUDISC_DONT
+        );
+        assert_eq!(
+            get_int_opt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER).unwrap(),
+            libc::IP_PMTUDISC_DONT
+        );
+    }
+
+    #[test]
     fn loopback_mtu() {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         let lo = interface_index(c"lo").unwrap();
