@@ -159,7 +159,7 @@ impl Shard {
         }
         // The guard lives in this block only: the buffer goes back to the
         // ring on every path, right after the endpoint has seen it.
-        let (arrived, peer, local, ifindex, mtu) = {
+        let (arrived, peer, local, ifindex) = {
             let Some(buf) = bid.and_then(|b| self.listen_bufs.take(b, res as usize)) else {
                 return;
             };
@@ -232,11 +232,7 @@ impl Shard {
                     Arrived::Request(outcome, live, mtu)
                 }
             };
-            let mtu = match arrived {
-                Arrived::Request(_, _, mtu) => mtu,
-                Arrived::Session(..) => None,
-            };
-            (arrived, peer, local, ifindex, mtu)
+            (arrived, peer, local, ifindex)
         };
         match arrived {
             Arrived::Session(id, outcome) => match outcome {
@@ -244,7 +240,7 @@ impl Shard {
                 DatagramOutcome::Ignored => {}
                 _ => self.touch(id),
             },
-            Arrived::Request(outcome, live, _) => {
+            Arrived::Request(outcome, live, mtu) => {
                 // A new request may have ended the peer's running session:
                 // serving it lets it go.
                 if let Some(old) = live {
@@ -300,9 +296,11 @@ impl Shard {
         let listener_v6 = self.listeners.get(li as usize).map(|l| l.v6);
         let sock = if !slot_free || local.is_ipv4() != peer.is_ipv4() {
             Err(io::Error::from(io::ErrorKind::InvalidInput))
-        } else if let (true, Some(v6)) = (self.single_port, listener_v6) {
+        } else if self.single_port {
             // No socket of its own: it runs on the listener it came to.
-            Ok((Via::Listener { index: li, ifindex }, v6))
+            listener_v6
+                .map(|v6| (Via::Listener { index: li, ifindex }, v6))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         } else {
             self.acquire_sock(id, local, ifindex, peer)
                 .map(|si| (Via::Transfer(si), local.is_ipv6()))
