@@ -340,3 +340,38 @@ fn raw_upload_and_stranger_at_the_listening_port() {
         other => panic!("expected ERROR 5, got {other:?}"),
     }
 }
+
+/// An upload's DATA comes to a listener's buffers, which also hold the
+/// request's control messages: the blksize granted fits them, and the
+/// upload goes through at it.
+#[test]
+fn upload_blksize_fits_the_listeners_buffers() {
+    let s = single_port_server(true);
+    let client = RawClient::new(s.addr());
+    client.send_to_server(&wrq("probe-size.bin", "octet", &[("blksize", "8192")]));
+    let granted = match client.recv(Duration::from_secs(5)) {
+        Some((Packet::Oack(pairs), from)) => {
+            assert_eq!(from, s.addr());
+            let b: usize = opt(&pairs, "blksize").expect("blksize").parse().unwrap();
+            b
+        }
+        other => panic!("expected an OACK, got {other:?}"),
+    };
+    // 2048-byte buffers less the kernel's header, the address and 128
+    // bytes of control messages.
+    assert!((512..=1872).contains(&granted), "blksize {granted}");
+    client.send_to_server(&error(0, "done"));
+    let body = random_bytes(79, 5 * granted + 7);
+    let blksize = granted.to_string();
+    let put = RawClient::new(s.addr());
+    raw_put(
+        &put,
+        "big-blocks.bin",
+        "octet",
+        &[("blksize", &blksize)],
+        &body,
+        None,
+    )
+    .expect("upload at the granted blksize");
+    assert_stored("raw put", &s.root().join("big-blocks.bin"), &body);
+}
