@@ -6,7 +6,7 @@
 #   scripts/compare.sh             full run: the criterion micro-benchmarks (benches/*.rs),
 #                                  then S1-S7 x 3 repetitions x 4 servers (S7 uploads: not dnsmasq), plus syscall
 #                                  counts, instruction counts and a profile (about 15-25 min)
-#   scripts/compare.sh --quick     smoke test: ringtftpd alone, tiny sizes, checks that every
+#   scripts/compare.sh --quick     smoke test: ringtftpd alone (and --single-port), tiny sizes, checks that every
 #                                  transfer completes byte-exact, asserts no timing (seconds)
 #   Any other arguments go to the `compare` binary (see `target/release/compare --help`),
 #   e.g. --scenarios S1,S2 --servers ringtftpd,dnsmasq --reps 1 --no-extras.

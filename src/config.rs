@@ -229,6 +229,14 @@ pub struct Config {
     #[arg(short = 'R', long = "port-range", visible_alias = "ports", value_name = "LOW:HIGH", value_parser = parse_port_range)]
     pub port_range: Option<(u16, u16)>,
 
+    /// Run every transfer on the listening port (as dnsmasq's
+    /// --tftp-single-port): replies and DATA leave from it and ACKs come
+    /// back to it, told apart by client address and port. For NAT,
+    /// Kubernetes Services and containers that forward one port; the
+    /// server's TID is then no secret (see docs/single-port.md).
+    #[arg(long, conflicts_with = "port_range")]
+    pub single_port: bool,
+
     /// Largest upload, in bytes, or with a K, M or G suffix (powers of
     /// 1024). A write request announcing more by its tsize is refused with
     /// ERROR 3 before any data moves; one that sends more is ended so.
@@ -859,6 +867,7 @@ impl Config {
             max_sessions: self.max_sessions.div_ceil(shards.max(1) as u32) as usize,
             // The driver lowers it to what its receive buffers hold.
             max_upload_blksize: self.max_blksize,
+            single_port: self.single_port,
             settings,
         }
     }
@@ -990,6 +999,17 @@ mod tests {
         let c = Config::try_parse_from(["ringtftpd", "--port-range", "1:2", "/tmp"]).unwrap();
         assert_eq!(c.port_range, Some((1, 2)));
         assert!(Config::try_parse_from(["ringtftpd", "-R", "9:8", "/tmp"]).is_err());
+    }
+
+    #[test]
+    fn single_port_conflicts_with_a_port_range() {
+        let c = parse(&["--single-port"]).unwrap();
+        assert!(c.single_port && c.endpoint(2, c.settings(2)).single_port);
+        assert!(!{
+            let c = parse(&[]).unwrap();
+            c.endpoint(1, c.settings(1)).single_port
+        });
+        rejected(&["--single-port", "-R", "5000:5010"], "--single-port");
     }
 
     #[test]

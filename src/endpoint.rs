@@ -24,6 +24,9 @@ pub struct EndpointConfig {
     /// Largest blksize granted to a write request: what the driver's
     /// receive buffers hold.
     pub max_upload_blksize: u16,
+    /// `--single-port`: every session runs on the listening port, and
+    /// datagrams at the listener are told apart by peer (see [`Route`]).
+    pub single_port: bool,
     pub settings: Settings,
 }
 
@@ -33,6 +36,7 @@ impl Default for EndpointConfig {
         EndpointConfig {
             max_sessions: 20_000,
             max_upload_blksize: proto::MAX_BLKSIZE,
+            single_port: false,
             settings: Settings::default(),
         }
     }
@@ -113,6 +117,19 @@ pub enum RequestOutcome {
     Reply(usize),
     /// Drop it (e.g. a duplicate request, or a rate-limited error).
     Ignored,
+}
+
+/// `--single-port`: where a datagram at the listener belongs, by its
+/// source address and port (the client's TID; the server's is the
+/// listening port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// To the peer's live session: [`Endpoint::handle_datagram`].
+    Session(SessionId),
+    /// A request, or a stranger's datagram: [`Endpoint::handle_request`].
+    /// `live` is the peer's running session, which a new request ends:
+    /// serve it afterwards (`poll_event`) as after any other call.
+    Request { live: Option<SessionId> },
 }
 
 /// What to do with a datagram that arrived at a transfer socket.
@@ -256,13 +273,16 @@ struct Slot<H> {
 pub struct Endpoint<H> {
     max_sessions: usize,
     max_upload_blksize: u16,
+    single_port: bool,
     /// For new requests; swapped by `set_settings`.
     settings: Arc<Settings>,
     slots: Vec<Slot<H>>,
     free: Vec<u32>,
     live: usize,
     /// The newest session of each peer address, to spot retransmitted
-    /// requests.
+    /// requests; with `single_port`, the only one, and the demultiplexer
+    /// of the listener (kept in step with the slab by `start` and `take`,
+    /// so bounded by `max_sessions`).
     by_peer: HashMap<SocketAddr, SessionId>,
     error_replies: TokenBucket,
     refusal_replies: TokenBucket,
@@ -289,6 +309,7 @@ impl<H: Clone> Endpoint<H> {
         Self {
             max_sessions: config.max_sessions,
             max_upload_blksize: config.max_upload_blksize,
+            single_port: config.single_port,
             settings,
             slots: Vec::new(),
             free: Vec::new(),
@@ -473,6 +494,32 @@ impl<H: Clone> Endpoint<H> {
         }
     }
 
+    /// Whether sessions run on the listening port (`--single-port`).
+    pub fn single_port(&self) -> bool {
+        self.single_port
+    }
+
+    /// `--single-port`: where a datagram from `peer` at the listener
+    /// goes. Anything but a request from the peer of a live session is
+    /// that session's (its ACKs, its DATA, its ERROR); a request goes to
+    /// `handle_request`, which decides whether it repeats or replaces the
+    /// running one. Without `single_port` everything is a request.
+    pub fn route(&self, peer: SocketAddr, datagram: &[u8]) -> Route {
+        let live = if self.single_port {
+            self.by_peer
+                .get(&peer)
+                .copied()
+                .filter(|&id| self.entry(id).is_some())
+        } else {
+            None
+        };
+        let request = matches!(datagram, [0, 1 | 2, ..]);
+        match live {
+            Some(id) if !request => Route::Session(id),
+            live => Route::Request { live },
+        }
+    }
+
     /// A datagram on a listening socket from `peer`, sent to `local`,
     /// arriving on an interface with `mtu` (None if unknown).
     #[allow(clippy::too_many_arguments)]
@@ -494,6 +541,9 @@ impl<H: Clone> Endpoint<H> {
             Ok(Packet::Wrq(request)) => (request, true),
             // Never answer an ERROR with an ERROR.
             Ok(Packet::Error { .. }) => return RequestOutcome::Ignored,
+            // Single port: an ACK or DATA of no live session has an unknown
+            // TID (RFC 1350 §4), most often a late one of a finished transfer.
+            Ok(_) if self.single_port => return self.refuse(now, Refusal::UnknownTid, reply),
             Ok(_) => return self.refuse(now, Refusal::Malformed(Malformed::NotARequest), reply),
             Err(error) => {
                 return self.refuse(now, Refusal::Malformed(Malformed::Parse(error)), reply);
@@ -503,12 +553,22 @@ impl<H: Clone> Endpoint<H> {
             return self.refuse(now, Refusal::ShuttingDown, reply);
         }
         let key = RequestKey::of(&request, write);
+        let single_port = self.single_port;
         if let Some(&previous) = self.by_peer.get(&peer) {
-            if let Some(entry) = self.entry(previous) {
+            if let Some(entry) = self.entry_mut(previous) {
                 // The same request again before any progress: the client
-                // retransmitted; the session's own timer answers it.
-                if entry.request == key && entry.transfer.awaiting_first_ack() {
+                // retransmitted; the session's own timer answers it. On a
+                // single port a late copy must not restart a running
+                // transfer either: the same request is always a repeat.
+                if entry.request == key && (single_port || entry.transfer.awaiting_first_ack()) {
                     return RequestOutcome::Ignored;
+                }
+                // Single port: one transfer per client address and port (the
+                // client tells transfers apart by our TID, now always the
+                // same). A new request means it gave up the old one, which
+                // ends at once, silently (as dnsmasq --tftp-single-port does).
+                if single_port {
+                    entry.transfer.supersede(now);
                 }
             }
         }

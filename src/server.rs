@@ -133,6 +133,10 @@ impl Server {
         };
         let cpus = allowed_cpus();
         let count = match config.threads {
+            // Single-port routing needs each client's datagrams on one
+            // shard: SO_REUSEPORT's hash gives that, a shared inherited
+            // socket (every shard receiving from it) does not.
+            _ if config.single_port && !inherited.is_empty() => 1,
             Some(n) => usize::from(n),
             None => cpus.len().max(1),
         };
@@ -510,11 +514,12 @@ fn say(level: Level, text: impl std::fmt::Display) {
 /// A failure that ends the process: on standard error, where whoever
 /// started it looks, and in the log if that is elsewhere.
 pub fn fatal(error: &io::Error) {
-    eprintln!("ringtftpd: {error}");
     if log::is_elsewhere() {
         say(Level::Error, error);
-        log::flush(LOG_FLUSH);
     }
+    // What was queued before (a shard's last words) comes out first.
+    log::flush(LOG_FLUSH);
+    eprintln!("ringtftpd: {error}");
 }
 
 /// `-t`: the server is idle once no request came and no transfer ran for

@@ -681,6 +681,20 @@ impl Transfer {
         }
     }
 
+    /// The peer began another transfer from the same address and port
+    /// (`--single-port`): this one ends now without an ERROR, which the
+    /// peer would take for the answer to its new request. An upload
+    /// already stored and dallying is complete.
+    pub fn supersede(&mut self, now: Instant) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        match self.dallying {
+            Some(stored_at) => self.end(stored_at, Outcome::Completed, None),
+            None => self.end(now, Outcome::Aborted(ErrorCode::NotDefined), None),
+        }
+    }
+
     /// A datagram from the peer (the endpoint has checked its source).
     /// A sender heeds ACK and ERROR, a receiver DATA and ERROR; a runt, a
     /// stray packet or a repeated request is ignored rather than allowed

@@ -42,6 +42,13 @@
 //! copy fail with `EFAULT` (and the session is aborted) instead of raising
 //! SIGBUS here.
 //!
+//! With `--single-port` there are no transfer sockets: a session sends from
+//! the listener its request came to (naming the request's destination as
+//! its source, as the listener's own replies do), and the listener's
+//! receive hands a datagram to the session of its source address and port
+//! (`Endpoint::route`) before anything is parsed as a request; the
+//! listeners then keep receiving through the drain.
+//!
 //! The rooms: `setup` (start-up, ring set-up), `command` (commands to a
 //! shard), `sqe` (every submission entry and its `unsafe`), `token` (CQE
 //! `user_data`), `recv` (receive path), `serve` (transmits into sends),
@@ -168,11 +175,20 @@ struct Listener {
     recv_armed: bool,
 }
 
+/// Where a session's datagrams come and go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Its own transfer socket, at this index of `Shard::tsocks`.
+    Transfer(u32),
+    /// `--single-port`: the listener it was requested on, at this index of
+    /// `Shard::listeners`; sends name their source address (pktinfo).
+    Listener { index: u32, ifindex: u32 },
+}
+
 /// A live session's driver state, at `SessionId::index`.
 struct LiveSock {
     id: SessionId,
-    /// Index of its socket in `Shard::tsocks`.
-    sock: u32,
+    sock: Via,
     peer: SocketAddr,
     /// The address its socket is bound to (with `peer`, the GSO path).
     local: IpAddr,
@@ -227,6 +243,8 @@ struct Shard {
     idle: IdlePool,
     /// `--port-range`: where fresh transfer sockets bind (None: anywhere).
     ports: Option<PortRange>,
+    /// `--single-port`: sessions run on their listener, no transfer sockets.
+    single_port: bool,
     live: usize,
     /// `serve`'s scratch space, kept between calls (None while in use).
     serve_work: Option<Box<ServeWork>>,

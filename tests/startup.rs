@@ -110,6 +110,9 @@ fn serving_address(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> So
             break;
         };
         seen.push(line.clone());
+        if !line.contains("serving") {
+            continue;
+        }
         if let Some(rest) = line.split(" on ").nth(1)
             && let Some(addr) = rest.split(' ').next()
             && let Ok(addr) = addr.trim_end_matches(',').parse()
@@ -599,19 +602,47 @@ fn with_systemd_it_serves_the_activated_socket() {
         .port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut child = spawn(
-        Command::new(activate)
+        Command::new(&activate)
             .args(["--datagram", "-l", &addr.to_string()])
             .arg(env!("CARGO_BIN_EXE_ringtftpd"))
             .args(["--systemd", "-t", "0", "--threads", "2", "--permissive"])
             .arg(dir.path()),
     );
     let mut lines = (stderr_lines(&mut child), Vec::new());
+    // systemd-socket-activate starts the server at the first datagram.
+    activated(&child, addr);
     serving_on(&mut lines, addr);
     for _ in 0..4 {
         assert!(
             answers("127.0.0.1:0", addr),
             "no DATA from the activated socket"
         );
+    }
+    stop_child(&mut child);
+    // Single-port routing on one shared socket: one thread takes it all.
+    let mut child = spawn(
+        Command::new(&activate)
+            .args(["--datagram", "-l", &addr.to_string()])
+            .arg(env!("CARGO_BIN_EXE_ringtftpd"))
+            .args([
+                "--systemd",
+                "--single-port",
+                "--threads",
+                "2",
+                "--permissive",
+            ])
+            .arg(dir.path()),
+    );
+    let mut lines = (stderr_lines(&mut child), Vec::new());
+    activated(&child, addr);
+    serving_on(&mut lines, addr);
+    assert!(
+        lines.1.iter().any(|l| l.contains("with 1 thread(s)")),
+        "{:?}",
+        lines.1
+    );
+    for _ in 0..4 {
+        assert_eq!(first_answer("f", addr), "\x07".repeat(10));
     }
     stop_child(&mut child);
     // Without sockets, --systemd refuses to start.
@@ -621,6 +652,16 @@ fn with_systemd_it_serves_the_activated_socket() {
         stderr.contains("--systemd: no sockets were passed"),
         "{stderr}"
     );
+}
+
+/// Sends requests until one is answered (the first starts the server).
+fn activated(child: &Child, addr: SocketAddr) {
+    for _ in 0..10 {
+        if answers("127.0.0.1:0", addr) {
+            return;
+        }
+    }
+    panic!("pid {}: no answer on {addr}", child.id());
 }
 
 fn which(program: &str) -> Result<std::path::PathBuf, ()> {

@@ -162,6 +162,8 @@ fn play(data: &[u8], finish: bool) -> usize {
         max_sessions,
         // Derived, not read: the seed corpus keeps its meaning.
         max_upload_blksize: ringtftpd::proto::MAX_BLKSIZE,
+        // Not read either: --single-port is not fuzzed here yet.
+        single_port: false,
         settings: Settings {
             limits,
             error_replies_per_sec: u32::from(input.u8()),

@@ -121,8 +121,9 @@ impl<const N: usize> CmsgBuf<N> {
 /// Room for one outgoing `IP_PKTINFO` or `IPV6_PKTINFO`.
 pub type PktinfoCmsg = CmsgBuf<{ cmsg_space(mem::size_of::<libc::in6_pktinfo>()) }>;
 
-/// Room for one `UDP_SEGMENT` (a u16).
-pub type GsoCmsg = CmsgBuf<{ cmsg_space(2) }>;
+/// Room for one `UDP_SEGMENT` (a u16) and, for a send from a listener
+/// (`--single-port`), a pktinfo after it.
+pub type GsoCmsg = CmsgBuf<{ cmsg_space(2) + cmsg_space(mem::size_of::<libc::in6_pktinfo>()) }>;
 
 impl PktinfoCmsg {
     /// Writes a pktinfo that makes the kernel send from `local`, for a socket
@@ -131,41 +132,36 @@ impl PktinfoCmsg {
     /// the kernel accepts for v4-mapped destinations. `ifindex` only matters
     /// for IPv6 (link-local); IPv4 lets routing pick the interface.
     pub fn set(&mut self, local: IpAddr, ifindex: u32, v6_socket: bool) -> Option<usize> {
-        match (local, v6_socket) {
-            (IpAddr::V4(ip), false) => {
-                // in_pktinfo { ipi_ifindex = 0, ipi_spec_dst = local, ipi_addr = 0 }
-                let mut d = [0u8; mem::size_of::<libc::in_pktinfo>()];
-                d[4..8].copy_from_slice(&ip.octets());
-                Some(write_cmsg(
-                    &mut self.0,
-                    libc::IPPROTO_IP,
-                    libc::IP_PKTINFO,
-                    &d,
-                ))
-            }
-            (ip, true) => {
-                let v6 = match ip {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                };
-                let ifindex = if v6.to_ipv4_mapped().is_some() {
-                    0
-                } else {
-                    ifindex
-                };
-                // in6_pktinfo { ipi6_addr = local, ipi6_ifindex }
-                let mut d = [0u8; mem::size_of::<libc::in6_pktinfo>()];
-                d[0..16].copy_from_slice(&v6.octets());
-                d[16..20].copy_from_slice(&ifindex.to_ne_bytes());
-                Some(write_cmsg(
-                    &mut self.0,
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_PKTINFO,
-                    &d,
-                ))
-            }
-            (IpAddr::V6(_), false) => None,
+        write_pktinfo(&mut self.0, local, ifindex, v6_socket)
+    }
+}
+
+/// Writes the pktinfo of [`PktinfoCmsg::set`] at the start of `buf`.
+fn write_pktinfo(buf: &mut [u8], local: IpAddr, ifindex: u32, v6_socket: bool) -> Option<usize> {
+    match (local, v6_socket) {
+        (IpAddr::V4(ip), false) => {
+            // in_pktinfo { ipi_ifindex = 0, ipi_spec_dst = local, ipi_addr = 0 }
+            let mut d = [0u8; mem::size_of::<libc::in_pktinfo>()];
+            d[4..8].copy_from_slice(&ip.octets());
+            Some(write_cmsg(buf, libc::IPPROTO_IP, libc::IP_PKTINFO, &d))
         }
+        (ip, true) => {
+            let v6 = match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            let ifindex = if v6.to_ipv4_mapped().is_some() {
+                0
+            } else {
+                ifindex
+            };
+            // in6_pktinfo { ipi6_addr = local, ipi6_ifindex }
+            let mut d = [0u8; mem::size_of::<libc::in6_pktinfo>()];
+            d[0..16].copy_from_slice(&v6.octets());
+            d[16..20].copy_from_slice(&ifindex.to_ne_bytes());
+            Some(write_cmsg(buf, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &d))
+        }
+        (IpAddr::V6(_), false) => None,
     }
 }
 
@@ -173,6 +169,19 @@ impl GsoCmsg {
     /// Writes a `UDP_SEGMENT` of `segment` bytes; returns the `msg_controllen`.
     pub fn set(&mut self, segment: u16) -> usize {
         write_cmsg(&mut self.0, SOL_UDP, UDP_SEGMENT, &segment.to_ne_bytes())
+    }
+
+    /// The same, then a pktinfo that makes the kernel send from `local`
+    /// (see [`PktinfoCmsg::set`]); `None` if `local` does not fit the socket.
+    pub fn set_with_source(
+        &mut self,
+        segment: u16,
+        local: IpAddr,
+        ifindex: u32,
+        v6_socket: bool,
+    ) -> Option<usize> {
+        let n = self.set(segment);
+        Some(n + write_pktinfo(&mut self.0[n..], local, ifindex, v6_socket)?)
     }
 
     /// The segment size written last.

@@ -75,6 +75,27 @@ fn start_ported(
     limits: Limits,
     port_range: Option<(u16, u16)>,
 ) -> Option<(ShardHandle, SocketAddr)> {
+    start_adjusted(dir, addr, grace, tuning, limits, |c| {
+        c.port_range = port_range
+    })
+}
+
+/// As `start_with`, with the `--single-port` endpoint.
+fn start_single_port(dir: &Path, addr: &str, grace: Duration) -> Option<(ShardHandle, SocketAddr)> {
+    start_adjusted(dir, addr, grace, small_tuning(), limits(), |c| {
+        c.endpoint.single_port = true
+    })
+}
+
+/// As `start_with`, with the shard's configuration changed by `adjust`.
+fn start_adjusted(
+    dir: &Path,
+    addr: &str,
+    grace: Duration,
+    tuning: Tuning,
+    limits: Limits,
+    adjust: impl FnOnce(&mut ShardConfig),
+) -> Option<(ShardHandle, SocketAddr)> {
     let listener = match net::bind_listener(addr.parse().unwrap(), 1 << 20) {
         Ok(l) => l,
         Err(e) => {
@@ -102,9 +123,11 @@ fn start_ported(
         uploads: None,
         log_transfers: true,
         shutdown_grace: grace,
-        port_range,
+        port_range: None,
         shards: 1,
     };
+    let mut config = config;
+    adjust(&mut config);
     match spawn_tuned(config, tuning) {
         Ok(h) => Some((h, local)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
@@ -326,6 +349,11 @@ fn fetch_from(
                 sock.send_to(&last_sent, dest).unwrap();
                 continue;
             }
+            // A ring built by this thread and closed since (a shard of an
+            // earlier step) queues its exit work here with a signal-like
+            // notification, which cuts a blocking receive short: retry
+            // (bounded by the deadline).
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => panic!("recv: {e}"),
         };
         let p = &buf[..n];
@@ -599,6 +627,110 @@ fn ipv6_and_dual_stack_downloads() {
         assert_refused(v4, "nope", 1);
         stop(handle);
     }
+}
+
+#[test]
+fn single_port_downloads_leave_from_the_listening_address() {
+    let body = content(300_000, 21);
+    let dir = root_with(&[("f", &body)]);
+    let grace = Duration::from_secs(1);
+    // A wildcard listener: the address each request was sent to is the
+    // one its transfer leaves from (pktinfo), 127.0.0.2 included.
+    let Some((handle, addr)) = start_single_port(dir.path(), "0.0.0.0:0", grace) else {
+        return;
+    };
+    for ip in [[127, 0, 0, 1], [127, 0, 0, 2]] {
+        let server = SocketAddr::from((ip, addr.port()));
+        let got = fetch(server, "f", &[]).expect_body(&body);
+        assert_eq!(got.tid, server, "lock step: every DATA from the listener");
+        // Windows of 8 KiB blocks: UDP GSO sends with the source address.
+        let opts = [("blksize", "8192"), ("windowsize", "16")];
+        let got = fetch(server, "f", &opts).expect_body(&body);
+        assert_eq!(got.tid, server, "windowed");
+    }
+    // Several clients of one address at once, told apart by their ports.
+    let server = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    std::thread::scope(|s| {
+        for _ in 0..6 {
+            s.spawn(|| {
+                let got = fetch(server, "f", &[("windowsize", "4")]).expect_body(&body);
+                assert_eq!(got.tid, server);
+            });
+        }
+    });
+    handle.shut_down();
+    let c = handle.join_report().unwrap().counters;
+    assert!(c.gso_sends > 0, "no segmented send from the listener");
+    assert_eq!((c.gso_fallbacks, c.send_errors), (0, 0));
+    // A dual-stack listener answers IPv4 clients from their plain IPv4
+    // address (v4-mapped pktinfo, with and without GSO).
+    if let Some((handle, addr)) = start_single_port(dir.path(), "[::]:0", grace) {
+        let v4 = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+        let got = fetch(v4, "f", &[("blksize", "1400"), ("windowsize", "8")]).expect_body(&body);
+        assert_eq!(got.tid, v4);
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()));
+        let got = fetch(v6, "f", &[]).expect_body(&body);
+        assert_eq!(got.tid, v6);
+        stop(handle);
+    }
+}
+
+#[test]
+fn single_port_stranger_gets_error_5_from_the_listener_and_the_transfer_goes_on() {
+    let body = content(5000, 22);
+    let dir = root_with(&[("f", &body)]);
+    let Some((handle, addr)) = start_single_port(dir.path(), "127.0.0.1:0", Duration::from_secs(1))
+    else {
+        return;
+    };
+    let stranger = client_for(addr);
+    let mut poked = false;
+    let got = fetch_with(addr, "f", &[], |tid, block| {
+        if block == 2 && !poked {
+            poked = true;
+            assert_eq!(tid, addr);
+            stranger.send_to(&ack(2), tid).unwrap();
+            let mut buf = [0u8; 600];
+            let (n, from) = stranger.recv_from(&mut buf).unwrap();
+            assert_eq!(from, addr);
+            assert_eq!(&buf[..4], &[0, 5, 0, 5], "ERROR 5: {:?}", &buf[..n]);
+        }
+    })
+    .expect_body(&body);
+    assert!(poked);
+    assert_eq!(got.tid, addr);
+    stop(handle);
+}
+
+#[test]
+fn single_port_transfer_finishes_within_the_shutdown_grace() {
+    // Its ACKs come to the listener, which must keep receiving while the
+    // shard drains.
+    let body = content(20_000, 23);
+    let dir = root_with(&[("f", &body)]);
+    let Some((handle, addr)) = start_single_port(dir.path(), "127.0.0.1:0", Duration::from_secs(3))
+    else {
+        return;
+    };
+    let mut handle = Some(handle);
+    let got = fetch_with(addr, "f", &[], |_, block| {
+        if block == 3
+            && let Some(h) = handle.as_ref()
+        {
+            h.shut_down();
+        }
+    });
+    assert!(
+        got.expect_done().data == body,
+        "completed despite the shutdown"
+    );
+    // New requests meanwhile are told why they are refused.
+    let started = Instant::now();
+    handle.take().unwrap().join().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "returned once idle, not at the grace deadline"
+    );
 }
 
 #[test]

@@ -298,20 +298,8 @@ pub fn transfer_socket(local: IpAddr, scope_id: u32, ports: &[u16]) -> io::Resul
     let raw = fd.as_raw_fd();
     if v6 {
         set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-        set_int_opt(
-            raw,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_MTU_DISCOVER,
-            libc::IPV6_PMTUDISC_DONT,
-        )?;
-    } else {
-        set_int_opt(
-            raw,
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_DONT,
-        )?;
     }
+    no_pmtu_discovery(fd.as_fd(), v6)?;
     let addr = |port| match local {
         IpAddr::V4(ip) => SocketAddr::V4(SocketAddrV4::new(ip, port)),
         IpAddr::V6(ip) => {
@@ -333,6 +321,29 @@ pub fn transfer_socket(local: IpAddr, scope_id: u32, ports: &[u16]) -> io::Resul
         }
     }
     Err(last)
+}
+
+/// Turns path-MTU discovery off on a socket that sends DATA (no DF bit:
+/// a large block gets through fragmented rather than vanish into a PMTU
+/// black hole). On a dual-stack IPv6 socket its IPv4 traffic too, where
+/// the kernel takes that option.
+pub fn no_pmtu_discovery(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    let v4 = set_int_opt(
+        raw,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+    );
+    if !v6 {
+        return v4;
+    }
+    set_int_opt(
+        raw,
+        libc::IPPROTO_IPV6,
+        libc::IPV6_MTU_DISCOVER,
+        libc::IPV6_PMTUDISC_DONT,
+    )
 }
 
 /// True if `fd` is an IPv6 socket.
@@ -497,6 +508,24 @@ mod tests {
             );
             assert!(is_v6_socket(fd6.as_fd()).unwrap());
         }
+    }
+
+    #[test]
+    fn no_pmtu_discovery_on_a_dual_stack_listener_covers_both_families() {
+        let Ok(sock) = bind_listener("[::]:0".parse().unwrap(), 0) else {
+            eprintln!("skipping: no IPv6");
+            return;
+        };
+        no_pmtu_discovery(sock.as_fd(), true).unwrap();
+        let fd = sock.as_fd();
+        assert_eq!(
+            get_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER).unwrap(),
+            libc::IPV6_PMTUDISC_DONT
+        );
+        assert_eq!(
+            get_int_opt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER).unwrap(),
+            libc::IP_PMTUDISC_DONT
+        );
     }
 
     #[test]

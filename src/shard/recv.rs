@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::mem;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
@@ -14,9 +14,10 @@ use io_uring::{cqueue, types};
 
 use super::token::{EPOCH_MASK, Token};
 use super::{
-    Held, LISTEN_BGID, Listener, LiveSock, Phase, SESSION_BGID, Shard, batch, cmsg, net, sqe,
+    Counters, Held, LISTEN_BGID, Listener, LiveSock, Phase, SESSION_BGID, Shard, ShardFiles, Via,
+    batch, cmsg, net, sqe,
 };
-use crate::endpoint::{DatagramOutcome, RequestOutcome, SessionId};
+use crate::endpoint::{DatagramOutcome, Endpoint, RequestOutcome, Route, SessionId};
 use crate::refusal::Abort;
 
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +61,50 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// What a datagram at a listener turned out to be.
+enum Arrived {
+    /// A single-port session's, handled.
+    Session(SessionId, DatagramOutcome<'static>),
+    /// A request (or a stranger's datagram), with the peer's live session
+    /// it may have ended and the ingress MTU.
+    Request(RequestOutcome, Option<SessionId>, Option<u32>),
+}
+
+/// Gives session `id` a datagram from `from`, and an upload's accepted
+/// bytes to its writer. An upload's DATA is dropped while the writers are
+/// backlogged: the sender retransmits it later. What is returned borrows
+/// nothing (accepted bytes come back as `Delivered`).
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    endpoint: &mut Endpoint<Held>,
+    files: &mut ShardFiles,
+    counters: &mut Counters,
+    reply: &mut [u8],
+    now: Instant,
+    id: SessionId,
+    from: SocketAddr,
+    datagram: &[u8],
+) -> DatagramOutcome<'static> {
+    let upload = match endpoint.session(id).map(|v| v.handle) {
+        Some(Held::Write(key)) => Some(*key),
+        _ => None,
+    };
+    if upload.is_some() && files.uploads.as_ref().is_some_and(|d| d.is_backlogged()) {
+        counters.upload_backlog_drops += 1;
+        return DatagramOutcome::Ignored;
+    }
+    let outcome = endpoint.handle_datagram(now, id, from, datagram, reply);
+    if let (DatagramOutcome::Received(r), Some(key), Some(desk)) = (outcome, upload, &files.uploads)
+    {
+        desk.store(key, r.offset, r.bytes, r.last);
+    }
+    match outcome {
+        DatagramOutcome::Reply(n) => DatagramOutcome::Reply(n),
+        DatagramOutcome::Ignored => DatagramOutcome::Ignored,
+        _ => DatagramOutcome::Delivered,
+    }
+}
+
 impl Shard {
     pub(super) fn arm_listener(&mut self, index: u32) {
         let Some(l) = self.listeners.get_mut(index as usize) else {
@@ -90,6 +135,7 @@ impl Shard {
 
     pub(super) fn on_listener_recv(&mut self, now: Instant, li: u32, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
+        let listening = self.listening();
         let Some(l) = self.listeners.get_mut(li as usize) else {
             drop(bid.and_then(|b| self.listen_bufs.take(b, 0)));
             return;
@@ -97,7 +143,7 @@ impl Shard {
         let bound = l.bound;
         if !cqueue::more(flags) {
             l.recv_armed = false;
-            if self.phase == Phase::Running {
+            if listening {
                 self.rearm.push(Rearm::Listener(li));
                 self.counters.rearms += 1;
             }
@@ -113,11 +159,11 @@ impl Shard {
         }
         // The guard lives in this block only: the buffer goes back to the
         // ring on every path, right after the endpoint has seen it.
-        let (outcome, peer, local, ifindex, mtu) = {
+        let (arrived, peer, local, ifindex) = {
             let Some(buf) = bid.and_then(|b| self.listen_bufs.take(b, res as usize)) else {
                 return;
             };
-            if self.phase != Phase::Running {
+            if !listening {
                 return;
             }
             self.counters.datagrams_in += 1;
@@ -135,32 +181,90 @@ impl Shard {
             if local.is_ipv4() != peer.is_ipv4() {
                 local = unspecified_like(peer.ip());
             }
-            let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex, now);
-            self.counters.requests += 1;
-            let outcome = if oversized {
-                self.counters.truncated += 1;
-                self.endpoint
-                    .refuse_oversized(now, peer, &mut self.reply[..])
-            } else {
-                self.endpoint.handle_request(
-                    now,
-                    peer,
-                    local,
-                    mtu,
-                    out.payload_data(),
-                    &mut self.files,
-                    &mut self.reply[..],
-                )
+            // Single port: a live session's ACKs and DATA come here. With
+            // SO_REUSEPORT the kernel picks a shard's listener by a hash of
+            // the 4-tuple, and a client sends its ACKs from the address and
+            // port of its request to the address and port our replies left
+            // from (the request's, by pktinfo): the same 4-tuple, so they
+            // reach the shard holding its session as long as the group of
+            // listeners is unchanged (every shard's lives until exit). One
+            // that strayed all the same finds no session here and is
+            // answered as a stranger.
+            let route = self.endpoint.route(peer, out.payload_data());
+            let arrived = match route {
+                Route::Session(_) if oversized => {
+                    // No ACK is that long, and a cut DATA must not be read
+                    // as whole.
+                    self.counters.truncated += 1;
+                    return;
+                }
+                Route::Session(id) => Arrived::Session(
+                    id,
+                    deliver(
+                        &mut self.endpoint,
+                        &mut self.files,
+                        &mut self.counters,
+                        &mut self.reply[..],
+                        now,
+                        id,
+                        peer,
+                        out.payload_data(),
+                    ),
+                ),
+                Route::Request { live } => {
+                    let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex, now);
+                    self.counters.requests += 1;
+                    let outcome = if oversized {
+                        self.counters.truncated += 1;
+                        self.endpoint
+                            .refuse_oversized(now, peer, &mut self.reply[..])
+                    } else {
+                        self.endpoint.handle_request(
+                            now,
+                            peer,
+                            local,
+                            mtu,
+                            out.payload_data(),
+                            &mut self.files,
+                            &mut self.reply[..],
+                        )
+                    };
+                    Arrived::Request(outcome, live, mtu)
+                }
             };
-            (outcome, peer, local, ifindex, mtu)
+            (arrived, peer, local, ifindex)
         };
-        match outcome {
-            RequestOutcome::Started(id) => self.start_session(now, id, li, ifindex, mtu),
-            RequestOutcome::Reply(n) => {
-                self.counters.refused += 1;
-                self.reply_from_listener(li, n, peer, local, ifindex);
+        match arrived {
+            Arrived::Session(id, outcome) => match outcome {
+                DatagramOutcome::Reply(n) => self.reply_from_listener(li, n, peer, local, ifindex),
+                DatagramOutcome::Ignored => {}
+                _ => self.touch(id),
+            },
+            Arrived::Request(outcome, live, mtu) => {
+                // A new request may have ended the peer's running session:
+                // serving it lets it go.
+                if let Some(old) = live {
+                    self.touch(old);
+                }
+                match outcome {
+                    RequestOutcome::Started(id) => self.start_session(now, id, li, ifindex, mtu),
+                    RequestOutcome::Reply(n) => {
+                        self.counters.refused += 1;
+                        self.reply_from_listener(li, n, peer, local, ifindex);
+                    }
+                    RequestOutcome::Ignored => self.counters.ignored += 1,
+                }
             }
-            RequestOutcome::Ignored => self.counters.ignored += 1,
+        }
+    }
+
+    /// Listeners take datagrams while running, and on a single port also
+    /// while draining: the live sessions' ACKs come to them.
+    pub(super) fn listening(&self) -> bool {
+        match self.phase {
+            Phase::Running => true,
+            Phase::Draining { .. } => self.single_port,
+            Phase::Final { .. } => false,
         }
     }
 
@@ -189,20 +293,27 @@ impl Shard {
             .socks
             .get(id.index as usize)
             .is_some_and(|s| s.is_none());
+        let listener_v6 = self.listeners.get(li as usize).map(|l| l.v6);
         let sock = if !slot_free || local.is_ipv4() != peer.is_ipv4() {
             Err(io::Error::from(io::ErrorKind::InvalidInput))
+        } else if self.single_port {
+            // No socket of its own: it runs on the listener it came to.
+            listener_v6
+                .map(|v6| (Via::Listener { index: li, ifindex }, v6))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         } else {
             self.acquire_sock(id, local, ifindex, peer)
+                .map(|si| (Via::Transfer(si), local.is_ipv6()))
         };
         match sock {
-            Ok(si) => {
+            Ok((via, v6)) => {
                 if let Some(slot) = self.socks.get_mut(id.index as usize) {
                     *slot = Some(LiveSock {
                         id,
-                        sock: si,
+                        sock: via,
                         peer,
                         local,
-                        v6: local.is_ipv6(),
+                        v6,
                         blksize,
                         segments,
                         gso_proven: false,
@@ -312,39 +423,16 @@ impl Shard {
             let Some(from) = net::parse_sockaddr(out.name_data()).map(net::canonical) else {
                 return;
             };
-            let upload = match self.endpoint.session(id).map(|v| v.handle) {
-                Some(Held::Write(key)) => Some(*key),
-                _ => None,
-            };
-            if upload.is_some()
-                && self
-                    .files
-                    .uploads
-                    .as_ref()
-                    .is_some_and(|d| d.is_backlogged())
-            {
-                // The disk is behind: the sender retransmits this later.
-                self.counters.upload_backlog_drops += 1;
-                return;
-            }
-            let outcome = self.endpoint.handle_datagram(
+            let outcome = deliver(
+                &mut self.endpoint,
+                &mut self.files,
+                &mut self.counters,
+                &mut self.reply[..],
                 now,
                 id,
                 from,
                 out.payload_data(),
-                &mut self.reply[..],
             );
-            if let (DatagramOutcome::Received(r), Some(key), Some(desk)) =
-                (outcome, upload, &self.files.uploads)
-            {
-                desk.store(key, r.offset, r.bytes, r.last);
-            }
-            // The bytes are queued; what is left borrows nothing.
-            let outcome: DatagramOutcome<'static> = match outcome {
-                DatagramOutcome::Reply(n) => DatagramOutcome::Reply(n),
-                DatagramOutcome::Ignored => DatagramOutcome::Ignored,
-                _ => DatagramOutcome::Delivered,
-            };
             (outcome, from, id)
         };
         match outcome {
@@ -360,7 +448,7 @@ impl Shard {
             match r {
                 Rearm::Listener(i) => {
                     let armed = self.listeners.get(i as usize).is_none_or(|l| l.recv_armed);
-                    if self.phase == Phase::Running && !armed {
+                    if self.listening() && !armed {
                         self.arm_listener(i);
                     }
                 }

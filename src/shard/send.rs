@@ -116,7 +116,8 @@ impl SendSlot {
     /// packets: packet `i` is `header[4 * i..4 * i + 4]` then `payloads[i]`
     /// (pointers into a file mapping, only read by the kernel), each
     /// `segment` bytes long but the last, which may be shorter. The kernel
-    /// cuts the send into those packets (`UDP_SEGMENT`).
+    /// cuts the send into those packets (`UDP_SEGMENT`). From `source`, if
+    /// given, as for [`SendSlot::prepare`].
     pub fn prepare_segments(
         &mut self,
         owner: Owner,
@@ -124,6 +125,7 @@ impl SendSlot {
         segment: u16,
         dest: SocketAddr,
         v6_socket: bool,
+        source: Option<(IpAddr, u32)>,
     ) -> Option<*const libc::msghdr> {
         if payloads.is_empty() || payloads.len() > MAX_SEGMENTS {
             return None;
@@ -146,7 +148,12 @@ impl SendSlot {
                 iovlen += 1;
             }
         }
-        let controllen = self.gso.set(segment);
+        let controllen = match source {
+            Some((local, ifindex)) if !local.is_unspecified() => self
+                .gso
+                .set_with_source(segment, local, ifindex, v6_socket)?,
+            _ => self.gso.set(segment),
+        };
         self.msg.msg_name = self.addr.as_ptr().cast_mut().cast();
         self.msg.msg_namelen = namelen;
         self.msg.msg_iov = self.iov.as_mut_ptr();
@@ -364,6 +371,7 @@ mod tests {
                 1472,
                 "127.0.0.1:9".parse().unwrap(),
                 false,
+                None,
             )
             .unwrap();
         // SAFETY: msg points into the live slot.
@@ -397,6 +405,7 @@ mod tests {
             1472,
             "127.0.0.1:9".parse().unwrap(),
             false,
+            None,
         )
         .unwrap();
         assert_eq!(slot.unsegment(&mut headers, &mut parts), 3);
@@ -413,5 +422,47 @@ mod tests {
         )
         .unwrap();
         assert_eq!(slot.segments(), 1);
+    }
+    #[test]
+    fn segments_from_a_listener_carry_udp_segment_then_pktinfo() {
+        let mut pool = SendPool::new(1);
+        let i = pool.alloc().unwrap();
+        let data = [1u8; 2 * 512];
+        let slot = pool.slot_mut(i).unwrap();
+        let payloads = [(data.as_ptr(), 512), (data[512..].as_ptr(), 512)];
+        let msg = slot
+            .prepare_segments(
+                Owner::Reply,
+                &payloads,
+                516,
+                "[::ffff:127.0.0.1]:9".parse().unwrap(),
+                true,
+                Some(("127.0.0.2".parse().unwrap(), 1)),
+            )
+            .unwrap();
+        // SAFETY: msg points into the live slot.
+        let m = unsafe { &*msg };
+        let control = m.msg_control as *const u8;
+        // msg_controllen is size_t on glibc, socklen_t on musl.
+        #[allow(clippy::useless_conversion)]
+        let len = usize::try_from(m.msg_controllen).unwrap();
+        // SAFETY: msg_control points at msg_controllen bytes of the slot.
+        let bytes = unsafe { std::slice::from_raw_parts(control, len) };
+        assert_eq!(slot.gso.segment(), 516);
+        // The pktinfo after the UDP_SEGMENT names the source address.
+        let info = super::super::cmsg::parse_pktinfo(bytes).expect("a pktinfo");
+        assert_eq!(info.local, "127.0.0.2".parse::<IpAddr>().unwrap());
+        // A v6 source on a v4 socket does not fit.
+        assert!(
+            slot.prepare_segments(
+                Owner::Reply,
+                &payloads,
+                516,
+                "127.0.0.1:9".parse().unwrap(),
+                false,
+                Some(("::1".parse().unwrap(), 1)),
+            )
+            .is_none()
+        );
     }
 }

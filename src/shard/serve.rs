@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::batch::{Batch, Offer};
 use super::send::{HEADER_CAP, MAX_SEGMENTS, Owner};
-use super::{Held, REPLY_CAP, Shard, gso, sqe};
+use super::{Held, REPLY_CAP, Shard, Via, gso, sqe};
 use crate::endpoint::{Finished, SessionId};
 use crate::refusal::Abort;
 use crate::session::Transmit;
@@ -116,7 +116,8 @@ impl Shard {
         };
         let (sock, peer, v6, gso_proven) = (live.sock, live.peer, live.v6, live.gso_proven);
         let (blksize, max_segments) = (usize::from(live.blksize), usize::from(live.segments));
-        let Some(fd) = self.tsock_fd(sock) else {
+        let local = live.local;
+        let Some((fd, source)) = self.via_fd(sock, local) else {
             return;
         };
         // Reused across calls: zeroing 1.7 KiB per call was about 7 % of the
@@ -187,9 +188,10 @@ impl Shard {
                     (blksize + 4) as u16,
                     peer,
                     v6,
+                    source,
                 )
             } else {
-                slot.prepare(Owner::Session(id), header_len, payload, peer, v6, None)
+                slot.prepare(Owner::Session(id), header_len, payload, peer, v6, source)
             };
             match msg {
                 Some(msg) => {
@@ -228,7 +230,9 @@ impl Shard {
             return;
         };
         self.live -= 1;
-        self.release_sock(live.sock, live.peer);
+        if let Via::Transfer(si) = live.sock {
+            self.release_sock(si, live.peer);
+        }
         if let (Held::Write(key), Some(desk)) = (&finished.handle, &mut self.files.uploads) {
             desk.cancel(*key);
         }
@@ -340,7 +344,7 @@ impl Shard {
             return false;
         };
         let (local, peer, sock, v6) = (live.local, live.peer, live.sock, live.v6);
-        let Some(fd) = self.tsock_fd(sock) else {
+        let Some((fd, source)) = self.via_fd(sock, local) else {
             return false;
         };
         self.counters.gso_fallbacks += 1;
@@ -375,7 +379,7 @@ impl Shard {
             };
             slot.header[..4].copy_from_slice(&header[4 * k..4 * k + 4]);
             let payload = Some(payloads[k]).filter(|p| p.1 > 0);
-            match slot.prepare(Owner::Session(id), 4, payload, peer, v6, None) {
+            match slot.prepare(Owner::Session(id), 4, payload, peer, v6, source) {
                 Some(msg) => {
                     self.ring.push(sqe::send_msg(fd, msg, sj));
                     self.sends_queued += 1;

@@ -296,15 +296,32 @@ impl Shard {
                 config.index
             ));
         }
-        let listen_bufs = BufRing::new(tuning.listen_bufs.0, tuning.listen_bufs.1, LISTEN_BGID)?;
-        let session_bufs =
-            BufRing::new(tuning.session_bufs.0, tuning.session_bufs.1, SESSION_BGID)?;
+        let single_port = config.endpoint.single_port;
+        // Single port: every session's ACKs (and uploads' DATA) come to the
+        // listeners, so their ring gets the sessions' share too.
+        let listen_count = if single_port {
+            tuning.listen_bufs.0.max(tuning.session_bufs.0)
+        } else {
+            tuning.listen_bufs.0
+        };
+        let listen_bufs = BufRing::new(listen_count, tuning.listen_bufs.1, LISTEN_BGID)?;
+        // ... and no transfer socket uses the sessions' ring: a token one.
+        let session_count = if single_port {
+            1
+        } else {
+            tuning.session_bufs.0
+        };
+        let session_bufs = BufRing::new(session_count, tuning.session_bufs.1, SESSION_BGID)?;
         listen_bufs.register(&ring.submitter())?;
         session_bufs.register(&ring.submitter())?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for sock in config.listeners {
             let v6 = net::is_v6_socket(sock.as_fd())?;
             let bound = net::local_addr(sock.as_fd())?;
+            if single_port {
+                // DATA leaves from here now: no DF bit, as on transfer sockets.
+                net::no_pmtu_discovery(sock.as_fd(), v6)?;
+            }
             listeners.push(Listener {
                 sock,
                 v6,
@@ -315,8 +332,18 @@ impl Shard {
         let mut endpoint_config = config.endpoint;
         // A DATA packet must fit a session buffer whole, after the kernel's
         // io_uring_recvmsg_out header and the peer's address.
-        let room =
+        let mut room =
             tuning.session_bufs.1 - RECVMSG_OUT_HEADER - mem::size_of::<libc::sockaddr_in6>() - 4;
+        if single_port {
+            // ... a listener's buffer, after its control messages too.
+            room = room.min(
+                tuning.listen_bufs.1
+                    - RECVMSG_OUT_HEADER
+                    - mem::size_of::<libc::sockaddr_in6>()
+                    - cmsg::RECV_CONTROL_LEN
+                    - 4,
+            );
+        }
         endpoint_config.max_upload_blksize = endpoint_config
             .max_upload_blksize
             .min(u16::try_from(room).unwrap_or(u16::MAX));
@@ -355,6 +382,7 @@ impl Shard {
             tsocks_free: Vec::new(),
             idle: IdlePool::new(idle_cap, tuning.min_idle_choice, StdRng::from_os_rng()),
             ports,
+            single_port,
             live: 0,
             serve_work: Some(Box::default()),
             next_epoch: 0,

@@ -41,19 +41,30 @@ impl Shard {
         self.phase = Phase::Draining {
             deadline: now + self.shutdown_grace,
         };
+        // On a single port the live sessions' ACKs still come to the
+        // listeners: they stop only once the drain is over.
+        if !self.single_port {
+            self.cancel_listeners();
+        }
+        self.endpoint.shut_down();
+    }
+
+    fn cancel_listeners(&mut self) {
         for i in 0..self.listeners.len() {
             if self.listeners[i].recv_armed {
                 let token = Token::ListenerRecv(i as u32).encode();
                 self.ring.push(sqe::cancel(token));
             }
         }
-        self.endpoint.shut_down();
     }
 
     pub(super) fn advance_shutdown(&mut self, now: Instant) {
         let Phase::Draining { deadline } = self.phase else {
             return;
         };
+        if self.single_port && (self.live == 0 || now >= deadline) {
+            self.cancel_listeners();
+        }
         if self.live == 0 {
             self.phase = Phase::Final {
                 deadline: now + self.final_drain,

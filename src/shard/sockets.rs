@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use super::pool::{self, Local};
-use super::{Phase, Rearm, Shard, net, sqe};
+use super::{Phase, Rearm, Shard, Via, net, sqe};
 use crate::endpoint::SessionId;
 
 /// A transfer socket: owned by a live session, or idle in the pool.
@@ -28,6 +28,20 @@ impl Shard {
     pub(super) fn tsock_fd(&self, si: u32) -> Option<RawFd> {
         let ts = self.tsocks.get(si as usize)?.as_ref()?;
         Some(ts.fd.as_raw_fd())
+    }
+
+    /// The socket a session sends from, and the source address its sends
+    /// must name: a listener may be bound to a wildcard address, so a
+    /// single-port session's datagrams carry the address its request was
+    /// sent to (as the listener's own replies do).
+    pub(super) fn via_fd(&self, via: Via, local: IpAddr) -> Option<(RawFd, Option<(IpAddr, u32)>)> {
+        match via {
+            Via::Transfer(si) => Some((self.tsock_fd(si)?, None)),
+            Via::Listener { index, ifindex } => {
+                let l = self.listeners.get(index as usize)?;
+                Some((l.sock.as_raw_fd(), Some((local, ifindex))))
+            }
+        }
     }
 
     /// A transfer socket bound to `local` for `peer`: an idle one drawn at

@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringtftpd::endpoint::{DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::endpoint::{
+    DatagramOutcome, Endpoint, EndpointConfig, RequestOutcome, Route, SessionId,
+};
 use ringtftpd::files::Sink;
 pub use ringtftpd::files::mem::MemFiles;
 pub use ringtftpd::policy::Settings;
@@ -407,9 +409,20 @@ impl Sim {
                     },
                     None => {}
                     Some(id) => {
+                        let is_rrq = matches!(Packet::parse(&bytes), Ok(Packet::Rrq(_)));
+                        if self.endpoint.single_port() {
+                            // Everything comes to the listener: the route
+                            // must tell the session's datagrams from requests.
+                            let want = if is_rrq {
+                                Route::Request { live: Some(id) }
+                            } else {
+                                Route::Session(id)
+                            };
+                            assert_eq!(self.endpoint.route(self.peer, &bytes), want);
+                        }
                         // Before any reply the client still sends RRQs to
                         // the listener, not to the transfer port.
-                        if matches!(Packet::parse(&bytes), Ok(Packet::Rrq(_))) {
+                        if is_rrq {
                             let outcome = self.request(&bytes, &mut reply);
                             assert_eq!(
                                 outcome,

@@ -1,7 +1,7 @@
 //! `compare`: runs scenarios S1–S6 (downloads) and S7 (uploads) against ringtftpd,
 //! tftpd-hpa, atftpd and dnsmasq on loopback, one server at a time, and writes
 //! docs/benchmarks.md, its PNG charts and the raw JSON lines. `--quick` runs ringtftpd alone
-//! at tiny sizes and checks correctness only (uploads byte for byte on disk). A run of S7
+//! (as it is and with `--single-port`) at tiny sizes and checks correctness only (uploads byte for byte on disk). A run of S7
 //! alone rewrites only the uploads section of the page and `benchmarks/uploads-raw.jsonl`.
 //!
 //! Normally started by `scripts/compare.sh`, which builds the binaries and installs the
@@ -40,10 +40,12 @@ use server::{Kind, Server};
     about = "Benchmark ringtftpd beside tftpd-hpa, atftpd and dnsmasq on loopback"
 )]
 struct Args {
-    /// Tiny sizes, ringtftpd only, one repetition, no docs: a correctness smoke test.
+    /// Tiny sizes, ringtftpd only (both ways), one repetition, no docs: a correctness smoke test.
     #[arg(long)]
     quick: bool,
-    /// Servers to run, comma-separated (default: all four; with --quick: ringtftpd).
+    /// Servers to run, comma-separated (default: all four; with --quick: ringtftpd and
+    /// ringtftpd-single-port); also
+    /// ringtftpd-single-port and dnsmasq-single-port (every transfer on the listening port).
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
     /// Scenarios to run, comma-separated (default: S1..S7).
@@ -220,7 +222,8 @@ fn real_main(a: &Args) -> Result<bool, String> {
     // Servers.
     let wanted: Vec<Kind> = if a.servers.is_empty() {
         if a.quick {
-            vec![Kind::Ringtftpd]
+            // Both ways of running: single port shares none of the socket pool's code paths.
+            vec![Kind::Ringtftpd, Kind::RingtftpdSinglePort]
         } else {
             server::ALL.to_vec()
         }
@@ -234,7 +237,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
     let mut skipped: Vec<(String, String)> = Vec::new();
     let mut versions: Vec<(String, String)> = Vec::new();
     for k in wanted {
-        let bin = match k {
+        let bin = match k.base() {
             Kind::Ringtftpd => a
                 .ringtftpd
                 .clone()
@@ -246,6 +249,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
                 .or_else(|| which("atftpd"))
                 .unwrap_or_else(|| PathBuf::from("atftpd")),
             Kind::Dnsmasq => a.dnsmasq.clone(),
+            _ => unreachable!("base() is one of the four programs"),
         };
         if !executable(&bin) {
             skipped.push((
@@ -254,19 +258,19 @@ fn real_main(a: &Args) -> Result<bool, String> {
             ));
             continue;
         }
-        if k == Kind::Dnsmasq && procfs::port_in_use(69) {
+        if k.base() == Kind::Dnsmasq && procfs::port_in_use(69) {
             skipped.push((
                 k.name().into(),
                 "UDP port 69 is in use by another program; dnsmasq serves TFTP on 69 only".into(),
             ));
             continue;
         }
-        let v = match k {
-            Kind::Ringtftpd | Kind::Dnsmasq => first_line(&bin, "--version"),
+        let v = match k.base() {
             Kind::TftpdHpa => first_line(&bin, "-V"),
             Kind::Atftpd => {
                 first_line(&bin, "--version").or_else(|| Some("(version not reported)".into()))
             }
+            _ => first_line(&bin, "--version"),
         };
         versions.push((k.name().into(), v.unwrap_or_default()));
         servers.push(Server {
@@ -280,7 +284,8 @@ fn real_main(a: &Args) -> Result<bool, String> {
     if servers.is_empty() {
         return Err("no server to run".into());
     }
-    if a.quick && !servers.iter().any(|s| s.kind == Kind::Ringtftpd) && a.servers.is_empty() {
+    if a.quick && !servers.iter().any(|s| s.kind.base() == Kind::Ringtftpd) && a.servers.is_empty()
+    {
         return Err("ringtftpd is not built".into());
     }
 
@@ -785,7 +790,7 @@ fn summary_text(scenarios: &[Scenario], aggs: &[Agg], floor_us: Option<f64>) -> 
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<4} {:<10} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>7}",
+        "{:<4} {:<21} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>7}",
         "scen",
         "server",
         "transfers/s",
@@ -802,7 +807,7 @@ fn summary_text(scenarios: &[Scenario], aggs: &[Agg], floor_us: Option<f64>) -> 
         for a in aggs.iter().filter(|a| a.scenario == sc.id) {
             let _ = writeln!(
                 s,
-                "{:<4} {:<10} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>7}",
+                "{:<4} {:<21} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>7}",
                 sc.id,
                 a.server,
                 sig3(a.transfers_per_s),

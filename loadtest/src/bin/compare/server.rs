@@ -9,9 +9,24 @@ pub enum Kind {
     TftpdHpa,
     Atftpd,
     Dnsmasq,
+    /// ringtftpd `--single-port`: every transfer on the listening port.
+    RingtftpdSinglePort,
+    /// dnsmasq `--tftp-single-port`.
+    DnsmasqSinglePort,
 }
 
+/// The servers a default run compares.
 pub const ALL: [Kind; 4] = [Kind::Ringtftpd, Kind::TftpdHpa, Kind::Atftpd, Kind::Dnsmasq];
+
+/// Every server `--servers` may name: the default four and the single-port variants.
+pub const NAMED: [Kind; 6] = [
+    Kind::Ringtftpd,
+    Kind::TftpdHpa,
+    Kind::Atftpd,
+    Kind::Dnsmasq,
+    Kind::RingtftpdSinglePort,
+    Kind::DnsmasqSinglePort,
+];
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -20,16 +35,27 @@ impl Kind {
             Kind::TftpdHpa => "tftpd-hpa",
             Kind::Atftpd => "atftpd",
             Kind::Dnsmasq => "dnsmasq",
+            Kind::RingtftpdSinglePort => "ringtftpd-single-port",
+            Kind::DnsmasqSinglePort => "dnsmasq-single-port",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        ALL.into_iter().find(|k| k.name() == s)
+        NAMED.into_iter().find(|k| k.name() == s)
+    }
+
+    /// The server program this is a way of running.
+    pub fn base(self) -> Kind {
+        match self {
+            Kind::RingtftpdSinglePort => Kind::Ringtftpd,
+            Kind::DnsmasqSinglePort => Kind::Dnsmasq,
+            k => k,
+        }
     }
 
     /// Whether the server can take uploads that create new files, and if not, why.
     pub fn uploads(self) -> Result<(), &'static str> {
-        match self {
+        match self.base() {
             Kind::Dnsmasq => Err(
                 "dnsmasq's TFTP server is read-only (it answers every WRQ with an ERROR);                  it has no option to take uploads",
             ),
@@ -39,7 +65,7 @@ impl Kind {
 
     /// dnsmasq has no TFTP port option: it serves on 69 only.
     pub fn fixed_port(self) -> Option<u16> {
-        (self == Kind::Dnsmasq).then_some(69)
+        (self.base() == Kind::Dnsmasq).then_some(69)
     }
 }
 
@@ -59,7 +85,7 @@ impl Server {
         let bin = self.binary.display().to_string();
         let root = root.display().to_string();
         let addr = format!("127.0.0.1:{port}");
-        let v: Vec<String> = match self.kind {
+        let mut v: Vec<String> = match self.kind.base() {
             Kind::Ringtftpd => vec![
                 bin,
                 "--address".into(),
@@ -112,14 +138,26 @@ impl Server {
                 "--quiet-tftp".into(),
                 "--log-facility=/dev/null".into(),
             ],
+            _ => unreachable!("base() is one of the four programs"),
         };
-        let mut v = v;
+        match self.kind {
+            // Before the root, its last argument.
+            Kind::RingtftpdSinglePort => v.insert(v.len() - 1, "--single-port".into()),
+            // dnsmasq 2.90 fails every single-port send with ENETUNREACH when bound to
+            // the interface's address (--bind-interfaces): bound to the wildcard it
+            // still answers only 127.0.0.1 (--listen-address).
+            Kind::DnsmasqSinglePort => {
+                v.retain(|a| a != "--bind-interfaces");
+                v.push("--tftp-single-port".into());
+            }
+            _ => {}
+        }
         if uploads {
-            match self.kind {
+            match self.kind.base() {
                 // Before the root, its last argument.
                 Kind::Ringtftpd => v.insert(v.len() - 1, "-c".into()),
                 Kind::TftpdHpa => v.insert(1, "-c".into()),
-                Kind::Atftpd | Kind::Dnsmasq => {}
+                _ => {}
             }
         }
         v
@@ -179,6 +217,25 @@ mod tests {
         );
         assert_eq!(Kind::Dnsmasq.fixed_port(), Some(69));
         assert_eq!(Kind::parse("tftpd-hpa"), Some(Kind::TftpdHpa));
+        assert!(
+            s(Kind::RingtftpdSinglePort, "r")
+                .command(root, 7000, true)
+                .join(" ")
+                .ends_with(" --single-port -c /tmp/r")
+        );
+        let d = s(Kind::DnsmasqSinglePort, "dnsmasq").command(root, 69, false);
+        assert_eq!(d.last().map(String::as_str), Some("--tftp-single-port"));
+        assert!(!d.iter().any(|a| a == "--bind-interfaces"));
+        assert_eq!(Kind::DnsmasqSinglePort.fixed_port(), Some(69));
+        assert!(Kind::DnsmasqSinglePort.uploads().is_err());
+        assert_eq!(
+            Kind::parse("ringtftpd-single-port"),
+            Some(Kind::RingtftpdSinglePort)
+        );
+        assert!(
+            !ALL.contains(&Kind::RingtftpdSinglePort),
+            "not in a default run"
+        );
         assert_eq!(Kind::parse("x"), None);
     }
 }
