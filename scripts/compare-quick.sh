@@ -116,8 +116,10 @@ if [ "$RING_BUILT" = 0 ]; then
     say "SKIP ringtftpd: the workspace did not build (a $RINGTFTPD left from before would be stale)"
 elif [ -x "$RINGTFTPD" ]; then
     RING_PORT=$(pick_port) || { say "no free UDP port"; exit 1; }
-    # Its per-transfer log lines go to a file, not the terminal.
-    "${PIN_SERVER[@]}" "$RINGTFTPD" --address "127.0.0.1:$RING_PORT" "$ROOT" \
+    # Its per-transfer log lines go to a file, not the terminal. All C
+    # clients come from 127.0.0.1: lift the per-address cap above C.
+    "${PIN_SERVER[@]}" "$RINGTFTPD" --address "127.0.0.1:$RING_PORT" \
+        --max-per-client $((C * 4)) "$ROOT" \
         >"$TMP/ringtftpd.log" 2>&1 &
     PIDS+=($!)
     if wait_listening "$!" "$RING_PORT"; then
