@@ -17,8 +17,7 @@ use std::borrow::Cow;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use crate::policy::{Decision, Incoming, Policy, Settings};
-use crate::proto::Request;
+use crate::policy::{Decision, Incoming, Policy, Settings, decide_renamed};
 use crate::refusal::Refusal;
 
 /// `--normalize[=MODE]`.
@@ -164,15 +163,7 @@ impl Policy for PathPolicy {
             Ok(Cow::Owned(name)) => name,
             Err(refusal) => return Decision::Refuse(refusal),
         };
-        let request = Request {
-            filename: &name,
-            ..*incoming.request
-        };
-        let rewritten = Incoming {
-            request: &request,
-            ..*incoming
-        };
-        self.inner.decide(&rewritten, settings).into_owned()
+        decide_renamed(self.inner.as_ref(), incoming, &name, settings)
     }
 }
 

@@ -192,16 +192,27 @@ impl Policy for RemapPolicy {
         if name == incoming.request.filename {
             return self.inner.decide(incoming, settings);
         }
-        let request = Request {
-            filename: &name,
-            ..*incoming.request
-        };
-        let rewritten = Incoming {
-            request: &request,
-            ..*incoming
-        };
-        self.inner.decide(&rewritten, settings).into_owned()
+        decide_renamed(self.inner.as_ref(), incoming, &name, settings)
     }
+}
+
+/// What `policy` decides on `incoming` as if it had asked for `name` (a
+/// rewrite of its own), the grant owning its path.
+pub fn decide_renamed<'a>(
+    policy: &dyn Policy,
+    incoming: &Incoming<'_>,
+    name: &[u8],
+    settings: &Settings,
+) -> Decision<'a> {
+    let request = Request {
+        filename: name,
+        ..*incoming.request
+    };
+    let renamed = Incoming {
+        request: &request,
+        ..*incoming
+    };
+    policy.decide(&renamed, settings).into_owned()
 }
 
 /// Per-shard limits, rates and policy for new requests.

@@ -9,6 +9,8 @@
 //! The peer comes from `scripts/peer-hpa7.sh` (Debian unstable's package).
 //! If it cannot be had the test fails, unless RINGTFTPD_SKIP_PEER_HPA7=1.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,22 +22,8 @@ fn root() -> PathBuf {
 
 /// The command prefix that runs in.tftpd, or None when told to skip.
 fn peer() -> Option<Vec<String>> {
-    if std::env::var("RINGTFTPD_SKIP_PEER_HPA7").as_deref() == Ok("1") {
-        eprintln!("remap_diff: skipped (RINGTFTPD_SKIP_PEER_HPA7=1)");
-        return None;
-    }
-    let out = Command::new("bash")
-        .arg(root().join("scripts/peer-hpa7.sh"))
-        .output()
-        .expect("run scripts/peer-hpa7.sh");
-    assert!(
-        out.status.success(),
-        "scripts/peer-hpa7.sh could not provide tftpd-hpa 7.x (set RINGTFTPD_SKIP_PEER_HPA7=1 to skip):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8(out.stdout).expect("prefix is text");
-    let prefix: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-    assert!(prefix.len() >= 4, "unexpected prefix {line:?}");
+    let prefix = common::hpa7_command()?;
+    assert!(prefix.len() >= 4, "unexpected prefix {prefix:?}");
     Some(prefix)
 }
 
