@@ -486,6 +486,23 @@ impl<H: Clone> Endpoint<H> {
         files: &mut F,
         reply: &mut [u8],
     ) -> RequestOutcome {
+        self.handle_request_with_mac(now, peer, None, local, mtu, datagram, files, reply)
+    }
+
+    /// As `handle_request`, with the peer's MAC when the driver looked it
+    /// up (see [`Settings::lookup_mac`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_request_with_mac<F: Sink<Handle = H>>(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        mac: Option<[u8; 6]>,
+        local: IpAddr,
+        mtu: Option<u32>,
+        datagram: &[u8],
+        files: &mut F,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
         if !self.admit_datagram(now, peer.ip()) {
             return self.refuse(now, Refusal::RateLimited, reply);
         }
@@ -515,9 +532,8 @@ impl<H: Clone> Endpoint<H> {
         if self.live >= self.max_sessions {
             return self.refuse(now, Refusal::Busy, reply);
         }
-        if self.per_client.get(&peer.ip()).copied().unwrap_or(0)
-            >= self.settings.max_sessions_per_client
-        {
+        let client_sessions = self.per_client.get(&peer.ip()).copied().unwrap_or(0);
+        if client_sessions >= self.settings.max_sessions_per_client {
             return self.refuse(now, Refusal::PerClientCap, reply);
         }
         let incoming = Incoming {
@@ -527,6 +543,8 @@ impl<H: Clone> Endpoint<H> {
             mtu,
             write,
             request: &request,
+            mac,
+            client_sessions,
         };
         let grant = match self.settings.policy.decide(&incoming, &self.settings) {
             Decision::Serve(grant) => grant,

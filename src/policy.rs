@@ -30,6 +30,12 @@ pub struct Incoming<'a> {
     /// A write request (WRQ).
     pub write: bool,
     pub request: &'a Request<'a>,
+    /// The client's hardware address, from the neighbour table, when it is
+    /// directly attached and [`Settings::lookup_mac`] asked for it.
+    pub mac: Option<[u8; 6]>,
+    /// The client address's live sessions on this shard (already below
+    /// [`Settings::max_sessions_per_client`]), for a policy's own cap.
+    pub client_sessions: usize,
 }
 
 /// What to do with a request.
@@ -236,6 +242,9 @@ pub struct Settings {
     pub max_upload: Option<u64>,
     /// `-r/--refuse`, `--refuse-all`.
     pub refused_options: RefusedOptions,
+    /// The policy matches on clients' MACs: the driver looks each
+    /// request's up in the neighbour table (`crate::neigh`).
+    pub lookup_mac: bool,
     pub policy: Arc<dyn Policy>,
 }
 
@@ -255,6 +264,7 @@ impl Default for Settings {
             uploads: false,
             max_upload: None,
             refused_options: RefusedOptions::default(),
+            lookup_mac: false,
             policy: Arc::new(DefaultPolicy),
         }
     }

@@ -119,6 +119,15 @@ impl Server {
     /// shared by every shard), or if there are none on the addresses of
     /// the command line, bound anew by each shard.
     pub fn start_on(config: &Config, inherited: Vec<UdpSocket>) -> io::Result<Server> {
+        // A caller that skipped `Config::parse_checked` still gets its files.
+        let mut loaded;
+        let config = if config.policy_file.is_some() && config.client_rules.is_none() {
+            loaded = config.clone();
+            loaded.check_files().map_err(io::Error::other)?;
+            &loaded
+        } else {
+            config
+        };
         let directory = config.root_directory();
         let files = FileRoot::open(&directory, config.permissive).map_err(|e| {
             io::Error::new(
@@ -136,7 +145,7 @@ impl Server {
             Some(n) => usize::from(n),
             None => cpus.len().max(1),
         };
-        let settings = config.settings_with(count, config.policy(rules, probe.clone()));
+        let settings = config.settings_with(count, config.policy(count, rules, probe.clone()));
         let mut addresses = if inherited.is_empty() {
             config.listen_addresses().map_err(io::Error::other)?
         } else {
@@ -224,9 +233,10 @@ impl Server {
     /// that no longer parses changes nothing.
     pub fn reload(&self, config: &Config) -> Result<(), String> {
         let rules = config.remap_rules()?;
-        let settings = Arc::new(
-            config.settings_with(self.shards.len(), config.policy(rules, self.probe.clone())),
-        );
+        let settings = Arc::new(config.settings_with(
+            self.shards.len(),
+            config.policy(self.shards.len(), rules, self.probe.clone()),
+        ));
         for shard in &self.shards {
             shard.send(Command::Settings(settings.clone()));
         }

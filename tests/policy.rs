@@ -183,6 +183,8 @@ fn the_default_policy_refuses_uploads_only_while_they_are_off() {
             mtu: None,
             write: true,
             request: &request,
+            mac: None,
+            client_sessions: 0,
         };
         match DefaultPolicy.decide(&incoming, settings) {
             Decision::Serve(Grant {
