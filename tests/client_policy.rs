@@ -1,0 +1,221 @@
+//! The policy file through the `Endpoint`, sans-IO: a `ClientPolicy` built
+//! from TOML text decides each request (caps in the OACK, refusals with
+//! their ERROR, uploads per client, a per-client session cap, per-MAC and
+//! per-IP prefixes) exactly as the server's shards would.
+
+mod sim;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ringtftpd::clients::{ClientPolicy, ClientRules};
+use ringtftpd::endpoint::{EndpointConfig, RequestOutcome, SessionId};
+use ringtftpd::files::{OpenError, Sink, Source};
+use ringtftpd::proto::{ErrorCode, Mode, Options, Packet};
+use ringtftpd::refusal::RefusalKind;
+use ringtftpd::session::Transmit;
+use sim::*;
+
+fn peer(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port)
+}
+
+fn rrq(name: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    request(1, name, "octet", options)
+}
+
+fn wrq(name: &str) -> Vec<u8> {
+    request(2, name, "octet", &[])
+}
+
+/// Files in memory for reads; uploads are recorded by name and accepted.
+#[derive(Default)]
+struct Files {
+    mem: MemFiles,
+    writes: Vec<Vec<u8>>,
+}
+
+impl Source for Files {
+    type Handle = Arc<Vec<u8>>;
+
+    fn open_read(&mut self, name: &[u8], mode: Mode) -> Result<(Self::Handle, u64), OpenError> {
+        self.mem.open_read(name, mode)
+    }
+}
+
+impl Sink for Files {
+    fn open_write(
+        &mut self,
+        name: &[u8],
+        _mode: Mode,
+        _tsize: Option<u64>,
+    ) -> Result<Self::Handle, OpenError> {
+        self.writes.push(name.to_vec());
+        Ok(Arc::new(Vec::new()))
+    }
+}
+
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+
+/// A desk whose settings have uploads on, decided by the rules in `toml`.
+fn desk(toml: &str) -> Desk<Files> {
+    let rules = ClientRules::parse(toml).unwrap_or_else(|e| panic!("{e}"));
+    let mut files = Files::default();
+    for (name, len) in [
+        ("boot.img", 100_000),
+        ("52-54-00-ab-cd-ef/boot.img", 3000),
+        ("10.0.0.7/boot.img", 2000),
+    ] {
+        files.mem.insert(name, content(len, len as u64));
+    }
+    let config = EndpointConfig {
+        settings: Settings {
+            uploads: true,
+            lookup_mac: rules.needs_mac(),
+            policy: Arc::new(ClientPolicy::new(Arc::new(rules), 1)),
+            ..settings()
+        },
+        ..config()
+    };
+    Desk::new(config, files)
+}
+
+/// The options of `id`'s first transmit, if it is an OACK.
+fn oack(f: &mut Desk<Files>, id: SessionId) -> Option<Options> {
+    let t = f.endpoint.poll_transmit(f.now, id, &mut f.buf).unwrap();
+    match (t, Packet::parse(&f.buf[..t.header_len()])) {
+        (Transmit::Oack { .. }, Ok(Packet::Oack(options))) => Some(options),
+        _ => None,
+    }
+}
+
+/// Length of the file `id` serves.
+fn served_len(f: &Desk<Files>, id: SessionId) -> usize {
+    f.endpoint.session(id).unwrap().handle.len()
+}
+
+fn with_mac(f: &mut Desk<Files>, from: SocketAddr, mac: [u8; 6], datagram: &[u8]) -> SessionId {
+    match f.endpoint.handle_request_with_mac(
+        f.now,
+        from,
+        Some(mac),
+        LOCAL,
+        f.mtu,
+        datagram,
+        &mut f.files,
+        &mut f.buf,
+    ) {
+        RequestOutcome::Started(id) => id,
+        other => panic!("{from}: expected a start, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_client_in_the_cidr_gets_blksize_capped_in_the_oack_and_another_does_not() {
+    let mut f = desk("[[rule]]\ncidr = \"10.0.1.0/24\"\nmax_blksize = 1024\n");
+    let ask = rrq("boot.img", &[("blksize", "1468")]);
+    let capped = f.started(peer("10.0.1.20", 1000), &ask);
+    assert_eq!(oack(&mut f, capped).unwrap().blksize, Some(1024));
+    let other = f.started(peer("10.0.2.20", 1000), &ask);
+    assert_eq!(oack(&mut f, other).unwrap().blksize, Some(1468));
+    // IPv4-mapped IPv6 (a dual-stack listener's view) is the same client.
+    let mapped = f.started(peer("::ffff:10.0.1.21", 1000), &ask);
+    assert_eq!(oack(&mut f, mapped).unwrap().blksize, Some(1024));
+}
+
+#[test]
+fn a_denied_client_gets_the_rules_error_before_any_open() {
+    let mut f = desk(
+        "[[rule]]\ncidr = \"192.0.2.0/24\"\ndeny = \"not on this network\"\n\
+         [[rule]]\nname = \"secret/**\"\ndeny = true\n",
+    );
+    assert_eq!(
+        f.refused(peer("192.0.2.9", 1000), &rrq("boot.img", &[])),
+        (
+            ErrorCode::AccessViolation,
+            "not on this network".to_string()
+        )
+    );
+    assert_eq!(
+        f.refused(peer("10.0.0.9", 1000), &rrq("/secret/keys/a", &[])),
+        (
+            ErrorCode::AccessViolation,
+            "access denied by policy".to_string()
+        )
+    );
+    assert!(f.files.mem.opens.is_empty(), "{:?}", f.files.mem.opens);
+    assert_eq!(f.endpoint.refusals().get(RefusalKind::Denied), 2);
+    f.started(peer("10.0.0.9", 1001), &rrq("boot.img", &[]));
+}
+
+#[test]
+fn uploads_are_allowed_per_client() {
+    let mut f = desk(
+        "[[rule]]\nuploads = false\n\
+         [[rule]]\ncidr = [\"10.0.5.0/24\", \"fd00:5::/64\"]\nuploads = true\n",
+    );
+    assert_eq!(
+        f.refused(peer("10.0.6.1", 1000), &wrq("up.bin")),
+        (
+            ErrorCode::AccessViolation,
+            "uploads are disabled".to_string()
+        )
+    );
+    assert_eq!(f.endpoint.refusals().get(RefusalKind::UploadsDisabled), 1);
+    f.started(peer("10.0.5.1", 1000), &wrq("up.bin"));
+    f.started(peer("fd00:5::1", 1000), &wrq("up6.bin"));
+    assert_eq!(f.files.writes, [b"up.bin".to_vec(), b"up6.bin".to_vec()]);
+    // Reads are untouched by `uploads`.
+    f.started(peer("10.0.6.1", 1001), &rrq("boot.img", &[]));
+}
+
+#[test]
+fn a_per_client_cap_is_checked_before_the_session_starts() {
+    let mut f = desk("[[rule]]\ncidr = \"10.0.7.0/24\"\nmax_sessions = 2\n");
+    let ask = rrq("boot.img", &[]);
+    f.started(peer("10.0.7.1", 1000), &ask);
+    f.started(peer("10.0.7.1", 1001), &ask);
+    assert_eq!(
+        f.refused(peer("10.0.7.1", 1002), &ask).0,
+        ErrorCode::NotDefined
+    );
+    assert_eq!(f.endpoint.refusals().get(RefusalKind::PerClientCap), 1);
+    assert_eq!(f.endpoint.len(), 2, "no session was started for it");
+    // Another address in the block has its own count; one outside has
+    // only the command line's cap.
+    f.started(peer("10.0.7.2", 1000), &ask);
+    for port in 0..5 {
+        f.started(peer("10.0.8.1", 2000 + port), &ask);
+    }
+}
+
+#[test]
+fn a_mac_prefix_serves_the_clients_own_file_and_an_ip_prefix_too() {
+    let mut f = desk(
+        "[[rule]]\nmac = \"52:54:00:*\"\nprefix = \"{mac}/\"\nmax_blksize = 1024\n\
+         [[rule]]\ncidr = \"10.0.0.7\"\nprefix = \"{ip}/\"\n",
+    );
+    assert!(f.endpoint.settings().lookup_mac);
+    // A leading `/` names the root: the prefix goes before the rest.
+    let slash = rrq("/boot.img", &[("blksize", "1468")]);
+    let id = with_mac(&mut f, peer("10.0.0.5", 1000), MAC, &slash);
+    assert_eq!(served_len(&f, id), 3000);
+    assert_eq!(oack(&mut f, id).unwrap().blksize, Some(1024));
+    // No MAC known (a routed client): the shared file, no MAC rule.
+    let ask = rrq("boot.img", &[("blksize", "1468")]);
+    let shared = f.started(peer("10.0.0.6", 1000), &ask);
+    assert_eq!(served_len(&f, shared), 100_000);
+    assert_eq!(oack(&mut f, shared).unwrap().blksize, Some(1468));
+    let by_ip = f.started(peer("10.0.0.7", 1000), &ask);
+    assert_eq!(served_len(&f, by_ip), 2000);
+    // The open cache is keyed on the prefixed path, so clients never get
+    // each other's files.
+    assert_eq!(
+        f.files.mem.opens,
+        [
+            b"52-54-00-ab-cd-ef/boot.img".to_vec(),
+            b"boot.img".to_vec(),
+            b"10.0.0.7/boot.img".to_vec()
+        ]
+    );
+}
