@@ -1220,6 +1220,33 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_file_is_read_by_check_files_and_becomes_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(
+            &file,
+            "[[rule]]\nmac = \"52:54:00:*\"\nmax_blksize = 1024\n",
+        )
+        .unwrap();
+        let mut c = parse(&["--policy-file", file.to_str().unwrap()]).unwrap();
+        // Not read before check_files: no rules, no MAC lookups.
+        assert!(c.client_rules.is_none() && !c.settings(1).lookup_mac);
+        let summary = c.check_files().unwrap();
+        assert!(summary.ends_with("p.toml: 1 rule(s)"), "{summary}");
+        assert!(c.settings(2).lookup_mac);
+        assert!(format!("{:?}", c.settings(2).policy).starts_with("ClientPolicy"));
+        // Without the file: the command line's policy, no lookups.
+        let mut plain = parse(&[]).unwrap();
+        plain.check_files().unwrap();
+        assert!(!plain.settings(1).lookup_mac);
+        assert_eq!(format!("{:?}", plain.settings(1).policy), "DefaultPolicy");
+        std::fs::write(&file, "[[rule]]\nmac = \"52:54\"\n").unwrap();
+        let mut bad = parse(&["--policy-file", file.to_str().unwrap()]).unwrap();
+        let e = bad.check_files().unwrap_err();
+        assert!(e.contains("p.toml: rule 1, line 2, column 7: mac:"), "{e}");
+    }
+
+    #[test]
     fn inconsistent_rto_bounds_are_refused() {
         rejected(
             &["--rto-min-ms", "500", "--rto-max-ms", "400"],

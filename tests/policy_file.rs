@@ -1,14 +1,14 @@
 //! The policy file through the real binary: `--check-config` says "ok" or
 //! names the error and its line; a start with a bad file fails the same
 //! way; and, in two network namespaces of our own joined by a veth pair,
-//! tftp-hpa fetching through the server gets the file under its MAC's
-//! prefix (the MAC found in the server's neighbour table), while a client
+//! tftp-hpa fetching through the server over IPv4 and IPv6 gets the file
+//! under its MAC's prefix (found in the server's neighbour table), while a client
 //! with no MAC known gets the shared one.
 //!
 //! The namespace test needs root and `ip netns`; without them it prints
 //! `SKIP` and returns, unless RINGTFTPD_REQUIRE_NETNS=1 (then it fails).
-//! Its traffic stays between 10.98.0.1 and 10.98.0.2 inside the two
-//! namespaces (and loopback inside the server's), which a Drop guard
+//! Its traffic stays between 10.98.0.1 and 10.98.0.2 (fd00:98::1 and
+//! fd00:98::2) inside the two namespaces (and loopback inside the server's), which a Drop guard
 //! deletes on every path. Every wait is bounded.
 
 use std::fs;
@@ -184,6 +184,8 @@ fn a_start_with_a_bad_policy_file_fails_with_the_same_message() {
 
 const SERVER_IP: &str = "10.98.0.1";
 const CLIENT_IP: &str = "10.98.0.2";
+const SERVER_IP6: &str = "fd00:98::1";
+const CLIENT_IP6: &str = "fd00:98::2";
 const CLIENT_MAC: &str = "52:54:00:ab:cd:ef";
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -240,27 +242,18 @@ impl Link {
             "link", "add", &sv, "netns", &sv, "type", "veth", "peer", "name", &cl, "netns", &cl,
         ])?;
         ip(&["-n", &cl, "link", "set", "dev", &cl, "address", CLIENT_MAC])?;
-        ip(&[
-            "-n",
-            &sv,
-            "addr",
-            "add",
-            &format!("{SERVER_IP}/24"),
-            "dev",
-            &sv,
-        ])?;
-        ip(&[
-            "-n",
-            &cl,
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/24"),
-            "dev",
-            &cl,
-        ])?;
         for ns in [&sv, &cl] {
             ip(&["-n", ns, "link", "set", "dev", "lo", "up"])?;
             ip(&["-n", ns, "link", "set", "dev", ns, "up"])?;
+        }
+        // IPv6 without duplicate address detection: usable at once.
+        for (ns, addr) in [
+            (&sv, format!("{SERVER_IP}/24")),
+            (&cl, format!("{CLIENT_IP}/24")),
+            (&sv, format!("{SERVER_IP6}/64")),
+            (&cl, format!("{CLIENT_IP6}/64")),
+        ] {
+            ip(&["-n", ns, "addr", "add", &addr, "dev", ns, "nodad"])?;
         }
         Ok(link)
     }
@@ -358,6 +351,7 @@ fn tftp_hpa_gets_the_file_under_its_macs_prefix_in_a_namespace() {
         .arg(env!("CARGO_BIN_EXE_ringtftpd"))
         .args(["--policy-file", s(&policy)])
         .args(["-a", &format!("{SERVER_IP}:69"), "-a", "127.0.0.1:69"])
+        .args(["-a", &format!("[{SERVER_IP6}]:69")])
         .arg(&root)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -378,6 +372,9 @@ fn tftp_hpa_gets_the_file_under_its_macs_prefix_in_a_namespace() {
     // The client on the veth: its MAC is in the server's neighbour table.
     let got = tftp_get(&link.ns('c'), SERVER_IP, "boot.txt", &dest);
     assert_eq!(got.as_deref(), Some("mine\n"), "{}", server_log());
+    // Over IPv6 the neighbour table has it too.
+    let got = tftp_get(&link.ns('c'), SERVER_IP6, "boot.txt", &dest);
+    assert_eq!(got.as_deref(), Some("mine\n"), "IPv6\n{}", server_log());
     // From loopback no MAC is known: the shared file.
     let got = tftp_get(&link.ns('s'), "127.0.0.1", "boot.txt", &dest);
     assert_eq!(got.as_deref(), Some("shared\n"), "{}", server_log());
