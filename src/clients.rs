@@ -597,8 +597,10 @@ pub struct ClientRules {
 /// The merged effects of the rules that matched one request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Matched<'r> {
-    /// 1-based lines of the matching rules' headers, in order.
-    pub rules: Vec<usize>,
+    /// How many rules matched, and the header line of the last one (no
+    /// list: a request allocates nothing to be matched).
+    pub matched: usize,
+    pub last_line: Option<usize>,
     prefix: Option<&'r Prefix>,
     pub max_blksize: Option<u16>,
     pub max_windowsize: Option<u16>,
@@ -775,7 +777,8 @@ impl ClientRules {
                 continue;
             }
             let e = &rule.effects;
-            m.rules.push(rule.line);
+            m.matched += 1;
+            m.last_line = Some(rule.line);
             if let Some(p) = &e.prefix {
                 m.prefix = Some(p);
             }
@@ -1069,15 +1072,15 @@ mod tests {
              [[rule]]\ncidr = \"10.9.0.0/16\"\nrefuse = []\nmax_windowsize = 2\n",
         );
         let m = r.matching(ip("192.0.2.1"), None, b"f");
-        assert_eq!(m.rules, [1]);
+        assert_eq!((m.matched, m.last_line), (1, Some(1)));
         assert_eq!(m.deny, Some("closed"));
         assert_eq!(m.max_blksize, Some(1468));
         let m = r.matching(ip("10.1.0.1"), None, b"f");
-        assert_eq!(m.rules, [1, 5]);
+        assert_eq!((m.matched, m.last_line), (2, Some(5)));
         assert_eq!((m.deny, m.max_blksize), (None, Some(1024)));
         assert_eq!(m.refuse.map(|r| r.tsize), Some(true));
         let m = r.matching(ip("10.9.0.1"), None, b"f");
-        assert_eq!(m.rules, [1, 5, 9]);
+        assert_eq!((m.matched, m.last_line), (3, Some(9)));
         assert_eq!(m.refuse, Some(RefusedOptions::default()));
         assert_eq!((m.max_blksize, m.max_windowsize), (Some(1024), Some(2)));
     }
@@ -1230,5 +1233,43 @@ mod tests {
         assert_eq!(path, b"52-54-00-12-34-56/up");
         let (path, _) = decide(&policy, &on, "10.0.0.1", None, false, 0, b"/a/b").unwrap();
         assert_eq!(path, b"/a/b");
+    }
+
+    const SAMPLE: &str = "[[rule]]\ncidr = [\"10.0.0.0/8\", \"fd00::/8\"]\nmac = \"52:54:00:*\"\n\
+        name = \"efi/**\"\nname_regex = \"^a.*b$\"\nprefix = \"{ip}/{mac}/\"\nmax_blksize = 1024\n\
+        max_windowsize = 4\nrefuse = [\"tsize\"]\nrollover = 0\nmax_sessions = 3\n\
+        uploads = false\ndeny = \"no\"\n";
+
+    proptest::proptest! {
+        #[test]
+        fn no_file_text_panics(
+            cut in 0..SAMPLE.len(),
+            at in 0..SAMPLE.len(),
+            byte in proptest::prelude::any::<u8>(),
+            junk in "\\PC{0,64}",
+        ) {
+            // The sample cut short, one byte changed, or junk inserted.
+            let _ = ClientRules::parse(&SAMPLE[..cut]);
+            let mut bytes = SAMPLE.as_bytes().to_vec();
+            bytes[at] = byte;
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let _ = ClientRules::parse(text);
+            }
+            let _ = ClientRules::parse(&format!("{}{junk}{}", &SAMPLE[..at.min(cut)], &SAMPLE[at.min(cut)..]));
+        }
+
+        #[test]
+        fn no_request_panics(
+            v4 in proptest::prelude::any::<u32>(),
+            v6 in proptest::prelude::any::<u128>(),
+            mac in proptest::prelude::any::<Option<[u8; 6]>>(),
+            name in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+        ) {
+            let r = rules(SAMPLE);
+            for ip in [IpAddr::V4(v4.into()), IpAddr::V6(v6.into())] {
+                let m = r.matching(ip, mac, &name);
+                let _ = m.prefixed(ip, mac, &name);
+            }
+        }
     }
 }

@@ -66,8 +66,8 @@ enum Answer {
     Found([u8; 6]),
     /// No usable entry: definitive.
     Missing,
-    /// The kernel could not answer this way: try another.
-    Unsupported,
+    /// The kernel refused the query with this errno: try another way.
+    Failed(i32),
 }
 
 /// A shard's view of the neighbour table (see the module doc).
@@ -139,7 +139,7 @@ impl Neighbours {
             match self.netlink_get(ip, ifindex) {
                 Answer::Found(mac) => return Some(mac),
                 Answer::Missing => return None,
-                Answer::Unsupported => {}
+                Answer::Failed(_) => {}
             }
         }
         match ip {
@@ -165,13 +165,13 @@ impl Neighbours {
             };
         }
         let Netlink::Open(fd) = &self.netlink else {
-            return Answer::Unsupported;
+            return Answer::Failed(libc::ENOTSOCK);
         };
         self.seq = self.seq.wrapping_add(1);
         let request = get_request(ip, ifindex, self.seq);
         let kernel = NetlinkAddr::new(0, 0);
-        if sendto(fd.as_raw_fd(), &request, &kernel, MsgFlags::empty()).is_err() {
-            return Answer::Unsupported;
+        if let Err(e) = sendto(fd.as_raw_fd(), &request, &kernel, MsgFlags::empty()) {
+            return Answer::Failed(e as i32);
         }
         self.buf.resize(8192, 0);
         // rtnetlink answers inside sendto: the reply is queued by now, so
@@ -181,13 +181,15 @@ impl Neighbours {
                 break;
             };
             if let Some(answer) = parse_reply(&self.buf[..n], self.seq) {
-                if answer == Answer::Unsupported {
+                // Before Linux 5.0 RTM_GETNEIGH has no single-entry get:
+                // stop asking.
+                if answer == Answer::Failed(libc::EOPNOTSUPP) {
                     self.netlink = Netlink::Unavailable;
                 }
                 return answer;
             }
         }
-        Answer::Unsupported
+        Answer::Failed(libc::EAGAIN)
     }
 }
 
@@ -239,12 +241,12 @@ fn parse_reply(datagram: &[u8], seq: u32) -> Option<Answer> {
             match kind {
                 NLMSG_ERROR => {
                     let errno = i32::from_ne_bytes(body.get(0..4)?.try_into().ok()?);
-                    return Some(match -errno {
+                    return Some(match errno.wrapping_neg() {
                         0 | libc::ENOENT => Answer::Missing,
                         // No device by that index (it went away): nothing
                         // to find, but the kernel does answer gets.
                         libc::ENODEV => Answer::Missing,
-                        _ => Answer::Unsupported,
+                        e => Answer::Failed(e),
                     });
                 }
                 RTM_NEWNEIGH => {
@@ -412,7 +414,12 @@ garbage line
         let enoent = message(NLMSG_ERROR, 5, &(-libc::ENOENT).to_ne_bytes());
         assert_eq!(parse_reply(&enoent, 5), Some(Answer::Missing));
         let einval = message(NLMSG_ERROR, 5, &(-libc::EINVAL).to_ne_bytes());
-        assert_eq!(parse_reply(&einval, 5), Some(Answer::Unsupported));
+        assert_eq!(parse_reply(&einval, 5), Some(Answer::Failed(libc::EINVAL)));
+        let old_kernel = message(NLMSG_ERROR, 5, &(-libc::EOPNOTSUPP).to_ne_bytes());
+        assert_eq!(
+            parse_reply(&old_kernel, 5),
+            Some(Answer::Failed(libc::EOPNOTSUPP))
+        );
         // Two messages in one datagram: the stale one, then ours.
         let mut both = newneigh(4, 0x02, &[(NDA_LLADDR, &[1; 6])]);
         both.extend(newneigh(5, 0x02, &[(NDA_LLADDR, &mac)]));
@@ -421,6 +428,8 @@ garbage line
         for cut in 0..stale.len() {
             let _ = parse_reply(&stale[..cut], 5);
         }
+        let min = message(NLMSG_ERROR, 5, &i32::MIN.to_ne_bytes());
+        assert_eq!(parse_reply(&min, 5), Some(Answer::Failed(i32::MIN)));
         let mut liar = stale.clone();
         liar[0] = 0xff;
         assert_eq!(parse_reply(&liar, 5), None);
