@@ -364,7 +364,8 @@ pub struct Config {
     #[arg(long = "policy-file", value_name = "FILE")]
     pub policy_file: Option<PathBuf>,
 
-    /// Check the command line and the files it names (the policy file),
+    /// Check the command line and the files it names (the remap and
+    /// policy files),
     /// print a one-line summary and exit: 0 if all is well, 1 with the
     /// error (and its line) if not.
     #[arg(long = "check-config")]

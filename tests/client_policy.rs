@@ -11,8 +11,10 @@ use std::sync::Arc;
 use ringtftpd::clients::{ClientPolicy, ClientRules};
 use ringtftpd::endpoint::{EndpointConfig, RequestOutcome, SessionId};
 use ringtftpd::files::{OpenError, Sink, Source};
+use ringtftpd::policy::{Policy, RemapPolicy};
 use ringtftpd::proto::{ErrorCode, Mode, Options, Packet};
 use ringtftpd::refusal::RefusalKind;
+use ringtftpd::remap::RemapRules;
 use ringtftpd::session::Transmit;
 use sim::*;
 
@@ -59,7 +61,22 @@ const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
 
 /// A desk whose settings have uploads on, decided by the rules in `toml`.
 fn desk(toml: &str) -> Desk<Files> {
+    desk_with(toml, None)
+}
+
+/// The same, with tftpd-hpa remap rules in front when `remap` is given.
+fn desk_with(toml: &str, remap: Option<&str>) -> Desk<Files> {
     let rules = ClientRules::parse(toml).unwrap_or_else(|e| panic!("{e}"));
+    let lookup_mac = rules.needs_mac();
+    let mut policy: Arc<dyn Policy> = Arc::new(ClientPolicy::new(Arc::new(rules), 1));
+    if let Some(remap) = remap {
+        policy = Arc::new(RemapPolicy {
+            rules: RemapRules::parse(remap).expect("remap rules"),
+            max_steps: 64,
+            probe: None,
+            inner: policy,
+        });
+    }
     let mut files = Files::default();
     for (name, len) in [
         ("boot.img", 100_000),
@@ -71,8 +88,8 @@ fn desk(toml: &str) -> Desk<Files> {
     let config = EndpointConfig {
         settings: Settings {
             uploads: true,
-            lookup_mac: rules.needs_mac(),
-            policy: Arc::new(ClientPolicy::new(Arc::new(rules), 1)),
+            lookup_mac,
+            policy,
             ..settings()
         },
         ..config()
@@ -218,4 +235,28 @@ fn a_mac_prefix_serves_the_clients_own_file_and_an_ip_prefix_too() {
             b"10.0.0.7/boot.img".to_vec()
         ]
     );
+}
+
+#[test]
+fn names_are_matched_after_remap_rewrote_them() {
+    // The remap turns `EFI\BOOT.IMG` into `efi/boot.img`; the rule on
+    // `efi/**` then caps it, and its prefix goes before the rewritten name.
+    let mut f = desk_with(
+        "[[rule]]\nname = \"efi/**\"\nmax_blksize = 1024\nprefix = \"{ip}/\"\n",
+        Some("rg \\\\ /\nr ^EFI/BOOT.IMG$ efi/boot.img\n"),
+    );
+    f.files
+        .mem
+        .insert("10.0.0.3/efi/boot.img", content(5000, 5));
+    let ask = rrq("EFI\\BOOT.IMG", &[("blksize", "1468")]);
+    let id = f.started(peer("10.0.0.3", 1000), &ask);
+    assert_eq!(served_len(&f, id), 5000);
+    assert_eq!(oack(&mut f, id).unwrap().blksize, Some(1024));
+    assert_eq!(f.files.mem.opens, [b"10.0.0.3/efi/boot.img".to_vec()]);
+    // A name the remap leaves alone is matched as asked: no rule here.
+    let plain = f.started(
+        peer("10.0.0.3", 1001),
+        &rrq("boot.img", &[("blksize", "1468")]),
+    );
+    assert_eq!(oack(&mut f, plain).unwrap().blksize, Some(1468));
 }

@@ -351,6 +351,8 @@ fn remap_direction_and_family_letters_see_the_request() {
             mtu: None,
             write,
             request: &request,
+            mac: None,
+            client_sessions: 0,
         };
         match policy.decide(&incoming, &settings) {
             Decision::Serve(grant) => grant.path.into_owned(),

@@ -1,5 +1,5 @@
 //! The policy file through the real binary: `--check-config` says "ok" or
-//! names the error and its line; a start with a bad file fails the same
+//! names the error and its line (the remap file's too); a start with a bad file fails the same
 //! way; and, in two network namespaces of our own joined by a veth pair,
 //! tftp-hpa fetching through the server over IPv4 and IPv6 gets the file
 //! under its MAC's prefix (found in the server's neighbour table), while a client
@@ -121,6 +121,26 @@ fn check_config_says_ok_with_a_summary_and_exits_0() {
     assert!(lines[0].contains("2 rule(s)"), "{out}");
     // Nothing was bound or served.
     assert!(!err.contains("serving"), "{err}");
+    // The remap file is checked too.
+    let map = dir.path().join("map.rules");
+    write(&map, "r ^a b\nri ^C d\n");
+    let (status, out, err) = run_to_exit(&[
+        "--check-config",
+        "--map-file",
+        s(&map),
+        "--policy-file",
+        s(&file),
+        s(dir.path()),
+    ]);
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        out.contains("map.rules: 2 rule(s)") && out.contains("policy.toml: 2 rule(s)"),
+        "{out}"
+    );
+    write(&map, "r ^a b\nzq ^a b\n");
+    let (status, out, err) = run_to_exit(&["--check-config", "--map-file", s(&map), s(dir.path())]);
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(err.contains("map.rules") && err.contains("line 2"), "{err}");
     // Without a policy file it checks the command line and the directory.
     let (status, out, _) = run_to_exit(&["--check-config", s(dir.path())]);
     assert!(
