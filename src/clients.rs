@@ -398,7 +398,13 @@ fn compile(re: &str) -> Result<Regex, String> {
     regex::bytes::RegexBuilder::new(re)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|e| e.to_string().replace('\n', " "))
+        // regex's message is a drawing over several lines: one line here.
+        .map_err(|e| {
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
 }
 
 /// One piece of a prefix.
