@@ -31,7 +31,7 @@
 //! before the name (`{ip}` and `{mac}` expand to the client's address and
 //! MAC; with `{mac}` and no MAC known, no prefix is added, as dnsmasq's
 //! `--tftp-unique-root=mac` falls back to the shared root); `rollover`
-//! accepts 0 only: transfers past block 65535 always roll over to 0.
+//! (0 or 1) is the block number that follows 65535, for reads and writes.
 #![forbid(unsafe_code)]
 
 use std::borrow::Cow;
@@ -45,7 +45,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use crate::policy::{Decision, Grant, Incoming, Policy, RefusedOptions, Settings};
 use crate::proto;
 use crate::refusal::Refusal;
-use crate::session::MAX_WINDOWSIZE;
+use crate::session::{MAX_WINDOWSIZE, Rollover};
 
 /// Most rules in one file (each request tries them all).
 pub const MAX_RULES: usize = 1024;
@@ -192,7 +192,7 @@ struct RawRule {
     max_blksize: Option<Blksize>,
     max_windowsize: Option<Windowsize>,
     refuse: Option<Vec<OptionName>>,
-    rollover: Option<Rollover>,
+    rollover: Option<RolloverField>,
     max_sessions: Option<SessionCap>,
     uploads: Option<bool>,
     deny: Option<DenyField>,
@@ -512,20 +512,18 @@ bounded_int!(
 bounded_int!(Windowsize, u16, "max_windowsize", 1u16, MAX_WINDOWSIZE);
 bounded_int!(SessionCap, u32, "max_sessions", 1u32, MAX_SESSIONS);
 
-/// `rollover`: 0 only, for now (see the module doc).
+/// `rollover`: what block numbers go on from past 65535, 0 or 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "i64")]
-struct Rollover(u8);
+struct RolloverField(Rollover);
 
-impl TryFrom<i64> for Rollover {
+impl TryFrom<i64> for RolloverField {
     type Error = String;
 
     fn try_from(n: i64) -> Result<Self, String> {
         match n {
-            0 => Ok(Rollover(0)),
-            1 => Err("rollover: 1 is not supported: transfers past block 65535 \
-                      always roll over to 0 (rollover = 0)"
-                .to_string()),
+            0 => Ok(RolloverField(Rollover::Zero)),
+            1 => Ok(RolloverField(Rollover::One)),
             _ => Err(format!("rollover: {n} is not 0 or 1")),
         }
     }
@@ -558,9 +556,7 @@ struct Effects {
     max_blksize: Option<u16>,
     max_windowsize: Option<u16>,
     refuse: Option<RefusedOptions>,
-    /// Accepted for 0 only (see the module doc); kept for when the session
-    /// can roll over to 1.
-    rollover: Option<u8>,
+    rollover: Option<Rollover>,
     max_sessions: Option<u32>,
     uploads: Option<bool>,
     /// `Some(None)`: `deny = false`, lifting an earlier rule's deny.
@@ -611,7 +607,7 @@ pub struct Matched<'r> {
     pub max_blksize: Option<u16>,
     pub max_windowsize: Option<u16>,
     pub refuse: Option<RefusedOptions>,
-    pub rollover: Option<u8>,
+    pub rollover: Option<Rollover>,
     pub max_sessions: Option<u32>,
     pub uploads: Option<bool>,
     pub deny: Option<&'static str>,
@@ -863,6 +859,7 @@ impl Policy for ClientPolicy {
             limits,
             max_upload: settings.max_upload,
             refused,
+            rollover: m.rollover.unwrap_or_default(),
         })
     }
 }
@@ -912,14 +909,22 @@ mod tests {
         assert!(e.message.contains("unknown field `blksize`"), "{e}");
         let e = error("[[rule]]\nrefuse = [\"tsize\", \"bogus\"]\n");
         assert!(e.message.contains("refuse: 'bogus'"), "{e}");
-        let e = error("[[rule]]\nrollover = 1\n");
-        assert!(e.message.contains("rollover: 1 is not supported"), "{e}");
+        let e = error("[[rule]]\nrollover = 2\n");
+        assert!(e.message.contains("rollover: 2 is not 0 or 1"), "{e}");
         assert!(
-            error("[[rule]]\nrollover = 2\n")
+            error("[[rule]]\nrollover = -1\n")
                 .message
                 .contains("not 0 or 1")
         );
-        assert_eq!(rules("[[rule]]\nrollover = 0\n").len(), 1);
+        let r = rules("[[rule]]\nrollover = 1\n[[rule]]\ncidr = \"10.0.0.0/8\"\nrollover = 0\n");
+        assert_eq!(
+            r.matching(ip("192.0.2.1"), None, b"f").rollover,
+            Some(Rollover::One)
+        );
+        assert_eq!(
+            r.matching(ip("10.0.0.1"), None, b"f").rollover,
+            Some(Rollover::Zero)
+        );
         let e = error("[[rule]]\nprefix = \"{hostname}/\"\n");
         assert!(e.message.contains("{ip} and {mac}"), "{e}");
         assert!(

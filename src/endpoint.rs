@@ -567,6 +567,7 @@ impl<H: Clone> Endpoint<H> {
         let asked = grant.refused.strip(&request.options);
         let negotiated = session::negotiate(&asked, content_len, mtu, ipv6, &limits);
         let mut transfer = Transfer::new_read(now, &negotiated, content_len, &limits);
+        transfer.set_rollover(grant.rollover);
         // A client seen recently starts from what its last transfer
         // measured; a first contact keeps the conservative initial RTO.
         if let Some(path) = path {
@@ -638,7 +639,8 @@ impl<H: Clone> Endpoint<H> {
         // acknowledged.
         let asked = grant.refused.strip(&request.options);
         let negotiated = session::negotiate(&asked, echoed, mtu, ipv6, &limits);
-        let transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
+        let mut transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
+        transfer.set_rollover(grant.rollover);
         self.start(&incoming, &grant.path, transfer, handle, key, reply)
     }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::proto::{Options, Request};
 use crate::refusal::Refusal;
 use crate::remap::{RemapContext, RemapRules, Remapped};
-use crate::session::Limits;
+use crate::session::{Limits, Rollover};
 
 /// A request that passed admission (rate, duplicates, capacity), as the
 /// endpoint parsed it, for a [`Policy`] to decide on.
@@ -72,6 +72,8 @@ pub struct Grant<'a> {
     /// Options not negotiated for this request (as if the client had not
     /// asked).
     pub refused: RefusedOptions,
+    /// What block numbers go on from past 65535.
+    pub rollover: Rollover,
 }
 
 /// RFC 2347 options the server will not negotiate (tftpd-hpa's
@@ -140,6 +142,7 @@ impl Policy for DefaultPolicy {
             limits: settings.limits.clone(),
             max_upload: settings.max_upload,
             refused: settings.refused_options,
+            rollover: Rollover::Zero,
         };
         if incoming.write && !settings.uploads {
             return Decision::Refuse(Refusal::UploadsDisabled);

@@ -15,7 +15,7 @@ use ringtftpd::policy::{Policy, RemapPolicy};
 use ringtftpd::proto::{ErrorCode, Mode, Options, Packet};
 use ringtftpd::refusal::RefusalKind;
 use ringtftpd::remap::RemapRules;
-use ringtftpd::session::Transmit;
+use ringtftpd::session::{Rollover, Transmit};
 use sim::*;
 
 fn peer(ip: &str, port: u16) -> SocketAddr {
@@ -259,4 +259,127 @@ fn names_are_matched_after_remap_rewrote_them() {
         &rrq("boot.img", &[("blksize", "1468")]),
     );
     assert_eq!(oack(&mut f, plain).unwrap().blksize, Some(1468));
+}
+
+/// Every transmit of `id` now: (wire block, payload bytes) for DATA, and
+/// the ACK numbers sent.
+fn drain(f: &mut Desk<Files>, id: SessionId, content: &[u8]) -> (Vec<(u16, Vec<u8>)>, Vec<u16>) {
+    let (mut data, mut acks) = (Vec::new(), Vec::new());
+    while let Some(t) = f.endpoint.poll_transmit(f.now, id, &mut f.buf) {
+        match (t, Packet::parse(&f.buf[..t.header_len()])) {
+            (Transmit::Data { payload, .. }, _) => {
+                let block = u16::from_be_bytes([f.buf[2], f.buf[3]]);
+                let start = payload.offset as usize;
+                data.push((block, content[start..start + payload.len].to_vec()));
+            }
+            (Transmit::Ack { block }, _) => acks.push(block),
+            (Transmit::Oack { .. }, Ok(Packet::Oack(_))) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    (data, acks)
+}
+
+fn ack(block: u16) -> Vec<u8> {
+    let mut a = vec![0, 4];
+    a.extend_from_slice(&block.to_be_bytes());
+    a
+}
+
+/// Reads `big.bin` (past block 65535) as a windowed client that numbers
+/// blocks with `rollover`: the bytes received and the DATA numbers seen.
+fn read_past_the_wrap(
+    rule: &str,
+    from: SocketAddr,
+    rollover: Rollover,
+    window: u16,
+) -> (Vec<u8>, Vec<u16>) {
+    let mut f = desk(rule);
+    let file = content(65537 * 8 + 3, 7);
+    f.files.mem.insert("big.bin", file.clone());
+    let ask = rrq(
+        "big.bin",
+        &[("blksize", "8"), ("windowsize", &window.to_string())],
+    );
+    let id = f.started(from, &ask);
+    let (mut got, mut seen) = (Vec::new(), Vec::new());
+    let mut next = 1u64;
+    f.endpoint
+        .handle_datagram(f.now, id, from, &ack(0), &mut vec![0; 600]);
+    // One window per turn; 4200 turns cover 65,538 blocks at 16 a window.
+    for _ in 0..70_000 {
+        let (data, _) = drain(&mut f, id, &file);
+        if data.is_empty() {
+            break;
+        }
+        for (block, payload) in &data {
+            seen.push(*block);
+            if *block == rollover.wire(next) {
+                got.extend_from_slice(payload);
+                next += 1;
+            }
+        }
+        f.now += std::time::Duration::from_millis(1);
+        let acked = rollover.wire(next - 1);
+        f.endpoint
+            .handle_datagram(f.now, id, from, &ack(acked), &mut vec![0; 600]);
+    }
+    (got, seen)
+}
+
+#[test]
+fn a_rules_rollover_numbers_blocks_past_65535_from_1_or_0() {
+    let rule = "[[rule]]\ncidr = \"10.0.9.0/24\"\nrollover = 1\n";
+    let file = content(65537 * 8 + 3, 7);
+    for window in [1, 16] {
+        let (got, seen) = read_past_the_wrap(rule, peer("10.0.9.1", 1000), Rollover::One, window);
+        assert_eq!(got, file, "windowsize {window}");
+        let at = seen.iter().position(|&b| b == 65535).unwrap();
+        assert_eq!(&seen[at..at + 3], [65535, 1, 2], "windowsize {window}");
+        assert!(!seen.contains(&0), "no DATA 0 with rollover 1");
+        // Another client keeps the default: 65535, then 0.
+        let (got, seen) = read_past_the_wrap(rule, peer("10.0.8.1", 1000), Rollover::Zero, window);
+        assert_eq!(got, file);
+        let at = seen.iter().position(|&b| b == 65535).unwrap();
+        assert_eq!(&seen[at..at + 3], [65535, 0, 1]);
+    }
+}
+
+#[test]
+fn an_upload_past_65535_blocks_is_acknowledged_with_the_rules_rollover() {
+    let mut f = desk("[[rule]]\nrollover = 1\n");
+    let from = peer("10.0.9.2", 1000);
+    let id = f.started(from, &request(2, "up.bin", "octet", &[("blksize", "8")]));
+    let (_, acks) = drain(&mut f, id, &[]);
+    let mut last_acks = acks;
+    let mut stored = 0u64;
+    let total = 65537u64;
+    for b in 1..=total {
+        let wire = Rollover::One.wire(b);
+        let mut d = vec![0, 3];
+        d.extend_from_slice(&wire.to_be_bytes());
+        d.extend_from_slice(if b == total {
+            &[1, 2, 3][..]
+        } else {
+            &[9; 8][..]
+        });
+        match f
+            .endpoint
+            .handle_datagram(f.now, id, from, &d, &mut vec![0; 600])
+        {
+            ringtftpd::endpoint::DatagramOutcome::Received(r) => {
+                assert_eq!(r.offset, stored, "block {b} ({wire})");
+                stored += r.bytes.len() as u64;
+            }
+            other => panic!("block {b} ({wire}): {other:?}"),
+        }
+        if b == total {
+            f.endpoint.commit_done(f.now, id);
+        }
+        last_acks = drain(&mut f, id, &[]).1;
+        assert_eq!(last_acks, [wire], "block {b}");
+    }
+    assert_eq!(stored, (total - 1) * 8 + 3);
+    assert_eq!(last_acks, [Rollover::One.wire(total)]);
+    assert_eq!(Rollover::One.wire(total), 2);
 }
