@@ -47,6 +47,8 @@ use crate::proto;
 use crate::refusal::Refusal;
 use crate::session::{MAX_WINDOWSIZE, Rollover};
 
+/// Longest policy file, in bytes.
+pub const MAX_FILE_LEN: u64 = 1 << 20;
 /// Most rules in one file (each request tries them all).
 pub const MAX_RULES: usize = 1024;
 /// Longest `prefix`, before expansion.
@@ -749,8 +751,17 @@ impl ClientRules {
 
     /// Reads and parses `path`; the error names the file.
     pub fn load(path: &std::path::Path) -> Result<ClientRules, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("policy file {}: {e}", path.display()))?;
+        use std::io::Read;
+        let fail = |e: &dyn fmt::Display| format!("policy file {}: {e}", path.display());
+        let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+        let mut text = String::new();
+        // One byte past the bound tells a file that is too long.
+        file.take(MAX_FILE_LEN + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| fail(&e))?;
+        if text.len() as u64 > MAX_FILE_LEN {
+            return Err(fail(&format!("longer than {MAX_FILE_LEN} bytes")));
+        }
         ClientRules::parse(&text).map_err(|e| format!("policy file {}: {e}", path.display()))
     }
 

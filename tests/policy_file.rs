@@ -166,7 +166,16 @@ fn check_config_names_the_error_its_rule_and_line_and_exits_1() {
     assert!(line.contains(s(&file)), "{line}");
     assert!(line.contains("rule 2, line 5"), "{line}");
     assert!(line.contains("cidr: '10.0.0.0/33'"), "{line}");
-    // A file that is not there.
+    // One too long, and one that is not there.
+    let long = dir.path().join("long.toml");
+    write(&long, &"# padding\n".repeat(110_000));
+    let (status, _, err) =
+        run_to_exit(&["--check-config", "--policy-file", s(&long), s(dir.path())]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("long.toml: longer than 1048576 bytes"),
+        "{err}"
+    );
     let missing = dir.path().join("nope.toml");
     let (status, _, err) = run_to_exit(&[
         "--check-config",
