@@ -365,9 +365,8 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
 
     /// Check the command line and the files it names (the remap and
-    /// policy files),
-    /// print a one-line summary and exit: 0 if all is well, 1 with the
-    /// error (and its line) if not.
+    /// policy files), print a one-line summary and exit: 0 if all is
+    /// well, 1 with the error (and its line) if not.
     #[arg(long = "check-config")]
     pub check_config: bool,
 
@@ -641,6 +640,17 @@ impl Config {
             self.client_rules = Some(Arc::new(rules));
         }
         Ok(checked.join("; "))
+    }
+
+    /// This configuration with its files read: itself if `check_files`
+    /// ran (as `parse_checked` does), else a copy that read them.
+    pub fn with_files(&self) -> Result<std::borrow::Cow<'_, Config>, String> {
+        if self.policy_file.is_none() || self.client_rules.is_some() {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        }
+        let mut loaded = self.clone();
+        loaded.check_files()?;
+        Ok(std::borrow::Cow::Owned(loaded))
     }
 
     /// The innermost policy: the policy file's rules over the command

@@ -119,15 +119,7 @@ impl Server {
     /// shared by every shard), or if there are none on the addresses of
     /// the command line, bound anew by each shard.
     pub fn start_on(config: &Config, inherited: Vec<UdpSocket>) -> io::Result<Server> {
-        // A caller that skipped `Config::parse_checked` still gets its files.
-        let mut loaded;
-        let config = if config.policy_file.is_some() && config.client_rules.is_none() {
-            loaded = config.clone();
-            loaded.check_files().map_err(io::Error::other)?;
-            &loaded
-        } else {
-            config
-        };
+        let config = &*config.with_files().map_err(io::Error::other)?;
         let directory = config.root_directory();
         let files = FileRoot::open(&directory, config.permissive).map_err(|e| {
             io::Error::new(
@@ -368,6 +360,8 @@ fn detach() -> io::Result<std::os::fd::OwnedFd> {
 /// drains the others the same way and makes `run` fail, so the process
 /// exits non-zero and a service manager can restart it.
 pub fn run(config: &Config) -> io::Result<()> {
+    // The policy file, read once (reloads keep these rules).
+    let config = &*config.with_files().map_err(io::Error::other)?;
     if let Some(input) = &config.map_test {
         return map_test(config, input);
     }
