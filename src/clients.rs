@@ -12,7 +12,7 @@
 //! known matches no `mac`), `name` (one glob or a list) and `name_regex`
 //! on the requested name, leading `/` removed. A rule with no match field
 //! matches every request. The name is the one the policy is given: behind
-//! a remap policy, the rewritten name.
+//! the remap and path policies, the rewritten, normalized name.
 //!
 //! # Merging
 //! Every matching rule applies, in file order, field by field: a later
