@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 
+use crate::clients::{ClientPolicy, ClientRules};
 use crate::endpoint::EndpointConfig;
 use crate::files::upload::UploadRules;
 use crate::log;
@@ -364,6 +365,22 @@ pub struct Config {
     /// directory with openat2 (RESOLVE_IN_ROOT), so no root is needed.
     #[arg(short = 'j', long = "jail", hide = true)]
     pub jail: bool,
+
+    /// Per-client rules (TOML; see docs/policy-file.md): by client CIDR,
+    /// MAC or requested name, a path prefix, lower blksize and windowsize
+    /// caps, refused options, a session cap, uploads allowed or not.
+    #[arg(long = "policy-file", value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
+
+    /// Check the command line and the files it names (the remap and
+    /// policy files), print a one-line summary and exit: 0 if all is
+    /// well, 1 with the error (and its line) if not.
+    #[arg(long = "check-config")]
+    pub check_config: bool,
+
+    /// The policy file's rules, once `check_files` has read them.
+    #[arg(skip)]
+    pub client_rules: Option<Arc<ClientRules>>,
 }
 
 /// `--normalize`'s modes, as tftpd-hpa 7.x.
@@ -581,13 +598,76 @@ pub fn parse_listen_address(text: &str) -> Result<ListenSpec, String> {
 
 impl Config {
     /// Parses the command line and checks it, or prints clap's usage error
-    /// and exits with status 2.
+    /// and exits with status 2; then reads the files it names, or prints
+    /// the error and exits with status 1. With `--check-config`, prints
+    /// "ok" and what was checked, and exits 0.
     pub fn parse_checked() -> Config {
-        let config = Config::parse();
+        let mut config = Config::parse();
         if let Err(e) = config.check() {
             e.exit();
         }
+        match config.check_files() {
+            Err(e) => {
+                eprintln!("ringtftpd: {e}");
+                std::process::exit(1);
+            }
+            Ok(summary) if config.check_config => {
+                println!("ringtftpd: ok: {summary}");
+                std::process::exit(0);
+            }
+            Ok(_) => {}
+        }
         config
+    }
+
+    /// Reads and checks the files the command line names, keeping what
+    /// they parse to: a one-line summary, or the error naming the file and
+    /// line. The remap file is only checked: the server reads it at start
+    /// and on SIGHUP; the policy file is read here, once.
+    pub fn check_files(&mut self) -> Result<String, String> {
+        let directory = self.root_directory();
+        let mut checked = vec![format!("command line; directory {}", directory.display())];
+        if self.check_config && !directory.is_dir() {
+            return Err(format!("{} is not a directory", directory.display()));
+        }
+        if let Some(path) = &self.map_file {
+            let rules = self.remap_rules()?.unwrap_or_default();
+            checked.push(format!(
+                "map file {}: {} rule(s)",
+                path.display(),
+                rules.len()
+            ));
+        }
+        if let Some(path) = &self.policy_file {
+            let rules = ClientRules::load(path)?;
+            checked.push(format!(
+                "policy file {}: {} rule(s)",
+                path.display(),
+                rules.len()
+            ));
+            self.client_rules = Some(Arc::new(rules));
+        }
+        Ok(checked.join("; "))
+    }
+
+    /// This configuration with its files read: itself if `check_files`
+    /// ran (as `parse_checked` does), else a copy that read them.
+    pub fn with_files(&self) -> Result<std::borrow::Cow<'_, Config>, String> {
+        if self.policy_file.is_none() || self.client_rules.is_some() {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        }
+        let mut loaded = self.clone();
+        loaded.check_files()?;
+        Ok(std::borrow::Cow::Owned(loaded))
+    }
+
+    /// The innermost policy: the policy file's rules over the command
+    /// line's, or the command line's alone.
+    fn client_policy(&self, shards: usize) -> Arc<dyn Policy> {
+        match &self.client_rules {
+            Some(rules) => Arc::new(ClientPolicy::new(rules.clone(), shards)),
+            None => Arc::new(DefaultPolicy),
+        }
     }
 
     /// Rejects combinations of flags that are each in range but do not fit
@@ -814,9 +894,16 @@ impl Config {
     }
 
     /// The policy chain: remap rules (asking `probe` for `E` rules), then
-    /// the path rules, then [`DefaultPolicy`].
-    pub fn policy(&self, rules: Option<RemapRules>, probe: Arc<NameProbe>) -> Arc<dyn Policy> {
-        let mut inner: Arc<dyn Policy> = Arc::new(DefaultPolicy);
+    /// the path rules, then the policy file's rules over the command
+    /// line's ([`DefaultPolicy`] without one): the policy file matches the
+    /// name as rewritten and normalized.
+    pub fn policy(
+        &self,
+        shards: usize,
+        rules: Option<RemapRules>,
+        probe: Arc<NameProbe>,
+    ) -> Arc<dyn Policy> {
+        let mut inner = self.client_policy(shards);
         let path_rules = self.path_rules();
         if path_rules.is_active() {
             inner = Arc::new(PathPolicy {
@@ -835,9 +922,10 @@ impl Config {
         }
     }
 
-    /// The settings of one of `shards` shards, with no remap rules.
+    /// The settings of one of `shards` shards, with no remap rules (the
+    /// policy file's, once `check_files` read it).
     pub fn settings(&self, shards: usize) -> Settings {
-        self.settings_with(shards, Arc::new(DefaultPolicy))
+        self.settings_with(shards, self.client_policy(shards))
     }
 
     /// The settings of one of `shards` shards under `policy`: what a
@@ -857,6 +945,7 @@ impl Config {
             uploads: self.upload_rules().is_some(),
             max_upload: self.max_upload,
             refused_options: self.refused_options(),
+            lookup_mac: self.client_rules.as_ref().is_some_and(|r| r.needs_mac()),
             policy,
         }
     }
@@ -1159,6 +1248,33 @@ mod tests {
         rejected(&["-U", "999"], "umask");
         rejected(&["--max-upload", "12Q"], "--max-upload");
         rejected(&["--max-upload", "99999999999G"], "--max-upload");
+    }
+
+    #[test]
+    fn a_policy_file_is_read_by_check_files_and_becomes_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(
+            &file,
+            "[[rule]]\nmac = \"52:54:00:*\"\nmax_blksize = 1024\n",
+        )
+        .unwrap();
+        let mut c = parse(&["--policy-file", file.to_str().unwrap()]).unwrap();
+        // Not read before check_files: no rules, no MAC lookups.
+        assert!(c.client_rules.is_none() && !c.settings(1).lookup_mac);
+        let summary = c.check_files().unwrap();
+        assert!(summary.ends_with("p.toml: 1 rule(s)"), "{summary}");
+        assert!(c.settings(2).lookup_mac);
+        assert!(format!("{:?}", c.settings(2).policy).starts_with("ClientPolicy"));
+        // Without the file: the command line's policy, no lookups.
+        let mut plain = parse(&[]).unwrap();
+        plain.check_files().unwrap();
+        assert!(!plain.settings(1).lookup_mac);
+        assert_eq!(format!("{:?}", plain.settings(1).policy), "DefaultPolicy");
+        std::fs::write(&file, "[[rule]]\nmac = \"52:54\"\n").unwrap();
+        let mut bad = parse(&["--policy-file", file.to_str().unwrap()]).unwrap();
+        let e = bad.check_files().unwrap_err();
+        assert!(e.contains("p.toml: rule 1, line 2, column 7: mac:"), "{e}");
     }
 
     #[test]

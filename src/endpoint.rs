@@ -533,6 +533,23 @@ impl<H: Clone> Endpoint<H> {
         files: &mut F,
         reply: &mut [u8],
     ) -> RequestOutcome {
+        self.handle_request_with_mac(now, peer, None, local, mtu, datagram, files, reply)
+    }
+
+    /// As `handle_request`, with the peer's MAC when the driver looked it
+    /// up (see [`Settings::lookup_mac`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_request_with_mac<F: Sink<Handle = H>>(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        mac: Option<[u8; 6]>,
+        local: IpAddr,
+        mtu: Option<u32>,
+        datagram: &[u8],
+        files: &mut F,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
         if !self.admit_datagram(now, peer.ip()) {
             return self.refuse(now, Refusal::RateLimited, reply);
         }
@@ -575,9 +592,8 @@ impl<H: Clone> Endpoint<H> {
         if self.live >= self.max_sessions {
             return self.refuse(now, Refusal::Busy, reply);
         }
-        if self.per_client.get(&peer.ip()).copied().unwrap_or(0)
-            >= self.settings.max_sessions_per_client
-        {
+        let client_sessions = self.per_client.get(&peer.ip()).copied().unwrap_or(0);
+        if client_sessions >= self.settings.max_sessions_per_client {
             return self.refuse(now, Refusal::PerClientCap, reply);
         }
         let incoming = Incoming {
@@ -587,6 +603,8 @@ impl<H: Clone> Endpoint<H> {
             mtu,
             write,
             request: &request,
+            mac,
+            client_sessions,
         };
         let grant = match self.settings.policy.decide(&incoming, &self.settings) {
             Decision::Serve(grant) => grant,
@@ -609,6 +627,7 @@ impl<H: Clone> Endpoint<H> {
         let asked = grant.refused.strip(&request.options);
         let negotiated = session::negotiate(&asked, content_len, mtu, ipv6, &limits);
         let mut transfer = Transfer::new_read(now, &negotiated, content_len, &limits);
+        transfer.set_rollover(grant.rollover);
         // A client seen recently starts from what its last transfer
         // measured; a first contact keeps the conservative initial RTO.
         if let Some(path) = path {
@@ -680,7 +699,8 @@ impl<H: Clone> Endpoint<H> {
         // acknowledged.
         let asked = grant.refused.strip(&request.options);
         let negotiated = session::negotiate(&asked, echoed, mtu, ipv6, &limits);
-        let transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
+        let mut transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
+        transfer.set_rollover(grant.rollover);
         self.start(&incoming, &grant.path, transfer, handle, key, reply)
     }
 

@@ -11,12 +11,16 @@
 //!   its mapping cache, netascii, the upload writer, files in memory;
 //! - [`shard`]: the io_uring driver, one per pinned core;
 //! - [`remap`]: tftpd-hpa's filename remapping rules, pure;
+//! - [`clients`]: the per-client policy file (CIDR, MAC, name rules), pure,
+//!   and [`neigh`]: the kernel's neighbour table, for clients' MACs;
 //! - [`server`] and [`config`]: the command line, start-up and signals.
 
+pub mod clients;
 pub mod config;
 pub mod endpoint;
 pub mod files;
 pub mod log;
+pub mod neigh;
 pub mod paths;
 pub mod policy;
 pub mod proto;

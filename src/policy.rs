@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::proto::{Options, Request};
 use crate::refusal::Refusal;
 use crate::remap::{RemapContext, RemapRules, Remapped};
-use crate::session::Limits;
+use crate::session::{Limits, Rollover};
 
 /// A request that passed admission (rate, duplicates, capacity), as the
 /// endpoint parsed it, for a [`Policy`] to decide on.
@@ -30,6 +30,12 @@ pub struct Incoming<'a> {
     /// A write request (WRQ).
     pub write: bool,
     pub request: &'a Request<'a>,
+    /// The client's hardware address, from the neighbour table, when it is
+    /// directly attached and [`Settings::lookup_mac`] asked for it.
+    pub mac: Option<[u8; 6]>,
+    /// The client address's live sessions on this shard (already below
+    /// [`Settings::max_sessions_per_client`]), for a policy's own cap.
+    pub client_sessions: usize,
 }
 
 /// What to do with a request.
@@ -66,6 +72,8 @@ pub struct Grant<'a> {
     /// Options not negotiated for this request (as if the client had not
     /// asked).
     pub refused: RefusedOptions,
+    /// What block numbers go on from past 65535.
+    pub rollover: Rollover,
 }
 
 /// RFC 2347 options the server will not negotiate (tftpd-hpa's
@@ -134,6 +142,7 @@ impl Policy for DefaultPolicy {
             limits: settings.limits.clone(),
             max_upload: settings.max_upload,
             refused: settings.refused_options,
+            rollover: Rollover::Zero,
         };
         if incoming.write && !settings.uploads {
             return Decision::Refuse(Refusal::UploadsDisabled);
@@ -247,6 +256,9 @@ pub struct Settings {
     pub max_upload: Option<u64>,
     /// `-r/--refuse`, `--refuse-all`.
     pub refused_options: RefusedOptions,
+    /// The policy matches on clients' MACs: the driver looks each
+    /// request's up in the neighbour table (`crate::neigh`).
+    pub lookup_mac: bool,
     pub policy: Arc<dyn Policy>,
 }
 
@@ -266,6 +278,7 @@ impl Default for Settings {
             uploads: false,
             max_upload: None,
             refused_options: RefusedOptions::default(),
+            lookup_mac: false,
             policy: Arc::new(DefaultPolicy),
         }
     }

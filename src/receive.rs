@@ -14,9 +14,12 @@
 //! - The final block (shorter than blksize) is acknowledged only after the
 //!   owner said the file is safely in place ([`Receiving::commit_done`]),
 //!   so a client never sees success for bytes that were lost.
-//! - Block numbers wrap past 65535; counts are 64-bit.
+//! - Block numbers wrap past 65535 (to 0, or to 1: [`Rollover`]); counts
+//!   are 64-bit.
 
 #![forbid(unsafe_code)]
+
+use crate::session::Rollover;
 
 /// What to do with one DATA packet.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,6 +60,7 @@ pub struct Receiving {
     finished: bool,
     /// The file is in place: the final block may be acknowledged.
     committed: bool,
+    rollover: Rollover,
 }
 
 impl Receiving {
@@ -74,7 +78,13 @@ impl Receiving {
             gap_answered: false,
             finished: false,
             committed: false,
+            rollover: Rollover::Zero,
         }
+    }
+
+    /// Block numbers past 65535 go on from `rollover` (default 0).
+    pub fn set_rollover(&mut self, rollover: Rollover) {
+        self.rollover = rollover;
     }
 
     /// Bytes accepted so far.
@@ -102,9 +112,9 @@ impl Receiving {
     }
 
     pub fn on_data<'a>(&mut self, block: u16, payload: &'a [u8]) -> DataVerdict<'a> {
-        let expected = (self.accepted + 1) as u16;
+        let expected = self.rollover.wire(self.accepted + 1);
         if block != expected || self.finished {
-            if block == self.accepted as u16 && self.accepted > 0 {
+            if block == self.rollover.wire(self.accepted) && self.accepted > 0 {
                 // Its ACK was lost (or, at the end, is being waited for).
                 self.ack_due = !self.finished || self.committed;
             } else if !self.finished && block.wrapping_sub(expected) < 0x8000 && !self.gap_answered
@@ -164,7 +174,7 @@ impl Receiving {
         self.ack_due = false;
         let repeat = self.acked == Some(self.accepted);
         self.acked = Some(self.accepted);
-        Some((self.accepted as u16, repeat))
+        Some((self.rollover.wire(self.accepted), repeat))
     }
 }
 

@@ -119,6 +119,7 @@ impl Server {
     /// shared by every shard), or if there are none on the addresses of
     /// the command line, bound anew by each shard.
     pub fn start_on(config: &Config, inherited: Vec<UdpSocket>) -> io::Result<Server> {
+        let config = &*config.with_files().map_err(io::Error::other)?;
         let directory = config.root_directory();
         let files = FileRoot::open(&directory, config.permissive).map_err(|e| {
             io::Error::new(
@@ -140,7 +141,7 @@ impl Server {
             Some(n) => usize::from(n),
             None => cpus.len().max(1),
         };
-        let settings = config.settings_with(count, config.policy(rules, probe.clone()));
+        let settings = config.settings_with(count, config.policy(count, rules, probe.clone()));
         let mut addresses = if inherited.is_empty() {
             config.listen_addresses().map_err(io::Error::other)?
         } else {
@@ -228,9 +229,10 @@ impl Server {
     /// that no longer parses changes nothing.
     pub fn reload(&self, config: &Config) -> Result<(), String> {
         let rules = config.remap_rules()?;
-        let settings = Arc::new(
-            config.settings_with(self.shards.len(), config.policy(rules, self.probe.clone())),
-        );
+        let settings = Arc::new(config.settings_with(
+            self.shards.len(),
+            config.policy(self.shards.len(), rules, self.probe.clone()),
+        ));
         for shard in &self.shards {
             shard.send(Command::Settings(settings.clone()));
         }
@@ -362,6 +364,8 @@ fn detach() -> io::Result<std::os::fd::OwnedFd> {
 /// drains the others the same way and makes `run` fail, so the process
 /// exits non-zero and a service manager can restart it.
 pub fn run(config: &Config) -> io::Result<()> {
+    // The policy file, read once (reloads keep these rules).
+    let config = &*config.with_files().map_err(io::Error::other)?;
     if let Some(input) = &config.map_test {
         return map_test(config, input);
     }

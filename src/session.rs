@@ -45,6 +45,42 @@ pub struct Limits {
     pub min_give_up: Duration,
 }
 
+/// Where block numbers go after 65535: the wire has 16 bits. RFC 1350
+/// does not say; most clients expect 0 (tftpd-hpa's default), a few
+/// expect 1 (tftpd-hpa's `rollover` option names both).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Rollover {
+    #[default]
+    Zero,
+    One,
+}
+
+impl Rollover {
+    /// Absolute block `block` (1-based; 0 before the first) on the wire.
+    pub fn wire(self, block: u64) -> u16 {
+        match self {
+            Rollover::Zero => block as u16,
+            Rollover::One if block == 0 => 0,
+            // 1..=65535, then 1 again: 65535 numbers a cycle.
+            Rollover::One => ((block - 1) % 65535 + 1) as u16,
+        }
+    }
+
+    /// The first absolute block at or after `from` that is `wire` on the
+    /// wire; None if none is (0, past the start, with [`Rollover::One`]).
+    pub fn at_or_after(self, from: u64, wire: u16) -> Option<u64> {
+        match self {
+            Rollover::Zero => Some(from + u64::from(wire.wrapping_sub(from as u16))),
+            Rollover::One if wire == 0 => (from == 0).then_some(0),
+            Rollover::One if from == 0 => Some(u64::from(wire)),
+            Rollover::One => {
+                let ahead = (u64::from(wire) + 65535 - u64::from(self.wire(from))) % 65535;
+                Some(from + ahead)
+            }
+        }
+    }
+}
+
 /// Resends past `retries` that [`Limits::min_give_up`] may add.
 pub const MAX_PATIENT_RETRIES: u32 = 16;
 
@@ -494,9 +530,19 @@ pub struct Transfer {
     outcome: Option<Outcome>,
     event_delivered: bool,
     stats: Stats,
+    rollover: Rollover,
 }
 
 impl Transfer {
+    /// Block numbers past 65535 go on from `rollover` (default 0). Set it
+    /// before the first `poll_transmit`/`handle_datagram`.
+    pub fn set_rollover(&mut self, rollover: Rollover) {
+        self.rollover = rollover;
+        if let Direction::Receive(r) = &mut self.dir {
+            r.set_rollover(rollover);
+        }
+    }
+
     /// The content's length, once known, for a transfer started with
     /// [`LEN_UNKNOWN`]; later calls are no-ops. Until then every DATA block
     /// is full, so the caller must learn the length no later than when it
@@ -602,6 +648,7 @@ impl Transfer {
                 srtt: None,
                 rto_floor: limits.rto_min,
             },
+            rollover: Rollover::Zero,
         }
     }
 
@@ -833,7 +880,9 @@ impl Transfer {
             return;
         }
         // The one block in acked..=sent_high whose number is `block`.
-        let acked = prev + u64::from(block.wrapping_sub(prev as u16));
+        let Some(acked) = self.rollover.at_or_after(prev, block) else {
+            return; // ACK 0 once blocks roll over to 1: never sent
+        };
         if (acked > sent_high || acked == prev) && self.proves_resend_spurious(now, block) {
             return;
         }
@@ -926,7 +975,7 @@ impl Transfer {
         let Direction::Send(s) = &mut self.dir else {
             return false;
         };
-        let acked = s.acked;
+        let (acked, rollover) = (s.acked, self.rollover);
         // A copy the network made comes within microseconds of the first.
         let apart = self.rtt.srtt.map_or(Duration::from_millis(1), |srtt| {
             (srtt / 2).max(Duration::from_millis(1))
@@ -934,7 +983,7 @@ impl Transfer {
         // Half the block-number space: beyond it a number is ambiguous.
         let hit = s.spurious_probes.iter_mut().find(|p| {
             p.is_some_and(|p| {
-                p.block as u16 == block
+                rollover.wire(p.block) == block
                     && acked - p.block < 0x8000
                     && now.saturating_duration_since(p.first_ack) >= apart
             })
@@ -1044,7 +1093,7 @@ impl Transfer {
                     return None;
                 }
                 let block = s.next;
-                proto::emit_data_header(block as u16, buf).ok()?;
+                proto::emit_data_header(self.rollover.wire(block), buf).ok()?;
                 let offset = (block - 1) * u64::from(self.blksize);
                 let len = (s.content_len - offset).min(u64::from(self.blksize)) as usize;
                 let resend = block <= s.sent_high;
@@ -1110,6 +1159,46 @@ impl Transfer {
                 Direction::Receive(r) => r.blocks() == 0,
             },
             Phase::Ended => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rollover;
+    use proptest::prelude::*;
+
+    #[test]
+    fn block_numbers_roll_over_to_zero_or_one() {
+        let seq = |r: Rollover| (65534..=65538).map(|b| r.wire(b)).collect::<Vec<_>>();
+        assert_eq!(seq(Rollover::Zero), [65534, 65535, 0, 1, 2]);
+        assert_eq!(seq(Rollover::One), [65534, 65535, 1, 2, 3]);
+        assert_eq!(Rollover::One.wire(0), 0);
+        assert_eq!(Rollover::One.wire(65535 * 2), 65535);
+        assert_eq!(Rollover::One.wire(65535 * 2 + 1), 1);
+        // ACK 0 is the start only.
+        assert_eq!(Rollover::One.at_or_after(0, 0), Some(0));
+        assert_eq!(Rollover::One.at_or_after(70_000, 0), None);
+        assert_eq!(Rollover::One.at_or_after(0, 65535), Some(65535));
+        assert_eq!(Rollover::One.at_or_after(65535, 1), Some(65536));
+        assert_eq!(Rollover::Zero.at_or_after(65535, 0), Some(65536));
+    }
+
+    proptest! {
+        #[test]
+        fn at_or_after_finds_the_block_a_wire_number_means(
+            from in 0u64..1 << 40,
+            ahead in 0u64..65535,
+            one in any::<bool>(),
+        ) {
+            let r = if one { Rollover::One } else { Rollover::Zero };
+            let block = from + ahead;
+            prop_assert_eq!(r.at_or_after(from, r.wire(block)), Some(block));
+            if !one {
+                // The old arithmetic, exactly.
+                let w = block as u16;
+                prop_assert_eq!(r.at_or_after(from, w), Some(from + u64::from(w.wrapping_sub(from as u16))));
+            }
         }
     }
 }

@@ -261,6 +261,8 @@ struct Shard {
     rearm: Vec<Rearm>,
     /// Interface MTUs by ifindex, with when they were read.
     mtu_cache: HashMap<u32, (Option<u32>, Instant)>,
+    /// Clients' MACs, asked only while the policy matches on them.
+    neigh: crate::neigh::Neighbours,
     reply: Box<[u8; REPLY_CAP]>,
     cqes: Vec<cqueue::Entry>,
     expired: Vec<u32>,

@@ -183,6 +183,8 @@ fn the_default_policy_refuses_uploads_only_while_they_are_off() {
             mtu: None,
             write: true,
             request: &request,
+            mac: None,
+            client_sessions: 0,
         };
         match DefaultPolicy.decide(&incoming, settings) {
             Decision::Serve(Grant {
@@ -349,6 +351,8 @@ fn remap_direction_and_family_letters_see_the_request() {
             mtu: None,
             write,
             request: &request,
+            mac: None,
+            client_sessions: 0,
         };
         match policy.decide(&incoming, &settings) {
             Decision::Serve(grant) => grant.path.into_owned(),

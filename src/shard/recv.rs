@@ -219,9 +219,18 @@ impl Shard {
                         self.endpoint
                             .refuse_oversized(now, peer, &mut self.reply[..])
                     } else {
-                        self.endpoint.handle_request(
+                        // Only for what may be a request (RRQ, WRQ): garbage
+                        // and strays never cost a neighbour query.
+                        let request = matches!(out.payload_data().get(..2), Some([0, 1] | [0, 2]));
+                        let mac = if request && self.endpoint.settings().lookup_mac {
+                            self.neigh.lookup(now, peer.ip(), ifindex)
+                        } else {
+                            None
+                        };
+                        self.endpoint.handle_request_with_mac(
                             now,
                             peer,
+                            mac,
                             local,
                             mtu,
                             out.payload_data(),

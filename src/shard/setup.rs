@@ -394,6 +394,7 @@ impl Shard {
             touched: Vec::new(),
             rearm: Vec::new(),
             mtu_cache: HashMap::new(),
+            neigh: crate::neigh::Neighbours::new(),
             reply: Box::new([0; REPLY_CAP]),
             cqes: Vec::with_capacity(tuning.cq_entries as usize),
             expired: Vec::new(),
