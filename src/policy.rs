@@ -127,6 +127,11 @@ impl RefusedOptions {
 /// command line alone asks for.
 pub trait Policy: Debug + Send + Sync {
     fn decide<'a>(&self, incoming: &Incoming<'a>, settings: &Settings) -> Decision<'a>;
+
+    /// Whether it reads [`Incoming::mac`] (the driver then looks it up).
+    fn needs_mac(&self) -> bool {
+        false
+    }
 }
 
 /// Serves the name as asked, under the settings' limits; refuses a WRQ
@@ -178,13 +183,17 @@ impl Debug for RemapPolicy {
 }
 
 impl Policy for RemapPolicy {
+    fn needs_mac(&self) -> bool {
+        self.rules.uses_mac() || self.inner.needs_mac()
+    }
+
     fn decide<'a>(&self, incoming: &Incoming<'a>, settings: &Settings) -> Decision<'a> {
         let write = incoming.write;
         let probe = self
             .probe
             .as_deref()
             .map(|p| move |name: &[u8]| p(name, write));
-        let mut context = RemapContext::new(incoming.peer.ip(), write);
+        let mut context = RemapContext::new(incoming.peer.ip(), write).with_mac(incoming.mac);
         if let Some(probe) = &probe {
             context = context.with_probe(probe);
         }

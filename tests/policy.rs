@@ -365,3 +365,29 @@ fn remap_direction_and_family_letters_see_the_request() {
     assert_eq!(decide(v6, false), b"v6/log.txt");
     assert_eq!(decide(v6, true), b"v6/uploads/2001:db8::1/log.txt");
 }
+
+#[test]
+fn remap_rules_with_the_mac_escape_ask_for_macs_and_see_them() {
+    let policy = remap_policy("r ^default$ 01-\\m\n", &[]);
+    assert!(policy.needs_mac());
+    assert!(!remap_policy("r ^a b\n", &[]).needs_mac());
+    let request = ringtftpd::proto::Request {
+        filename: b"default",
+        mode: ringtftpd::proto::Mode::Octet,
+        options: Options::default(),
+    };
+    let incoming = Incoming {
+        now: Instant::now(),
+        peer: peer(2, 1),
+        local: LOCAL,
+        mtu: None,
+        write: false,
+        request: &request,
+        mac: Some([0x52, 0x54, 0, 1, 2, 3]),
+        client_sessions: 0,
+    };
+    match policy.decide(&incoming, &settings()) {
+        Decision::Serve(grant) => assert_eq!(&*grant.path, b"01-52-54-00-01-02-03"),
+        Decision::Refuse(refusal) => panic!("{refusal:?}"),
+    }
+}
