@@ -829,6 +829,10 @@ impl ClientPolicy {
 }
 
 impl Policy for ClientPolicy {
+    fn needs_mac(&self) -> bool {
+        self.rules.needs_mac()
+    }
+
     fn decide<'a>(&self, incoming: &Incoming<'a>, settings: &Settings) -> Decision<'a> {
         let ip = incoming.peer.ip();
         let name = incoming.request.filename;

@@ -945,8 +945,8 @@ impl Config {
             uploads: self.upload_rules().is_some(),
             max_upload: self.max_upload,
             refused_options: self.refused_options(),
-            lookup_mac: self.client_rules.as_ref().is_some_and(|r| r.needs_mac())
-                || policy.needs_mac(),
+            // Derived from the chain: whichever policy reads MACs says so.
+            lookup_mac: policy.needs_mac(),
             policy,
         }
     }

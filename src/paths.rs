@@ -157,6 +157,10 @@ impl Debug for PathPolicy {
 }
 
 impl Policy for PathPolicy {
+    fn needs_mac(&self) -> bool {
+        self.inner.needs_mac()
+    }
+
     fn decide<'a>(&self, incoming: &Incoming<'a>, settings: &Settings) -> Decision<'a> {
         let name = match self.rules.apply(incoming.request.filename) {
             Ok(Cow::Borrowed(_)) => return self.inner.decide(incoming, settings),
