@@ -14,9 +14,12 @@
 //! - The final block (shorter than blksize) is acknowledged only after the
 //!   owner said the file is safely in place ([`Receiving::commit_done`]),
 //!   so a client never sees success for bytes that were lost.
-//! - Block numbers wrap past 65535; counts are 64-bit.
+//! - Block numbers wrap past 65535, to 0 or (tftpd-hpa's `rollover=1`)
+//!   to 1; counts are 64-bit.
 
 #![forbid(unsafe_code)]
+
+use crate::proto::Rollover;
 
 /// What to do with one DATA packet.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,6 +60,7 @@ pub struct Receiving {
     finished: bool,
     /// The file is in place: the final block may be acknowledged.
     committed: bool,
+    rollover: Rollover,
 }
 
 impl Receiving {
@@ -74,7 +78,14 @@ impl Receiving {
             gap_answered: false,
             finished: false,
             committed: false,
+            rollover: Rollover::ToZero,
         }
+    }
+
+    /// Block numbers that follow 65535 with `rollover` (negotiated).
+    pub fn with_rollover(mut self, rollover: Rollover) -> Self {
+        self.rollover = rollover;
+        self
     }
 
     /// Bytes accepted so far.
@@ -102,13 +113,18 @@ impl Receiving {
     }
 
     pub fn on_data<'a>(&mut self, block: u16, payload: &'a [u8]) -> DataVerdict<'a> {
-        let expected = (self.accepted + 1) as u16;
+        let wire = |b| self.rollover.wire(b);
+        let expected = wire(self.accepted + 1);
         if block != expected || self.finished {
-            if block == self.accepted as u16 && self.accepted > 0 {
+            // How far past the expected block this one is, if ahead at all.
+            let ahead = self
+                .rollover
+                .resolve(self.accepted + 1, block)
+                .map(|b| b - (self.accepted + 1));
+            if block == wire(self.accepted) && self.accepted > 0 {
                 // Its ACK was lost (or, at the end, is being waited for).
                 self.ack_due = !self.finished || self.committed;
-            } else if !self.finished && block.wrapping_sub(expected) < 0x8000 && !self.gap_answered
-            {
+            } else if !self.finished && ahead.is_some_and(|d| d < 0x8000) && !self.gap_answered {
                 self.gap_answered = true;
                 self.ack_due = true;
             }
@@ -164,7 +180,7 @@ impl Receiving {
         self.ack_due = false;
         let repeat = self.acked == Some(self.accepted);
         self.acked = Some(self.accepted);
-        Some((self.accepted as u16, repeat))
+        Some((self.rollover.wire(self.accepted), repeat))
     }
 }
 
@@ -325,6 +341,28 @@ mod tests {
         assert_eq!(r.blocks(), total);
         assert_eq!(r.len(), total);
         assert_eq!(accept(&mut r, (total + 1) as u16, &[]), (total, true));
+    }
+
+    #[test]
+    fn with_rollover_1_block_65535_is_followed_by_1() {
+        let mut r = Receiving::new(1, 1, None, false).with_rollover(Rollover::ToOne);
+        for n in 1..=65_535u64 {
+            accept(&mut r, n as u16, &[n as u8]);
+            assert_eq!(next_ack(&mut r), Some(n as u16));
+        }
+        // Block 0 is no block here: not taken, and no ACK of it.
+        assert_eq!(r.on_data(0, &[0]), DataVerdict::Ignore);
+        assert_eq!(r.blocks(), 65_535);
+        let _ = next_ack(&mut r);
+        assert_eq!(accept(&mut r, 1, &[7]), (65_535, false));
+        assert_eq!(next_ack(&mut r), Some(1));
+        // A repeat of it is a repeat, answered with its ACK.
+        assert_eq!(r.on_data(1, &[7]), DataVerdict::Ignore);
+        assert_eq!(next_ack(&mut r), Some(1));
+        assert_eq!(accept(&mut r, 2, &[]), (65_536, true));
+        r.commit_done();
+        assert_eq!(next_ack(&mut r), Some(2));
+        assert_eq!(r.blocks(), 65_537);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::proto::{self, ErrorCode, Options, Packet};
+use crate::proto::{self, ErrorCode, Options, Packet, Rollover};
 use crate::receive::{DataVerdict, Receiving};
 use crate::refusal::Abort;
 
@@ -26,6 +26,13 @@ pub struct Limits {
     pub max_windowsize: u16,
     /// Clamp blksize to the ingress interface's MTU.
     pub mtu_clamp: bool,
+    /// Bytes below the MTU the clamp leaves unused (tftpd-hpa 7.x's
+    /// `-B mtu-SLACK`).
+    pub mtu_slack: u32,
+    /// Most bytes in one window, blksize × windowsize (tftpd-hpa 7.x's
+    /// `--window-bytes`). A limit under two blocks means lockstep, with no
+    /// windowsize in the OACK; 0 is such a limit, as tftpd-hpa 7.3 has it.
+    pub max_window_bytes: u64,
     /// RTO before the first RTT sample (RFC 6298 §2.1).
     pub initial_rto: Duration,
     /// Floor and ceiling of the adaptive RTO.
@@ -55,6 +62,8 @@ impl Default for Limits {
             max_blksize: proto::MAX_BLKSIZE,
             max_windowsize: 64,
             mtu_clamp: true,
+            mtu_slack: 0,
+            max_window_bytes: DEFAULT_MAX_WINDOW_BYTES,
             initial_rto: Duration::from_millis(1000),
             rto_min: Duration::from_millis(DEFAULT_RTO_MIN_MS),
             rto_max: Duration::from_millis(3000),
@@ -64,6 +73,10 @@ impl Default for Limits {
         }
     }
 }
+
+/// tftpd-hpa 7.x's compile-time `--window-bytes` (4 MiB), in effect in
+/// Debian's build.
+pub const DEFAULT_MAX_WINDOW_BYTES: u64 = 4 << 20;
 
 /// Default starting floor of each session's RTO, in milliseconds. Low, so
 /// that a loss on a LAN costs milliseconds; a session whose client proves
@@ -205,20 +218,27 @@ fn overhead(ipv6: bool) -> u32 {
 pub struct Negotiated {
     pub blksize: u16,
     pub windowsize: u16,
-    /// The client's `timeout` in seconds, if accepted: a fixed RTO.
-    pub timeout: Option<u8>,
+    /// The client's `timeout` or `utimeout`, if accepted: a fixed RTO.
+    pub timeout: Option<Duration>,
+    /// The block number after 65535 (tftpd-hpa's `rollover`).
+    pub rollover: Rollover,
     /// The options to acknowledge in an OACK, or None to start with DATA 1.
     pub oack: Option<Options>,
 }
+
+/// tftpd-hpa's bounds on `utimeout`, in microseconds (10 ms to 255 s).
+const UTIMEOUT_US: std::ops::RangeInclusive<u64> = 10_000..=255_000_000;
 
 /// A content length learnt only while sending (netascii, translated as it
 /// goes): pass it to [`negotiate`] and [`Transfer::new_read`], then give the
 /// length to [`Transfer::set_content_len`] once the source is exhausted.
 pub const LEN_UNKNOWN: u64 = u64::MAX;
 
-/// Decides which requested options to accept (RFC 2347/2348/2349/7440).
-/// Out-of-range values are ignored (left out of the OACK), except blksize
-/// and windowsize above our limits, which are lowered.
+/// Decides which requested options to accept (RFC 2347/2348/2349/7440,
+/// and tftpd-hpa's blksize2, utimeout, rollover and cookie as tftpd-hpa
+/// 7.3 negotiates them). Out-of-range values are ignored (left out of the
+/// OACK), except blksize and windowsize above our limits, which are lowered.
+/// The OACK spells each name as the request did.
 pub fn negotiate(
     requested: &Options,
     content_len: u64,
@@ -226,48 +246,84 @@ pub fn negotiate(
     ipv6: bool,
     limits: &Limits,
 ) -> Negotiated {
-    let mut oack = Options::default();
-    let mut blksize = proto::DEFAULT_BLKSIZE;
-    if let Some(asked) = requested
-        .blksize
-        .filter(|&b| b >= u32::from(proto::MIN_BLKSIZE))
-    {
-        let mut cap = u32::from(limits.max_blksize.min(proto::MAX_BLKSIZE));
-        if limits.mtu_clamp {
-            if let Some(mtu) = mtu {
-                // Like dnsmasq: many PXE ROMs cannot take fragments.
-                cap = cap.min(mtu.saturating_sub(overhead(ipv6)));
-            }
+    let mut oack = Options {
+        case: requested.case,
+        ..Options::default()
+    };
+    let mut cap = u32::from(limits.max_blksize.min(proto::MAX_BLKSIZE));
+    if limits.mtu_clamp {
+        if let Some(mtu) = mtu {
+            // Like dnsmasq: many PXE ROMs cannot take fragments. Never
+            // below 512, as tftpd-hpa 7.x's `-B mtu-SLACK`.
+            let fits = mtu.saturating_sub(overhead(ipv6) + limits.mtu_slack);
+            cap = cap.min(fits.max(u32::from(proto::DEFAULT_BLKSIZE)));
         }
-        let granted = asked.min(cap).max(u32::from(proto::MIN_BLKSIZE));
-        blksize = u16::try_from(granted).unwrap_or(proto::MAX_BLKSIZE);
-        oack.blksize = Some(u32::from(blksize));
     }
+    let min = u32::from(proto::MIN_BLKSIZE);
+    let plain = requested.blksize.filter(|&b| b >= min).map(|b| b.min(cap));
+    // tftpd(8): blksize2 grants the largest power of 2 within both limits.
+    let power = requested
+        .blksize2
+        .filter(|&b| b >= min)
+        .map(|b| b.min(cap).min(u32::from(proto::MAX_BLKSIZE2)))
+        .map(|b| 1 << b.ilog2());
+    // Both asked: tftpd-hpa 7.3 answers the one granting more (both, when
+    // they grant the same).
+    let granted = plain.max(power);
+    oack.blksize = plain.filter(|&b| Some(b) == granted);
+    oack.blksize2 = power.filter(|&b| Some(b) == granted);
+    let blksize = granted.map_or(proto::DEFAULT_BLKSIZE, |b| {
+        u16::try_from(b.max(min)).unwrap_or(proto::MAX_BLKSIZE)
+    });
     // RFC 2349 lets us accept the client's value or decline it, not lower
     // it; one above the RTO ceiling (timeout=255 would hold a slot for
-    // 38 minutes) is declined, and the adaptive RTO serves instead.
-    let timeout = requested
+    // 38 minutes) is declined, and the adaptive RTO serves instead. A valid
+    // utimeout wins over timeout and leaves it out (tftpd-hpa 7.3).
+    let within = |rto: &Duration| *rto <= limits.rto_max;
+    oack.utimeout = requested
+        .utimeout
+        .filter(|us| UTIMEOUT_US.contains(us))
+        .filter(|&us| within(&Duration::from_micros(us)));
+    oack.timeout = requested
         .timeout
         .filter(|t| (1..=255).contains(t))
-        .filter(|&t| Duration::from_secs(u64::from(t)) <= limits.rto_max)
-        .and_then(|t| u8::try_from(t).ok());
-    oack.timeout = timeout.map(u32::from);
+        .filter(|&t| within(&Duration::from_secs(u64::from(t))))
+        .filter(|_| oack.utimeout.is_none());
+    let timeout = oack
+        .utimeout
+        .map(Duration::from_micros)
+        .or(oack.timeout.map(|t| Duration::from_secs(u64::from(t))));
     // RFC 2349: in a read request the client sends 0 and we answer the size;
     // one not known yet (netascii) is declined, as tftpd-hpa does.
     oack.tsize = requested
         .tsize
         .filter(|_| content_len != LEN_UNKNOWN)
         .map(|_| content_len);
+    // tftpd(8): "only accepts 0 and 1 as valid rollover values".
+    oack.rollover = requested.rollover.filter(|&r| r <= 1);
+    let rollover = match oack.rollover {
+        Some(1) => Rollover::ToOne,
+        _ => Rollover::ToZero,
+    };
+    oack.cookie = requested.cookie;
     let mut windowsize = 1;
     if let Some(asked) = requested.windowsize.filter(|&w| w >= 1) {
         let cap = limits.max_windowsize.clamp(1, MAX_WINDOWSIZE);
+        let by_bytes = limits.max_window_bytes / u64::from(blksize);
+        let cap = u16::try_from(by_bytes).map_or(cap, |b| cap.min(b));
         windowsize = u16::try_from(asked.min(u32::from(cap))).unwrap_or(cap);
-        oack.windowsize = Some(u32::from(windowsize));
+        // tftpd(8): a window of one block is lockstep, without the option
+        // (and a limit of none, too: `--window-bytes` under one block).
+        windowsize = windowsize.max(1);
+        if windowsize > 1 {
+            oack.windowsize = Some(u32::from(windowsize));
+        }
     }
     Negotiated {
         blksize,
         windowsize,
         timeout,
+        rollover,
         oack: (!oack.is_empty()).then_some(oack),
     }
 }
@@ -413,6 +469,8 @@ struct Sending {
     total_blocks: u64,
     /// Highest block the peer acknowledged (0: none yet).
     acked: u64,
+    /// How block numbers follow 65535 on the wire.
+    rollover: Rollover,
     /// Next block to send.
     next: u64,
     /// Highest block ever sent.
@@ -452,6 +510,9 @@ enum Direction {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The OACK is kept to resend (with its cookie, inline): a box would
+// allocate per request, and a Transfer holds one Phase either way.
+#[allow(clippy::large_enum_variant)]
 enum Phase {
     /// OACK sent (or to send); waiting for ACK 0.
     Negotiating {
@@ -526,6 +587,7 @@ impl Transfer {
             content_len,
             total_blocks: content_len / u64::from(blksize) + 1,
             acked: 0,
+            rollover: negotiated.rollover,
             next: 1,
             sent_high: 0,
             burst: u64::from(windowsize),
@@ -553,7 +615,8 @@ impl Transfer {
     ) -> Self {
         let blksize = negotiated.blksize.max(proto::MIN_BLKSIZE);
         let windowsize = negotiated.windowsize.max(1);
-        let receiving = Receiving::new(blksize, windowsize, max_len, negotiated.oack.is_none());
+        let receiving = Receiving::new(blksize, windowsize, max_len, negotiated.oack.is_none())
+            .with_rollover(negotiated.rollover);
         let limits = Limits {
             rto_min: limits.initial_rto.max(limits.rto_min),
             ..limits.clone()
@@ -564,9 +627,7 @@ impl Transfer {
     fn new(now: Instant, negotiated: &Negotiated, dir: Direction, limits: &Limits) -> Self {
         let blksize = negotiated.blksize.max(proto::MIN_BLKSIZE);
         let windowsize = negotiated.windowsize.max(1);
-        let fixed = negotiated
-            .timeout
-            .map(|t| Duration::from_secs(u64::from(t)));
+        let fixed = negotiated.timeout;
         let phase = match negotiated.oack {
             Some(oack) => Phase::Negotiating {
                 oack,
@@ -807,7 +868,7 @@ impl Transfer {
         let Direction::Send(s) = &self.dir else {
             return; // an ACK means nothing to a receiver, not even ACK 0
         };
-        let (prev, sent_high) = (s.acked, s.sent_high);
+        let (prev, sent_high, rollover) = (s.acked, s.sent_high, s.rollover);
         if let Phase::Negotiating { .. } = self.phase {
             if block == 0 {
                 if let Some(rtt) = self.rtt_sample(now) {
@@ -819,7 +880,9 @@ impl Transfer {
             return;
         }
         // The one block in acked..=sent_high whose number is `block`.
-        let acked = prev + u64::from(block.wrapping_sub(prev as u16));
+        let Some(acked) = rollover.resolve(prev, block) else {
+            return; // 0 after a rollover to 1 names no block
+        };
         if (acked > sent_high || acked == prev) && self.proves_resend_spurious(now, block) {
             return;
         }
@@ -920,7 +983,7 @@ impl Transfer {
         // Half the block-number space: beyond it a number is ambiguous.
         let hit = s.spurious_probes.iter_mut().find(|p| {
             p.is_some_and(|p| {
-                p.block as u16 == block
+                s.rollover.wire(p.block) == block
                     && acked - p.block < 0x8000
                     && now.saturating_duration_since(p.first_ack) >= apart
             })
@@ -1030,7 +1093,7 @@ impl Transfer {
                     return None;
                 }
                 let block = s.next;
-                proto::emit_data_header(block as u16, buf).ok()?;
+                proto::emit_data_header(s.rollover.wire(block), buf).ok()?;
                 let offset = (block - 1) * u64::from(self.blksize);
                 let len = (s.content_len - offset).min(u64::from(self.blksize)) as usize;
                 let resend = block <= s.sent_high;
