@@ -665,7 +665,13 @@ mod tests {
     fn refused_options_are_named_as_in_tftpd_hpa() {
         let c = parse(&["-r", "blksize", "--refuse", "TSIZE", "--reject", "rollover"]).unwrap();
         let r = c.refused_options();
-        assert!(r.blksize && r.tsize && !r.timeout && !r.windowsize);
+        assert!(r.blksize && r.tsize && r.rollover && !r.timeout && !r.windowsize);
+        assert!(!r.blksize2 && !r.utimeout && !r.cookie);
+        let hpa = parse(&["-r", "utimeout", "-r", "Cookie", "-r", "blksize2"])
+            .unwrap()
+            .refused_options();
+        assert!(hpa.utimeout && hpa.cookie && hpa.blksize2 && !hpa.blksize && !hpa.timeout);
+        assert!(parse(&["-r", "bogus"]).is_err());
         assert_eq!(c.settings(1).refused_options, r);
         assert_eq!(
             parse(&["--refuse-all"]).unwrap().refused_options(),
@@ -833,6 +839,43 @@ mod tests {
             rejected(&[flag, value], flag);
         }
         rejected(&["--retries=-1"], "--retries");
+    }
+
+    #[test]
+    fn blocksize_takes_bytes_or_mtu_less_slack_as_tftpd_hpa_7() {
+        let limits = |args: &[&str]| parse(args).unwrap().limits();
+        let l = limits(&["-B", "1468"]);
+        assert_eq!((l.max_blksize, l.mtu_clamp, l.mtu_slack), (1468, true, 0));
+        for (arg, slack) in [
+            ("mtu", 0),
+            ("MTU", 0),
+            ("mtu-28", 28),
+            ("mtu-0", 0),
+            ("mtu-2000", 2000),
+        ] {
+            let l = limits(&["--blocksize", arg, "--no-mtu-clamp"]);
+            assert_eq!(
+                (l.max_blksize, l.mtu_clamp, l.mtu_slack),
+                (65464, true, slack),
+                "{arg}"
+            );
+        }
+        // The spellings tftpd-hpa 7.3 refuses.
+        for bad in ["mtu28", "mtu-", "mtu+5", "mtu-x", "7", "65465", "-1"] {
+            assert!(parse(&["-B", bad]).is_err(), "{bad}");
+        }
+        assert!(!limits(&["--no-mtu-clamp"]).mtu_clamp);
+    }
+
+    #[test]
+    fn window_bytes_default_to_4_mib_and_take_suffixes() {
+        let bytes = |args: &[&str]| parse(args).unwrap().limits().max_window_bytes;
+        assert_eq!(bytes(&[]), 4 << 20);
+        assert_eq!(bytes(&["--window-bytes", "0"]), 0);
+        assert_eq!(bytes(&["--window-bytes", "1k"]), 1024);
+        assert_eq!(bytes(&["--window-bytes", "2M"]), 2 << 20);
+        assert!(parse(&["--window-bytes", "-1"]).is_err());
+        assert!(parse(&["--window-bytes", "1kb"]).is_err());
     }
 
     #[test]

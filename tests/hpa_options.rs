@@ -63,7 +63,10 @@ fn oack_of(
     }
 }
 
-fn pairs(list: &[(&str, &str)]) -> Option<Vec<(String, String)>> {
+/// An OACK's pairs, or None for none.
+type Pairs = Option<Vec<(String, String)>>;
+
+fn pairs(list: &[(&str, &str)]) -> Pairs {
     Some(
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -77,7 +80,7 @@ fn the_oack_answers_as_tftpd_hpa_7_does() {
     let cookie256 = "x".repeat(256);
     // The endpoint's MTU is 1500: blksize at most 1468, blksize2 1024.
     #[rustfmt::skip]
-    let cases: &[(&[(&str, &str)], Option<Vec<(String, String)>>)] = &[
+    let cases: &[(&[(&str, &str)], Pairs)] = &[
         (&[("rollover", "0")], pairs(&[("rollover", "0")])),
         (&[("rollover", "1")], pairs(&[("rollover", "1")])),
         (&[("rollover", "01")], pairs(&[("rollover", "1")])),
@@ -384,7 +387,6 @@ fn an_upload_with_rollover_1_expects_1_after_65535() {
     assert_eq!(send(&mut t, 1, 8), Some(1), "block 65536 is numbered 1");
     assert_eq!(send(&mut t, 2, 3), Some(2), "the final block");
     assert_eq!(t.stats().bytes_acked, 65_536 * 8 + 3);
-    drop(send);
     assert_eq!(stored, 65_536 * 8 + 3);
 }
 
