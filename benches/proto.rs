@@ -70,6 +70,7 @@ fn emit(c: &mut Criterion) {
         timeout: None,
         tsize: Some(26_828),
         windowsize: Some(4),
+        ..Options::default()
     };
     let n = Packet::Oack(oack).emit(&mut buf).expect("OACK fits");
     assert_eq!(Packet::parse(&buf[..n]), Ok(Packet::Oack(oack)));

@@ -36,6 +36,7 @@ fn limits() -> Limits {
         max_stall: Duration::from_secs(60),
         // Retries alone decide when a silent peer is given up.
         min_give_up: Duration::ZERO,
+        ..Limits::default()
     }
 }
 
@@ -45,6 +46,7 @@ fn options(windowsize: u32) -> Options {
         timeout: None,
         tsize: Some(0),
         windowsize: Some(windowsize),
+        ..Options::default()
     }
 }
 

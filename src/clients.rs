@@ -43,9 +43,9 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 use crate::policy::{Decision, Grant, Incoming, Policy, RefusedOptions, Settings};
-use crate::proto;
+use crate::proto::{self, Rollover};
 use crate::refusal::Refusal;
-use crate::session::{MAX_WINDOWSIZE, Rollover};
+use crate::session::MAX_WINDOWSIZE;
 
 /// Longest policy file, in bytes.
 pub const MAX_FILE_LEN: u64 = 1 << 20;
@@ -545,7 +545,7 @@ impl TryFrom<String> for OptionName {
         } else {
             Err(format!(
                 "refuse: '{name}' is not an option: blksize, tsize, timeout, windowsize, \
-                 utimeout, rollover or blksize2"
+                 blksize2, utimeout, rollover or cookie"
             ))
         }
     }

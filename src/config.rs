@@ -80,16 +80,26 @@ pub struct Config {
     )]
     pub service: Option<String>,
 
-    /// Largest blksize granted (RFC 2348: 8..=65464); `--blocksize` as in
+    /// Largest blksize granted (RFC 2348: 8..=65464), or `mtu` / `mtu-SLACK`
+    /// (any case): the ingress interface's MTU, less SLACK bytes, decides
+    /// (never below 512), as tftpd-hpa 7.x's `-B`; `--blocksize` as in
     /// tftpd-hpa.
-    #[arg(short = 'B', long = "max-blksize", visible_alias = "blocksize", default_value_t = proto::MAX_BLKSIZE,
-          value_parser = clap::value_parser!(u16).range(i64::from(proto::MIN_BLKSIZE)..=i64::from(proto::MAX_BLKSIZE)))]
-    pub max_blksize: u16,
+    #[arg(short = 'B', long = "max-blksize", visible_alias = "blocksize", default_value = "65464",
+          value_parser = parse_max_blksize)]
+    pub max_blksize: MaxBlksize,
 
     /// Largest windowsize granted (RFC 7440); `-W`/`--windowsize` as in
     /// tftpd-hpa 7.x.
     #[arg(short = 'W', long, visible_alias = "windowsize", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_WINDOWSIZE)))]
     pub max_windowsize: u16,
+
+    /// Most bytes in one window (blksize × windowsize), with a K, M or G
+    /// suffix; a limit under two blocks means lockstep, without a
+    /// windowsize option. tftpd-hpa 7.x's `--window-bytes`; its 4 MiB
+    /// default too, and 0 means no window as in tftpd-hpa 7.3 (whose man
+    /// page says 0 disables the limit; its binary does not).
+    #[arg(long = "window-bytes", value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
+    pub window_bytes: u64,
 
     /// Do not clamp blksize to the MTU of the interface a request came in on.
     #[arg(long)]
@@ -419,7 +429,7 @@ fn parse_refused_option(name: &str) -> Result<String, String> {
         Ok(name.to_ascii_lowercase())
     } else {
         Err(format!(
-            "'{name}' is not an option: blksize, tsize, timeout, windowsize, utimeout, rollover or blksize2"
+            "'{name}' is not an option: blksize, blksize2, cookie, rollover, timeout, tsize, utimeout or windowsize"
         ))
     }
 }
@@ -449,6 +459,53 @@ fn parse_umask(text: &str) -> Result<u32, String> {
     match u32::from_str_radix(digits, 8) {
         Ok(m) if m <= 0o777 => Ok(m),
         _ => Err(format!("{text:?} is not an octal umask (0..=0777)")),
+    }
+}
+
+/// `-B/--blocksize`: a number of bytes, or the MTU less some slack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxBlksize {
+    Bytes(u16),
+    Mtu { slack: u32 },
+}
+
+impl MaxBlksize {
+    /// The byte limit (the MTU's is applied per request).
+    pub fn bytes(self) -> u16 {
+        match self {
+            MaxBlksize::Bytes(n) => n,
+            MaxBlksize::Mtu { .. } => proto::MAX_BLKSIZE,
+        }
+    }
+}
+
+/// `N` (8..=65464), `mtu` or `mtu-SLACK`, as tftpd-hpa 7.3 spells them (it
+/// refuses `mtu28`, `mtu-` and `mtu+5`).
+fn parse_max_blksize(text: &str) -> Result<MaxBlksize, String> {
+    let range = proto::MIN_BLKSIZE..=proto::MAX_BLKSIZE;
+    let bad = || {
+        format!(
+            "{text:?} is not a block size ({}..={}), `mtu` or `mtu-SLACK`",
+            range.start(),
+            range.end()
+        )
+    };
+    if text.len() >= 3 && text[..3].eq_ignore_ascii_case("mtu") {
+        let slack = match &text[3..] {
+            "" => 0,
+            rest => {
+                let digits = rest.strip_prefix('-').ok_or_else(bad)?;
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad());
+                }
+                digits.parse().map_err(|_| bad())?
+            }
+        };
+        return Ok(MaxBlksize::Mtu { slack });
+    }
+    match text.parse::<u16>() {
+        Ok(n) if range.contains(&n) => Ok(MaxBlksize::Bytes(n)),
+        _ => Err(bad()),
     }
 }
 
@@ -810,9 +867,15 @@ impl Config {
         let rto_min = Duration::from_millis(self.rto_min_ms);
         let rto_max = Duration::from_millis(self.rto_max_ms).max(rto_min);
         Limits {
-            max_blksize: self.max_blksize,
+            max_blksize: self.max_blksize.bytes(),
             max_windowsize: self.max_windowsize,
-            mtu_clamp: !self.no_mtu_clamp,
+            // `-B mtu` asks for the clamp whatever --no-mtu-clamp says.
+            mtu_clamp: !self.no_mtu_clamp || matches!(self.max_blksize, MaxBlksize::Mtu { .. }),
+            mtu_slack: match self.max_blksize {
+                MaxBlksize::Mtu { slack } => slack,
+                MaxBlksize::Bytes(_) => 0,
+            },
+            max_window_bytes: self.window_bytes,
             initial_rto: Duration::from_millis(self.initial_rto_ms()).clamp(rto_min, rto_max),
             rto_min,
             rto_max,
@@ -956,7 +1019,7 @@ impl Config {
         EndpointConfig {
             max_sessions: self.max_sessions.div_ceil(shards.max(1) as u32) as usize,
             // The driver lowers it to what its receive buffers hold.
-            max_upload_blksize: self.max_blksize,
+            max_upload_blksize: self.max_blksize.bytes(),
             single_port: self.single_port,
             settings,
         }
@@ -1016,7 +1079,13 @@ mod tests {
     fn refused_options_are_named_as_in_tftpd_hpa() {
         let c = parse(&["-r", "blksize", "--refuse", "TSIZE", "--reject", "rollover"]).unwrap();
         let r = c.refused_options();
-        assert!(r.blksize && r.tsize && !r.timeout && !r.windowsize);
+        assert!(r.blksize && r.tsize && r.rollover && !r.timeout && !r.windowsize);
+        assert!(!r.blksize2 && !r.utimeout && !r.cookie);
+        let hpa = parse(&["-r", "utimeout", "-r", "Cookie", "-r", "blksize2"])
+            .unwrap()
+            .refused_options();
+        assert!(hpa.utimeout && hpa.cookie && hpa.blksize2 && !hpa.blksize && !hpa.timeout);
+        assert!(parse(&["-r", "bogus"]).is_err());
         assert_eq!(c.settings(1).refused_options, r);
         assert_eq!(
             parse(&["--refuse-all"]).unwrap().refused_options(),
@@ -1227,6 +1296,43 @@ mod tests {
             rejected(&[flag, value], flag);
         }
         rejected(&["--retries=-1"], "--retries");
+    }
+
+    #[test]
+    fn blocksize_takes_bytes_or_mtu_less_slack_as_tftpd_hpa_7() {
+        let limits = |args: &[&str]| parse(args).unwrap().limits();
+        let l = limits(&["-B", "1468"]);
+        assert_eq!((l.max_blksize, l.mtu_clamp, l.mtu_slack), (1468, true, 0));
+        for (arg, slack) in [
+            ("mtu", 0),
+            ("MTU", 0),
+            ("mtu-28", 28),
+            ("mtu-0", 0),
+            ("mtu-2000", 2000),
+        ] {
+            let l = limits(&["--blocksize", arg, "--no-mtu-clamp"]);
+            assert_eq!(
+                (l.max_blksize, l.mtu_clamp, l.mtu_slack),
+                (65464, true, slack),
+                "{arg}"
+            );
+        }
+        // The spellings tftpd-hpa 7.3 refuses.
+        for bad in ["mtu28", "mtu-", "mtu+5", "mtu-x", "7", "65465", "-1"] {
+            assert!(parse(&["-B", bad]).is_err(), "{bad}");
+        }
+        assert!(!limits(&["--no-mtu-clamp"]).mtu_clamp);
+    }
+
+    #[test]
+    fn window_bytes_default_to_4_mib_and_take_suffixes() {
+        let bytes = |args: &[&str]| parse(args).unwrap().limits().max_window_bytes;
+        assert_eq!(bytes(&[]), 4 << 20);
+        assert_eq!(bytes(&["--window-bytes", "0"]), 0);
+        assert_eq!(bytes(&["--window-bytes", "1k"]), 1024);
+        assert_eq!(bytes(&["--window-bytes", "2M"]), 2 << 20);
+        assert!(parse(&["--window-bytes", "-1"]).is_err());
+        assert!(parse(&["--window-bytes", "1kb"]).is_err());
     }
 
     #[test]

@@ -627,7 +627,8 @@ impl<H: Clone> Endpoint<H> {
         let asked = grant.refused.strip(&request.options);
         let negotiated = session::negotiate(&asked, content_len, mtu, ipv6, &limits);
         let mut transfer = Transfer::new_read(now, &negotiated, content_len, &limits);
-        transfer.set_rollover(grant.rollover);
+        // The client's own rollover option wins over the policy's default.
+        transfer.set_rollover(negotiated.rollover.unwrap_or(grant.rollover));
         // A client seen recently starts from what its last transfer
         // measured; a first contact keeps the conservative initial RTO.
         if let Some(path) = path {
@@ -700,7 +701,7 @@ impl<H: Clone> Endpoint<H> {
         let asked = grant.refused.strip(&request.options);
         let negotiated = session::negotiate(&asked, echoed, mtu, ipv6, &limits);
         let mut transfer = Transfer::new_write(now, &negotiated, max_len, &limits);
-        transfer.set_rollover(grant.rollover);
+        transfer.set_rollover(negotiated.rollover.unwrap_or(grant.rollover));
         self.start(&incoming, &grant.path, transfer, handle, key, reply)
     }
 

@@ -12,10 +12,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::proto::Rollover;
 use crate::proto::{Options, Request};
 use crate::refusal::Refusal;
 use crate::remap::{RemapContext, RemapRules, Remapped};
-use crate::session::{Limits, Rollover};
+use crate::session::Limits;
 
 /// A request that passed admission (rate, duplicates, capacity), as the
 /// endpoint parsed it, for a [`Policy`] to decide on.
@@ -82,8 +83,12 @@ pub struct Grant<'a> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RefusedOptions {
     pub blksize: bool,
+    pub blksize2: bool,
+    pub cookie: bool,
+    pub rollover: bool,
     pub tsize: bool,
     pub timeout: bool,
+    pub utimeout: bool,
     pub windowsize: bool,
 }
 
@@ -91,21 +96,28 @@ impl RefusedOptions {
     /// Every option.
     pub const ALL: RefusedOptions = RefusedOptions {
         blksize: true,
+        blksize2: true,
+        cookie: true,
+        rollover: true,
         tsize: true,
         timeout: true,
+        utimeout: true,
         windowsize: true,
     };
 
-    /// Refuses option `name` as tftpd-hpa spells it; false if it names
-    /// none. Options we never negotiate (tftpd-hpa's utimeout, rollover,
-    /// blksize2) are already refused.
+    /// Refuses option `name` as tftpd-hpa 7.x spells it (any case); false
+    /// if it names none. Each is refused alone, as in tftpd-hpa: refusing
+    /// blksize leaves blksize2, refusing timeout leaves utimeout.
     pub fn add(&mut self, name: &str) -> bool {
         match name.to_ascii_lowercase().as_str() {
             "blksize" => self.blksize = true,
+            "blksize2" => self.blksize2 = true,
+            "cookie" => self.cookie = true,
+            "rollover" => self.rollover = true,
             "tsize" => self.tsize = true,
             "timeout" => self.timeout = true,
+            "utimeout" => self.utimeout = true,
             "windowsize" => self.windowsize = true,
-            "utimeout" | "rollover" | "blksize2" => {}
             _ => return false,
         }
         true
@@ -115,9 +127,14 @@ impl RefusedOptions {
     pub fn strip(&self, asked: &Options) -> Options {
         Options {
             blksize: asked.blksize.filter(|_| !self.blksize),
+            blksize2: asked.blksize2.filter(|_| !self.blksize2),
+            cookie: asked.cookie.filter(|_| !self.cookie),
+            rollover: asked.rollover.filter(|_| !self.rollover),
             tsize: asked.tsize.filter(|_| !self.tsize),
             timeout: asked.timeout.filter(|_| !self.timeout),
+            utimeout: asked.utimeout.filter(|_| !self.utimeout),
             windowsize: asked.windowsize.filter(|_| !self.windowsize),
+            case: asked.case,
         }
     }
 }

@@ -16,8 +16,10 @@ pub const DEFAULT_BLKSIZE: u16 = 512;
 pub const MAX_FILENAME_LEN: usize = 1024;
 /// Most options (known or not) a request may carry before it is refused.
 pub const MAX_OPTIONS: usize = 32;
-/// Longest option name or value we accept, in bytes.
-pub const MAX_OPTION_LEN: usize = 64;
+/// Longest `cookie` tftpd-hpa 7.x echoes (tftpd(8): "up to 255 bytes").
+pub const MAX_COOKIE_LEN: usize = 255;
+/// Largest `blksize2` (tftpd(8): the largest power of 2 up to 65464).
+pub const MAX_BLKSIZE2: u16 = 32768;
 
 /// Transfer mode of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,16 +44,132 @@ pub enum ErrorCode {
     Other(u16),
 }
 
-/// Options as a client requested them (RFC 2347). Values are kept as sent,
-/// saturated to the field's width; negotiation decides what to accept.
-/// `None` means absent or unparseable (an unparseable value is ignored, as
-/// an unknown option is).
+/// Options as a client requested them (RFC 2347), with tftpd-hpa's
+/// nonstandard `blksize2`, `utimeout`, `rollover` and `cookie`. Values are
+/// kept as sent, saturated to the field's width; negotiation decides what
+/// to accept. `None` means absent or unparseable (an unparseable value is
+/// ignored, as an unknown option is).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Options {
     pub blksize: Option<u32>,
+    /// tftpd(8): blksize, answered with a power of 2.
+    pub blksize2: Option<u32>,
     pub timeout: Option<u32>,
     pub tsize: Option<u64>,
+    /// tftpd(8): the retransmit timeout, in microseconds.
+    pub utimeout: Option<u64>,
     pub windowsize: Option<u32>,
+    /// tftpd(8): the block number after 65535 (0 or 1 are valid).
+    pub rollover: Option<u32>,
+    /// tftpd(8): 1 to 255 arbitrary bytes, echoed in the OACK.
+    pub cookie: Option<Cookie>,
+    /// How the client spelled each name, so the OACK spells it back so, as
+    /// tftpd-hpa does (RFC 2347 names are case-insensitive; not every
+    /// client compares them so).
+    pub case: NameCase,
+}
+
+/// A `cookie` value: 1 to [`MAX_COOKIE_LEN`] bytes, held inline so parsing
+/// never allocates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Cookie {
+    len: u8,
+    bytes: [u8; MAX_COOKIE_LEN],
+}
+
+impl Cookie {
+    /// None if `value` is empty or longer than [`MAX_COOKIE_LEN`].
+    pub fn new(value: &[u8]) -> Option<Cookie> {
+        if value.is_empty() || value.len() > MAX_COOKIE_LEN {
+            return None;
+        }
+        let mut bytes = [0; MAX_COOKIE_LEN];
+        bytes[..value.len()].copy_from_slice(value);
+        Some(Cookie {
+            len: value.len() as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for Cookie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cookie({:?})", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+/// Option names, in the order tftpd-hpa 7.x writes them in an OACK
+/// (whatever the request's order).
+pub const OPTION_NAMES: [&str; 8] = [
+    "blksize",
+    "blksize2",
+    "cookie",
+    "rollover",
+    "timeout",
+    "tsize",
+    "utimeout",
+    "windowsize",
+];
+
+/// Per name of [`OPTION_NAMES`], a bit per letter the client sent in upper
+/// case. All zero (the default) is lower case.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NameCase(pub [u16; OPTION_NAMES.len()]);
+
+impl NameCase {
+    fn of(name: &[u8]) -> u16 {
+        name.iter()
+            .enumerate()
+            .filter(|(_, b)| b.is_ascii_uppercase())
+            .fold(0, |mask, (i, _)| mask | (1 << i))
+    }
+}
+
+/// Which block number follows 65535 on the wire: 0 (RFC 1350 readings
+/// and the default) or 1 (tftpd-hpa's `rollover=1`, for clients that expect
+/// it). Transfers count blocks in 64 bits from 1; this maps them to the
+/// 16-bit wire number and back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Rollover {
+    #[default]
+    Zero,
+    One,
+}
+
+impl Rollover {
+    /// Absolute block `block` (1-based; 0 before the first) on the wire.
+    pub fn wire(self, block: u64) -> u16 {
+        match self {
+            Rollover::Zero => block as u16,
+            Rollover::One if block == 0 => 0,
+            // 1..=65535, then 1 again: 65535 numbers a cycle.
+            Rollover::One => ((block - 1) % 65535 + 1) as u16,
+        }
+    }
+
+    /// The first absolute block at or after `from` that is `wire` on the
+    /// wire; None if none is (0, past the start, with [`Rollover::One`]).
+    pub fn at_or_after(self, from: u64, wire: u16) -> Option<u64> {
+        match self {
+            Rollover::Zero => Some(from + u64::from(wire.wrapping_sub(from as u16))),
+            Rollover::One if wire == 0 => (from == 0).then_some(0),
+            Rollover::One if from == 0 => Some(u64::from(wire)),
+            Rollover::One => {
+                let ahead = (u64::from(wire) + 65535 - u64::from(self.wire(from))) % 65535;
+                Some(from + ahead)
+            }
+        }
+    }
+}
+
+/// One option's value for the wire.
+enum Value<'a> {
+    Number(u64),
+    Bytes(&'a [u8]),
 }
 
 /// A read or write request.
@@ -88,7 +206,7 @@ pub enum ParseError {
     UnknownMode,
     #[error("filename too long or empty")]
     BadFilename,
-    #[error("too many or over-long options")]
+    #[error("too many options")]
     BadOptions,
     #[error("trailing bytes after packet")]
     Trailing,
@@ -151,8 +269,24 @@ impl Mode {
 }
 
 impl Options {
+    /// No option carries a value (the name spellings do not count).
     pub fn is_empty(&self) -> bool {
-        *self == Self::default()
+        self.values().iter().all(Option::is_none)
+    }
+
+    /// Each option's value, in [`OPTION_NAMES`] order.
+    fn values(&self) -> [Option<Value<'_>>; OPTION_NAMES.len()] {
+        let n = |v: Option<u64>| v.map(Value::Number);
+        [
+            n(self.blksize.map(u64::from)),
+            n(self.blksize2.map(u64::from)),
+            self.cookie.as_ref().map(|c| Value::Bytes(c.as_bytes())),
+            n(self.rollover.map(u64::from)),
+            n(self.timeout.map(u64::from)),
+            n(self.tsize),
+            n(self.utimeout),
+            n(self.windowsize.map(u64::from)),
+        ]
     }
 }
 
@@ -165,8 +299,8 @@ fn take_cstr(buf: &[u8]) -> Result<(&[u8], &[u8]), ParseError> {
     Ok((&buf[..end], &buf[end + 1..]))
 }
 
-/// Parses a decimal option value, saturating at `u64::MAX`; None if it is
-/// not all digits.
+/// Parses a decimal option value; None if it is not all digits or does
+/// not fit 64 bits (tftpd-hpa's strtoumax gives ERANGE: ignored).
 fn parse_decimal(value: &[u8]) -> Option<u64> {
     if value.is_empty() {
         return None;
@@ -176,7 +310,7 @@ fn parse_decimal(value: &[u8]) -> Option<u64> {
         if !b.is_ascii_digit() {
             return None;
         }
-        n = n.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
     }
     Some(n)
 }
@@ -187,8 +321,11 @@ fn saturate_u32(n: u64) -> u32 {
 
 /// Parses `name\0value\0` pairs (RFC 2347). Unknown names are skipped;
 /// names are case-insensitive; a later duplicate with a valid value wins
-/// (an unparseable one does not erase an earlier valid one). Stray NULs
-/// (empty names: padding some clients add) are skipped, as tftpd-hpa does.
+/// (an unparseable or empty one does not erase an earlier valid one; a
+/// cookie over 255 bytes does, as in tftpd-hpa 7.x). Stray NULs (empty
+/// names: padding some clients add) are skipped, as tftpd-hpa does. Names
+/// and values of any length are taken (tftpd-hpa ignores what it does not
+/// know), bounded by the datagram and [`MAX_OPTIONS`].
 fn parse_options(mut rest: &[u8]) -> Result<Options, ParseError> {
     let mut options = Options::default();
     let mut count = 0;
@@ -204,21 +341,34 @@ fn parse_options(mut rest: &[u8]) -> Result<Options, ParseError> {
         let (name, after) = take_cstr(rest)?;
         let (value, after) = take_cstr(after)?;
         rest = after;
-        if name.len() > MAX_OPTION_LEN || value.len() > MAX_OPTION_LEN {
-            return Err(ParseError::BadOptions);
+        let Some(index) = OPTION_NAMES
+            .iter()
+            .position(|known| name.eq_ignore_ascii_case(known.as_bytes()))
+        else {
+            continue;
+        };
+        if value.is_empty() {
+            continue;
+        }
+        if OPTION_NAMES[index] == "cookie" {
+            options.cookie = Cookie::new(value);
+            // A spelling only for a value the OACK can carry back.
+            options.case.0[index] = options.cookie.map_or(0, |_| NameCase::of(name));
+            continue;
         }
         let Some(parsed) = parse_decimal(value) else {
             continue;
         };
-        if name.eq_ignore_ascii_case(b"blksize") {
-            options.blksize = Some(saturate_u32(parsed));
-        } else if name.eq_ignore_ascii_case(b"timeout") {
-            options.timeout = Some(saturate_u32(parsed));
-        } else if name.eq_ignore_ascii_case(b"tsize") {
-            options.tsize = Some(parsed);
-        } else if name.eq_ignore_ascii_case(b"windowsize") {
-            options.windowsize = Some(saturate_u32(parsed));
+        match OPTION_NAMES[index] {
+            "blksize" => options.blksize = Some(saturate_u32(parsed)),
+            "blksize2" => options.blksize2 = Some(saturate_u32(parsed)),
+            "rollover" => options.rollover = Some(saturate_u32(parsed)),
+            "timeout" => options.timeout = Some(saturate_u32(parsed)),
+            "tsize" => options.tsize = Some(parsed),
+            "utimeout" => options.utimeout = Some(parsed),
+            _ => options.windowsize = Some(saturate_u32(parsed)),
         }
+        options.case.0[index] = NameCase::of(name);
     }
     Ok(options)
 }
@@ -367,15 +517,14 @@ fn decimal_len(mut n: u64) -> usize {
 
 fn options_len(options: &Options) -> usize {
     let mut len = 0;
-    let mut add = |name: &str, value: Option<u64>| {
-        if let Some(v) = value {
-            len += name.len() + 1 + decimal_len(v) + 1;
-        }
-    };
-    add("blksize", options.blksize.map(u64::from));
-    add("timeout", options.timeout.map(u64::from));
-    add("tsize", options.tsize);
-    add("windowsize", options.windowsize.map(u64::from));
+    for (name, value) in OPTION_NAMES.iter().zip(options.values()) {
+        len += match value {
+            None => continue,
+            Some(Value::Number(v)) => decimal_len(v),
+            Some(Value::Bytes(b)) => b.len(),
+        } + name.len()
+            + 2;
+    }
     len
 }
 
@@ -407,17 +556,22 @@ impl Writer<'_> {
         self.bytes(&digits[..len]);
         self.bytes(&[0]);
     }
-    fn option(&mut self, name: &str, value: Option<u64>) {
-        if let Some(v) = value {
-            self.cstr(name.as_bytes());
-            self.decimal(v);
-        }
-    }
     fn options(&mut self, options: &Options) {
-        self.option("blksize", options.blksize.map(u64::from));
-        self.option("timeout", options.timeout.map(u64::from));
-        self.option("tsize", options.tsize);
-        self.option("windowsize", options.windowsize.map(u64::from));
+        let names = OPTION_NAMES.iter().zip(options.case.0);
+        for ((name, case), value) in names.zip(options.values()) {
+            let Some(value) = value else {
+                continue;
+            };
+            for (i, &b) in name.as_bytes().iter().enumerate() {
+                let upper = case & (1 << i) != 0;
+                self.bytes(&[if upper { b.to_ascii_uppercase() } else { b }]);
+            }
+            self.bytes(&[0]);
+            match value {
+                Value::Number(v) => self.decimal(v),
+                Value::Bytes(b) => self.cstr(b),
+            }
+        }
     }
 }
 
@@ -427,18 +581,52 @@ mod tests {
     use proptest::prelude::*;
 
     fn options() -> impl Strategy<Value = Options> {
+        let cookie = proptest::collection::vec(1u8..=255, 1..=MAX_COOKIE_LEN);
         (
-            proptest::option::of(any::<u32>()),
-            proptest::option::of(any::<u32>()),
-            proptest::option::of(any::<u64>()),
-            proptest::option::of(any::<u32>()),
+            (
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u64>()),
+            ),
+            (
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(cookie),
+            ),
+            any::<[u16; OPTION_NAMES.len()]>(),
         )
-            .prop_map(|(blksize, timeout, tsize, windowsize)| Options {
-                blksize,
-                timeout,
-                tsize,
-                windowsize,
-            })
+            .prop_map(
+                |(
+                    (blksize, blksize2, timeout, tsize),
+                    (utimeout, windowsize, rollover, cookie),
+                    case,
+                )| {
+                    let mut o = Options {
+                        blksize,
+                        blksize2,
+                        timeout,
+                        tsize,
+                        utimeout,
+                        windowsize,
+                        rollover,
+                        cookie: cookie.and_then(|c| Cookie::new(&c)),
+                        case: NameCase::default(),
+                    };
+                    // Spellings round-trip for the options present, within
+                    // each name's letters.
+                    let present = o.values().map(|v| v.is_some());
+                    for (i, name) in OPTION_NAMES.iter().enumerate() {
+                        if present[i] {
+                            o.case.0[i] = case[i] & ((1u16 << name.len()) - 1);
+                        }
+                    }
+                    // Digits have no case.
+                    o.case.0[1] &= 0x7f;
+                    o
+                },
+            )
     }
 
     fn mode() -> impl Strategy<Value = Mode> {
@@ -542,11 +730,16 @@ mod tests {
             Packet::parse(b"\x00\x07"),
             Err(ParseError::UnknownOpcode(7))
         );
-        // Values saturate rather than overflow.
+        // Values saturate to the field's width...
+        let p = Packet::parse(b"\x00\x01f\x00octet\x00blksize\x0099999999999\x00").unwrap();
+        let Packet::Rrq(r) = p else { panic!() };
+        assert_eq!(r.options.blksize, Some(u32::MAX));
+        // ...but one past 64 bits is ignored, as tftpd-hpa's strtoumax
+        // (ERANGE) has it.
         let p =
             Packet::parse(b"\x00\x01f\x00octet\x00blksize\x0099999999999999999999999\x00").unwrap();
         let Packet::Rrq(r) = p else { panic!() };
-        assert_eq!(r.options.blksize, Some(u32::MAX));
+        assert_eq!(r.options.blksize, None);
     }
 
     #[test]
@@ -576,6 +769,102 @@ mod tests {
             Packet::parse(b"\x00\x01f\x00octet\x00blksize\x001468\x00blksize\x00512\x00").unwrap();
         let Packet::Rrq(r) = p else { panic!() };
         assert_eq!(r.options.blksize, Some(512));
+    }
+
+    fn rrq_options(datagram: &[u8]) -> Options {
+        match Packet::parse(datagram) {
+            Ok(Packet::Rrq(r)) => r.options,
+            other => panic!("{datagram:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tftpd_hpa_options_parse() {
+        let o = rrq_options(
+            b"\x00\x01f\x00octet\x00blksize2\x001000\x00utimeout\x00500000\x00rollover\x001\x00cookie\x00a\xffb\x00",
+        );
+        assert_eq!(o.blksize2, Some(1000));
+        assert_eq!(o.utimeout, Some(500_000));
+        assert_eq!(o.rollover, Some(1));
+        assert_eq!(
+            o.cookie.map(|c| c.as_bytes().to_vec()),
+            Some(b"a\xffb".to_vec())
+        );
+        // A cookie of 255 bytes is kept; one of 256 is dropped and erases
+        // an earlier one; an empty one erases nothing (tftpd-hpa 7.3).
+        let mut d = b"\x00\x01f\x00octet\x00cookie\x00".to_vec();
+        d.extend_from_slice(&[b'x'; MAX_COOKIE_LEN]);
+        d.push(0);
+        assert_eq!(rrq_options(&d).cookie.unwrap().as_bytes().len(), 255);
+        d.extend_from_slice(b"cookie\x00");
+        d.extend_from_slice(&[b'y'; MAX_COOKIE_LEN + 1]);
+        d.push(0);
+        assert_eq!(rrq_options(&d).cookie, None);
+        let o = rrq_options(b"\x00\x01f\x00octet\x00cookie\x00abc\x00cookie\x00\x00");
+        assert_eq!(o.cookie.unwrap().as_bytes(), b"abc");
+        // Long unknown names and values are skipped, not refused.
+        let mut d = b"\x00\x01f\x00octet\x00".to_vec();
+        d.extend_from_slice(&[b'n'; 100]);
+        d.extend_from_slice(b"\x001\x00foo\x00");
+        d.extend_from_slice(&[b'q'; 600]);
+        d.extend_from_slice(b"\x00blksize\x001000\x00");
+        assert_eq!(rrq_options(&d).blksize, Some(1000));
+    }
+
+    #[test]
+    fn the_oack_spells_names_as_asked_in_tftpd_hpa_order() {
+        let o = rrq_options(
+            b"\x00\x01f\x00octet\x00WindowSize\x002\x00TSIZE\x000\x00Cookie\x00q\x00BlkSize\x001000\x00",
+        );
+        let mut buf = [0u8; 128];
+        let n = Packet::Oack(o).emit(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"\x00\x06BlkSize\x001000\x00Cookie\x00q\x00TSIZE\x000\x00WindowSize\x002\x00"
+        );
+        assert!(!o.is_empty());
+        let spelled_only = Options {
+            case: o.case,
+            ..Options::default()
+        };
+        assert!(spelled_only.is_empty(), "spellings alone are no options");
+    }
+
+    #[test]
+    fn block_numbers_roll_over_to_zero_or_one() {
+        let seq = |r: Rollover| (65534..=65538).map(|b| r.wire(b)).collect::<Vec<_>>();
+        assert_eq!(seq(Rollover::Zero), [65534, 65535, 0, 1, 2]);
+        assert_eq!(seq(Rollover::One), [65534, 65535, 1, 2, 3]);
+        assert_eq!(Rollover::One.wire(0), 0);
+        assert_eq!(Rollover::One.wire(65535 * 2), 65535);
+        assert_eq!(Rollover::One.wire(65535 * 2 + 1), 1);
+        // ACK 0 is the start only.
+        assert_eq!(Rollover::One.at_or_after(0, 0), Some(0));
+        assert_eq!(Rollover::One.at_or_after(70_000, 0), None);
+        assert_eq!(Rollover::One.at_or_after(0, 65535), Some(65535));
+        assert_eq!(Rollover::One.at_or_after(65535, 1), Some(65536));
+        assert_eq!(Rollover::Zero.at_or_after(65535, 0), Some(65536));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn at_or_after_finds_the_block_a_wire_number_means(
+            from in 0u64..1 << 40,
+            ahead in 0u64..65535,
+            one in proptest::prelude::any::<bool>(),
+        ) {
+            let r = if one { Rollover::One } else { Rollover::Zero };
+            let block = from + ahead;
+            proptest::prop_assert_eq!(r.at_or_after(from, r.wire(block)), Some(block));
+            if !one {
+                // The old arithmetic, exactly.
+                let w = block as u16;
+                proptest::prop_assert_eq!(
+                    r.at_or_after(from, w),
+                    Some(from + u64::from(w.wrapping_sub(from as u16)))
+                );
+            }
+        }
     }
 
     #[test]

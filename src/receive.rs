@@ -14,12 +14,12 @@
 //! - The final block (shorter than blksize) is acknowledged only after the
 //!   owner said the file is safely in place ([`Receiving::commit_done`]),
 //!   so a client never sees success for bytes that were lost.
-//! - Block numbers wrap past 65535 (to 0, or to 1: [`Rollover`]); counts
-//!   are 64-bit.
+//! - Block numbers wrap past 65535, to 0 or (tftpd-hpa's `rollover=1`)
+//!   to 1; counts are 64-bit.
 
 #![forbid(unsafe_code)]
 
-use crate::session::Rollover;
+use crate::proto::Rollover;
 
 /// What to do with one DATA packet.
 #[derive(Debug, PartialEq, Eq)]
@@ -114,11 +114,15 @@ impl Receiving {
     pub fn on_data<'a>(&mut self, block: u16, payload: &'a [u8]) -> DataVerdict<'a> {
         let expected = self.rollover.wire(self.accepted + 1);
         if block != expected || self.finished {
+            // How far past the expected block this one is, if ahead at all.
+            let ahead = self
+                .rollover
+                .at_or_after(self.accepted + 1, block)
+                .map(|b| b - (self.accepted + 1));
             if block == self.rollover.wire(self.accepted) && self.accepted > 0 {
                 // Its ACK was lost (or, at the end, is being waited for).
                 self.ack_due = !self.finished || self.committed;
-            } else if !self.finished && block.wrapping_sub(expected) < 0x8000 && !self.gap_answered
-            {
+            } else if !self.finished && ahead.is_some_and(|d| d < 0x8000) && !self.gap_answered {
                 self.gap_answered = true;
                 self.ack_due = true;
             }
@@ -335,6 +339,29 @@ mod tests {
         assert_eq!(r.blocks(), total);
         assert_eq!(r.len(), total);
         assert_eq!(accept(&mut r, (total + 1) as u16, &[]), (total, true));
+    }
+
+    #[test]
+    fn rollover_1_follows_block_65535_with_1() {
+        let mut r = Receiving::new(1, 1, None, false);
+        r.set_rollover(Rollover::One);
+        for n in 1..=65_535u64 {
+            accept(&mut r, n as u16, &[n as u8]);
+            assert_eq!(next_ack(&mut r), Some(n as u16));
+        }
+        // Block 0 is no block here: not taken, and no ACK of it.
+        assert_eq!(r.on_data(0, &[0]), DataVerdict::Ignore);
+        assert_eq!(r.blocks(), 65_535);
+        let _ = next_ack(&mut r);
+        assert_eq!(accept(&mut r, 1, &[7]), (65_535, false));
+        assert_eq!(next_ack(&mut r), Some(1));
+        // A repeat of it is a repeat, answered with its ACK.
+        assert_eq!(r.on_data(1, &[7]), DataVerdict::Ignore);
+        assert_eq!(next_ack(&mut r), Some(1));
+        assert_eq!(accept(&mut r, 2, &[]), (65_536, true));
+        r.commit_done();
+        assert_eq!(next_ack(&mut r), Some(2));
+        assert_eq!(r.blocks(), 65_537);
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl Refusal {
             Refusal::Malformed(Malformed::Parse(e)) => match e {
                 ParseError::UnknownMode => "unknown transfer mode",
                 ParseError::BadFilename => "filename empty or too long",
-                ParseError::BadOptions => "too many or over-long options",
+                ParseError::BadOptions => "too many options",
                 ParseError::UnknownOpcode(_) => "unknown opcode",
                 _ => "malformed request",
             },

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::proto::{self, ErrorCode, Options, Packet};
+use crate::proto::{self, ErrorCode, Options, Packet, Rollover};
 use crate::receive::{DataVerdict, Receiving};
 use crate::refusal::Abort;
 
@@ -26,6 +26,13 @@ pub struct Limits {
     pub max_windowsize: u16,
     /// Clamp blksize to the ingress interface's MTU.
     pub mtu_clamp: bool,
+    /// Bytes below the MTU the clamp leaves unused (tftpd-hpa 7.x's
+    /// `-B mtu-SLACK`).
+    pub mtu_slack: u32,
+    /// Most bytes in one window, blksize × windowsize (tftpd-hpa 7.x's
+    /// `--window-bytes`). A limit under two blocks means lockstep, with no
+    /// windowsize in the OACK; 0 is such a limit, as tftpd-hpa 7.3 has it.
+    pub max_window_bytes: u64,
     /// RTO before the first RTT sample (RFC 6298 §2.1).
     pub initial_rto: Duration,
     /// Floor and ceiling of the adaptive RTO.
@@ -45,42 +52,6 @@ pub struct Limits {
     pub min_give_up: Duration,
 }
 
-/// Where block numbers go after 65535: the wire has 16 bits. RFC 1350
-/// does not say; most clients expect 0 (tftpd-hpa's default), a few
-/// expect 1 (tftpd-hpa's `rollover` option names both).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Rollover {
-    #[default]
-    Zero,
-    One,
-}
-
-impl Rollover {
-    /// Absolute block `block` (1-based; 0 before the first) on the wire.
-    pub fn wire(self, block: u64) -> u16 {
-        match self {
-            Rollover::Zero => block as u16,
-            Rollover::One if block == 0 => 0,
-            // 1..=65535, then 1 again: 65535 numbers a cycle.
-            Rollover::One => ((block - 1) % 65535 + 1) as u16,
-        }
-    }
-
-    /// The first absolute block at or after `from` that is `wire` on the
-    /// wire; None if none is (0, past the start, with [`Rollover::One`]).
-    pub fn at_or_after(self, from: u64, wire: u16) -> Option<u64> {
-        match self {
-            Rollover::Zero => Some(from + u64::from(wire.wrapping_sub(from as u16))),
-            Rollover::One if wire == 0 => (from == 0).then_some(0),
-            Rollover::One if from == 0 => Some(u64::from(wire)),
-            Rollover::One => {
-                let ahead = (u64::from(wire) + 65535 - u64::from(self.wire(from))) % 65535;
-                Some(from + ahead)
-            }
-        }
-    }
-}
-
 /// Resends past `retries` that [`Limits::min_give_up`] may add.
 pub const MAX_PATIENT_RETRIES: u32 = 16;
 
@@ -91,6 +62,8 @@ impl Default for Limits {
             max_blksize: proto::MAX_BLKSIZE,
             max_windowsize: 64,
             mtu_clamp: true,
+            mtu_slack: 0,
+            max_window_bytes: DEFAULT_MAX_WINDOW_BYTES,
             initial_rto: Duration::from_millis(1000),
             rto_min: Duration::from_millis(DEFAULT_RTO_MIN_MS),
             rto_max: Duration::from_millis(3000),
@@ -100,6 +73,10 @@ impl Default for Limits {
         }
     }
 }
+
+/// tftpd-hpa 7.x's compile-time `--window-bytes` (4 MiB), in effect in
+/// Debian's build.
+pub const DEFAULT_MAX_WINDOW_BYTES: u64 = 4 << 20;
 
 /// Default starting floor of each session's RTO, in milliseconds. Low, so
 /// that a loss on a LAN costs milliseconds; a session whose client proves
@@ -241,20 +218,28 @@ fn overhead(ipv6: bool) -> u32 {
 pub struct Negotiated {
     pub blksize: u16,
     pub windowsize: u16,
-    /// The client's `timeout` in seconds, if accepted: a fixed RTO.
-    pub timeout: Option<u8>,
+    /// The client's `timeout` or `utimeout`, if accepted: a fixed RTO.
+    pub timeout: Option<Duration>,
+    /// The block number after 65535, if the client asked (tftpd-hpa's
+    /// `rollover` option).
+    pub rollover: Option<Rollover>,
     /// The options to acknowledge in an OACK, or None to start with DATA 1.
     pub oack: Option<Options>,
 }
+
+/// tftpd-hpa's bounds on `utimeout`, in microseconds (10 ms to 255 s).
+const UTIMEOUT_US: std::ops::RangeInclusive<u64> = 10_000..=255_000_000;
 
 /// A content length learnt only while sending (netascii, translated as it
 /// goes): pass it to [`negotiate`] and [`Transfer::new_read`], then give the
 /// length to [`Transfer::set_content_len`] once the source is exhausted.
 pub const LEN_UNKNOWN: u64 = u64::MAX;
 
-/// Decides which requested options to accept (RFC 2347/2348/2349/7440).
-/// Out-of-range values are ignored (left out of the OACK), except blksize
-/// and windowsize above our limits, which are lowered.
+/// Decides which requested options to accept (RFC 2347/2348/2349/7440,
+/// and tftpd-hpa's blksize2, utimeout, rollover and cookie as tftpd-hpa
+/// 7.3 negotiates them). Out-of-range values are ignored (left out of the
+/// OACK), except blksize and windowsize above our limits, which are lowered.
+/// The OACK spells each name as the request did.
 pub fn negotiate(
     requested: &Options,
     content_len: u64,
@@ -262,48 +247,84 @@ pub fn negotiate(
     ipv6: bool,
     limits: &Limits,
 ) -> Negotiated {
-    let mut oack = Options::default();
-    let mut blksize = proto::DEFAULT_BLKSIZE;
-    if let Some(asked) = requested
-        .blksize
-        .filter(|&b| b >= u32::from(proto::MIN_BLKSIZE))
-    {
-        let mut cap = u32::from(limits.max_blksize.min(proto::MAX_BLKSIZE));
-        if limits.mtu_clamp {
-            if let Some(mtu) = mtu {
-                // Like dnsmasq: many PXE ROMs cannot take fragments.
-                cap = cap.min(mtu.saturating_sub(overhead(ipv6)));
-            }
+    let mut oack = Options {
+        case: requested.case,
+        ..Options::default()
+    };
+    let mut cap = u32::from(limits.max_blksize.min(proto::MAX_BLKSIZE));
+    if limits.mtu_clamp {
+        if let Some(mtu) = mtu {
+            // Like dnsmasq: many PXE ROMs cannot take fragments. Never
+            // below 512, as tftpd-hpa 7.x's `-B mtu-SLACK`.
+            let fits = mtu.saturating_sub(overhead(ipv6) + limits.mtu_slack);
+            cap = cap.min(fits.max(u32::from(proto::DEFAULT_BLKSIZE)));
         }
-        let granted = asked.min(cap).max(u32::from(proto::MIN_BLKSIZE));
-        blksize = u16::try_from(granted).unwrap_or(proto::MAX_BLKSIZE);
-        oack.blksize = Some(u32::from(blksize));
     }
+    let min = u32::from(proto::MIN_BLKSIZE);
+    let plain = requested.blksize.filter(|&b| b >= min).map(|b| b.min(cap));
+    // tftpd(8): blksize2 grants the largest power of 2 within both limits.
+    let power = requested
+        .blksize2
+        .filter(|&b| b >= min)
+        .map(|b| b.min(cap).min(u32::from(proto::MAX_BLKSIZE2)))
+        .map(|b| 1 << b.ilog2());
+    // Both asked: tftpd-hpa 7.3 answers the one granting more (both, when
+    // they grant the same).
+    let granted = plain.max(power);
+    oack.blksize = plain.filter(|&b| Some(b) == granted);
+    oack.blksize2 = power.filter(|&b| Some(b) == granted);
+    let blksize = granted.map_or(proto::DEFAULT_BLKSIZE, |b| {
+        u16::try_from(b.max(min)).unwrap_or(proto::MAX_BLKSIZE)
+    });
     // RFC 2349 lets us accept the client's value or decline it, not lower
     // it; one above the RTO ceiling (timeout=255 would hold a slot for
-    // 38 minutes) is declined, and the adaptive RTO serves instead.
-    let timeout = requested
+    // 38 minutes) is declined, and the adaptive RTO serves instead. A valid
+    // utimeout wins over timeout and leaves it out (tftpd-hpa 7.3).
+    let within = |rto: &Duration| *rto <= limits.rto_max;
+    oack.utimeout = requested
+        .utimeout
+        .filter(|us| UTIMEOUT_US.contains(us))
+        .filter(|&us| within(&Duration::from_micros(us)));
+    oack.timeout = requested
         .timeout
         .filter(|t| (1..=255).contains(t))
-        .filter(|&t| Duration::from_secs(u64::from(t)) <= limits.rto_max)
-        .and_then(|t| u8::try_from(t).ok());
-    oack.timeout = timeout.map(u32::from);
+        .filter(|&t| within(&Duration::from_secs(u64::from(t))))
+        .filter(|_| oack.utimeout.is_none());
+    let timeout = oack
+        .utimeout
+        .map(Duration::from_micros)
+        .or(oack.timeout.map(|t| Duration::from_secs(u64::from(t))));
     // RFC 2349: in a read request the client sends 0 and we answer the size;
     // one not known yet (netascii) is declined, as tftpd-hpa does.
     oack.tsize = requested
         .tsize
         .filter(|_| content_len != LEN_UNKNOWN)
         .map(|_| content_len);
+    // tftpd(8): "only accepts 0 and 1 as valid rollover values".
+    oack.rollover = requested.rollover.filter(|&r| r <= 1);
+    let rollover = oack.rollover.map(|r| match r {
+        1 => Rollover::One,
+        _ => Rollover::Zero,
+    });
+    oack.cookie = requested.cookie;
     let mut windowsize = 1;
     if let Some(asked) = requested.windowsize.filter(|&w| w >= 1) {
         let cap = limits.max_windowsize.clamp(1, MAX_WINDOWSIZE);
+        let by_bytes = limits.max_window_bytes / u64::from(blksize);
+        let cap = u16::try_from(by_bytes).map_or(cap, |b| cap.min(b));
         windowsize = u16::try_from(asked.min(u32::from(cap))).unwrap_or(cap);
-        oack.windowsize = Some(u32::from(windowsize));
+        // tftpd(8): a window of one block is lockstep, without the option
+        // (and a limit of none, too: `--window-bytes` under one block).
+        windowsize = windowsize.max(1);
+        if windowsize > 1 {
+            oack.windowsize = Some(u32::from(windowsize));
+        }
     }
     Negotiated {
         blksize,
         windowsize,
         timeout,
+        rollover,
         oack: (!oack.is_empty()).then_some(oack),
     }
 }
@@ -488,6 +509,9 @@ enum Direction {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The OACK is kept to resend (with its cookie, inline): a box would
+// allocate per request, and a Transfer holds one Phase either way.
+#[allow(clippy::large_enum_variant)]
 enum Phase {
     /// OACK sent (or to send); waiting for ACK 0.
     Negotiating {
@@ -610,9 +634,7 @@ impl Transfer {
     fn new(now: Instant, negotiated: &Negotiated, dir: Direction, limits: &Limits) -> Self {
         let blksize = negotiated.blksize.max(proto::MIN_BLKSIZE);
         let windowsize = negotiated.windowsize.max(1);
-        let fixed = negotiated
-            .timeout
-            .map(|t| Duration::from_secs(u64::from(t)));
+        let fixed = negotiated.timeout;
         let phase = match negotiated.oack {
             Some(oack) => Phase::Negotiating {
                 oack,
@@ -620,7 +642,7 @@ impl Transfer {
             },
             None => Phase::Transferring,
         };
-        Self {
+        let mut transfer = Self {
             phase,
             blksize,
             windowsize,
@@ -649,7 +671,9 @@ impl Transfer {
                 rto_floor: limits.rto_min,
             },
             rollover: Rollover::Zero,
-        }
+        };
+        transfer.set_rollover(negotiated.rollover.unwrap_or_default());
+        transfer
     }
 
     pub fn stats(&self) -> &Stats {
@@ -1159,46 +1183,6 @@ impl Transfer {
                 Direction::Receive(r) => r.blocks() == 0,
             },
             Phase::Ended => false,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Rollover;
-    use proptest::prelude::*;
-
-    #[test]
-    fn block_numbers_roll_over_to_zero_or_one() {
-        let seq = |r: Rollover| (65534..=65538).map(|b| r.wire(b)).collect::<Vec<_>>();
-        assert_eq!(seq(Rollover::Zero), [65534, 65535, 0, 1, 2]);
-        assert_eq!(seq(Rollover::One), [65534, 65535, 1, 2, 3]);
-        assert_eq!(Rollover::One.wire(0), 0);
-        assert_eq!(Rollover::One.wire(65535 * 2), 65535);
-        assert_eq!(Rollover::One.wire(65535 * 2 + 1), 1);
-        // ACK 0 is the start only.
-        assert_eq!(Rollover::One.at_or_after(0, 0), Some(0));
-        assert_eq!(Rollover::One.at_or_after(70_000, 0), None);
-        assert_eq!(Rollover::One.at_or_after(0, 65535), Some(65535));
-        assert_eq!(Rollover::One.at_or_after(65535, 1), Some(65536));
-        assert_eq!(Rollover::Zero.at_or_after(65535, 0), Some(65536));
-    }
-
-    proptest! {
-        #[test]
-        fn at_or_after_finds_the_block_a_wire_number_means(
-            from in 0u64..1 << 40,
-            ahead in 0u64..65535,
-            one in any::<bool>(),
-        ) {
-            let r = if one { Rollover::One } else { Rollover::Zero };
-            let block = from + ahead;
-            prop_assert_eq!(r.at_or_after(from, r.wire(block)), Some(block));
-            if !one {
-                // The old arithmetic, exactly.
-                let w = block as u16;
-                prop_assert_eq!(r.at_or_after(from, w), Some(from + u64::from(w.wrapping_sub(from as u16))));
-            }
         }
     }
 }

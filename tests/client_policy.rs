@@ -12,10 +12,11 @@ use ringtftpd::clients::{ClientPolicy, ClientRules};
 use ringtftpd::endpoint::{EndpointConfig, RequestOutcome, SessionId};
 use ringtftpd::files::{OpenError, Sink, Source};
 use ringtftpd::policy::{Policy, RemapPolicy};
+use ringtftpd::proto::Rollover;
 use ringtftpd::proto::{ErrorCode, Mode, Options, Packet};
 use ringtftpd::refusal::RefusalKind;
 use ringtftpd::remap::RemapRules;
-use ringtftpd::session::{Rollover, Transmit};
+use ringtftpd::session::Transmit;
 use sim::*;
 
 fn peer(ip: &str, port: u16) -> SocketAddr {
@@ -293,14 +294,15 @@ fn read_past_the_wrap(
     from: SocketAddr,
     rollover: Rollover,
     window: u16,
+    option: Option<&str>,
 ) -> (Vec<u8>, Vec<u16>) {
     let mut f = desk(rule);
     let file = content(65537 * 8 + 3, 7);
     f.files.mem.insert("big.bin", file.clone());
-    let ask = rrq(
-        "big.bin",
-        &[("blksize", "8"), ("windowsize", &window.to_string())],
-    );
+    let window = window.to_string();
+    let mut options = vec![("blksize", "8"), ("windowsize", window.as_str())];
+    options.extend(option.map(|o| ("rollover", o)));
+    let ask = rrq("big.bin", &options);
     let id = f.started(from, &ask);
     let (mut got, mut seen) = (Vec::new(), Vec::new());
     let mut next = 1u64;
@@ -332,16 +334,33 @@ fn a_rules_rollover_numbers_blocks_past_65535_from_1_or_0() {
     let rule = "[[rule]]\ncidr = \"10.0.9.0/24\"\nrollover = 1\n";
     let file = content(65537 * 8 + 3, 7);
     for window in [1, 16] {
-        let (got, seen) = read_past_the_wrap(rule, peer("10.0.9.1", 1000), Rollover::One, window);
+        let (got, seen) =
+            read_past_the_wrap(rule, peer("10.0.9.1", 1000), Rollover::One, window, None);
         assert_eq!(got, file, "windowsize {window}");
         let at = seen.iter().position(|&b| b == 65535).unwrap();
         assert_eq!(&seen[at..at + 3], [65535, 1, 2], "windowsize {window}");
         assert!(!seen.contains(&0), "no DATA 0 with rollover 1");
         // Another client keeps the default: 65535, then 0.
-        let (got, seen) = read_past_the_wrap(rule, peer("10.0.8.1", 1000), Rollover::Zero, window);
+        let (got, seen) =
+            read_past_the_wrap(rule, peer("10.0.8.1", 1000), Rollover::Zero, window, None);
         assert_eq!(got, file);
         let at = seen.iter().position(|&b| b == 65535).unwrap();
         assert_eq!(&seen[at..at + 3], [65535, 0, 1]);
+    }
+}
+
+#[test]
+fn a_clients_rollover_option_wins_over_the_rules_default() {
+    let file = content(65537 * 8 + 3, 7);
+    for (rule, asked, rollover, after) in [
+        ("[[rule]]\nrollover = 1\n", "0", Rollover::Zero, 0),
+        ("[[rule]]\nrollover = 0\n", "1", Rollover::One, 1),
+    ] {
+        let (got, seen) =
+            read_past_the_wrap(rule, peer("10.0.9.1", 1000), rollover, 4, Some(asked));
+        assert_eq!(got, file, "rule {rule:?}, asked {asked}");
+        let at = seen.iter().position(|&b| b == 65535).unwrap();
+        assert_eq!(seen[at + 1], after, "rule {rule:?}, asked {asked}");
     }
 }
 

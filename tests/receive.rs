@@ -23,6 +23,7 @@ fn negotiated(blksize: u16, windowsize: u16, oack: bool) -> Negotiated {
         blksize,
         windowsize,
         timeout: None,
+        rollover: Default::default(),
         oack: oack.then(|| Options {
             blksize: Some(u32::from(blksize)),
             windowsize: Some(u32::from(windowsize)),

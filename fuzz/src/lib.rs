@@ -36,6 +36,8 @@ pub fn limits(input: &mut Input) -> Limits {
         max_stall: Duration::from_millis(1 + u64::from(input.u16()) * 10),
         // Derived, not read: the seed corpus keeps its meaning.
         min_give_up: Duration::from_secs(15),
+        mtu_slack: 0,
+        max_window_bytes: ringtftpd::session::DEFAULT_MAX_WINDOW_BYTES,
     }
 }
 
@@ -78,6 +80,7 @@ pub fn options(input: &mut Input) -> Options {
         timeout,
         tsize,
         windowsize,
+        ..Options::default()
     }
 }
 

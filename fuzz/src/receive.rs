@@ -37,6 +37,7 @@ pub fn run(data: &[u8]) {
         blksize,
         windowsize,
         timeout: None,
+        rollover: Default::default(),
         oack,
     };
     let mut h = Harness {

@@ -103,7 +103,8 @@ fn check_negotiated(
             if limits.mtu_clamp
                 && let Some(mtu) = mtu
             {
-                cap = cap.min(mtu.saturating_sub(if ipv6 { 52 } else { 32 }));
+                let fits = mtu.saturating_sub(if ipv6 { 52 } else { 32 } + limits.mtu_slack);
+                cap = cap.min(fits.max(u32::from(proto::DEFAULT_BLKSIZE)));
             }
             let cap = cap.max(u32::from(proto::MIN_BLKSIZE));
             assert!(
@@ -129,7 +130,12 @@ fn check_negotiated(
                 n.windowsize
             );
             assert!(u32::from(n.windowsize) <= asked);
-            assert_eq!(oack.windowsize, Some(u32::from(n.windowsize)));
+            // --window-bytes, unless that leaves under two blocks.
+            let bytes = u64::from(n.windowsize) * u64::from(n.blksize);
+            assert!(n.windowsize == 1 || bytes <= limits.max_window_bytes);
+            // A window of one is lockstep, not acknowledged (tftpd-hpa 7.x).
+            let acked = (n.windowsize > 1).then_some(u32::from(n.windowsize));
+            assert_eq!(oack.windowsize, acked);
         }
         None => {
             assert_eq!(n.windowsize, 1);
@@ -138,10 +144,12 @@ fn check_negotiated(
     }
     match n.timeout {
         Some(t) => {
-            assert!(t >= 1 && requested.timeout == Some(u32::from(t)));
+            let secs = u32::try_from(t.as_secs()).ok();
+            assert!(t.as_secs() >= 1 && t.subsec_nanos() == 0);
+            assert!(requested.timeout.is_some() && requested.timeout == secs);
             // Never above the RTO ceiling: a slot is not held for minutes.
-            assert!(Duration::from_secs(u64::from(t)) <= limits.rto_max);
-            assert_eq!(oack.timeout, Some(u32::from(t)));
+            assert!(t <= limits.rto_max);
+            assert_eq!(oack.timeout, secs);
         }
         None => {
             let acceptable = requested
@@ -208,7 +216,7 @@ impl Harness {
         let now = Instant::now();
         let t = Transfer::new_read(now, &negotiated, content_len, &limits);
         let blksize = u64::from(negotiated.blksize.max(proto::MIN_BLKSIZE));
-        let fixed = Duration::from_secs(u64::from(negotiated.timeout.unwrap_or(0)));
+        let fixed = negotiated.timeout.unwrap_or(Duration::ZERO);
         Self {
             t,
             now,
@@ -591,6 +599,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         timeout: None,
         tsize: tsize.then_some(0),
         windowsize,
+        ..Options::default()
     };
     // iPXE / pxelinux: lock-step, ACK 0 then each block.
     for (name, blksize, len) in [("ipxe", 1432, 40 * 1432 + 7), ("pxelinux", 1408, 60)] {

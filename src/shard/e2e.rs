@@ -29,6 +29,7 @@ fn limits() -> Limits {
         max_stall: Duration::from_secs(60),
         // Retries alone decide when a silent peer is given up.
         min_give_up: Duration::ZERO,
+        ..Limits::default()
     }
 }
 

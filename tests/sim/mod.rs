@@ -15,7 +15,7 @@ use ringtftpd::endpoint::{
 use ringtftpd::files::Sink;
 pub use ringtftpd::files::mem::MemFiles;
 pub use ringtftpd::policy::Settings;
-use ringtftpd::proto::{ErrorCode, Options, Packet};
+use ringtftpd::proto::{ErrorCode, Options, Packet, Rollover};
 use ringtftpd::session::{Limits, Outcome};
 
 pub fn limits() -> Limits {
@@ -30,6 +30,7 @@ pub fn limits() -> Limits {
         max_stall: Duration::from_secs(60),
         // Retries alone decide when a silent peer is given up.
         min_give_up: Duration::ZERO,
+        ..Limits::default()
     }
 }
 
@@ -104,6 +105,8 @@ pub struct Client {
     gap_acked: bool,
     /// Do not re-ACK a duplicate DATA in lock-step (some firmware).
     pub ignore_duplicate_data: bool,
+    /// The block number after 65535, as the OACK's `rollover` says.
+    pub rollover: Rollover,
 }
 
 impl Client {
@@ -126,6 +129,7 @@ impl Client {
             decline_oack: false,
             gap_acked: false,
             ignore_duplicate_data: false,
+            rollover: Rollover::Zero,
         }
     }
 
@@ -173,6 +177,9 @@ impl Client {
                         self.blksize = b as usize;
                     }
                     self.windowsize = options.windowsize.map_or(1, |w| w as usize);
+                    if options.rollover == Some(1) {
+                        self.rollover = Rollover::One;
+                    }
                 }
                 if self.expected_block == 1 {
                     vec![self.ack(0, now)]
@@ -186,7 +193,7 @@ impl Client {
                     self.blksize = 512;
                     self.windowsize = 1;
                 }
-                if block == self.expected_block as u16 {
+                if block == self.rollover.wire(self.expected_block) {
                     self.received.extend_from_slice(payload);
                     self.expected_block += 1;
                     self.gap_acked = false;
@@ -214,7 +221,7 @@ impl Client {
                     // RFC 7440 §4: out of order (or an old block again); ACK
                     // the last in-order block, once per gap.
                     self.gap_acked = true;
-                    let last_good = (self.expected_block - 1) as u16;
+                    let last_good = self.rollover.wire(self.expected_block - 1);
                     vec![self.ack(last_good, now)]
                 } else {
                     vec![]
