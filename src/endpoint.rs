@@ -624,7 +624,10 @@ impl<H: Clone> Endpoint<H> {
         if path.is_none() && first_window > 0 {
             limits.max_windowsize = limits.max_windowsize.min(first_window);
         }
-        let asked = grant.refused.strip(&request.options);
+        let mut asked = grant.refused.strip(&request.options);
+        // RFC 2349: a read request asks with 0; tftpd-hpa 7.3 ignores any
+        // other value rather than answer it.
+        asked.tsize = asked.tsize.filter(|&t| t == 0);
         let negotiated = session::negotiate(&asked, content_len, mtu, ipv6, &limits);
         let mut transfer = Transfer::new_read(now, &negotiated, content_len, &limits);
         // The client's own rollover option wins over the policy's default.

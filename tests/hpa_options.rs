@@ -111,6 +111,9 @@ fn the_oack_answers_as_tftpd_hpa_7_does() {
         (&[("cookie", "abc"), ("cookie", &cookie256)], None),
         (&[("cookie", "a"), ("cookie", "b")], pairs(&[("cookie", "b")])),
         (&[("windowsize", "1")], None),
+        // A read request asks tsize with 0; another value is ignored.
+        (&[("tsize", "5")], None),
+        (&[("tsize", "0")], pairs(&[("tsize", "10000")])),
         // Names as spelled; order as tftpd-hpa 7.3's, not the request's.
         (
             &[("WindowSize", "4"), ("UTimeout", "20000"), ("TSize", "0"), ("timeout", "2"),
