@@ -224,8 +224,8 @@ pub struct Config {
     pub pidfile: Option<PathBuf>,
 
     /// Never negotiate this option (as tftpd-hpa's -r): blksize, tsize,
-    /// timeout or windowsize (tftpd-hpa's utimeout, rollover and blksize2
-    /// are accepted and never negotiated anyway). Repeatable.
+    /// timeout, windowsize, or tftpd-hpa's blksize2, utimeout, rollover
+    /// and cookie. Repeatable.
     #[arg(short = 'r', long = "refuse", visible_alias = "reject", value_name = "OPTION", value_parser = parse_refused_option)]
     pub refuse: Vec<String>,
 
