@@ -21,6 +21,7 @@ pub mod endpoint;
 pub mod files;
 pub mod log;
 pub mod neigh;
+pub mod notify;
 pub mod paths;
 pub mod policy;
 pub mod proto;

@@ -16,6 +16,7 @@ use nix::unistd::{Gid, Uid, User};
 use crate::config::Config;
 use crate::files::FileRoot;
 use crate::log::{self, Level};
+use crate::notify;
 use crate::paths::PathRules;
 use crate::policy::NameProbe;
 use crate::remap::{self, RemapContext};
@@ -250,6 +251,25 @@ impl Server {
         })
     }
 
+    /// Each shard's loop turns so far; None for a shard whose thread ended.
+    pub fn shard_turns(&self) -> Vec<Option<u64>> {
+        self.shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .is_running()
+                    .then(|| shard.activity().turns.load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+
+    /// Wakes every shard for one turn.
+    pub fn poke(&self) {
+        for shard in &self.shards {
+            shard.poke();
+        }
+    }
+
     /// Asks every shard to drain and stop.
     pub fn shut_down(&self) {
         for shard in &self.shards {
@@ -369,6 +389,17 @@ pub fn run(config: &Config) -> io::Result<()> {
     if let Some(input) = &config.map_test {
         return map_test(config, input);
     }
+    // Started by a .socket unit: its sockets, as under --systemd.
+    let activated;
+    let config = if !config.systemd && systemd_passed_sockets() {
+        activated = Config {
+            systemd: true,
+            ..config.clone()
+        };
+        &activated
+    } else {
+        config
+    };
     // Taken before anything could write to inetd's socket on stdout.
     let inherited = inherited_sockets(config)?;
     // `-l` without `-L`: detach as tftpd-hpa does; the caller (an init
@@ -428,9 +459,30 @@ pub fn run(config: &Config) -> io::Result<()> {
             server.shards.len()
         ),
     );
+    notify::ready(&format!(
+        "serving {} on {}",
+        config.directory.display(),
+        listening.join(", ")
+    ));
     let mut idle = IdleWatch::new(idle_exit);
+    let mut watchdog = notify::Watchdog::from_env(server.shards.len());
+    let mut watchdog_due = Instant::now();
+    let wait_at_most = match (idle.poll_every(), watchdog.as_ref().map(|w| w.every())) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let died = loop {
-        match wait_wake(&signals, idle.poll_every())? {
+        let wake = wait_wake(&signals, wait_at_most)?;
+        if let Some(w) = &mut watchdog
+            && Instant::now() >= watchdog_due
+        {
+            if w.check(&server.shard_turns()) {
+                w.ping();
+            }
+            server.poke();
+            watchdog_due = Instant::now() + w.every();
+        }
+        match wake {
             Wake::Tick => {
                 if idle.expired(Instant::now(), server.activity()) {
                     say(
@@ -444,6 +496,7 @@ pub fn run(config: &Config) -> io::Result<()> {
                 }
             }
             Wake::Stop(signal) => {
+                notify::stopping(&format!("{signal}: finishing transfers"));
                 say(
                     Level::Notice,
                     format!(
@@ -454,6 +507,7 @@ pub fn run(config: &Config) -> io::Result<()> {
                 break None;
             }
             Wake::ShardDied(index) => {
+                notify::stopping(&format!("shard {index} died"));
                 say(
                     Level::Error,
                     format!(
@@ -464,6 +518,7 @@ pub fn run(config: &Config) -> io::Result<()> {
                 break Some(index);
             }
             Wake::Reload => {
+                notify::reloading();
                 log::reopen();
                 match server.reload(config) {
                     Ok(()) => say(Level::Notice, "SIGHUP: reloaded"),
@@ -472,6 +527,11 @@ pub fn run(config: &Config) -> io::Result<()> {
                         format!("SIGHUP: {e}; keeping the rules in force"),
                     ),
                 }
+                notify::ready(&format!(
+                    "serving {} on {}",
+                    config.directory.display(),
+                    listening.join(", ")
+                ));
             }
         }
     };
@@ -567,6 +627,13 @@ impl IdleWatch {
 /// `--systemd`; or inetd's (and xinetd's, and a systemd `Accept=no`
 /// socket's without `--systemd`) on standard input, when started without
 /// `-l`/`-L`, as tftpd-hpa serves there. None otherwise: standalone.
+/// systemd passed this process sockets (`LISTEN_PID` is ours and
+/// `LISTEN_FDS` names at least one), as a .socket unit does.
+fn systemd_passed_sockets() -> bool {
+    let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    var("LISTEN_PID") == Some(std::process::id()) && var("LISTEN_FDS").is_some_and(|n| n > 0)
+}
+
 fn inherited_sockets(config: &Config) -> io::Result<Vec<UdpSocket>> {
     if config.systemd {
         let mut fds = listenfd::ListenFd::from_env();

@@ -350,6 +350,9 @@ impl Shard {
                 .requests
                 .store(self.counters.requests, Ordering::Relaxed);
             self.activity.live.store(self.live, Ordering::Relaxed);
+            self.activity
+                .turns
+                .store(self.counters.turns, Ordering::Relaxed);
             if self.should_exit(now) {
                 return Ok(());
             }

@@ -645,6 +645,20 @@ fn with_systemd_it_serves_the_activated_socket() {
         assert_eq!(first_answer("f", addr), "\x07".repeat(10));
     }
     stop_child(&mut child);
+    // A .socket unit's sockets are taken without --systemd too (one unit
+    // file serves both ways); --address is then ignored.
+    let mut child = spawn(
+        Command::new(&activate)
+            .args(["--datagram", "-l", &addr.to_string()])
+            .arg(env!("CARGO_BIN_EXE_ringtftpd"))
+            .args(["--address", "127.0.0.1:1", "-t", "0", "--permissive"])
+            .arg(dir.path()),
+    );
+    let mut lines = (stderr_lines(&mut child), Vec::new());
+    activated(&child, addr);
+    serving_on(&mut lines, addr);
+    assert_eq!(first_answer("f", addr), "\x07".repeat(10));
+    stop_child(&mut child);
     // Without sockets, --systemd refuses to start.
     let (status, stderr) = run_to_exit(&["--systemd"], dir.path());
     assert_eq!(status.code(), Some(1), "{stderr}");

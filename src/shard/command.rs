@@ -35,6 +35,9 @@ pub struct Activity {
     pub requests: AtomicU64,
     /// Live sessions.
     pub live: AtomicUsize,
+    /// Loop turns so far: a shard that is woken and does not turn is hung
+    /// (the systemd watchdog's test).
+    pub turns: AtomicU64,
 }
 
 /// A running shard thread.
@@ -71,6 +74,16 @@ impl ShardHandle {
         // The counter only grows; a full counter (EAGAIN) is already a wake-up.
         let _ = self.wake.write(1);
         sent
+    }
+
+    /// Wakes the shard for one loop turn, with nothing to do.
+    pub fn poke(&self) {
+        let _ = self.wake.write(1);
+    }
+
+    /// Whether the shard thread is still running.
+    pub fn is_running(&self) -> bool {
+        !self.thread.is_finished()
     }
 
     /// Asks the shard to stop ([`Command::Shutdown`]).
