@@ -134,11 +134,24 @@ cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$out" || status=
 # byte-exact and complete; it asserts no timing.
 log "scripts/compare.sh --quick"
 scripts/compare.sh --quick 2>&1 | tee -a "$out" || status=$?
+# The Debian package: built, lintian-checked, installed with dpkg over
+# tftpd-hpa in a throwaway overlay of / and served from (needs root).
+if [[ $(id -u) -eq 0 ]]; then
+    log "scripts/deb-test.sh"
+    if scripts/deb-test.sh 2>&1 | tee -a "$out"; then
+        echo "deb test: 1 passed, 0 failed" | tee -a "$out"
+    else
+        status=1
+        echo "deb test: 0 passed, 1 failed" | tee -a "$out"
+    fi
+else
+    log "scripts/deb-test.sh skipped: needs root"
+fi
 # Fuzz smoke run: replay the checked-in corpus, then each coverage-guided
 # target briefly (installs cargo-fuzz on first use; see docs/robustness.md).
 log "fuzz/smoke.sh (FUZZ_SECONDS=${FUZZ_SECONDS:=15})"
 FUZZ_SECONDS=$FUZZ_SECONDS fuzz/smoke.sh 2>&1 | tee -a "$out" || status=$?
 # One closing line over every test binary, for whoever reads only the end.
-awk '/^test result:|^compare --quick:|^fuzz smoke:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
+awk '/^test result:|^compare --quick:|^fuzz smoke:|^deb test:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$out"
 exit "$status"

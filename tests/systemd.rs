@@ -37,7 +37,7 @@ fn systemd_analyze() -> Option<&'static str> {
 /// The units, copied with ExecStart naming the binary under test (verify
 /// checks that it exists) and without the man page (the package ships it).
 fn units_for_test(dir: &Path) {
-    for unit in ["ringtftpd.service", "ringtftpd.socket"] {
+    for unit in ["ringtftpd.service", "ringtftpd-activated.socket"] {
         let text = std::fs::read_to_string(packaging().join(unit)).expect("read unit");
         let text: String = text
             .lines()
@@ -57,7 +57,11 @@ fn the_units_pass_systemd_analyze_verify_and_security() {
     units_for_test(dir.path());
     let out = Command::new(analyze)
         .current_dir(dir.path())
-        .args(["verify", "./ringtftpd.service", "./ringtftpd.socket"])
+        .args([
+            "verify",
+            "./ringtftpd.service",
+            "./ringtftpd-activated.socket",
+        ])
         .output()
         .expect("run systemd-analyze verify");
     let said = String::from_utf8_lossy(&out.stderr);
