@@ -4,7 +4,7 @@
 //! addressed by index plus generation, never by pointer.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,6 +172,58 @@ pub struct Finished<H> {
     pub stats: Stats,
 }
 
+/// A refused request, for its log line: the main signal when a PXE client
+/// does not boot ("pxelinux.cfg/01-aa-bb-... not found").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub peer: SocketAddr,
+    /// The name as asked, escaped.
+    pub filename: String,
+    pub write: bool,
+    pub kind: RefusalKind,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// What [`Endpoint::poll_refused`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusalNote {
+    Refused(Refused),
+    /// Lines left out over [`REFUSAL_LOG_PER_SEC`] (a flood), in the last
+    /// second or so: their refusals are counted all the same.
+    Suppressed {
+        lines: u64,
+    },
+}
+
+/// Refused requests logged per second and shard, after a burst of
+/// [`REFUSAL_LOG_BURST`]; the rest are summed into one line a second.
+pub const REFUSAL_LOG_PER_SEC: u32 = 100;
+pub const REFUSAL_LOG_BURST: u32 = 200;
+/// Notes queued for the driver at most (it drains them every turn).
+const REFUSAL_NOTES: usize = 256;
+
+impl std::fmt::Display for RefusalNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RefusalNote::Refused(r) => write!(
+                f,
+                "refused client={} file=\"{}\" direction={} reason={} error_code={} error=\"{}\"",
+                r.peer,
+                r.filename,
+                if r.write { "write" } else { "read" },
+                r.kind.as_str(),
+                r.code.to_u16(),
+                r.message.escape_default(),
+            ),
+            RefusalNote::Suppressed { lines } => write!(
+                f,
+                "refused: {lines} more refused requests not logged (over {REFUSAL_LOG_PER_SEC}/s); counted by reason at exit"
+            ),
+        }
+    }
+}
+
 /// A token bucket, so that ERROR replies to strangers and garbage cannot
 /// be used to reflect traffic.
 #[derive(Debug, Clone)]
@@ -296,6 +348,13 @@ pub struct Endpoint<H> {
     open_cache_bytes: u64,
     open_cache_swept: Option<Instant>,
     refusals: RefusalCounts,
+    /// The refusal of the request being handled, for its log line.
+    last_refusal: Option<Refusal>,
+    refusal_notes: VecDeque<RefusalNote>,
+    refusal_log: TokenBucket,
+    /// Lines left out since `suppressed_since`.
+    refusals_unlogged: u64,
+    suppressed_since: Option<Instant>,
     shutting_down: bool,
     /// What recent transfers learned of each client's path, to start the
     /// next one from (bounded, expiring: like Linux's tcp_metrics).
@@ -323,6 +382,11 @@ impl<H: Clone> Endpoint<H> {
             open_cache_bytes: 0,
             open_cache_swept: None,
             refusals: RefusalCounts::default(),
+            last_refusal: None,
+            refusal_notes: VecDeque::new(),
+            refusal_log: TokenBucket::new(REFUSAL_LOG_PER_SEC, REFUSAL_LOG_BURST),
+            refusals_unlogged: 0,
+            suppressed_since: None,
             shutting_down: false,
             paths: HashMap::new(),
         }
@@ -392,6 +456,7 @@ impl<H: Clone> Endpoint<H> {
     /// that fits it: the stricter one for input that may be forged.
     fn refuse(&mut self, now: Instant, refusal: Refusal, reply: &mut [u8]) -> RequestOutcome {
         self.refusals.by_reason[refusal.kind() as usize] += 1;
+        self.last_refusal = Some(refusal);
         if !refusal.is_answered() {
             return RequestOutcome::Ignored;
         }
@@ -540,6 +605,61 @@ impl<H: Clone> Endpoint<H> {
     /// up (see [`Settings::lookup_mac`]).
     #[allow(clippy::too_many_arguments)]
     pub fn handle_request_with_mac<F: Sink<Handle = H>>(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        mac: Option<[u8; 6]>,
+        local: IpAddr,
+        mtu: Option<u32>,
+        datagram: &[u8],
+        files: &mut F,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        self.last_refusal = None;
+        let outcome = self.decide_request(now, peer, mac, local, mtu, datagram, files, reply);
+        // Dropped ones (rate-limited) would flood the log: counted only.
+        if let Some(refusal) = self.last_refusal.take().filter(|r| r.is_answered()) {
+            match Packet::parse(datagram) {
+                Ok(Packet::Rrq(r)) => self.note_refused(now, peer, r.filename, false, refusal),
+                Ok(Packet::Wrq(r)) => self.note_refused(now, peer, r.filename, true, refusal),
+                _ => {}
+            }
+        }
+        outcome
+    }
+
+    /// Queues a refused request's log line, within the log's rate.
+    fn note_refused(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        filename: &[u8],
+        write: bool,
+        refusal: Refusal,
+    ) {
+        if !self.refusal_log.take(now) || self.refusal_notes.len() >= REFUSAL_NOTES {
+            self.refusals_unlogged += 1;
+            self.suppressed_since.get_or_insert(now);
+            return;
+        }
+        self.refusal_notes.push_back(RefusalNote::Refused(Refused {
+            peer,
+            filename: filename.escape_ascii().to_string(),
+            write,
+            kind: refusal.kind(),
+            code: refusal.code(),
+            message: refusal.message().to_string(),
+        }));
+    }
+
+    /// The next refused request to log (or a count of those left out).
+    /// Drain after `handle_request` and `housekeeping`.
+    pub fn poll_refused(&mut self) -> Option<RefusalNote> {
+        self.refusal_notes.pop_front()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide_request<F: Sink<Handle = H>>(
         &mut self,
         now: Instant,
         peer: SocketAddr,
@@ -775,6 +895,16 @@ impl<H: Clone> Endpoint<H> {
     pub fn housekeeping(&mut self, now: Instant) {
         if !self.settings.open_cache_ttl.is_zero() {
             self.sweep_open_cache(now);
+        }
+        // One line a second sums the refusals a flood kept out of the log.
+        if let Some(since) = self.suppressed_since
+            && now.saturating_duration_since(since) >= Duration::from_secs(1)
+            && self.refusal_notes.len() < REFUSAL_NOTES
+        {
+            self.refusal_notes.push_back(RefusalNote::Suppressed {
+                lines: std::mem::take(&mut self.refusals_unlogged),
+            });
+            self.suppressed_since = None;
         }
     }
 

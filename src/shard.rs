@@ -342,6 +342,11 @@ impl Shard {
             self.expire_timers(now);
             // Expires opens on a quiet shard too (one comparison a turn).
             self.endpoint.housekeeping(now);
+            while let Some(note) = self.endpoint.poll_refused() {
+                if self.log_transfers {
+                    self.log(note.to_string());
+                }
+            }
             self.advance_shutdown(now);
             self.serve_ready(now);
             self.serve_touched(now);

@@ -653,3 +653,26 @@ fn fixtures_are_well_formed() {
     let names: std::collections::HashSet<_> = all_files().into_iter().collect();
     assert_eq!(names.len(), all_files().len(), "duplicate fixture names");
 }
+
+/// A refused request is logged with the client, the file as asked and the
+/// reason: what an operator greps when a PXE client does not boot.
+#[test]
+fn a_refused_request_is_logged_with_its_file_and_reason() {
+    if server_kind() != ServerKind::Ringtftpd {
+        return; // ringtftpd's log line
+    }
+    let s = Server::start();
+    let c = RawClient::new(s.addr());
+    let name = "pxelinux.cfg/01-52-54-00-12-34-56";
+    let (code, _) = c.expect_error(&rrq(name, "octet", &[]));
+    assert_eq!(code, 1);
+    let client = c.sock.local_addr().expect("local addr");
+    let line = format!(
+        "refused client={client} file=\"{name}\" direction=read reason=not_found error_code=1"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.log().contains(&line) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(s.log().contains(&line), "no {line:?} in:\n{}", s.log());
+}

@@ -754,3 +754,95 @@ fn amplification_of_one_spoofed_request_is_bounded() {
     );
     assert!(ack0 < 700, "{ack0}x");
 }
+
+/// Each refused request gives one log note naming the client, the file as
+/// asked and the reason; a malformed datagram (no file) gives none.
+#[test]
+fn a_refused_request_is_noted_for_the_log_with_its_file_and_reason() {
+    use ringtftpd::endpoint::RefusalNote;
+    let mut f = fixture(config());
+    let name = "pxelinux.cfg/01-52-54-00-12-34-56";
+    f.refused(peer(1), &rrq(name, "octet", &[]));
+    let Some(RefusalNote::Refused(r)) = f.endpoint.poll_refused() else {
+        panic!("no note of the refusal");
+    };
+    assert_eq!(
+        (r.peer, r.filename.as_str(), r.write),
+        (peer(1), name, false)
+    );
+    assert_eq!(r.kind.as_str(), "not_found");
+    assert_eq!(r.code, ErrorCode::FileNotFound);
+    let line = RefusalNote::Refused(r).to_string();
+    assert_eq!(
+        line,
+        format!(
+            "refused client=127.0.0.2:1 file=\"{name}\" direction=read reason=not_found error_code=1 error=\"file not found\""
+        )
+    );
+    // An upload while uploads are off; a name with a quote and a newline
+    // stays on one line.
+    f.refused(peer(2), &request(2, "a\"b\nc", "octet", &[]));
+    let line = f.endpoint.poll_refused().expect("a note").to_string();
+    assert!(line.contains("file=\"a\\\"b\\nc\""), "{line}");
+    assert!(
+        line.contains("direction=write reason=uploads_disabled"),
+        "{line}"
+    );
+    f.refused(peer(3), &[0, 9, 1, 2]);
+    assert_eq!(f.endpoint.poll_refused(), None, "no file, no note");
+    // A served request is not a refusal.
+    start(&mut f, peer(4), "boot.img");
+    assert_eq!(f.endpoint.poll_refused(), None);
+}
+
+/// A flood of refusals logs a burst, then one line a second with how many
+/// were left out; every one is still counted.
+#[test]
+fn a_flood_of_refusals_is_logged_at_a_bounded_rate_with_a_count() {
+    use ringtftpd::endpoint::{REFUSAL_LOG_BURST, RefusalNote};
+    let mut f = fixture(config());
+    let flood = 1000u16;
+    let mut noted = 0u64;
+    for port in 0..flood {
+        let from = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(10, 0, (port >> 8) as u8, port as u8)),
+            1,
+        );
+        f.refused(from, &rrq("missing", "octet", &[]));
+        while let Some(note) = f.endpoint.poll_refused() {
+            assert!(matches!(note, RefusalNote::Refused(_)), "{note:?}");
+            noted += 1;
+        }
+    }
+    assert_eq!(
+        noted,
+        u64::from(REFUSAL_LOG_BURST),
+        "the burst, all at one instant"
+    );
+    f.endpoint.housekeeping(f.now);
+    assert_eq!(
+        f.endpoint.poll_refused(),
+        None,
+        "the summary waits a second"
+    );
+    f.now += Duration::from_secs(1);
+    f.endpoint.housekeeping(f.now);
+    assert_eq!(
+        f.endpoint.poll_refused(),
+        Some(RefusalNote::Suppressed {
+            lines: u64::from(flood) - noted
+        })
+    );
+    assert_eq!(
+        f.endpoint
+            .refusals()
+            .get(ringtftpd::refusal::RefusalKind::NotFound),
+        u64::from(flood)
+    );
+    // After the flood, refusals are logged again.
+    f.refused(peer(9), &rrq("missing", "octet", &[]));
+    assert!(matches!(
+        f.endpoint.poll_refused(),
+        Some(RefusalNote::Refused(_))
+    ));
+}
