@@ -193,8 +193,9 @@ pub struct Config {
     pub open_cache_ms: u64,
 
     /// Seconds that running transfers may take to finish after SIGINT or
-    /// SIGTERM (at most 3600).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECS))]
+    /// SIGTERM (at most 3600); new requests meanwhile get ERROR 0 "server
+    /// shutting down", and a second signal exits at once.
+    #[arg(long, visible_alias = "drain-timeout", value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECS))]
     pub shutdown_grace: u64,
 
     /// Let write requests (uploads) create files that do not exist yet,
@@ -898,6 +899,65 @@ impl Config {
         })
     }
 
+    /// The settings in force, in one line for the start-up log (flags as
+    /// they are spelled, values as they are used).
+    pub fn effective(&self) -> String {
+        let limits = self.limits();
+        let blksize = match self.max_blksize {
+            MaxBlksize::Bytes(n) => n.to_string(),
+            MaxBlksize::Mtu { slack: 0 } => "mtu".to_string(),
+            MaxBlksize::Mtu { slack } => format!("mtu-{slack}"),
+        };
+        let uploads = match self.upload_rules() {
+            None => "off".to_string(),
+            Some(u) => format!(
+                "{}{} umask={:03o} max-upload={}",
+                if u.create { "create" } else { "existing" },
+                if u.overwrite_any { ",overwrite" } else { "" },
+                u.umask,
+                u.max_size.map_or("none".to_string(), |n| n.to_string()),
+            ),
+        };
+        let refused = if self.refuse_all {
+            "all".to_string()
+        } else if self.refuse.is_empty() {
+            "none".to_string()
+        } else {
+            self.refuse.join(",")
+        };
+        let file = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("none".into(), |p| p.display().to_string())
+        };
+        format!(
+            "config: max-blksize={blksize} mtu-clamp={} max-windowsize={} first-contact-windowsize={} \
+             window-bytes={} retries={} rto-ms={}..{} initial-rto-ms={} max-stall-secs={} \
+             max-sessions={} max-per-client={} request-rate={} refusal-rate={} uploads={uploads} \
+             refuse={refused} port-range={} single-port={} map-file={} policy-file={} \
+             permissive={} shutdown-grace={}",
+            !self.no_mtu_clamp,
+            self.max_windowsize,
+            self.first_contact_windowsize,
+            self.window_bytes,
+            limits.retries,
+            limits.rto_min.as_millis(),
+            limits.rto_max.as_millis(),
+            limits.initial_rto.as_millis(),
+            self.max_stall_secs,
+            self.max_sessions,
+            self.max_per_client,
+            self.request_rate,
+            self.refusal_rate,
+            self.port_range
+                .map_or("any".to_string(), |(lo, hi)| format!("{lo}:{hi}")),
+            self.single_port,
+            file(&self.map_file),
+            file(&self.policy_file),
+            self.permissive,
+            self.shutdown_grace,
+        )
+    }
+
     /// `--initial-rto-ms`, or `-T` in whole milliseconds.
     fn initial_rto_ms(&self) -> u64 {
         self.retransmit_us
@@ -1072,6 +1132,43 @@ mod tests {
             "",
         ] {
             assert!(parse_listen_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_effective_configuration_names_what_the_flags_changed() {
+        let line = Config::parse_from(["ringtftpd", "/tmp"]).effective();
+        for part in [
+            "max-blksize=65464 ",
+            "uploads=off ",
+            "refuse=none ",
+            "port-range=any ",
+        ] {
+            assert!(line.contains(part), "{part} in {line}");
+        }
+        let line = Config::parse_from([
+            "ringtftpd",
+            "-B",
+            "mtu-28",
+            "-c",
+            "-U",
+            "022",
+            "--max-upload",
+            "1M",
+            "-r",
+            "tsize",
+            "-R",
+            "4000:4010",
+            "/tmp",
+        ])
+        .effective();
+        for part in [
+            "max-blksize=mtu-28 ",
+            "uploads=create umask=022 max-upload=1048576 ",
+            "refuse=tsize ",
+            "port-range=4000:4010 ",
+        ] {
+            assert!(line.contains(part), "{part} in {line}");
         }
     }
 

@@ -459,6 +459,7 @@ pub fn run(config: &Config) -> io::Result<()> {
             server.shards.len()
         ),
     );
+    say(Level::Notice, config.effective());
     notify::ready(&format!(
         "serving {} on {}",
         config.directory.display(),
