@@ -192,6 +192,14 @@ pub struct Config {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=MAX_OPEN_CACHE_MS))]
     pub open_cache_ms: u64,
 
+    /// Run PROGRAM after each finished transfer, as dnsmasq's --dhcp-script
+    /// for "tftp": arguments `tftp BYTES CLIENT-ADDRESS PATH`, the record
+    /// in TFTP_* variables and as a JSON line on standard input; one run at
+    /// a time from a bounded queue (a slow program never stalls serving;
+    /// records beyond the queue are dropped and counted).
+    #[arg(long, value_name = "PROGRAM")]
+    pub on_transfer: Option<PathBuf>,
+
     /// Seconds that running transfers may take to finish after SIGINT or
     /// SIGTERM (at most 3600); new requests meanwhile get ERROR 0 "server
     /// shutting down", and a second signal exits at once.

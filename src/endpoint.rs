@@ -1149,6 +1149,54 @@ impl Outcome {
     }
 }
 
+/// A finished transfer as data: for `--on-transfer` hooks (as JSON) and
+/// structured logs. Names and durations as in the log line.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TransferRecord {
+    pub client: SocketAddr,
+    /// The name as asked, escaped.
+    pub file: String,
+    /// The path opened, if a rule rewrote the name (escaped).
+    pub served: Option<String>,
+    /// "read" or "write".
+    pub direction: &'static str,
+    pub bytes: u64,
+    pub blksize: u16,
+    pub windowsize: u16,
+    pub duration_ms: f64,
+    pub retransmits: u64,
+    pub srtt_ms: Option<f64>,
+    pub outcome: &'static str,
+    pub error_code: Option<u16>,
+}
+
+impl<H> Finished<H> {
+    pub fn record(&self) -> TransferRecord {
+        let duration = self
+            .stats
+            .ended
+            .map(|end| end.saturating_duration_since(self.stats.started))
+            .unwrap_or(Duration::ZERO);
+        TransferRecord {
+            client: self.peer,
+            file: self.filename.clone(),
+            served: self.served.clone(),
+            direction: if self.write { "write" } else { "read" },
+            bytes: self.stats.bytes_acked,
+            blksize: self.stats.blksize,
+            windowsize: self.stats.windowsize,
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            retransmits: self.stats.retransmits,
+            srtt_ms: self.stats.srtt.map(|d| d.as_secs_f64() * 1000.0),
+            outcome: self.outcome.as_str(),
+            error_code: match self.outcome {
+                Outcome::PeerError(code) | Outcome::Aborted(code) => Some(code.to_u16()),
+                _ => None,
+            },
+        }
+    }
+}
+
 impl<H> std::fmt::Display for Finished<H> {
     /// The one log line of a finished transfer.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

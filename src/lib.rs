@@ -19,6 +19,7 @@ pub mod clients;
 pub mod config;
 pub mod endpoint;
 pub mod files;
+pub mod hook;
 pub mod log;
 pub mod neigh;
 pub mod notify;

@@ -15,6 +15,7 @@ use nix::unistd::{Gid, Uid, User};
 
 use crate::config::Config;
 use crate::files::FileRoot;
+use crate::hook::Hook;
 use crate::log::{self, Level};
 use crate::notify;
 use crate::paths::PathRules;
@@ -105,6 +106,8 @@ fn holds_capabilities() -> io::Result<bool> {
 /// A running server: its shards.
 pub struct Server {
     shards: Vec<ShardHandle>,
+    /// `--on-transfer`'s thread.
+    hook: Option<Hook>,
     pub addresses: Vec<SocketAddr>,
     /// What `E` remap rules ask, kept for a reload's new rules.
     probe: Arc<NameProbe>,
@@ -132,6 +135,13 @@ impl Server {
         let probe: Arc<NameProbe> = {
             let files = files.clone();
             Arc::new(move |name: &[u8], _write: bool| files.has_file(name))
+        };
+        let (hook, hook_sender) = match &config.on_transfer {
+            Some(program) => {
+                let (hook, sender) = Hook::spawn(program.clone(), directory.clone())?;
+                (Some(hook), Some(sender))
+            }
+            None => (None, None),
         };
         let cpus = allowed_cpus();
         let count = match config.threads {
@@ -184,6 +194,7 @@ impl Server {
                 files: files.clone(),
                 uploads: config.upload_rules(),
                 log_transfers: !config.quiet,
+                hook: hook_sender.clone(),
                 shutdown_grace: Duration::from_secs(config.shutdown_grace),
                 port_range: config.port_range,
                 shards: count,
@@ -220,6 +231,7 @@ impl Server {
         }
         Ok(Server {
             shards,
+            hook,
             addresses,
             probe,
         })
@@ -285,6 +297,25 @@ impl Server {
                 if result.is_ok() {
                     result = Err(e);
                 }
+            }
+        }
+        if let Some(hook) = self.hook {
+            let dropped = hook.dropped();
+            match hook.finish(HOOK_FINISH) {
+                Some(report) => say(
+                    Level::Notice,
+                    format!(
+                        "on-transfer: {} run(s), {} failed, {dropped} record(s) dropped (queue full)",
+                        report.runs, report.failed
+                    ),
+                ),
+                None => say(
+                    Level::Warning,
+                    format!(
+                        "warning: on-transfer: still running after {} s; not waited for ({dropped} record(s) dropped)",
+                        HOOK_FINISH.as_secs()
+                    ),
+                ),
             }
         }
         result
@@ -567,6 +598,10 @@ pub fn run(config: &Config) -> io::Result<()> {
     log::flush(LOG_FLUSH);
     Ok(())
 }
+
+/// How long the `--on-transfer` program may take at exit for the records
+/// still queued.
+const HOOK_FINISH: Duration = Duration::from_secs(2);
 
 /// How long the last lines may take to be written at exit.
 const LOG_FLUSH: Duration = Duration::from_secs(1);

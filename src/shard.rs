@@ -281,6 +281,7 @@ struct Shard {
     phase: Phase,
     index: usize,
     log_transfers: bool,
+    hook: Option<crate::hook::HookSender>,
     shutdown_grace: Duration,
 }
 

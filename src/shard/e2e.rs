@@ -123,6 +123,7 @@ fn start_adjusted(
         files: FileRoot::open(dir, true).unwrap(),
         uploads: None,
         log_transfers: true,
+        hook: None,
         shutdown_grace: grace,
         port_range: None,
         shards: 1,

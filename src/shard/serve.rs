@@ -239,6 +239,9 @@ impl Shard {
         if self.log_transfers {
             self.log(finished.to_string());
         }
+        if let Some(hook) = &self.hook {
+            hook.offer(finished.record());
+        }
         if live.inflight > 0 {
             self.lingering.insert(id, (finished.handle, live.inflight));
         }

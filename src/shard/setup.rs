@@ -49,6 +49,8 @@ pub struct ShardConfig {
     pub uploads: Option<UploadRules>,
     /// Print each finished transfer's log line to stderr.
     pub log_transfers: bool,
+    /// `--on-transfer`: where finished transfers' records go.
+    pub hook: Option<crate::hook::HookSender>,
     /// How long live transfers may run on after shutdown was asked for.
     pub shutdown_grace: Duration,
     /// `--port-range`: transfer ports confined to LOW..=HIGH, shared with
@@ -409,6 +411,7 @@ impl Shard {
             phase: Phase::Running,
             index: config.index,
             log_transfers: config.log_transfers,
+            hook: config.hook,
             shutdown_grace: config.shutdown_grace,
         };
         shard.arm_wake();
