@@ -623,7 +623,8 @@ impl Config {
     /// Reads and checks the files the command line names, keeping what
     /// they parse to: a one-line summary, or the error naming the file and
     /// line. The remap file is only checked: the server reads it at start
-    /// and on SIGHUP; the policy file is read here, once.
+    /// and on SIGHUP; the policy file is read here (and again on SIGHUP:
+    /// [`Config::reread_policy_file`]).
     pub fn check_files(&mut self) -> Result<String, String> {
         let directory = self.root_directory();
         let mut checked = vec![format!("command line; directory {}", directory.display())];
@@ -659,6 +660,17 @@ impl Config {
         let mut loaded = self.clone();
         loaded.check_files()?;
         Ok(std::borrow::Cow::Owned(loaded))
+    }
+
+    /// This configuration with the policy file read again (SIGHUP); the
+    /// error names the file and the line, and changes nothing.
+    pub fn reread_policy_file(&self) -> Result<std::borrow::Cow<'_, Config>, String> {
+        let Some(path) = &self.policy_file else {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        };
+        let mut fresh = self.clone();
+        fresh.client_rules = Some(Arc::new(ClientRules::load(path)?));
+        Ok(std::borrow::Cow::Owned(fresh))
     }
 
     /// The innermost policy: the policy file's rules over the command

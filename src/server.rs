@@ -224,11 +224,12 @@ impl Server {
         })
     }
 
-    /// Re-reads the files the command line names (`--map-file`) and gives
-    /// every shard the new settings; transfers running keep theirs. A file
-    /// that no longer parses changes nothing.
+    /// Re-reads the files the command line names (`--map-file`,
+    /// `--policy-file`) and gives every shard the new settings; transfers
+    /// running keep theirs. A file that no longer parses changes nothing.
     pub fn reload(&self, config: &Config) -> Result<(), String> {
         let rules = config.remap_rules()?;
+        let config = &*config.reread_policy_file()?;
         let settings = Arc::new(config.settings_with(
             self.shards.len(),
             config.policy(self.shards.len(), rules, self.probe.clone()),
@@ -364,7 +365,7 @@ fn detach() -> io::Result<std::os::fd::OwnedFd> {
 /// drains the others the same way and makes `run` fail, so the process
 /// exits non-zero and a service manager can restart it.
 pub fn run(config: &Config) -> io::Result<()> {
-    // The policy file, read once (reloads keep these rules).
+    // The policy file, read now (a reload reads it again).
     let config = &*config.with_files().map_err(io::Error::other)?;
     if let Some(input) = &config.map_test {
         return map_test(config, input);
