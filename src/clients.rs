@@ -874,6 +874,7 @@ impl Policy for ClientPolicy {
             max_upload: settings.max_upload,
             refused,
             rollover: m.rollover.unwrap_or_default(),
+            root: 0,
         })
     }
 }

@@ -3,7 +3,7 @@
 //! stand in for it.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,8 +59,8 @@ pub struct Config {
     #[arg(default_value = "/srv/tftp")]
     pub directory: PathBuf,
 
-    /// tftpd-hpa takes several directories; ringtftpd serves one (refused
-    /// with a message, never ignored).
+    /// More directories, as tftpd-hpa takes (not with -s or -j): a name
+    /// must then be absolute and inside one of them.
     #[arg(hide = true)]
     pub more_directories: Vec<PathBuf>,
 
@@ -628,8 +628,10 @@ impl Config {
     pub fn check_files(&mut self) -> Result<String, String> {
         let directory = self.root_directory();
         let mut checked = vec![format!("command line; directory {}", directory.display())];
-        if self.check_config && !directory.is_dir() {
-            return Err(format!("{} is not a directory", directory.display()));
+        for directory in self.root_directories() {
+            if self.check_config && !directory.is_dir() {
+                return Err(format!("{} is not a directory", directory.display()));
+            }
         }
         if let Some(path) = &self.map_file {
             let rules = self.remap_rules()?.unwrap_or_default();
@@ -714,15 +716,32 @@ impl Config {
             family("--ipv6", true)?;
         }
         if let Some(extra) = self.more_directories.first() {
-            return Err(Self::command().error(
-                clap::error::ErrorKind::TooManyValues,
-                format!(
-                    "several directories ({} and {}): ringtftpd serves one; \
-                     tftpd-hpa's absolute names inside it are served as they were",
-                    self.directory.display(),
-                    extra.display()
-                ),
-            ));
+            use std::os::unix::ffi::OsStrExt;
+            if self.secure || self.jail {
+                return Err(Self::command().error(
+                    clap::error::ErrorKind::TooManyValues,
+                    format!(
+                        "several directories ({} and {}) with -s/-j: it takes one, \
+                         as tftpd-hpa's",
+                        self.directory.display(),
+                        extra.display()
+                    ),
+                ));
+            }
+            // Clients name them by absolute path (tftpd-hpa 7.x: the same).
+            let every = std::iter::once(&self.directory).chain(&self.more_directories);
+            for dir in every {
+                if canonical_directory(dir.as_os_str().as_bytes()).is_none() {
+                    return Err(Self::command().error(
+                        clap::error::ErrorKind::ValueValidation,
+                        format!(
+                            "several directories: '{}' is not absolute (clients name \
+                             files by their absolute path)",
+                            dir.display()
+                        ),
+                    ));
+                }
+            }
         }
         if self.rto_min_ms > self.rto_max_ms {
             return Err(Self::command().error(
@@ -879,15 +898,28 @@ impl Config {
 
     /// The directory served: `--path-prefix` joined with the directory.
     pub fn root_directory(&self) -> PathBuf {
+        self.prefixed(&self.directory)
+    }
+
+    /// Every directory served, the first first, each joined to
+    /// `--path-prefix` (tftpd-hpa 7.x prepends it after validation).
+    pub fn root_directories(&self) -> Vec<PathBuf> {
+        std::iter::once(&self.directory)
+            .chain(&self.more_directories)
+            .map(|d| self.prefixed(d))
+            .collect()
+    }
+
+    fn prefixed(&self, directory: &Path) -> PathBuf {
         match &self.path_prefix {
             // Joined as strings, as tftpd-hpa does: the directory is
             // absolute, and must not replace the prefix.
             Some(prefix) => {
                 let mut joined = prefix.clone().into_os_string();
-                joined.push(self.directory.as_os_str());
+                joined.push(directory.as_os_str());
                 PathBuf::from(joined)
             }
-            None => self.directory.clone(),
+            None => directory.to_path_buf(),
         }
     }
 
@@ -902,6 +934,13 @@ impl Config {
             } else {
                 canonical_directory(self.directory.as_os_str().as_bytes())
             },
+            // `check` refused -s/-j and relative names with several.
+            more_directories: self
+                .more_directories
+                .iter()
+                .filter(|_| !(self.secure || self.jail))
+                .filter_map(|d| canonical_directory(d.as_os_str().as_bytes()))
+                .collect(),
         }
     }
 

@@ -120,17 +120,32 @@ impl Server {
     /// the command line, bound anew by each shard.
     pub fn start_on(config: &Config, inherited: Vec<UdpSocket>) -> io::Result<Server> {
         let config = &*config.with_files().map_err(io::Error::other)?;
-        let directory = config.root_directory();
-        let files = FileRoot::open(&directory, config.permissive).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot serve {}: {e}", directory.display()),
-            )
-        })?;
+        // One confined root per directory (tftpd-hpa takes several).
+        let mut roots = Vec::new();
+        for directory in config.root_directories() {
+            let root = FileRoot::open(&directory, config.permissive).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot serve {}: {e}", directory.display()),
+                )
+            })?;
+            roots.push(root);
+        }
+        let files = roots[0].clone();
+        let more_files = roots[1..].to_vec();
         let rules = config.remap_rules().map_err(io::Error::other)?;
-        let probe: Arc<NameProbe> = {
+        let probe: Arc<NameProbe> = if roots.len() == 1 {
             let files = files.clone();
             Arc::new(move |name: &[u8], _write: bool| files.has_file(name))
+        } else {
+            // An `E` rule's name is looked for where the open would look.
+            let paths = config.path_rules();
+            Arc::new(
+                move |name: &[u8], _write: bool| match paths.apply_rooted(name) {
+                    Ok((index, rest)) => roots[index].has_file(&rest),
+                    Err(_) => false,
+                },
+            )
         };
         let cpus = allowed_cpus();
         let count = match config.threads {
@@ -181,6 +196,7 @@ impl Server {
                 listeners,
                 endpoint: config.endpoint(count, settings.clone()),
                 files: files.clone(),
+                more_files: more_files.clone(),
                 uploads: config.upload_rules(),
                 log_transfers: !config.quiet,
                 shutdown_grace: Duration::from_secs(config.shutdown_grace),
@@ -200,15 +216,15 @@ impl Server {
         }
         if let Some(user) = &config.user {
             drop_privileges(user)?;
-            files.check_searchable().map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot serve {} as user '{user}': {e}",
-                        config.directory.display()
-                    ),
-                )
-            })?;
+            let every = std::iter::once(&files).chain(&more_files);
+            for (root, directory) in every.zip(config.root_directories()) {
+                root.check_searchable().map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot serve {} as user '{user}': {e}", directory.display()),
+                    )
+                })?;
+            }
         }
         let mut shards = Vec::with_capacity(count);
         for (index, shard) in prepared.into_iter().enumerate() {
@@ -424,7 +440,12 @@ pub fn run(config: &Config) -> io::Result<()> {
         Level::Notice,
         format!(
             "serving {} on {} with {} thread(s)",
-            config.directory.display(),
+            config
+                .root_directories()
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
             listening.join(", "),
             server.shards.len()
         ),
