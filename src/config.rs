@@ -626,9 +626,17 @@ impl Config {
     /// and on SIGHUP; the policy file is read here (and again on SIGHUP:
     /// [`Config::reread_policy_file`]).
     pub fn check_files(&mut self) -> Result<String, String> {
-        let directory = self.root_directory();
-        let mut checked = vec![format!("command line; directory {}", directory.display())];
-        for directory in self.root_directories() {
+        let directories = self.root_directories();
+        let shown: Vec<String> = directories
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        let mut checked = vec![format!(
+            "command line; director{} {}",
+            if shown.len() > 1 { "ies" } else { "y" },
+            shown.join(" ")
+        )];
+        for directory in directories {
             if self.check_config && !directory.is_dir() {
                 return Err(format!("{} is not a directory", directory.display()));
             }

@@ -258,6 +258,44 @@ mod tests {
     }
 
     #[test]
+    fn the_grant_names_the_directory_the_name_was_found_in() {
+        use crate::policy::DefaultPolicy;
+        use crate::proto::{Mode, Options, Request};
+        let policy = PathPolicy {
+            rules: PathRules {
+                directory: Some(b"/a".to_vec()),
+                more_directories: vec![b"/b".to_vec()],
+                ..PathRules::default()
+            },
+            inner: Arc::new(DefaultPolicy),
+        };
+        let decide = |name: &[u8]| {
+            let request = Request {
+                filename: name,
+                mode: Mode::Octet,
+                options: Options::default(),
+            };
+            let incoming = Incoming {
+                now: std::time::Instant::now(),
+                peer: "127.0.0.1:2000".parse().unwrap(),
+                local: "127.0.0.1".parse().unwrap(),
+                mtu: None,
+                write: false,
+                request: &request,
+                mac: None,
+                client_sessions: 0,
+            };
+            match policy.decide(&incoming, &Settings::default()) {
+                Decision::Serve(g) => Ok((g.root, g.path.into_owned())),
+                Decision::Refuse(r) => Err(r),
+            }
+        };
+        assert_eq!(decide(b"/a/x"), Ok((0, b"x".to_vec())));
+        assert_eq!(decide(b"/b/sub/x"), Ok((1, b"sub/x".to_vec())));
+        assert_eq!(decide(b"/c/x"), Err(Refusal::Denied("forbidden directory")));
+    }
+
+    #[test]
     fn names_under_the_directory_lose_its_prefix() {
         let dir = canonical_directory(b"/srv//tftp/").unwrap();
         assert_eq!(dir, b"/srv/tftp");
