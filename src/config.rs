@@ -61,7 +61,7 @@ pub struct Config {
 
     /// More directories, as tftpd-hpa takes (not with -s or -j): a name
     /// must then be absolute and inside one of them.
-    #[arg(hide = true)]
+    #[arg(value_name = "DIRECTORY")]
     pub more_directories: Vec<PathBuf>,
 
     /// Address to listen on, `ADDR[:PORT]`, `[V6ADDR][:PORT]`,
