@@ -71,6 +71,8 @@ fn tree() -> tempfile::TempDir {
     write(&t.join("d1x/x.txt"), "d1x x\n");
     write(&t.join("out/o.txt"), "outside\n");
     write(&t.join("d1/probe.txt"), "probe\n");
+    write(&t.join("d2/c.txt.override"), "d2 c override\n");
+    write(&dir.path().join("rules"), "rE\t^(.*)$\t\\1.override\n");
     // tftpd-hpa drops to nobody: every directory must be searchable.
     for d in ["", "t", "t/d1", "t/d1/sub", "t/d2", "t/d1x", "t/out"] {
         fs::set_permissions(dir.path().join(d), fs::Permissions::from_mode(0o755))
@@ -271,6 +273,15 @@ fn names_inside_one_of_several_directories_as_tftpd_hpa() {
     .chain([(format!("{}/d1/a.txt", &t[1..]), Like::Seven)])
     .collect();
     compare(&with("--normalize"), &probe, &normalize, true);
+
+    // A remap rule's `E` looks for the file in the directory it is in.
+    let rules = dir.path().join("rules").display().to_string();
+    let remapped: Vec<(String, Like)> = ["T/d2/c.txt", "T/d1/a.txt", "T/out/o.txt"]
+        .iter()
+        .map(|n| (p(n), Like::Seven))
+        .collect();
+    let with_rules = [vec!["-m".to_string(), rules], dirs.clone()].concat();
+    compare(&with_rules, &probe, &remapped, true);
 
     // --path-prefix: the directories are named without it, and so are
     // the files.
