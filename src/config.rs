@@ -723,33 +723,8 @@ impl Config {
         if self.ipv6 {
             family("--ipv6", true)?;
         }
-        if let Some(extra) = self.more_directories.first() {
-            use std::os::unix::ffi::OsStrExt;
-            if self.secure || self.jail {
-                return Err(Self::command().error(
-                    clap::error::ErrorKind::TooManyValues,
-                    format!(
-                        "several directories ({} and {}) with -s/-j: it takes one, \
-                         as tftpd-hpa's",
-                        self.directory.display(),
-                        extra.display()
-                    ),
-                ));
-            }
-            // Clients name them by absolute path (tftpd-hpa 7.x: the same).
-            let every = std::iter::once(&self.directory).chain(&self.more_directories);
-            for dir in every {
-                if canonical_directory(dir.as_os_str().as_bytes()).is_none() {
-                    return Err(Self::command().error(
-                        clap::error::ErrorKind::ValueValidation,
-                        format!(
-                            "several directories: '{}' is not absolute (clients name \
-                             files by their absolute path)",
-                            dir.display()
-                        ),
-                    ));
-                }
-            }
+        if let Some(why) = self.directories_problem() {
+            return Err(Self::command().error(clap::error::ErrorKind::ValueValidation, why));
         }
         if self.rto_min_ms > self.rto_max_ms {
             return Err(Self::command().error(
@@ -761,6 +736,33 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Why the directories cannot be served as given, if they cannot:
+    /// several with -s/-j (tftpd-hpa refuses them too), or several of which
+    /// one is not absolute (clients name files by their absolute path;
+    /// tftpd-hpa 7.x refuses it too). `check` and the server ask.
+    pub fn directories_problem(&self) -> Option<String> {
+        use std::os::unix::ffi::OsStrExt;
+        let extra = self.more_directories.first()?;
+        if self.secure || self.jail {
+            return Some(format!(
+                "several directories ({} and {}) with -s/-j: it takes one, as tftpd-hpa's",
+                self.directory.display(),
+                extra.display()
+            ));
+        }
+        let every = std::iter::once(&self.directory).chain(&self.more_directories);
+        every
+            .filter(|dir| canonical_directory(dir.as_os_str().as_bytes()).is_none())
+            .map(|dir| {
+                format!(
+                    "several directories: '{}' is not absolute (clients name files by \
+                     their absolute path)",
+                    dir.display()
+                )
+            })
+            .next()
     }
 
     /// What tftpd-hpa flags given here do not do in ringtftpd, one line
@@ -942,7 +944,8 @@ impl Config {
             } else {
                 canonical_directory(self.directory.as_os_str().as_bytes())
             },
-            // `check` refused -s/-j and relative names with several.
+            // `directories_problem` refuses -s/-j and relative names with
+            // several, so each keeps its index (the first is index 0).
             more_directories: self
                 .more_directories
                 .iter()

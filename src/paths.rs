@@ -84,8 +84,13 @@ impl PathRules {
             if !name.starts_with(b"/") {
                 return Err(Refusal::Denied("only absolute filenames allowed"));
             }
-            let every = self.directory.iter().chain(&self.more_directories);
+            // Index i is directory i of the command line (0: `directory`).
+            let first = std::iter::once(self.directory.as_deref());
+            let every = first.chain(self.more_directories.iter().map(|d| Some(&d[..])));
             for (index, directory) in every.enumerate() {
+                let Some(directory) = directory else {
+                    continue;
+                };
                 match inside(&name, directory) {
                     // As tftpd-hpa, which opens it and fails to read it.
                     Some([]) => return Err(Refusal::Unservable("is a directory")),

@@ -120,6 +120,11 @@ impl Server {
     /// the command line, bound anew by each shard.
     pub fn start_on(config: &Config, inherited: Vec<UdpSocket>) -> io::Result<Server> {
         let config = &*config.with_files().map_err(io::Error::other)?;
+        // Checked by `Config::check` already; an index into `roots` below
+        // must name the directory the path rules found the name in.
+        if let Some(why) = config.directories_problem() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
         // One confined root per directory (tftpd-hpa takes several).
         let mut roots = Vec::new();
         for directory in config.root_directories() {
