@@ -45,6 +45,8 @@ pub const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 pub const INHERITED_IDLE_SECS: u64 = 900;
 /// Largest `--map-steps`.
 pub const MAX_MAP_STEPS: u32 = 1_000_000;
+/// Most directories served (each request is tried against them in turn).
+pub const MAX_DIRECTORIES: usize = 256;
 /// Largest `--error-rate`, per second and thread.
 pub const MAX_ERROR_RATE: u32 = 1_000_000;
 
@@ -745,6 +747,9 @@ impl Config {
     pub fn directories_problem(&self) -> Option<String> {
         use std::os::unix::ffi::OsStrExt;
         let extra = self.more_directories.first()?;
+        if self.more_directories.len() >= MAX_DIRECTORIES {
+            return Some(format!("more than {MAX_DIRECTORIES} directories"));
+        }
         if self.secure || self.jail {
             return Some(format!(
                 "several directories ({} and {}) with -s/-j: it takes one, as tftpd-hpa's",
