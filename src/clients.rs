@@ -37,6 +37,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use regex::bytes::Regex;
 use serde::Deserialize;
@@ -562,7 +563,7 @@ struct Effects {
     max_sessions: Option<u32>,
     uploads: Option<bool>,
     /// `Some(None)`: `deny = false`, lifting an earlier rule's deny.
-    deny: Option<Option<&'static str>>,
+    deny: Option<Option<Arc<str>>>,
 }
 
 /// What a rule matches; empty lists match everything.
@@ -612,7 +613,7 @@ pub struct Matched<'r> {
     pub rollover: Option<Rollover>,
     pub max_sessions: Option<u32>,
     pub uploads: Option<bool>,
-    pub deny: Option<&'static str>,
+    pub deny: Option<&'r Arc<str>>,
 }
 
 impl Matched<'_> {
@@ -715,12 +716,10 @@ impl ClientRules {
             let deny = match raw.deny {
                 None => None,
                 Some(DenyField::Flag(false)) => Some(None),
-                Some(DenyField::Flag(true)) => Some(Some(DEFAULT_DENY_MESSAGE)),
-                Some(DenyField::Message(m)) => {
-                    // The file is read once per start, its rules bounded:
-                    // a refusal's text is `'static` for the process's life.
-                    Some(Some(&*Box::leak(m.into_boxed_str())))
-                }
+                Some(DenyField::Flag(true)) => Some(Some(Arc::from(DEFAULT_DENY_MESSAGE))),
+                // Shared with each refusal that sends it, freed with the
+                // rules (a SIGHUP re-reads the file).
+                Some(DenyField::Message(m)) => Some(Some(Arc::from(m))),
             };
             let effects = Effects {
                 prefix: raw.prefix,
@@ -801,8 +800,8 @@ impl ClientRules {
             m.rollover = e.rollover.or(m.rollover);
             m.max_sessions = e.max_sessions.or(m.max_sessions);
             m.uploads = e.uploads.or(m.uploads);
-            if let Some(deny) = e.deny {
-                m.deny = deny;
+            if let Some(deny) = &e.deny {
+                m.deny = deny.as_ref();
             }
         }
         m
@@ -838,7 +837,7 @@ impl Policy for ClientPolicy {
         let name = incoming.request.filename;
         let m = self.rules.matching(ip, incoming.mac, name);
         if let Some(message) = m.deny {
-            return Decision::Refuse(Refusal::Denied(message));
+            return Decision::Refuse(Refusal::DeniedBy(message.clone()));
         }
         // `uploads = true` cannot take what the command line refuses.
         if incoming.write && !(settings.uploads && m.uploads.unwrap_or(true)) {
@@ -875,6 +874,7 @@ impl Policy for ClientPolicy {
             max_upload: settings.max_upload,
             refused,
             rollover: m.rollover.unwrap_or_default(),
+            root: 0,
         })
     }
 }
@@ -1099,11 +1099,11 @@ mod tests {
         );
         let m = r.matching(ip("192.0.2.1"), None, b"f");
         assert_eq!((m.matched, m.last_line), (1, Some(1)));
-        assert_eq!(m.deny, Some("closed"));
+        assert_eq!(m.deny.map(|d| &**d), Some("closed"));
         assert_eq!(m.max_blksize, Some(1468));
         let m = r.matching(ip("10.1.0.1"), None, b"f");
         assert_eq!((m.matched, m.last_line), (2, Some(5)));
-        assert_eq!((m.deny, m.max_blksize), (None, Some(1024)));
+        assert_eq!((m.deny.map(|d| &**d), m.max_blksize), (None, Some(1024)));
         assert_eq!(m.refuse.map(|r| r.tsize), Some(true));
         let m = r.matching(ip("10.9.0.1"), None, b"f");
         assert_eq!((m.matched, m.last_line), (3, Some(9)));
@@ -1240,7 +1240,7 @@ mod tests {
         let mac = Some([0xde, 0xad, 0, 0, 0, 1]);
         assert_eq!(
             d("10.0.2.1", mac, false, 0),
-            Err(Refusal::Denied("go away"))
+            Err(Refusal::DeniedBy("go away".into()))
         );
         assert_eq!(d("10.0.2.1", Some(MAC), false, 0), Ok(()));
     }

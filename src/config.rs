@@ -3,7 +3,7 @@
 //! stand in for it.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ pub const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 pub const INHERITED_IDLE_SECS: u64 = 900;
 /// Largest `--map-steps`.
 pub const MAX_MAP_STEPS: u32 = 1_000_000;
+/// Most directories served (each request is tried against them in turn).
+pub const MAX_DIRECTORIES: usize = 256;
 /// Largest `--error-rate`, per second and thread.
 pub const MAX_ERROR_RATE: u32 = 1_000_000;
 
@@ -59,9 +61,9 @@ pub struct Config {
     #[arg(default_value = "/srv/tftp")]
     pub directory: PathBuf,
 
-    /// tftpd-hpa takes several directories; ringtftpd serves one (refused
-    /// with a message, never ignored).
-    #[arg(hide = true)]
+    /// More directories, as tftpd-hpa takes (not with -s or -j): a name
+    /// must then be absolute and inside one of them.
+    #[arg(value_name = "DIRECTORY")]
     pub more_directories: Vec<PathBuf>,
 
     /// Address to listen on, `ADDR[:PORT]`, `[V6ADDR][:PORT]`,
@@ -689,12 +691,23 @@ impl Config {
     /// Reads and checks the files the command line names, keeping what
     /// they parse to: a one-line summary, or the error naming the file and
     /// line. The remap file is only checked: the server reads it at start
-    /// and on SIGHUP; the policy file is read here, once.
+    /// and on SIGHUP; the policy file is read here (and again on SIGHUP:
+    /// [`Config::reread_policy_file`]).
     pub fn check_files(&mut self) -> Result<String, String> {
-        let directory = self.root_directory();
-        let mut checked = vec![format!("command line; directory {}", directory.display())];
-        if self.check_config && !directory.is_dir() {
-            return Err(format!("{} is not a directory", directory.display()));
+        let directories = self.root_directories();
+        let shown: Vec<String> = directories
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        let mut checked = vec![format!(
+            "command line; director{} {}",
+            if shown.len() > 1 { "ies" } else { "y" },
+            shown.join(" ")
+        )];
+        for directory in directories {
+            if self.check_config && !directory.is_dir() {
+                return Err(format!("{} is not a directory", directory.display()));
+            }
         }
         if let Some(path) = &self.map_file {
             let rules = self.remap_rules()?.unwrap_or_default();
@@ -725,6 +738,17 @@ impl Config {
         let mut loaded = self.clone();
         loaded.check_files()?;
         Ok(std::borrow::Cow::Owned(loaded))
+    }
+
+    /// This configuration with the policy file read again (SIGHUP); the
+    /// error names the file and the line, and changes nothing.
+    pub fn reread_policy_file(&self) -> Result<std::borrow::Cow<'_, Config>, String> {
+        let Some(path) = &self.policy_file else {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        };
+        let mut fresh = self.clone();
+        fresh.client_rules = Some(Arc::new(ClientRules::load(path)?));
+        Ok(std::borrow::Cow::Owned(fresh))
     }
 
     /// The innermost policy: the policy file's rules over the command
@@ -767,16 +791,8 @@ impl Config {
         if self.ipv6 {
             family("--ipv6", true)?;
         }
-        if let Some(extra) = self.more_directories.first() {
-            return Err(Self::command().error(
-                clap::error::ErrorKind::TooManyValues,
-                format!(
-                    "several directories ({} and {}): ringtftpd serves one; \
-                     tftpd-hpa's absolute names inside it are served as they were",
-                    self.directory.display(),
-                    extra.display()
-                ),
-            ));
+        if let Some(why) = self.directories_problem() {
+            return Err(Self::command().error(clap::error::ErrorKind::ValueValidation, why));
         }
         if self.rto_min_ms > self.rto_max_ms {
             return Err(Self::command().error(
@@ -788,6 +804,36 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Why the directories cannot be served as given, if they cannot:
+    /// several with -s/-j (tftpd-hpa refuses them too), or several of which
+    /// one is not absolute (clients name files by their absolute path;
+    /// tftpd-hpa 7.x refuses it too). `check` and the server ask.
+    pub fn directories_problem(&self) -> Option<String> {
+        use std::os::unix::ffi::OsStrExt;
+        let extra = self.more_directories.first()?;
+        if self.more_directories.len() >= MAX_DIRECTORIES {
+            return Some(format!("more than {MAX_DIRECTORIES} directories"));
+        }
+        if self.secure || self.jail {
+            return Some(format!(
+                "several directories ({} and {}) with -s/-j: it takes one, as tftpd-hpa's",
+                self.directory.display(),
+                extra.display()
+            ));
+        }
+        let every = std::iter::once(&self.directory).chain(&self.more_directories);
+        every
+            .filter(|dir| canonical_directory(dir.as_os_str().as_bytes()).is_none())
+            .map(|dir| {
+                format!(
+                    "several directories: '{}' is not absolute (clients name files by \
+                     their absolute path)",
+                    dir.display()
+                )
+            })
+            .next()
     }
 
     /// What tftpd-hpa flags given here do not do in ringtftpd, one line
@@ -998,15 +1044,28 @@ impl Config {
 
     /// The directory served: `--path-prefix` joined with the directory.
     pub fn root_directory(&self) -> PathBuf {
+        self.prefixed(&self.directory)
+    }
+
+    /// Every directory served, the first first, each joined to
+    /// `--path-prefix` (tftpd-hpa 7.x prepends it after validation).
+    pub fn root_directories(&self) -> Vec<PathBuf> {
+        std::iter::once(&self.directory)
+            .chain(&self.more_directories)
+            .map(|d| self.prefixed(d))
+            .collect()
+    }
+
+    fn prefixed(&self, directory: &Path) -> PathBuf {
         match &self.path_prefix {
             // Joined as strings, as tftpd-hpa does: the directory is
             // absolute, and must not replace the prefix.
             Some(prefix) => {
                 let mut joined = prefix.clone().into_os_string();
-                joined.push(self.directory.as_os_str());
+                joined.push(directory.as_os_str());
                 PathBuf::from(joined)
             }
-            None => self.directory.clone(),
+            None => directory.to_path_buf(),
         }
     }
 
@@ -1021,6 +1080,14 @@ impl Config {
             } else {
                 canonical_directory(self.directory.as_os_str().as_bytes())
             },
+            // `directories_problem` refuses -s/-j and relative names with
+            // several, so each keeps its index (the first is index 0).
+            more_directories: self
+                .more_directories
+                .iter()
+                .filter(|_| !(self.secure || self.jail))
+                .filter_map(|d| canonical_directory(d.as_os_str().as_bytes()))
+                .collect(),
         }
     }
 

@@ -456,7 +456,7 @@ impl<H: Clone> Endpoint<H> {
     /// that fits it: the stricter one for input that may be forged.
     fn refuse(&mut self, now: Instant, refusal: Refusal, reply: &mut [u8]) -> RequestOutcome {
         self.refusals.by_reason[refusal.kind() as usize] += 1;
-        self.last_refusal = Some(refusal);
+        self.last_refusal = Some(refusal.clone());
         if !refusal.is_answered() {
             return RequestOutcome::Ignored;
         }
@@ -733,7 +733,8 @@ impl<H: Clone> Endpoint<H> {
         if write {
             return self.start_write(now, incoming, grant, key, files, reply);
         }
-        let (handle, content_len) = match self.open(now, files, &grant.path, request.mode) {
+        let opened = self.open(now, files, grant.root, &grant.path, request.mode);
+        let (handle, content_len) = match opened {
             Ok(opened) => opened,
             Err(error) => return self.refuse(now, Refusal::from(&error), reply),
         };
@@ -810,7 +811,7 @@ impl<H: Clone> Endpoint<H> {
             (Some(max), Some(t)) => Some(max.min(t)),
             (max, t) => max.or(t),
         };
-        let handle = match files.open_write(&grant.path, request.mode, tsize) {
+        let handle = match files.open_write_in(grant.root, &grant.path, request.mode, tsize) {
             Ok(handle) => handle,
             Err(error) => return self.refuse(now, Refusal::from(&error), reply),
         };
@@ -830,26 +831,36 @@ impl<H: Clone> Endpoint<H> {
 
     /// Opens `filename`, or reuses an open of it younger than the TTL: a
     /// fleet asks for the same few files (and probes the same missing
-    /// ones) thousands of times a second.
+    /// ones) thousands of times a second. `root`: which of several
+    /// directories (the grant's).
     fn open<F: Source<Handle = H>>(
         &mut self,
         now: Instant,
         files: &mut F,
+        root: usize,
         filename: &[u8],
         mode: proto::Mode,
     ) -> Result<(H, u64), OpenError> {
         let ttl = self.settings.open_cache_ttl;
         if ttl.is_zero() {
-            return files.open_read(filename, mode);
+            return files.open_read_in(root, filename, mode);
         }
+        // The same name in another directory is another file: its key
+        // carries the directory, after a NUL (which no name holds).
+        let key: std::borrow::Cow<'_, [u8]> = match root {
+            0 => filename.into(),
+            _ => [filename, &[0], &(root as u64).to_be_bytes()]
+                .concat()
+                .into(),
+        };
         self.sweep_open_cache(now);
         let cache = &mut self.open_cache[mode as usize];
-        if let Some(cached) = cache.get(filename)
+        if let Some(cached) = cache.get(&*key)
             && now.saturating_duration_since(cached.opened_at) < ttl
         {
             return cached.result.clone();
         }
-        let result = files.open_read(filename, mode);
+        let result = files.open_read_in(root, filename, mode);
         if matches!(result, Err(OpenError::Transient(_))) {
             return result;
         }
@@ -872,7 +883,7 @@ impl<H: Clone> Endpoint<H> {
         }
         let cache = &mut self.open_cache[mode as usize];
         let old = cache.insert(
-            filename.into(),
+            Box::from(&*key),
             CachedOpen {
                 result: result.clone(),
                 bytes,

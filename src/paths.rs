@@ -11,13 +11,21 @@
 //! served from inside the directory, so that setups move over unchanged,
 //! while a name relative to the directory is served too (ringtftpd's
 //! default, and `-s`'s).
+//!
+//! Several directories (tftpd-hpa's `in.tftpd [options] directory...`,
+//! without `-s`/`-j`): a name must then be absolute and inside one of them,
+//! tried in order, as tftpd-hpa requires (7.x's canonical comparison, by
+//! whole components: `/srv/tftpx/a` is not inside `/srv/tftp`, though 5.2's
+//! plain string comparison let it through). The answer is the directory's
+//! index with the rest of the name, which the open resolves under that
+//! directory alone ([`crate::policy::Grant::root`]).
 #![forbid(unsafe_code)]
 
 use std::borrow::Cow;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use crate::policy::{Decision, Incoming, Policy, Settings, decide_renamed};
+use crate::policy::{Decision, Grant, Incoming, Policy, Settings, decide_renamed};
 use crate::refusal::Refusal;
 
 /// `--normalize[=MODE]`.
@@ -43,6 +51,9 @@ pub struct PathRules {
     /// Without `-s`/`-j`: the directory as clients name it (canonical,
     /// without its trailing slash), whose prefix a name may carry.
     pub directory: Option<Vec<u8>>,
+    /// The second and later directories, in the same form: with any, a name
+    /// must be absolute and inside one of them all (`directory` first).
+    pub more_directories: Vec<Vec<u8>>,
 }
 
 impl PathRules {
@@ -53,6 +64,12 @@ impl PathRules {
 
     /// The name to open under the root, or why it is refused.
     pub fn apply<'a>(&self, name: &'a [u8]) -> Result<Cow<'a, [u8]>, Refusal> {
+        self.apply_rooted(name).map(|(_, name)| name)
+    }
+
+    /// As [`PathRules::apply`], with the index of the directory to open
+    /// the name under (0 unless there are several).
+    pub fn apply_rooted<'a>(&self, name: &'a [u8]) -> Result<(usize, Cow<'a, [u8]>), Refusal> {
         let mut name = match self.normalize {
             Normalize::None => Cow::Borrowed(name),
             Normalize::Root if name.starts_with(b"/") => Cow::Borrowed(name),
@@ -62,14 +79,36 @@ impl PathRules {
         if self.validate {
             name = Cow::Owned(validate(&name)?);
         }
+        if !self.more_directories.is_empty() {
+            // tftpd-hpa's check without -s: absolute, inside one of them.
+            if !name.starts_with(b"/") {
+                return Err(Refusal::Denied("only absolute filenames allowed"));
+            }
+            // Index i is directory i of the command line (0: `directory`).
+            let first = std::iter::once(self.directory.as_deref());
+            let every = first.chain(self.more_directories.iter().map(|d| Some(&d[..])));
+            for (index, directory) in every.enumerate() {
+                let Some(directory) = directory else {
+                    continue;
+                };
+                match inside(&name, directory) {
+                    // As tftpd-hpa, which opens it and fails to read it.
+                    Some([]) => return Err(Refusal::Unservable("is a directory")),
+                    Some(rest) => return Ok((index, Cow::Owned(rest.to_vec()))),
+                    None => {}
+                }
+            }
+            return Err(Refusal::Denied("forbidden directory"));
+        }
         if let Some(directory) = &self.directory {
             match inside(&name, directory) {
+                Some([]) => return Err(Refusal::Unservable("is a directory")),
                 Some(rest) => name = Cow::Owned(rest.to_vec()),
                 None if self.validate => return Err(Refusal::Denied("forbidden directory")),
                 None => {}
             }
         }
-        Ok(name)
+        Ok((0, name))
     }
 }
 
@@ -162,12 +201,16 @@ impl Policy for PathPolicy {
     }
 
     fn decide<'a>(&self, incoming: &Incoming<'a>, settings: &Settings) -> Decision<'a> {
-        let name = match self.rules.apply(incoming.request.filename) {
-            Ok(Cow::Borrowed(_)) => return self.inner.decide(incoming, settings),
-            Ok(Cow::Owned(name)) => name,
+        let (root, name) = match self.rules.apply_rooted(incoming.request.filename) {
+            Ok((0, Cow::Borrowed(_))) => return self.inner.decide(incoming, settings),
+            Ok((root, name)) => (root, name.into_owned()),
             Err(refusal) => return Decision::Refuse(refusal),
         };
-        decide_renamed(self.inner.as_ref(), incoming, &name, settings)
+        match decide_renamed(self.inner.as_ref(), incoming, &name, settings) {
+            // The directory the name was found in is the one opened.
+            Decision::Serve(grant) => Decision::Serve(Grant { root, ..grant }),
+            refused => refused,
+        }
     }
 }
 
@@ -220,6 +263,44 @@ mod tests {
     }
 
     #[test]
+    fn the_grant_names_the_directory_the_name_was_found_in() {
+        use crate::policy::DefaultPolicy;
+        use crate::proto::{Mode, Options, Request};
+        let policy = PathPolicy {
+            rules: PathRules {
+                directory: Some(b"/a".to_vec()),
+                more_directories: vec![b"/b".to_vec()],
+                ..PathRules::default()
+            },
+            inner: Arc::new(DefaultPolicy),
+        };
+        let decide = |name: &[u8]| {
+            let request = Request {
+                filename: name,
+                mode: Mode::Octet,
+                options: Options::default(),
+            };
+            let incoming = Incoming {
+                now: std::time::Instant::now(),
+                peer: "127.0.0.1:2000".parse().unwrap(),
+                local: "127.0.0.1".parse().unwrap(),
+                mtu: None,
+                write: false,
+                request: &request,
+                mac: None,
+                client_sessions: 0,
+            };
+            match policy.decide(&incoming, &Settings::default()) {
+                Decision::Serve(g) => Ok((g.root, g.path.into_owned())),
+                Decision::Refuse(r) => Err(r),
+            }
+        };
+        assert_eq!(decide(b"/a/x"), Ok((0, b"x".to_vec())));
+        assert_eq!(decide(b"/b/sub/x"), Ok((1, b"sub/x".to_vec())));
+        assert_eq!(decide(b"/c/x"), Err(Refusal::Denied("forbidden directory")));
+    }
+
+    #[test]
     fn names_under_the_directory_lose_its_prefix() {
         let dir = canonical_directory(b"/srv//tftp/").unwrap();
         assert_eq!(dir, b"/srv/tftp");
@@ -243,6 +324,32 @@ mod tests {
         assert!(applied(&strict, "/etc/passwd").is_err());
         assert!(applied(&strict, "pxelinux.0").is_err());
         assert_eq!(canonical_directory(b"relative"), None);
+        // Several directories: absolute, inside one of them, the first wins.
+        let several = PathRules {
+            directory: Some(b"/srv/tftp".to_vec()),
+            more_directories: vec![b"/boot/a".to_vec(), b"/srv".to_vec()],
+            ..PathRules::default()
+        };
+        let rooted = |name: &str| {
+            several
+                .apply_rooted(name.as_bytes())
+                .map(|(i, n)| (i, String::from_utf8_lossy(&n).into_owned()))
+        };
+        assert_eq!(rooted("/srv/tftp/pxelinux.0"), Ok((0, "pxelinux.0".into())));
+        assert_eq!(rooted("/boot/a//x/y"), Ok((1, "/x/y".into())));
+        assert_eq!(rooted("/srv/tftpx/a"), Ok((2, "tftpx/a".into())));
+        assert_eq!(
+            rooted("/srv/tftp/"),
+            Err(Refusal::Unservable("is a directory"))
+        );
+        for (name, why) in [
+            ("/boot/ab/x", "forbidden directory"),
+            ("/etc/passwd", "forbidden directory"),
+            ("pxelinux.0", "only absolute filenames allowed"),
+            ("srv/tftp/pxelinux.0", "only absolute filenames allowed"),
+        ] {
+            assert_eq!(rooted(name), Err(Refusal::Denied(why)), "{name}");
+        }
         assert_eq!(canonical_directory(b"/").unwrap(), b"");
     }
 }

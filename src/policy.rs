@@ -75,6 +75,9 @@ pub struct Grant<'a> {
     pub refused: RefusedOptions,
     /// What block numbers go on from past 65535.
     pub rollover: Rollover,
+    /// Which of the directories served the path is opened under (0, the
+    /// first, unless there are several: [`crate::paths::PathRules`]).
+    pub root: usize,
 }
 
 /// RFC 2347 options the server will not negotiate (tftpd-hpa's
@@ -165,6 +168,7 @@ impl Policy for DefaultPolicy {
             max_upload: settings.max_upload,
             refused: settings.refused_options,
             rollover: Rollover::Zero,
+            root: 0,
         };
         if incoming.write && !settings.uploads {
             return Decision::Refuse(Refusal::UploadsDisabled);

@@ -4,15 +4,22 @@
 
 #![forbid(unsafe_code)]
 
+use std::sync::Arc;
+
 use crate::files::OpenError;
 use crate::proto::{ErrorCode, ParseError};
 
-/// Why a request (or a stray datagram) was refused or dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a request (or a stray datagram) was refused or dropped. Not
+/// `Copy`: a policy file's message is owned ([`Refusal::DeniedBy`]), so
+/// that re-reading the file on SIGHUP frees the old messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     NotFound,
     /// Access violation, with what was wrong (`..`, a symlink loop...).
     Denied(&'static str),
+    /// Access violation by a policy file's `deny` rule, with its message
+    /// (shared with the rules it was read from).
+    DeniedBy(Arc<str>),
     /// Not world-readable (without `--permissive`) or unreadable.
     NotReadable,
     NotRegular,
@@ -106,10 +113,11 @@ impl RefusalKind {
 }
 
 impl Refusal {
-    pub fn kind(self) -> RefusalKind {
+    pub fn kind(&self) -> RefusalKind {
         match self {
             Refusal::NotFound => RefusalKind::NotFound,
             Refusal::Denied(_)
+            | Refusal::DeniedBy(_)
             | Refusal::NotReadable
             | Refusal::NotRegular
             | Refusal::Unservable(_) => RefusalKind::Denied,
@@ -128,20 +136,21 @@ impl Refusal {
 
     /// Input that may be forged (garbage, strangers): its replies go
     /// through the stricter limit for unconfirmed sources.
-    pub fn may_be_forged(self) -> bool {
+    pub fn may_be_forged(&self) -> bool {
         matches!(self, Refusal::Malformed(_) | Refusal::UnknownTid)
     }
 
     /// Whether it is answered at all (a rate-limited request is not: the
     /// answer is what a reflection attack wants).
-    pub fn is_answered(self) -> bool {
-        self != Refusal::RateLimited
+    pub fn is_answered(&self) -> bool {
+        *self != Refusal::RateLimited
     }
 
-    pub fn code(self) -> ErrorCode {
+    pub fn code(&self) -> ErrorCode {
         match self {
             Refusal::NotFound => ErrorCode::FileNotFound,
             Refusal::Denied(_)
+            | Refusal::DeniedBy(_)
             | Refusal::NotReadable
             | Refusal::NotRegular
             | Refusal::UploadsDisabled
@@ -162,10 +171,11 @@ impl Refusal {
         }
     }
 
-    pub fn message(self) -> &'static str {
+    pub fn message(&self) -> &str {
         match self {
             Refusal::NotFound => "file not found",
             Refusal::Denied(why) | Refusal::Unservable(why) | Refusal::Transient(why) => why,
+            Refusal::DeniedBy(why) => why,
             Refusal::NotReadable => "permission denied",
             Refusal::NotRegular => "not a regular file",
             Refusal::Busy => "server busy, try again later",

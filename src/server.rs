@@ -124,21 +124,41 @@ impl Server {
     /// the command line, bound anew by each shard.
     pub fn start_on(config: &Config, inherited: Vec<UdpSocket>) -> io::Result<Server> {
         let config = &*config.with_files().map_err(io::Error::other)?;
-        let directory = config.root_directory();
-        let files = FileRoot::open(&directory, config.permissive).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot serve {}: {e}", directory.display()),
-            )
-        })?;
+        // Checked by `Config::check` already; an index into `roots` below
+        // must name the directory the path rules found the name in.
+        if let Some(why) = config.directories_problem() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
+        // One confined root per directory (tftpd-hpa takes several).
+        let mut roots = Vec::new();
+        for directory in config.root_directories() {
+            let root = FileRoot::open(&directory, config.permissive).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot serve {}: {e}", directory.display()),
+                )
+            })?;
+            roots.push(root);
+        }
+        let files = roots[0].clone();
+        let more_files = roots[1..].to_vec();
         let rules = config.remap_rules().map_err(io::Error::other)?;
-        let probe: Arc<NameProbe> = {
+        let probe: Arc<NameProbe> = if roots.len() == 1 {
             let files = files.clone();
             Arc::new(move |name: &[u8], _write: bool| files.has_file(name))
+        } else {
+            // An `E` rule's name is looked for where the open would look.
+            let paths = config.path_rules();
+            Arc::new(
+                move |name: &[u8], _write: bool| match paths.apply_rooted(name) {
+                    Ok((index, rest)) => roots[index].has_file(&rest),
+                    Err(_) => false,
+                },
+            )
         };
         let (hook, hook_sender) = match &config.on_transfer {
             Some(program) => {
-                let (hook, sender) = Hook::spawn(program.clone(), directory.clone())?;
+                let (hook, sender) = Hook::spawn(program.clone(), config.root_directory())?;
                 (Some(hook), Some(sender))
             }
             None => (None, None),
@@ -192,6 +212,7 @@ impl Server {
                 listeners,
                 endpoint: config.endpoint(count, settings.clone()),
                 files: files.clone(),
+                more_files: more_files.clone(),
                 uploads: config.upload_rules(),
                 log_transfers: !config.quiet,
                 hook: hook_sender.clone(),
@@ -212,15 +233,15 @@ impl Server {
         }
         if let Some(user) = &config.user {
             drop_privileges(user)?;
-            files.check_searchable().map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot serve {} as user '{user}': {e}",
-                        config.directory.display()
-                    ),
-                )
-            })?;
+            let every = std::iter::once(&files).chain(&more_files);
+            for (root, directory) in every.zip(config.root_directories()) {
+                root.check_searchable().map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot serve {} as user '{user}': {e}", directory.display()),
+                    )
+                })?;
+            }
         }
         let mut shards = Vec::with_capacity(count);
         for (index, shard) in prepared.into_iter().enumerate() {
@@ -237,11 +258,12 @@ impl Server {
         })
     }
 
-    /// Re-reads the files the command line names (`--map-file`) and gives
-    /// every shard the new settings; transfers running keep theirs. A file
-    /// that no longer parses changes nothing.
+    /// Re-reads the files the command line names (`--map-file`,
+    /// `--policy-file`) and gives every shard the new settings; transfers
+    /// running keep theirs. A file that no longer parses changes nothing.
     pub fn reload(&self, config: &Config) -> Result<(), String> {
         let rules = config.remap_rules()?;
+        let config = &*config.reread_policy_file()?;
         let settings = Arc::new(config.settings_with(
             self.shards.len(),
             config.policy(self.shards.len(), rules, self.probe.clone()),
@@ -415,7 +437,7 @@ fn detach() -> io::Result<std::os::fd::OwnedFd> {
 /// drains the others the same way and makes `run` fail, so the process
 /// exits non-zero and a service manager can restart it.
 pub fn run(config: &Config) -> io::Result<()> {
-    // The policy file, read once (reloads keep these rules).
+    // The policy file, read now (a reload reads it again).
     let config = &*config.with_files().map_err(io::Error::other)?;
     if let Some(input) = &config.map_test {
         return map_test(config, input);
@@ -485,7 +507,12 @@ pub fn run(config: &Config) -> io::Result<()> {
         Level::Notice,
         format!(
             "serving {} on {} with {} thread(s)",
-            config.directory.display(),
+            config
+                .root_directories()
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
             listening.join(", "),
             server.shards.len()
         ),

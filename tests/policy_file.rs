@@ -5,11 +5,18 @@
 //! under its MAC's prefix (found in the server's neighbour table), while a client
 //! with no MAC known gets the shared one.
 //!
+//! SIGHUP re-reads the file: new requests see the new rules (a `deny`
+//! lifted, its message sent until then), a transfer running keeps its
+//! grant, and a file that no longer parses keeps the last good rules with
+//! one log line naming the file and the line.
+//!
 //! The namespace test needs root and `ip netns`; without them it prints
 //! `SKIP` and returns, unless RINGTFTPD_REQUIRE_NETNS=1 (then it fails).
 //! Its traffic stays between 10.98.0.1 and 10.98.0.2 (fd00:98::1 and
 //! fd00:98::2) inside the two namespaces (and loopback inside the server's), which a Drop guard
 //! deletes on every path. Every wait is bounded.
+
+mod common;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -409,4 +416,141 @@ fn tftp_hpa_gets_the_file_under_its_macs_prefix_in_a_namespace() {
     assert_eq!(got.as_deref(), Some("shared\n"), "{}", server_log());
     drop(server);
     drop(link);
+}
+
+/// One RRQ of `name`, lock-step at 512-byte blocks (at most 4096):
+/// the file's bytes, or the ERROR's code and text.
+fn fetch(server: &common::Server, name: &str) -> Result<Vec<u8>, (u16, String)> {
+    let client = common::RawClient::new(server.addr());
+    client.send_to_server(&common::rrq(name, "octet", &[]));
+    let mut data = Vec::new();
+    for expected in 1..=4096u16 {
+        match client.recv(Duration::from_secs(5)) {
+            Some((common::Packet::Data { block, data: chunk }, from)) if block == expected => {
+                data.extend_from_slice(&chunk);
+                client.send(&common::ack(block), from);
+                if chunk.len() < 512 {
+                    return Ok(data);
+                }
+            }
+            Some((common::Packet::Error { code, msg }, _)) => return Err((code, msg)),
+            other => panic!("{name}: block {expected}: {other:?}"),
+        }
+    }
+    panic!("{name}: longer than 4096 blocks")
+}
+
+fn hup(server: &common::Server) {
+    // The server this test started, by its PID.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+}
+
+/// Waits up to 5 s for the `n`th log line containing `what`.
+#[track_caller]
+fn wait_log(server: &common::Server, what: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = server.log();
+        if let Some(line) = log.lines().filter(|l| l.contains(what)).nth(n - 1) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line {n} with {what:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_rereads_the_policy_file_and_keeps_the_last_good_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("policy.toml");
+    write(
+        &file,
+        "[[rule]]\nname = \"secret.txt\"\ndeny = \"not this file, not today\"\n",
+    );
+    let server = common::Server::start_with(common::ServerOpts {
+        kind: Some(common::ServerKind::Ringtftpd),
+        extra_args: vec!["--policy-file".into(), s(&file).into()],
+        ..common::ServerOpts::default()
+    });
+    let secret = b"the secret\n".to_vec();
+    write(&server.root().join("secret.txt"), "the secret\n");
+    assert_eq!(
+        fetch(&server, "secret.txt"),
+        Err((2, "not this file, not today".to_string()))
+    );
+
+    // A transfer running across the reload keeps what it was granted.
+    let client = common::RawClient::new(server.addr());
+    client.send_to_server(&common::rrq("mib.bin", "octet", &[]));
+    let (first, tid) = client.recv(Duration::from_secs(5)).expect("DATA 1");
+    assert!(
+        matches!(first, common::Packet::Data { block: 1, .. }),
+        "{first:?}"
+    );
+
+    // Allow secret.txt, deny mib.bin to new requests.
+    write(&file, "[[rule]]\nname = \"mib.bin\"\ndeny = true\n");
+    hup(&server);
+    wait_log(&server, "SIGHUP: reloaded", 1);
+    assert_eq!(fetch(&server, "secret.txt"), Ok(secret.clone()));
+    assert_eq!(
+        fetch(&server, "mib.bin"),
+        Err((2, "access denied by policy".to_string()))
+    );
+    // The old transfer goes on to its end.
+    let mut got = match first {
+        common::Packet::Data { data, .. } => data,
+        _ => unreachable!(),
+    };
+    client.send(&common::ack(1), tid);
+    let mut block = 2u16;
+    for _ in 0..8192 {
+        match client.recv(Duration::from_secs(5)) {
+            // Retransmitted while this test was busy with other requests.
+            Some((common::Packet::Data { block: b, .. }, _)) if b < block => continue,
+            Some((common::Packet::Data { block: b, data }, from)) if b == block && from == tid => {
+                let last = data.len() < 512;
+                got.extend_from_slice(&data);
+                client.send(&common::ack(block), tid);
+                if last {
+                    break;
+                }
+                block += 1;
+            }
+            other => panic!("block {block}: {other:?}"),
+        }
+    }
+    assert!(
+        got == server.source("mib.bin"),
+        "the running transfer completed"
+    );
+
+    // A broken file: the last good rules stay, and one line says where.
+    write(
+        &file,
+        "[[rule]]\nname = \"secret.txt\"\n\n[[rule]]\ncidr = \"10.0.0.0/33\"\n",
+    );
+    hup(&server);
+    let line = wait_log(&server, "SIGHUP: policy file", 1);
+    assert!(
+        line.contains(s(&file)) && line.contains("rule 2, line 5") && line.contains("keeping"),
+        "{line}"
+    );
+    assert_eq!(fetch(&server, "secret.txt"), Ok(secret));
+    assert_eq!(
+        fetch(&server, "mib.bin"),
+        Err((2, "access denied by policy".to_string()))
+    );
+    assert_eq!(
+        server.log().matches("SIGHUP: reloaded").count(),
+        1,
+        "the broken file reloaded nothing"
+    );
 }

@@ -62,6 +62,20 @@ pub trait Source {
     /// while sending.
     fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(Self::Handle, u64), OpenError>;
 
+    /// As `open_read`, under directory `root` of several (0 is the one
+    /// `open_read` uses; a source of one directory has no other).
+    fn open_read_in(
+        &mut self,
+        root: usize,
+        filename: &[u8],
+        mode: Mode,
+    ) -> Result<(Self::Handle, u64), OpenError> {
+        match root {
+            0 => self.open_read(filename, mode),
+            _ => Err(OpenError::NotFound),
+        }
+    }
+
     /// The most bytes `handle` may come to hold (it may grow, as a netascii
     /// translation does), charged to the open cache's byte bound.
     fn held_bytes(handle: &Self::Handle, len: u64) -> u64 {
@@ -84,5 +98,20 @@ pub trait Sink: Source {
     ) -> Result<Self::Handle, OpenError> {
         let _ = (filename, mode, tsize);
         Err(OpenError::Denied("uploads are disabled"))
+    }
+
+    /// As `open_write`, under directory `root` of several (see
+    /// [`Source::open_read_in`]).
+    fn open_write_in(
+        &mut self,
+        root: usize,
+        filename: &[u8],
+        mode: Mode,
+        tsize: Option<u64>,
+    ) -> Result<Self::Handle, OpenError> {
+        match root {
+            0 => self.open_write(filename, mode, tsize),
+            _ => Err(OpenError::NotFound),
+        }
     }
 }

@@ -605,6 +605,18 @@ impl Source for FileRoot {
     type Handle = FileData;
 
     fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(FileData, u64), OpenError> {
+        self.open_file(filename, mode)
+    }
+
+    fn held_bytes(handle: &FileData, _len: u64) -> u64 {
+        handle.held_bytes()
+    }
+}
+
+impl FileRoot {
+    /// [`Source::open_read`] through a shared reference (a shard holding
+    /// several roots picks one).
+    pub fn open_file(&self, filename: &[u8], mode: Mode) -> Result<(FileData, u64), OpenError> {
         let rel = relative_name(filename)?;
         if rel.is_empty() {
             return Err(OpenError::NotRegular); // the root directory itself
@@ -667,10 +679,6 @@ impl Source for FileRoot {
         };
         let len = data.len();
         Ok((data, len))
-    }
-
-    fn held_bytes(handle: &FileData, _len: u64) -> u64 {
-        handle.held_bytes()
     }
 }
 

@@ -121,6 +121,7 @@ fn start_adjusted(
             ..EndpointConfig::default()
         },
         files: FileRoot::open(dir, true).unwrap(),
+        more_files: Vec::new(),
         uploads: None,
         log_transfers: true,
         hook: None,

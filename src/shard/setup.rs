@@ -45,6 +45,9 @@ pub struct ShardConfig {
     pub listeners: Vec<UdpSocket>,
     pub endpoint: EndpointConfig,
     pub files: FileRoot,
+    /// The second and later directories (tftpd-hpa's several), each its
+    /// own root: a grant names the one it opens under.
+    pub more_files: Vec<FileRoot>,
     /// What write requests may do; `None`: they are refused.
     pub uploads: Option<UploadRules>,
     /// Print each finished transfer's log line to stderr.
@@ -376,6 +379,7 @@ impl Shard {
             endpoint,
             files: ShardFiles {
                 root: config.files,
+                more_roots: config.more_files,
                 uploads,
             },
             wheel: TimerWheel::new(capacity, TICK, now),

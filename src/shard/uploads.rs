@@ -293,14 +293,35 @@ fn write_loop(jobs: Receiver<Job>, done: Sender<Done>, wake: Arc<EventFd>, queue
 /// desk that writes.
 pub(super) struct ShardFiles {
     pub root: FileRoot,
+    /// Directories 1.. of several ([`crate::policy::Grant::root`]).
+    pub more_roots: Vec<FileRoot>,
     pub uploads: Option<UploadDesk>,
+}
+
+impl ShardFiles {
+    /// Directory `index` (0: `root`); NotFound past the last.
+    fn root_at(&self, index: usize) -> Result<&FileRoot, OpenError> {
+        match index {
+            0 => Ok(&self.root),
+            _ => self.more_roots.get(index - 1).ok_or(OpenError::NotFound),
+        }
+    }
 }
 
 impl Source for ShardFiles {
     type Handle = Held;
 
     fn open_read(&mut self, filename: &[u8], mode: Mode) -> Result<(Held, u64), OpenError> {
-        let (data, len) = self.root.open_read(filename, mode)?;
+        self.open_read_in(0, filename, mode)
+    }
+
+    fn open_read_in(
+        &mut self,
+        root: usize,
+        filename: &[u8],
+        mode: Mode,
+    ) -> Result<(Held, u64), OpenError> {
+        let (data, len) = self.root_at(root)?.open_file(filename, mode)?;
         Ok((Held::Read(data), len))
     }
 
@@ -319,10 +340,23 @@ impl Sink for ShardFiles {
         mode: Mode,
         tsize: Option<u64>,
     ) -> Result<Held, OpenError> {
+        self.open_write_in(0, filename, mode, tsize)
+    }
+
+    fn open_write_in(
+        &mut self,
+        root: usize,
+        filename: &[u8],
+        mode: Mode,
+        tsize: Option<u64>,
+    ) -> Result<Held, OpenError> {
+        let root = match root {
+            0 => &self.root,
+            _ => self.more_roots.get(root - 1).ok_or(OpenError::NotFound)?,
+        };
         let Some(desk) = &mut self.uploads else {
             return Err(OpenError::Denied("uploads are disabled"));
         };
-        desk.begin(&self.root, filename, mode, tsize)
-            .map(Held::Write)
+        desk.begin(root, filename, mode, tsize).map(Held::Write)
     }
 }
