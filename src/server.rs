@@ -16,6 +16,7 @@ use nix::unistd::{Gid, Uid, User};
 use crate::config::Config;
 use crate::files::FileRoot;
 use crate::log::{self, Level};
+use crate::metrics::{Exporter, Listening};
 use crate::notify;
 use crate::paths::PathRules;
 use crate::policy::NameProbe;
@@ -270,6 +271,11 @@ impl Server {
         }
     }
 
+    /// Every shard's published counters, for `--metrics`.
+    pub fn published(&self) -> Vec<Arc<crate::metrics::Published>> {
+        self.shards.iter().map(ShardHandle::published).collect()
+    }
+
     /// Asks every shard to drain and stop.
     pub fn shut_down(&self) {
         for shard in &self.shards {
@@ -432,7 +438,15 @@ pub fn run(config: &Config) -> io::Result<()> {
         );
     }
     let idle_exit = config.idle_exit(!inherited.is_empty());
+    // Bound before --user drops privileges, as the TFTP ports are.
+    let metrics = config.metrics.map(Listening::bind).transpose()?;
     let server = Server::start_on(config, inherited)?;
+    let exporter = Exporter::new(server.published());
+    if let Some(listening) = metrics {
+        let addr = listening.addr;
+        exporter.serve(listening)?;
+        say(Level::Notice, format!("metrics on http://{addr}/metrics"));
+    }
     if let Some(ready) = ready {
         // The waiting parent exits 0 now; until this byte it would exit 1.
         let _ = nix::unistd::write(&ready, b"R");
@@ -535,6 +549,7 @@ pub fn run(config: &Config) -> io::Result<()> {
             }
         }
     };
+    exporter.set_stopping();
     server.shut_down();
     std::thread::spawn(move || {
         // Another shard dying meanwhile changes nothing; a signal ends it.
