@@ -420,11 +420,14 @@ impl Published {
     }
 }
 
-/// A scrape: every shard's tally and their sum.
+/// A scrape: every shard's tally and their sum, and what the kernel says.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub shards: Vec<Tally>,
     pub total: Tally,
+    /// Datagrams the kernel dropped at the listening sockets (None: its
+    /// tables could not be read).
+    pub listener_drops: Option<u64>,
 }
 
 impl Snapshot {
@@ -434,7 +437,11 @@ impl Snapshot {
         for s in &shards {
             total.add(s);
         }
-        Snapshot { shards, total }
+        Snapshot {
+            shards,
+            total,
+            listener_drops: None,
+        }
     }
 
     /// The Prometheus text format (version 0.0.4) of this snapshot.
@@ -588,6 +595,14 @@ impl Collector for Encoded {
             "Segmented (UDP GSO) sends refused by their path and resent one packet per send",
             v(slot::GSO_FALLBACKS),
         )?;
+        if let Some(drops) = self.0.listener_drops {
+            counter(
+                &mut e,
+                "ringtftpd_listener_drops",
+                "Datagrams the kernel dropped at the listening sockets (receive buffer full), from /proc/net/udp and udp6",
+                drops,
+            )?;
+        }
         counter(
             &mut e,
             "ringtftpd_log_lines_dropped",
@@ -658,13 +673,16 @@ impl Collector for Encoded {
 pub struct Exporter {
     shards: Arc<[Arc<Published>]>,
     stopping: Arc<AtomicBool>,
+    /// The listening addresses, whose kernel drop counts a scrape reads.
+    listeners: Arc<[SocketAddr]>,
 }
 
 impl Exporter {
-    pub fn new(shards: Vec<Arc<Published>>) -> Self {
+    pub fn new(shards: Vec<Arc<Published>>, listeners: &[SocketAddr]) -> Self {
         Exporter {
             shards: shards.into(),
             stopping: Arc::new(AtomicBool::new(false)),
+            listeners: listeners.into(),
         }
     }
 
@@ -679,7 +697,9 @@ impl Exporter {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot::take(&self.shards)
+        let mut snapshot = Snapshot::take(&self.shards);
+        snapshot.listener_drops = listener_drops(&self.listeners);
+        snapshot
     }
 
     /// The status and body for `GET path`.
@@ -731,6 +751,63 @@ impl Exporter {
             })?;
         Ok(())
     }
+}
+
+/// Datagrams the kernel dropped on UDP sockets bound to one of `addrs`
+/// (every shard's `SO_REUSEPORT` listener of an address), read from this
+/// network namespace's /proc/net/udp and udp6: the last column, `drops`.
+/// None if neither table can be read.
+fn listener_drops(addrs: &[SocketAddr]) -> Option<u64> {
+    let v4 = std::fs::read_to_string("/proc/net/udp").ok();
+    let v6 = std::fs::read_to_string("/proc/net/udp6").ok();
+    if v4.is_none() && v6.is_none() {
+        return None;
+    }
+    let drops = |table: Option<String>| table.map_or(0, |t| udp_table_drops(&t, addrs));
+    Some(drops(v4).saturating_add(drops(v6)))
+}
+
+/// The `drops` of the rows of a /proc/net/udp{,6} `table` whose local
+/// address is one of `addrs`.
+fn udp_table_drops(table: &str, addrs: &[SocketAddr]) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|row| {
+            let fields: Vec<&str> = row.split_whitespace().collect();
+            let local = parse_proc_addr(fields.get(1)?)?;
+            let drops = fields.last()?.parse::<u64>().ok()?;
+            addrs
+                .iter()
+                .any(|a| crate::shard::net::canonical(*a) == local || *a == local)
+                .then_some(drops)
+        })
+        .sum()
+}
+
+/// `0100007F:0045` (IPv4) or 32 hex digits and a port (IPv6), as the
+/// kernel prints them: each 32-bit word of the address as it lies in
+/// memory, shown as a host-order number; the port in host order.
+fn parse_proc_addr(field: &str) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| {
+        ip.get(8 * i..8 * i + 8)
+            .and_then(|w| u32::from_str_radix(w, 16).ok())
+            .map(u32::to_ne_bytes)
+    };
+    let ip: std::net::IpAddr = match ip.len() {
+        8 => std::net::Ipv4Addr::from(word(0)?).into(),
+        32 => {
+            let mut octets = [0u8; 16];
+            for i in 0..4 {
+                octets[4 * i..4 * i + 4].copy_from_slice(&word(i)?);
+            }
+            std::net::Ipv6Addr::from(octets).into()
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// The metrics port, bound (before the shards start and privileges are
@@ -860,9 +937,30 @@ mod tests {
     }
 
     #[test]
+    fn kernel_drops_are_read_for_the_listening_addresses() {
+        let v4 = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+                  \x20 1: 0100007F:0045 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 7\n\
+                  \x20 2: 0100007F:0045 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 5\n\
+                  \x20 3: 0100007F:9C40 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 100\n";
+        let listener: SocketAddr = "127.0.0.1:69".parse().unwrap();
+        assert_eq!(udp_table_drops(v4, &[listener]), 12);
+        let any6: SocketAddr = "[::]:69".parse().unwrap();
+        assert_eq!(udp_table_drops(v4, &[any6]), 0);
+        let v6 = "  sl  local_address remote_address st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+                  \x20 1: 00000000000000000000000001000000:0045 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 1 2 0000000000000000 3\n\
+                  \x20 2: 00000000000000000000000000000000:0045 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 1 2 0000000000000000 4\n";
+        let lo6: SocketAddr = "[::1]:69".parse().unwrap();
+        assert_eq!(udp_table_drops(v6, &[lo6]), 3);
+        assert_eq!(udp_table_drops(v6, &[any6]), 4);
+        assert_eq!(udp_table_drops("garbage\nmore garbage 1\n", &[lo6]), 0);
+        // This machine's own tables parse.
+        assert!(listener_drops(&[listener]).is_some());
+    }
+
+    #[test]
     fn endpoints_answer() {
         let shards: Vec<Arc<Published>> = (0..2).map(|_| Arc::default()).collect();
-        let exporter = Exporter::new(shards.clone());
+        let exporter = Exporter::new(shards.clone(), &[]);
         assert_eq!(exporter.answer("/healthz").0, 200);
         assert_eq!(exporter.answer("/readyz").0, 503);
         shards.iter().for_each(|s| s.set_serving(true));

@@ -441,7 +441,7 @@ pub fn run(config: &Config) -> io::Result<()> {
     // Bound before --user drops privileges, as the TFTP ports are.
     let metrics = config.metrics.map(Listening::bind).transpose()?;
     let server = Server::start_on(config, inherited)?;
-    let exporter = Exporter::new(server.published());
+    let exporter = Exporter::new(server.published(), &server.addresses);
     if let Some(listening) = metrics {
         let addr = listening.addr;
         exporter.serve(listening)?;

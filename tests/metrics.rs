@@ -290,6 +290,15 @@ fn counters_match_what_the_clients_did() {
         "nothing runs now: {}",
         report()
     );
+    // Read from the kernel's tables at each scrape (no drops expected).
+    assert!(
+        after
+            .text
+            .lines()
+            .any(|l| l.starts_with("ringtftpd_listener_drops_total ")),
+        "{}",
+        report()
+    );
     // One gauge per shard and direction.
     let shards = after
         .text
@@ -377,6 +386,42 @@ fn promtool_accepts_the_output() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         scrape.text
+    );
+}
+
+/// The example alert rules of docs/operations.md (the YAML block after
+/// its `<!-- alert-rules -->` marker) pass `promtool check rules`.
+#[test]
+fn promtool_accepts_the_documented_alert_rules() {
+    let promtool = which("promtool");
+    if !client_available("promtool (Debian's prometheus package)", promtool.is_some()) {
+        return;
+    }
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .expect("read docs/operations.md");
+    let (_, after) = doc
+        .split_once("<!-- alert-rules -->")
+        .expect("docs/operations.md has an <!-- alert-rules --> marker");
+    let block = after
+        .split_once("```yaml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(yaml, _)| yaml)
+        .expect("a ```yaml block after the marker");
+    assert!(block.contains("ringtftpd_"), "{block}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ringtftpd-rules.yml");
+    std::fs::write(&path, block).expect("write the rules");
+    let out = Command::new(promtool.expect("promtool"))
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}\n{}{}\n--- rules ---\n{block}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
