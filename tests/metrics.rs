@@ -309,6 +309,111 @@ fn counters_match_what_the_clients_did() {
     s.assert_running();
 }
 
+/// Every counter series of a scrape (`*_total` and histogram parts).
+fn monotone_series(s: &Scrape) -> Vec<(String, f64)> {
+    s.text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            let base = name.split('{').next()?;
+            let counted = base.ends_with("_total")
+                || base.ends_with("_bucket")
+                || base.ends_with("_count")
+                || base.ends_with("_sum");
+            counted.then(|| Some((name.to_string(), value.parse().ok()?)))?
+        })
+        .collect()
+}
+
+#[test]
+fn scrapes_during_a_load_only_grow_and_add_up() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 4;
+    let metrics = free_tcp_addr();
+    let s = start(metrics, &[]);
+    let before = Scrape::take(metrics);
+    let size = s.source("mib.bin").len();
+    let addr = s.addr();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let client = RawClient::new(addr);
+                for _ in 0..EACH {
+                    let got = raw_get(
+                        &client,
+                        "mib.bin",
+                        "octet",
+                        &[("blksize", "1428"), ("windowsize", "4")],
+                        |_, _| {},
+                    )
+                    .expect("download under load");
+                    assert_eq!(got.data.len(), size);
+                }
+            })
+        })
+        .collect();
+    let mut last = before.clone();
+    let mut peak_active = 0.0f64;
+    let mut scrapes = 0;
+    while !clients.iter().all(|c| c.is_finished()) {
+        let now = Scrape::take(metrics);
+        scrapes += 1;
+        let earlier: std::collections::HashMap<String, f64> =
+            monotone_series(&last).into_iter().collect();
+        for (series, value) in monotone_series(&now) {
+            let was = earlier.get(&series).copied().unwrap_or(0.0);
+            assert!(value >= was, "{series} went from {was} to {value}");
+        }
+        let active = now.sum("ringtftpd_transfers_active{");
+        assert!(active <= CLIENTS as f64, "{active} active: {}", now.text);
+        peak_active = peak_active.max(active);
+        last = now;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    let n = (CLIENTS * EACH) as f64;
+    let done = "ringtftpd_transfers_finished_total{direction=\"download\",outcome=\"completed\"}";
+    let after = scrape_until(metrics, |now| now.get(done) - before.get(done) >= n);
+    let d = |series: &str| after.get(series) - before.get(series);
+    let report = || format!("{scrapes} scrapes during the load; after:\n{}", after.text);
+    assert!(scrapes >= 2, "{}", report());
+    assert!(
+        peak_active >= 1.0,
+        "no scrape saw a transfer running: {}",
+        report()
+    );
+    assert_eq!(
+        d("ringtftpd_requests_total{kind=\"rrq\"}"),
+        n,
+        "{}",
+        report()
+    );
+    assert_eq!(
+        d("ringtftpd_transfers_started_total{direction=\"download\"}"),
+        n,
+        "{}",
+        report()
+    );
+    assert_eq!(d(done), n, "{}", report());
+    assert_eq!(
+        d("ringtftpd_transfer_duration_seconds_count{direction=\"download\"}"),
+        n,
+        "{}",
+        report()
+    );
+    let bytes = d("ringtftpd_data_bytes_total{direction=\"sent\"}");
+    assert!(bytes >= n * size as f64, "{bytes}: {}", report());
+    assert_eq!(
+        after.sum("ringtftpd_transfers_active{"),
+        0.0,
+        "{}",
+        report()
+    );
+}
+
 #[test]
 fn readyz_fails_while_draining_and_healthz_holds() {
     let metrics = free_tcp_addr();
