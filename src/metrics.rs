@@ -32,11 +32,94 @@ use crate::session::{Outcome, Stats};
 /// How stale the rarely moving counters may get on a quiet shard.
 pub const COLD_EVERY: Duration = Duration::from_millis(100);
 
-/// Upper bounds (seconds) of the transfer-duration buckets; +Inf follows.
+/// A fixed-bucket histogram by direction, kept in a [`Tally`]'s slots
+/// from `base`: per direction the bucket counts (not cumulative, +Inf
+/// last), then the sum in units of `1 / scale`.
+#[derive(Debug)]
+struct Histogram {
+    name: &'static str,
+    help: &'static str,
+    /// Upper bounds of the buckets; +Inf follows.
+    bounds: &'static [f64],
+    /// The sum's unit per observed unit (1e6: microseconds of seconds).
+    scale: f64,
+    base: usize,
+}
+
+impl Histogram {
+    /// Slots one histogram takes: buckets, +Inf and the sum, per direction.
+    const fn slots(bounds: &[f64]) -> usize {
+        2 * (bounds.len() + 2)
+    }
+
+    fn start(&self, direction: Direction) -> usize {
+        self.base + direction as usize * (self.bounds.len() + 2)
+    }
+
+    fn observe(&self, v: &mut [u64], direction: Direction, value: f64) {
+        let start = self.start(direction);
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|&le| value <= le)
+            .unwrap_or(self.bounds.len());
+        v[start + bucket] += 1;
+        let sum = &mut v[start + self.bounds.len() + 1];
+        // `as` saturates: a huge or NaN value cannot wrap the sum.
+        *sum = sum.saturating_add((value * self.scale) as u64);
+    }
+
+    /// The buckets with their bounds (not cumulative), the count and the
+    /// sum, as the encoder takes them.
+    fn read(&self, v: &[u64], direction: Direction) -> (Vec<(f64, u64)>, u64, f64) {
+        let start = self.start(direction);
+        let counts = &v[start..start + self.bounds.len() + 1];
+        let buckets = self
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(counts.iter().copied())
+            .collect();
+        let sum = v[start + self.bounds.len() + 1] as f64 / self.scale;
+        (buckets, counts.iter().sum(), sum)
+    }
+}
+
+/// Upper bounds (seconds) of the transfer-duration buckets.
 pub const DURATION_BUCKETS: [f64; 15] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
-const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
+/// Upper bounds (seconds) of the smoothed-RTT buckets.
+pub const SRTT_BUCKETS: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+/// Upper bounds (bytes per second) of the throughput buckets.
+pub const THROUGHPUT_BUCKETS: [f64; 12] = [
+    1e4, 1e5, 5e5, 1e6, 5e6, 1e7, 2.5e7, 5e7, 1e8, 2.5e8, 5e8, 1e9,
+];
+
+const DURATION: Histogram = Histogram {
+    name: "ringtftpd_transfer_duration_seconds",
+    help: "Time from request to end of finished transfers, by direction",
+    bounds: &DURATION_BUCKETS,
+    scale: 1e6,
+    base: slot::DURATION,
+};
+const SRTT: Histogram = Histogram {
+    name: "ringtftpd_transfer_srtt_seconds",
+    help: "Smoothed round-trip time of finished transfers when they ended (those with an RTT sample), by direction",
+    bounds: &SRTT_BUCKETS,
+    scale: 1e9,
+    base: slot::SRTT,
+};
+const THROUGHPUT: Histogram = Histogram {
+    name: "ringtftpd_transfer_throughput_bytes_per_second",
+    help: "Payload bytes per second of completed transfers, from request to end, by direction",
+    bounds: &THROUGHPUT_BUCKETS,
+    scale: 1.0,
+    base: slot::THROUGHPUT,
+};
 
 /// What a datagram at a listener asked for, by its opcode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +213,9 @@ fn code_label(index: usize) -> &'static str {
 /// Where each counter lives in a [`Tally`]: the per-packet ones first
 /// (published every turn), then the rest.
 mod slot {
-    use super::{BUCKETS, CODES, OUTCOMES, RefusalKind};
+    use super::{
+        CODES, DURATION_BUCKETS, Histogram, OUTCOMES, RefusalKind, SRTT_BUCKETS, THROUGHPUT_BUCKETS,
+    };
 
     pub const DATAGRAMS_IN: usize = 0;
     pub const SEND_ERRORS: usize = 1;
@@ -158,10 +243,11 @@ mod slot {
     pub const RETRANSMITS: usize = FINISHED + 2 * OUTCOMES.len();
     pub const ERRORS_SENT: usize = RETRANSMITS + 1;
     pub const ERRORS_RECEIVED: usize = ERRORS_SENT + CODES;
-    /// By direction: the bucket counts (not cumulative), then the sum in
-    /// microseconds.
+    /// The histograms (see `Histogram`).
     pub const DURATION: usize = ERRORS_RECEIVED + CODES;
-    pub const OPEN_CACHE_FILES: usize = DURATION + 2 * (BUCKETS + 1);
+    pub const SRTT: usize = DURATION + Histogram::slots(&DURATION_BUCKETS);
+    pub const THROUGHPUT: usize = SRTT + Histogram::slots(&SRTT_BUCKETS);
+    pub const OPEN_CACHE_FILES: usize = THROUGHPUT + Histogram::slots(&THROUGHPUT_BUCKETS);
     pub const OPEN_CACHE_BYTES: usize = OPEN_CACHE_FILES + 1;
     pub const COUNT: usize = OPEN_CACHE_BYTES + 1;
 }
@@ -235,15 +321,15 @@ impl Tally {
         let took = stats
             .ended
             .unwrap_or(now)
-            .saturating_duration_since(stats.started);
-        let secs = took.as_secs_f64();
-        let bucket = DURATION_BUCKETS
-            .iter()
-            .position(|&le| secs <= le)
-            .unwrap_or(BUCKETS - 1);
-        let base = slot::DURATION + d * (BUCKETS + 1);
-        self.v[base + bucket] += 1;
-        self.v[base + BUCKETS] += took.as_micros().min(u128::from(u64::MAX)) as u64;
+            .saturating_duration_since(stats.started)
+            .as_secs_f64();
+        DURATION.observe(&mut self.v, direction, took);
+        if let Some(srtt) = stats.srtt {
+            SRTT.observe(&mut self.v, direction, srtt.as_secs_f64());
+        }
+        if *outcome == Outcome::Completed && took > 0.0 {
+            THROUGHPUT.observe(&mut self.v, direction, stats.bytes_acked as f64 / took);
+        }
         self.cold_moved = true;
     }
 
@@ -357,15 +443,6 @@ impl Tally {
     /// Transfers of `direction` that ended `Completed`.
     pub fn completed(&self, direction: Direction) -> u64 {
         self.finished_count(direction, 0)
-    }
-
-    /// The duration histogram of `direction`: per-bucket counts (the last
-    /// for +Inf), their total and the sum in seconds.
-    fn duration(&self, direction: Direction) -> (&[u64], u64, f64) {
-        let base = slot::DURATION + direction as usize * (BUCKETS + 1);
-        let buckets = &self.v[base..base + BUCKETS];
-        let sum_us = self.v[base + BUCKETS];
-        (buckets, buckets.iter().sum(), sum_us as f64 / 1e6)
     }
 }
 
@@ -642,21 +719,11 @@ impl Collector for Encoded {
             "Bytes of content the open cache keeps alive",
             v(slot::OPEN_CACHE_BYTES),
         )?;
-        {
-            let mut family = e.encode_descriptor(
-                "ringtftpd_transfer_duration_seconds",
-                "Time from request to end of finished transfers, by direction",
-                None,
-                MetricType::Histogram,
-            )?;
+        for histogram in [&DURATION, &SRTT, &THROUGHPUT] {
+            let mut family =
+                e.encode_descriptor(histogram.name, histogram.help, None, MetricType::Histogram)?;
             for d in Direction::ALL {
-                let (counts, count, sum) = t.duration(d);
-                let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
-                    .iter()
-                    .copied()
-                    .chain([f64::INFINITY])
-                    .zip(counts.iter().copied())
-                    .collect();
+                let (buckets, count, sum) = histogram.read(&t.v, d);
                 let labels = [("direction", d.as_str())];
                 family
                     .encode_family(&labels)?
@@ -837,11 +904,11 @@ mod tests {
         Stats {
             started,
             ended: Some(started + Duration::from_secs_f64(secs)),
-            bytes_acked: 0,
+            bytes_acked: 1000,
             retransmits,
             blksize: 512,
             windowsize: 1,
-            srtt: None,
+            srtt: Some(Duration::from_micros(400)),
             rto_floor: Duration::ZERO,
         }
     }
@@ -874,13 +941,16 @@ mod tests {
         assert_eq!(snap.total.completed(Direction::Download), 2);
         assert_eq!(snap.total.live(Direction::Download), 0);
         assert_eq!(snap.shards[1].live(Direction::Upload), 1);
-        let (buckets, count, sum) = snap.total.duration(Direction::Download);
+        let (buckets, count, sum) = DURATION.read(&snap.total.v, Direction::Download);
         assert_eq!(count, 2);
-        assert_eq!(
-            buckets[DURATION_BUCKETS.iter().position(|&b| b == 0.25).unwrap()],
-            2
-        );
+        assert_eq!(buckets.iter().find(|b| b.0 == 0.25), Some(&(0.25, 2)));
         assert!((sum - 0.4).abs() < 1e-6);
+        // 1000 payload bytes in 0.2 s each.
+        let (buckets, count, _) = THROUGHPUT.read(&snap.total.v, Direction::Download);
+        assert_eq!((count, buckets[0]), (2, (1e4, 2)));
+        let (buckets, count, sum) = SRTT.read(&snap.total.v, Direction::Download);
+        assert_eq!((count, buckets[2]), (2, (0.0005, 2)));
+        assert!((sum - 0.0008).abs() < 1e-9, "{sum}");
     }
 
     #[test]

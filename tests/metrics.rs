@@ -285,6 +285,21 @@ fn counters_match_what_the_clients_did() {
     );
     assert!(d("ringtftpd_transfer_duration_seconds_sum{direction=\"download\"}") > 0.0);
     assert_eq!(
+        d("ringtftpd_transfer_throughput_bytes_per_second_count{direction=\"download\"}"),
+        3.0,
+        "{}",
+        report()
+    );
+    assert_eq!(
+        d("ringtftpd_transfer_throughput_bytes_per_second_count{direction=\"upload\"}"),
+        1.0,
+        "{}",
+        report()
+    );
+    // Each download that took an RTT sample reports its final SRTT once.
+    let srtt = d("ringtftpd_transfer_srtt_seconds_count{direction=\"download\"}");
+    assert!((1.0..=3.0).contains(&srtt), "{srtt}: {}", report());
+    assert_eq!(
         after.sum("ringtftpd_transfers_active{"),
         0.0,
         "nothing runs now: {}",
