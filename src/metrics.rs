@@ -113,6 +113,13 @@ const SRTT: Histogram = Histogram {
     scale: 1e9,
     base: slot::SRTT,
 };
+const FIRST_DATA: Histogram = Histogram {
+    name: "ringtftpd_time_to_first_data_seconds",
+    help: "Time from a download's request to its DATA 1 queued for sending (an OACK's round trip included), by direction (downloads only)",
+    bounds: &SRTT_BUCKETS,
+    scale: 1e9,
+    base: slot::FIRST_DATA,
+};
 const THROUGHPUT: Histogram = Histogram {
     name: "ringtftpd_transfer_throughput_bytes_per_second",
     help: "Payload bytes per second of completed transfers, from request to end, by direction",
@@ -247,7 +254,8 @@ mod slot {
     pub const DURATION: usize = ERRORS_RECEIVED + CODES;
     pub const SRTT: usize = DURATION + Histogram::slots(&DURATION_BUCKETS);
     pub const THROUGHPUT: usize = SRTT + Histogram::slots(&SRTT_BUCKETS);
-    pub const OPEN_CACHE_FILES: usize = THROUGHPUT + Histogram::slots(&THROUGHPUT_BUCKETS);
+    pub const FIRST_DATA: usize = THROUGHPUT + Histogram::slots(&THROUGHPUT_BUCKETS);
+    pub const OPEN_CACHE_FILES: usize = FIRST_DATA + Histogram::slots(&SRTT_BUCKETS);
     pub const OPEN_CACHE_BYTES: usize = OPEN_CACHE_FILES + 1;
     pub const COUNT: usize = OPEN_CACHE_BYTES + 1;
 }
@@ -330,6 +338,12 @@ impl Tally {
         if *outcome == Outcome::Completed && took > 0.0 {
             THROUGHPUT.observe(&mut self.v, direction, stats.bytes_acked as f64 / took);
         }
+        self.cold_moved = true;
+    }
+
+    /// A download's DATA 1 was queued `waited` after its request.
+    pub fn first_data(&mut self, waited: Duration) {
+        FIRST_DATA.observe(&mut self.v, Direction::Download, waited.as_secs_f64());
         self.cold_moved = true;
     }
 
@@ -719,7 +733,7 @@ impl Collector for Encoded {
             "Bytes of content the open cache keeps alive",
             v(slot::OPEN_CACHE_BYTES),
         )?;
-        for histogram in [&DURATION, &SRTT, &THROUGHPUT] {
+        for histogram in [&DURATION, &SRTT, &THROUGHPUT, &FIRST_DATA] {
             let mut family =
                 e.encode_descriptor(histogram.name, histogram.help, None, MetricType::Histogram)?;
             for d in Direction::ALL {

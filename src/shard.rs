@@ -205,6 +205,10 @@ struct LiveSock {
     touched: bool,
     queued: bool,
     faulted: bool,
+    /// When its request was taken, and whether DATA 1 went out since
+    /// (the time to first DATA of `--metrics`).
+    started: Instant,
+    sent_first_data: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -296,6 +296,12 @@ fn counters_match_what_the_clients_did() {
         "{}",
         report()
     );
+    assert_eq!(
+        d("ringtftpd_time_to_first_data_seconds_count{direction=\"download\"}"),
+        3.0,
+        "{}",
+        report()
+    );
     // Each download that took an RTT sample reports its final SRTT once.
     let srtt = d("ringtftpd_transfer_srtt_seconds_count{direction=\"download\"}");
     assert!((1.0..=3.0).contains(&srtt), "{srtt}: {}", report());

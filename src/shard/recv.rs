@@ -336,6 +336,8 @@ impl Shard {
                         touched: false,
                         queued: false,
                         faulted: false,
+                        started: now,
+                        sent_first_data: false,
                     });
                     self.live += 1;
                     self.counters.metrics.started(Direction::of(write));

@@ -82,7 +82,12 @@ impl Shard {
         }
         loop {
             let t = self.endpoint.poll_transmit(now, id, buf)?;
-            let Transmit::Data { payload: p, .. } = t else {
+            let Transmit::Data {
+                payload: p,
+                block: number,
+                ..
+            } = t
+            else {
                 if let Transmit::Error { code, .. } = t {
                     self.counters.metrics.error_sent(code);
                 }
@@ -103,6 +108,14 @@ impl Shard {
                         self.endpoint.set_content_len(id, end);
                     }
                     self.counters.metrics.data_sent(b.len);
+                    if number == 1
+                        && let Some(live) = self.live_mut(id)
+                        && !live.sent_first_data
+                    {
+                        live.sent_first_data = true;
+                        let waited = now.saturating_duration_since(live.started);
+                        self.counters.metrics.first_data(waited);
+                    }
                     return Some((t.header_len(), Some((b.ptr, b.len))));
                 }
                 // The file changed before its final block, shrank, or a read
