@@ -519,6 +519,49 @@ pub struct Snapshot {
     /// Datagrams the kernel dropped at the listening sockets (None: its
     /// tables could not be read).
     pub listener_drops: Option<u64>,
+    /// The process as the kernel sees it (None: not read).
+    pub process: Option<Process>,
+}
+
+/// The standard `process_*` figures, read at a scrape.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Process {
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub resident_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+}
+
+impl Process {
+    /// Reads /proc/self and the process's limits and usage.
+    pub fn read() -> Process {
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|dir| dir.count() as u64);
+        let max_fds = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .ok()
+            .map(|(soft, _)| soft);
+        let resident_bytes = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib * 1024)
+            });
+        let cpu_seconds = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+            .ok()
+            .map(|u| {
+                let secs =
+                    |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+                secs(u.user_time()) + secs(u.system_time())
+            });
+        Process {
+            open_fds,
+            max_fds,
+            resident_bytes,
+            cpu_seconds,
+        }
+    }
 }
 
 impl Snapshot {
@@ -532,6 +575,7 @@ impl Snapshot {
             shards,
             total,
             listener_drops: None,
+            process: None,
         }
     }
 
@@ -733,6 +777,37 @@ impl Collector for Encoded {
             "Bytes of content the open cache keeps alive",
             v(slot::OPEN_CACHE_BYTES),
         )?;
+        let process = self.0.process.unwrap_or_default();
+        if let Some(cpu) = process.cpu_seconds {
+            let metric = ConstCounter::new(cpu);
+            metric.encode(e.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time of the whole process, in seconds",
+                None,
+                metric.metric_type(),
+            )?)?;
+        }
+        for (name, help, value) in [
+            (
+                "process_open_fds",
+                "Open file descriptors (every transfer holds a socket)",
+                process.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "The open-file limit (RLIMIT_NOFILE, raised to the hard limit at start)",
+                process.max_fds,
+            ),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory of the process (VmRSS; file mappings included)",
+                process.resident_bytes,
+            ),
+        ] {
+            if let Some(value) = value {
+                gauge(&mut e, name, help, value)?;
+            }
+        }
         for histogram in [&DURATION, &SRTT, &THROUGHPUT, &FIRST_DATA] {
             let mut family =
                 e.encode_descriptor(histogram.name, histogram.help, None, MetricType::Histogram)?;
@@ -780,6 +855,7 @@ impl Exporter {
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::take(&self.shards);
         snapshot.listener_drops = listener_drops(&self.listeners);
+        snapshot.process = Some(Process::read());
         snapshot
     }
 
@@ -1039,6 +1115,22 @@ mod tests {
         assert_eq!(udp_table_drops("garbage\nmore garbage 1\n", &[lo6]), 0);
         // This machine's own tables parse.
         assert!(listener_drops(&[listener]).is_some());
+    }
+
+    #[test]
+    fn the_process_is_read_and_encoded() {
+        let process = Process::read();
+        assert!(process.open_fds.is_some_and(|n| n >= 3), "{process:?}");
+        assert!(process.max_fds.is_some() && process.resident_bytes.is_some());
+        let mut snapshot = Snapshot::take(&[]);
+        snapshot.process = Some(process);
+        let text = snapshot.encode();
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nprocess_open_fds "), "{text}");
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
     }
 
     #[test]

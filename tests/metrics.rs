@@ -311,6 +311,14 @@ fn counters_match_what_the_clients_did() {
         "nothing runs now: {}",
         report()
     );
+    // The process as the kernel sees it: a socket per pooled transfer,
+    // the listeners, the ring...
+    assert!(after.get("process_open_fds") >= 3.0, "{}", report());
+    assert!(
+        after.get("process_resident_memory_bytes") > 0.0,
+        "{}",
+        report()
+    );
     // Read from the kernel's tables at each scrape (no drops expected).
     assert!(
         after
