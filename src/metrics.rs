@@ -5,9 +5,8 @@
 //! (no atomics, no lock on the hot path) and copies it into its
 //! [`Published`] atomics with relaxed stores once per loop turn
 //! ([`Published::publish`]): the counters that move per packet every turn,
-//! the rest (requests, refusals, finished transfers, the duration
-//! histogram) when one of them moved this turn or every
-//! [`COLD_EVERY`]. A scrape loads every shard's atomics and sums them
+//! the rest (requests, refusals, finished transfers, the histograms) when
+//! one of them moved this turn or every [`COLD_EVERY`]. A scrape loads every shard's atomics and sums them
 //! ([`Snapshot`]); it never waits for a shard and a shard never waits for
 //! it. Every label set is bounded (kinds, reasons, directions, outcomes,
 //! ERROR codes, shard indexes): no file names, no client addresses.
@@ -1115,6 +1114,20 @@ mod tests {
         assert_eq!(udp_table_drops("garbage\nmore garbage 1\n", &[lo6]), 0);
         // This machine's own tables parse.
         assert!(listener_drops(&[listener]).is_some());
+    }
+
+    #[test]
+    fn histograms_have_slots_of_their_own() {
+        let mut ranges: Vec<(usize, usize)> = [&DURATION, &SRTT, &THROUGHPUT, &FIRST_DATA]
+            .iter()
+            .map(|h| (h.base, h.base + Histogram::slots(h.bounds)))
+            .collect();
+        ranges.sort();
+        for pair in ranges.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "{ranges:?} overlap");
+        }
+        assert!(ranges[0].0 >= slot::HOT);
+        assert!(ranges.last().unwrap().1 <= slot::OPEN_CACHE_FILES);
     }
 
     #[test]
