@@ -124,6 +124,17 @@ fn start(metrics: SocketAddr, extra: &[&str]) -> Server {
     // served by then as well (bound before the shards start).
     let (status, body) = http_get(metrics, "/readyz").expect("GET /readyz");
     assert_eq!(status, 200, "/readyz: {body}");
+    // The probe's download is over before a test takes its first scrape.
+    let probe = "ringtftpd_transfers_finished_total{direction=\"download\",outcome=\"completed\"}";
+    let settled = scrape_until(metrics, |now| {
+        now.get(probe) >= 1.0 && now.sum("ringtftpd_transfers_active{") == 0.0
+    });
+    assert_eq!(
+        settled.sum("ringtftpd_transfers_active{"),
+        0.0,
+        "the start-up probe's transfer still runs:\n{}",
+        settled.text
+    );
     server
 }
 
