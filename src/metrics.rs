@@ -359,6 +359,17 @@ impl Tally {
         }
     }
 
+    /// A datagram at a listener that belongs to no session: counted by
+    /// its opcode, and by its code if it is an ERROR (a client giving up
+    /// on a refused request; the endpoint ignores those).
+    pub fn listener_datagram(&mut self, datagram: &[u8]) {
+        self.request(RequestKind::of(datagram));
+        if let Some(&[0, 5, hi, lo]) = datagram.get(..4) {
+            let code = ErrorCode::from_u16(u16::from_be_bytes([hi, lo]));
+            self.v[slot::ERRORS_RECEIVED + code_index(code)] += 1;
+        }
+    }
+
     /// A DATA block of `bytes` payload queued for sending (a
     /// retransmission too).
     pub fn data_sent(&mut self, bytes: usize) {
@@ -708,7 +719,7 @@ impl Collector for Encoded {
         counters(
             &mut e,
             "ringtftpd_errors_received",
-            "ERROR packets from clients that ended a transfer, by TFTP error code",
+            "ERROR packets from clients, by TFTP error code: those that ended a transfer, and those sent to a listening port",
             (0..CODES).map(|i| ([("code", code_label(i))], v(slot::ERRORS_RECEIVED + i))),
         )?;
         counter(
@@ -1066,6 +1077,10 @@ mod tests {
         t.reply_sent(&[0, 5, 0, 1, b'x', 0]);
         t.reply_sent(&[0, 5, 0, 99, 0]);
         t.reply_sent(&[0, 6, 0, 1]); // an OACK: not an ERROR
+        t.listener_datagram(&[0, 5, 0, 8, 0]);
+        t.listener_datagram(&[0, 4, 0, 1]);
+        assert_eq!(t.v[slot::ERRORS_RECEIVED + 8], 1);
+        assert_eq!(t.requests(RequestKind::Other), 2);
         assert_eq!(t.v[slot::ERRORS_SENT + 1], 1);
         assert_eq!(t.v[slot::ERRORS_SENT + CODES - 1], 1);
         assert_eq!(

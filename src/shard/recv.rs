@@ -18,7 +18,7 @@ use super::{
     batch, cmsg, net, sqe,
 };
 use crate::endpoint::{DatagramOutcome, Endpoint, RequestOutcome, Route, SessionId};
-use crate::metrics::{Direction, RequestKind};
+use crate::metrics::Direction;
 use crate::refusal::Abort;
 
 #[derive(Debug, Clone, Copy)]
@@ -216,9 +216,7 @@ impl Shard {
                 Route::Request { live } => {
                     let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex, now);
                     self.counters.requests += 1;
-                    self.counters
-                        .metrics
-                        .request(RequestKind::of(out.payload_data()));
+                    self.counters.metrics.listener_datagram(out.payload_data());
                     let outcome = if oversized {
                         self.counters.truncated += 1;
                         self.endpoint
