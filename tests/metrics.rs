@@ -386,8 +386,10 @@ fn scrapes_during_a_load_only_grow_and_add_up() {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             std::thread::spawn(move || {
-                let client = RawClient::new(addr);
                 for _ in 0..EACH {
+                    // A port of its own per download, as real clients do
+                    // (a late DATA of the last one is no answer to this).
+                    let client = RawClient::new(addr);
                     let got = raw_get(
                         &client,
                         "mib.bin",
