@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command. On Debian it first installs, if absent, the
-# TFTP clients the integration tests drive (tftp-hpa, atftp, curl, busybox),
+# TFTP clients the integration tests drive (tftp-hpa, atftp, curl, busybox)
+# and promtool (for tests/metrics.rs),
 # then runs every test in the workspace. Safe to re-run: it installs only
 # what is missing and runs `apt-get update` only when it must install.
 #
@@ -94,16 +95,30 @@ log "busybox tftp applet from package: ${bb_pkg:-unknown}"
 
 # tftpd-hpa 5.2 is the reference server of the differential tests
 # (tests/remap.rs, and every client test under RINGTFTPD_TEST_SERVER=hpa).
-if [[ ! -x /usr/sbin/in.tftpd ]]; then
-    # Keep the package's service from starting: policy-rc.d exit 101 denies
-    # it. Remove the policy afterwards only if we created it.
-    policy=/usr/sbin/policy-rc.d
+# Keeps an installed package's service from starting: policy-rc.d exit 101
+# denies it. The policy is removed afterwards only if we created it.
+deny_service_starts() {
+    local policy=/usr/sbin/policy-rc.d
     if [[ ! -e $policy ]]; then
         cleanup+=("$policy")
         printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
         "${SUDO[@]}" chmod 755 "$policy"
     fi
+}
+if [[ ! -x /usr/sbin/in.tftpd ]]; then
+    deny_service_starts
     apt_install tftpd-hpa
+fi
+
+# tests/metrics.rs checks the --metrics output with `promtool check
+# metrics`, which Debian ships in its prometheus package (the Prometheus
+# server itself is not started).
+if command -v promtool >/dev/null 2>&1; then
+    log "promtool present: $(promtool --version 2>&1 | head -n1)"
+else
+    deny_service_starts
+    apt_install prometheus
+    command -v promtool >/dev/null 2>&1 || die "prometheus installed but promtool not on PATH"
 fi
 
 # The real-loss tests (tests/lossy.rs) build network namespaces joined by a

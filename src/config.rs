@@ -234,6 +234,12 @@ pub struct Config {
     #[arg(short = 'P', long = "pidfile", value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
 
+    /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9469):
+    /// /metrics, /healthz and /readyz, from a thread of their own (see
+    /// docs/operations.md). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
     /// Never negotiate this option (as tftpd-hpa's -r): blksize, tsize,
     /// timeout, windowsize, or tftpd-hpa's blksize2, utimeout, rollover
     /// and cookie. Repeatable.

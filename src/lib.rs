@@ -13,7 +13,9 @@
 //! - [`remap`]: tftpd-hpa's filename remapping rules, pure;
 //! - [`clients`]: the per-client policy file (CIDR, MAC, name rules), pure,
 //!   and [`neigh`]: the kernel's neighbour table, for clients' MACs;
-//! - [`server`] and [`config`]: the command line, start-up and signals.
+//! - [`server`] and [`config`]: the command line, start-up and signals;
+//! - [`metrics`]: `--metrics`, the shards' published counters and their
+//!   Prometheus endpoint, off the shards.
 
 pub mod clients;
 pub mod config;
@@ -21,6 +23,7 @@ pub mod endpoint;
 pub mod files;
 pub mod hook;
 pub mod log;
+pub mod metrics;
 pub mod neigh;
 pub mod notify;
 pub mod paths;

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::files::FileRoot;
 use crate::hook::Hook;
 use crate::log::{self, Level};
+use crate::metrics::{Exporter, Listening};
 use crate::notify;
 use crate::paths::PathRules;
 use crate::policy::NameProbe;
@@ -304,6 +305,11 @@ impl Server {
         }
     }
 
+    /// Every shard's published counters, for `--metrics`.
+    pub fn published(&self) -> Vec<Arc<crate::metrics::Published>> {
+        self.shards.iter().map(ShardHandle::published).collect()
+    }
+
     /// Asks every shard to drain and stop.
     pub fn shut_down(&self) {
         for shard in &self.shards {
@@ -485,7 +491,15 @@ pub fn run(config: &Config) -> io::Result<()> {
         );
     }
     let idle_exit = config.idle_exit(!inherited.is_empty());
+    // Bound before --user drops privileges, as the TFTP ports are.
+    let metrics = config.metrics.map(Listening::bind).transpose()?;
     let server = Server::start_on(config, inherited)?;
+    let exporter = Exporter::new(server.published(), &server.addresses);
+    if let Some(listening) = metrics {
+        let addr = listening.addr;
+        exporter.serve(listening)?;
+        say(Level::Notice, format!("metrics on http://{addr}/metrics"));
+    }
     if let Some(ready) = ready {
         // The waiting parent exits 0 now; until this byte it would exit 1.
         let _ = nix::unistd::write(&ready, b"R");
@@ -594,6 +608,7 @@ pub fn run(config: &Config) -> io::Result<()> {
             }
         }
     };
+    exporter.set_stopping();
     server.shut_down();
     std::thread::spawn(move || {
         // Another shard dying meanwhile changes nothing; a signal ends it.

@@ -166,6 +166,8 @@ pub(crate) struct Counters {
     gso_fallbacks: u64,
     /// Uploads' DATA dropped while their writers were backlogged.
     upload_backlog_drops: u64,
+    /// What `--metrics` shows (see `crate::metrics`).
+    metrics: crate::metrics::Tally,
 }
 
 struct Listener {
@@ -203,6 +205,10 @@ struct LiveSock {
     touched: bool,
     queued: bool,
     faulted: bool,
+    /// When its request was taken, and whether DATA 1 went out since
+    /// (the time to first DATA of `--metrics`).
+    started: Instant,
+    sent_first_data: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,11 +301,15 @@ fn is_transient(err: &io::Error) -> bool {
 impl Shard {
     fn run(&mut self) -> io::Result<()> {
         let served = self.serve_loop();
+        self.activity.metrics.set_serving(false);
         self.teardown();
         served
     }
 
     fn serve_loop(&mut self) -> io::Result<()> {
+        self.activity
+            .metrics
+            .set_serving(self.phase == Phase::Running);
         loop {
             self.ring.flush_backlog();
             let timeout = self.wait_timeout(Instant::now());
@@ -359,6 +369,7 @@ impl Shard {
             self.activity
                 .turns
                 .store(self.counters.turns, Ordering::Relaxed);
+            self.publish_metrics(now);
             if self.should_exit(now) {
                 return Ok(());
             }
@@ -408,6 +419,29 @@ impl Shard {
         }
     }
 
+    /// Copies the counters out for `--metrics` (relaxed stores, once a
+    /// turn): the per-packet ones always, the rest when they moved or
+    /// every `metrics::COLD_EVERY`.
+    fn publish_metrics(&mut self, now: Instant) {
+        let c = &mut self.counters;
+        c.metrics.set_driver(
+            c.datagrams_in,
+            c.send_errors,
+            c.gso_fallbacks,
+            c.log_dropped,
+            self.idle.len(),
+        );
+        let cold = c.metrics.cold_due(now);
+        if cold || c.metrics.cold_moved() {
+            c.metrics
+                .set_endpoint(self.endpoint.refusals(), self.endpoint.open_cache_usage());
+        }
+        self.activity.metrics.publish(&mut c.metrics, cold);
+        self.activity
+            .metrics
+            .set_serving(self.phase == Phase::Running);
+    }
+
     /// Queues a log line; never blocks (see `log`).
     fn log(&mut self, line: String) {
         if !log::line(line) {
@@ -447,6 +481,7 @@ impl Shard {
                 continue;
             };
             self.endpoint.handle_timeout(now, id);
+            self.counters.metrics.timeout();
             self.touch(id);
         }
         self.expired = expired;

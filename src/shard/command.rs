@@ -38,6 +38,8 @@ pub struct Activity {
     /// Loop turns so far: a shard that is woken and does not turn is hung
     /// (the systemd watchdog's test).
     pub turns: AtomicU64,
+    /// Every counter of `--metrics`, and whether the shard is serving.
+    pub metrics: Arc<crate::metrics::Published>,
 }
 
 /// A running shard thread.
@@ -66,6 +68,11 @@ impl ShardHandle {
     /// What the shard last published.
     pub fn activity(&self) -> &Activity {
         &self.activity
+    }
+
+    /// The shard's published counters, for a metrics exporter.
+    pub fn published(&self) -> Arc<crate::metrics::Published> {
+        self.activity.metrics.clone()
     }
 
     /// Sends `command` and wakes the shard; false if the shard is gone.

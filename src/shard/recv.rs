@@ -18,6 +18,7 @@ use super::{
     batch, cmsg, net, sqe,
 };
 use crate::endpoint::{DatagramOutcome, Endpoint, RequestOutcome, Route, SessionId};
+use crate::metrics::Direction;
 use crate::refusal::Abort;
 
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +97,7 @@ fn deliver(
     let outcome = endpoint.handle_datagram(now, id, from, datagram, reply);
     if let (DatagramOutcome::Received(r), Some(key), Some(desk)) = (outcome, upload, &files.uploads)
     {
+        counters.metrics.data_received(r.bytes.len());
         desk.store(key, r.offset, r.bytes, r.last);
     }
     match outcome {
@@ -214,6 +216,7 @@ impl Shard {
                 Route::Request { live } => {
                     let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex, now);
                     self.counters.requests += 1;
+                    self.counters.metrics.listener_datagram(out.payload_data());
                     let outcome = if oversized {
                         self.counters.truncated += 1;
                         self.endpoint
@@ -298,6 +301,7 @@ impl Shard {
             gso_allowed,
         );
         let blksize = view.blksize;
+        let write = matches!(view.handle, Held::Write(_));
         let slot_free = self
             .socks
             .get(id.index as usize)
@@ -330,8 +334,11 @@ impl Shard {
                         touched: false,
                         queued: false,
                         faulted: false,
+                        started: now,
+                        sent_first_data: false,
                     });
                     self.live += 1;
+                    self.counters.metrics.started(Direction::of(write));
                 }
                 if let (Some(Held::Write(key)), Some(desk)) = (
                     self.endpoint.session(id).map(|v| v.handle),

@@ -14,6 +14,7 @@ use super::batch::{Batch, Offer};
 use super::send::{HEADER_CAP, MAX_SEGMENTS, Owner};
 use super::{Held, REPLY_CAP, Shard, Via, gso, sqe};
 use crate::endpoint::{Finished, SessionId};
+use crate::metrics::Direction;
 use crate::refusal::Abort;
 use crate::session::Transmit;
 
@@ -81,7 +82,15 @@ impl Shard {
         }
         loop {
             let t = self.endpoint.poll_transmit(now, id, buf)?;
-            let Transmit::Data { payload: p, .. } = t else {
+            let Transmit::Data {
+                payload: p,
+                block: number,
+                ..
+            } = t
+            else {
+                if let Transmit::Error { code, .. } = t {
+                    self.counters.metrics.error_sent(code);
+                }
                 return Some((t.header_len(), None));
             };
             // Translates netascii as far as this block, and checks the file
@@ -97,6 +106,15 @@ impl Shard {
                     // then stops after this (possibly short) block.
                     if let Some(end) = b.end {
                         self.endpoint.set_content_len(id, end);
+                    }
+                    self.counters.metrics.data_sent(b.len);
+                    if number == 1
+                        && let Some(live) = self.live_mut(id)
+                        && !live.sent_first_data
+                    {
+                        live.sent_first_data = true;
+                        let waited = now.saturating_duration_since(live.started);
+                        self.counters.metrics.first_data(waited);
                     }
                     return Some((t.header_len(), Some((b.ptr, b.len))));
                 }
@@ -215,11 +233,11 @@ impl Shard {
             None => self.wheel.cancel(id.index),
         }
         if let Some(finished) = self.endpoint.poll_event(id) {
-            self.finish(id, finished);
+            self.finish(now, id, finished);
         }
     }
 
-    fn finish(&mut self, id: SessionId, finished: Finished<Held>) {
+    fn finish(&mut self, now: Instant, id: SessionId, finished: Finished<Held>) {
         self.wheel.cancel(id.index);
         self.counters.finished += 1;
         let Some(live) = self
@@ -230,6 +248,12 @@ impl Shard {
             return;
         };
         self.live -= 1;
+        self.counters.metrics.finished(
+            Direction::of(finished.write),
+            &finished.outcome,
+            &finished.stats,
+            now,
+        );
         if let Via::Transfer(si) = live.sock {
             self.release_sock(si, live.peer);
         }
@@ -287,6 +311,7 @@ impl Shard {
             Some(msg) => {
                 self.ring.push(sqe::send_msg(fd, msg, si));
                 self.sends_queued += 1;
+                self.counters.metrics.reply_sent(&self.reply[..n]);
             }
             None => {
                 self.sends.release(si);
