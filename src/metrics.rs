@@ -839,6 +839,8 @@ impl Collector for Encoded {
 pub struct Exporter {
     shards: Arc<[Arc<Published>]>,
     stopping: Arc<AtomicBool>,
+    /// A shard did not turn its loop when woken (the watchdog's check).
+    hung: Arc<AtomicBool>,
     /// The listening addresses, whose kernel drop counts a scrape reads.
     listeners: Arc<[SocketAddr]>,
 }
@@ -848,6 +850,7 @@ impl Exporter {
         Exporter {
             shards: shards.into(),
             stopping: Arc::new(AtomicBool::new(false)),
+            hung: Arc::new(AtomicBool::new(false)),
             listeners: listeners.into(),
         }
     }
@@ -857,9 +860,17 @@ impl Exporter {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
-    /// Every shard runs and takes requests, and no stop was asked.
+    /// Whether a shard was found hung (`/readyz` answers 503 meanwhile).
+    pub fn set_hung(&self, hung: bool) {
+        self.hung.store(hung, Ordering::Relaxed);
+    }
+
+    /// Every shard runs, takes requests and turns when woken, and no stop
+    /// was asked.
     pub fn ready(&self) -> bool {
-        !self.stopping.load(Ordering::Relaxed) && self.shards.iter().all(|s| s.serving())
+        !self.stopping.load(Ordering::Relaxed)
+            && !self.hung.load(Ordering::Relaxed)
+            && self.shards.iter().all(|s| s.serving())
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -1168,6 +1179,10 @@ mod tests {
         assert_eq!(exporter.answer("/healthz").0, 200);
         assert_eq!(exporter.answer("/readyz").0, 503);
         shards.iter().for_each(|s| s.set_serving(true));
+        assert_eq!(exporter.answer("/readyz").0, 200);
+        exporter.set_hung(true);
+        assert_eq!(exporter.answer("/readyz").0, 503, "a hung shard");
+        exporter.set_hung(false);
         assert_eq!(exporter.answer("/readyz").0, 200);
         exporter.set_stopping();
         assert_eq!(exporter.answer("/readyz").0, 503);

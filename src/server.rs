@@ -538,7 +538,13 @@ pub fn run(config: &Config) -> io::Result<()> {
         listening.join(", ")
     ));
     let mut idle = IdleWatch::new(idle_exit);
+    // systemd's watchdog, or for /readyz alone the same check of the
+    // shards' turns every LIVENESS_EVERY.
     let mut watchdog = notify::Watchdog::from_env(server.shards.len());
+    let pings = watchdog.is_some();
+    if watchdog.is_none() && config.metrics.is_some() {
+        watchdog = Some(notify::Watchdog::new(LIVENESS_EVERY * 2, server.shards.len()));
+    }
     let mut watchdog_due = Instant::now();
     let wait_at_most = match (idle.poll_every(), watchdog.as_ref().map(|w| w.every())) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -549,9 +555,11 @@ pub fn run(config: &Config) -> io::Result<()> {
         if let Some(w) = &mut watchdog
             && Instant::now() >= watchdog_due
         {
-            if w.check(&server.shard_turns()) {
+            let alive = w.check(&server.shard_turns());
+            if alive && pings {
                 w.ping();
             }
+            exporter.set_hung(!alive);
             server.poke();
             watchdog_due = Instant::now() + w.every();
         }
@@ -640,6 +648,10 @@ pub fn run(config: &Config) -> io::Result<()> {
     log::flush(LOG_FLUSH);
     Ok(())
 }
+
+/// How often the shards' turns are checked for `/readyz` without
+/// systemd's watchdog.
+const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 
 /// How long the `--on-transfer` program may take at exit for the records
 /// still queued.
