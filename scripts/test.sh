@@ -167,6 +167,10 @@ fi
 log "fuzz/smoke.sh (FUZZ_SECONDS=${FUZZ_SECONDS:=15})"
 FUZZ_SECONDS=$FUZZ_SECONDS fuzz/smoke.sh 2>&1 | tee -a "$out" || status=$?
 # One closing line over every test binary, for whoever reads only the end.
+# A test binary that panicked outside a test (a bench's setup) and a fuzz
+# target that crashed print no counts: each is one failure.
 awk '/^test result:|^compare --quick:|^fuzz smoke:|^deb test:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
+     /^error: (test|bench) failed, to rerun/ && !/--test |--lib/ { f += 1 }
+     /^fuzz smoke: [a-z_]+ FAILED/ { f += 1 }
      END { printf "total: %d passed, %d failed\n", p, f }' "$out"
 exit "$status"

@@ -261,6 +261,8 @@ pub fn negotiate(
         }
     }
     let min = u32::from(proto::MIN_BLKSIZE);
+    // A limit under the smallest block (a policy's, say) still grants 8.
+    let cap = cap.max(min);
     let plain = requested.blksize.filter(|&b| b >= min).map(|b| b.min(cap));
     // tftpd(8): blksize2 grants the largest power of 2 within both limits.
     let power = requested
