@@ -310,9 +310,10 @@ pub struct Config {
     #[arg(long, group = "log_target", value_name = "FILE")]
     pub logfile: Option<PathBuf>,
 
-    /// How log lines are dressed: `human` (the default) or `tag`
-    /// (`<N>` priority prefixes, which journald reads).
-    #[arg(long, value_name = "FORMAT", value_parser = parse_log_format)]
+    /// How log lines are dressed: `human` or `text` (the default), `tag`
+    /// (`<N>` priority prefixes, which journald reads), or `json` (one
+    /// object a line: time, level, and the event's fields or msg).
+    #[arg(long, visible_alias = "log-format", value_name = "FORMAT", value_parser = parse_log_format)]
     pub logformat: Option<log::Format>,
 
     /// No log line per finished transfer.
@@ -420,12 +421,16 @@ fn parse_normalize(mode: &str) -> Result<Normalize, String> {
     }
 }
 
-/// `--logformat`'s names, as tftpd-hpa 7.x.
+/// `--logformat`'s names, as tftpd-hpa 7.x, and ours: `text` (the same as
+/// `human`) and `json`.
 fn parse_log_format(name: &str) -> Result<log::Format, String> {
     match name {
-        "human" => Ok(log::Format::Human),
+        "human" | "text" => Ok(log::Format::Human),
         "tag" => Ok(log::Format::Tag),
-        _ => Err(format!("'{name}' is not a log format: human or tag")),
+        "json" => Ok(log::Format::Json),
+        _ => Err(format!(
+            "'{name}' is not a log format: human (text), tag or json"
+        )),
     }
 }
 
@@ -1409,7 +1414,12 @@ mod tests {
         );
         assert_eq!(t(&["--syslog"], false), (Target::Syslog, Format::Human));
         assert!(parse(&["--syslog", "--stderr"]).is_err(), "one target");
-        assert!(parse(&["--stderr=json"]).is_err());
+        assert_eq!(
+            t(&["--log-format", "json"], false),
+            (Target::Stderr, Format::Json)
+        );
+        assert_eq!(t(&["--stderr=json"], true), (Target::Stderr, Format::Json));
+        assert!(parse(&["--stderr=xml"]).is_err());
     }
 
     #[test]

@@ -1177,8 +1177,14 @@ pub struct TransferRecord {
     pub duration_ms: f64,
     pub retransmits: u64,
     pub srtt_ms: Option<f64>,
+    pub rto_floor_ms: f64,
     pub outcome: &'static str,
     pub error_code: Option<u16>,
+}
+
+/// Milliseconds to the microsecond, for records.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 impl<H> Finished<H> {
@@ -1196,9 +1202,10 @@ impl<H> Finished<H> {
             bytes: self.stats.bytes_acked,
             blksize: self.stats.blksize,
             windowsize: self.stats.windowsize,
-            duration_ms: duration.as_secs_f64() * 1000.0,
+            duration_ms: millis(duration),
             retransmits: self.stats.retransmits,
-            srtt_ms: self.stats.srtt.map(|d| d.as_secs_f64() * 1000.0),
+            srtt_ms: self.stats.srtt.map(millis),
+            rto_floor_ms: millis(self.stats.rto_floor),
             outcome: self.outcome.as_str(),
             error_code: match self.outcome {
                 Outcome::PeerError(code) | Outcome::Aborted(code) => Some(code.to_u16()),
@@ -1211,34 +1218,34 @@ impl<H> Finished<H> {
 impl<H> std::fmt::Display for Finished<H> {
     /// The one log line of a finished transfer.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let duration = self
-            .stats
-            .ended
-            .map(|end| end.saturating_duration_since(self.stats.started))
-            .unwrap_or(Duration::ZERO);
+        self.record().fmt(f)
+    }
+}
+
+impl std::fmt::Display for TransferRecord {
+    /// The one log line of a finished transfer.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
             "transfer client={} file=\"{}\" direction={} bytes={} blksize={} windowsize={} duration_ms={:.3} retransmits={} srtt_ms={:.3} rto_floor_ms={:.1} outcome={}",
-            self.peer,
-            self.filename,
-            if self.write { "write" } else { "read" },
-            self.stats.bytes_acked,
-            self.stats.blksize,
-            self.stats.windowsize,
-            duration.as_secs_f64() * 1000.0,
-            self.stats.retransmits,
-            self.stats.srtt.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-            self.stats.rto_floor.as_secs_f64() * 1000.0,
-            self.outcome.as_str(),
+            self.client,
+            self.file,
+            self.direction,
+            self.bytes,
+            self.blksize,
+            self.windowsize,
+            self.duration_ms,
+            self.retransmits,
+            self.srtt_ms.unwrap_or(0.0),
+            self.rto_floor_ms,
+            self.outcome,
         )?;
         if let Some(served) = &self.served {
             write!(f, " served=\"{served}\"")?;
         }
-        match self.outcome {
-            Outcome::PeerError(code) | Outcome::Aborted(code) => {
-                write!(f, " error_code={}", code.to_u16())
-            }
-            _ => Ok(()),
+        match self.error_code {
+            Some(code) => write!(f, " error_code={code}"),
+            None => Ok(()),
         }
     }
 }

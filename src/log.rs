@@ -42,6 +42,20 @@ pub enum Format {
     /// Prefixed with the priority as `<N>` (sd-daemon(3)), which journald
     /// reads from a service's standard error.
     Tag,
+    /// One JSON object a line: `time` (RFC 3339, UTC), `level`, then an
+    /// event's fields (`event`: `transfer`, `refused`...) or `msg`.
+    Json,
+}
+
+/// A structured log event (a finished transfer, a refused request): the
+/// logger thread, not the shard, dresses it as text or JSON.
+pub trait Event: Send {
+    /// `event` in JSON.
+    fn name(&self) -> &'static str;
+    /// The line in the text formats.
+    fn text(&self) -> String;
+    /// Its fields in JSON.
+    fn fields(&self) -> serde_json::Map<String, serde_json::Value>;
 }
 
 /// A line's priority.
@@ -54,6 +68,15 @@ pub enum Level {
 }
 
 impl Level {
+    fn name(self) -> &'static str {
+        match self {
+            Level::Error => "error",
+            Level::Warning => "warning",
+            Level::Notice => "notice",
+            Level::Info => "info",
+        }
+    }
+
     /// syslog(3)'s priority.
     fn priority(self) -> libc::c_int {
         match self {
@@ -111,6 +134,7 @@ pub const QUEUE_LINES: usize = 8192;
 
 enum Msg {
     Line(Level, String),
+    Event(Level, Box<dyn Event>),
     /// Answered once every line queued before it was written.
     Flush(Sender<()>),
 }
@@ -142,6 +166,7 @@ fn write_lines(rx: &Receiver<Msg>) {
     for msg in rx.iter() {
         match msg {
             Msg::Line(level, line) => writer.write(level, &line),
+            Msg::Event(level, event) => writer.write_event(level, event.as_ref()),
             Msg::Flush(done) => {
                 let _ = done.send(());
             }
@@ -183,8 +208,37 @@ impl Writer {
     /// (the reader went away, a full disk) lose the line, as nothing else
     /// could be done.
     fn write(&mut self, level: Level, line: &str) {
+        if self.format == Format::Json {
+            let mut fields = serde_json::Map::new();
+            fields.insert("msg".into(), line.into());
+            return self.write_json(level, fields);
+        }
+        self.write_dressed(level, line);
+    }
+
+    fn write_event(&mut self, level: Level, event: &dyn Event) {
+        if self.format == Format::Json {
+            let mut fields = serde_json::Map::new();
+            fields.insert("event".into(), event.name().into());
+            fields.extend(event.fields());
+            return self.write_json(level, fields);
+        }
+        self.write_dressed(level, &event.text());
+    }
+
+    fn write_json(&mut self, level: Level, fields: serde_json::Map<String, serde_json::Value>) {
+        let mut object = serde_json::Map::new();
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+        object.insert("time".into(), now.to_string().into());
+        object.insert("level".into(), level.name().into());
+        object.extend(fields);
+        let line = serde_json::Value::Object(object).to_string();
+        self.write_dressed(level, &line);
+    }
+
+    fn write_dressed(&mut self, level: Level, line: &str) {
         let dressed = match self.format {
-            Format::Human => format!("{line}\n"),
+            Format::Human | Format::Json => format!("{line}\n"),
             Format::Tag => format!("<{}>{line}\n", level.priority()),
         };
         match &self.target {
@@ -229,8 +283,18 @@ pub fn line(line: String) -> bool {
 
 /// Queues `line` at `level` without ever blocking; false if dropped.
 pub fn line_at(level: Level, line: String) -> bool {
+    send(Msg::Line(level, line))
+}
+
+/// Queues a structured event (at info level) without ever blocking; false
+/// if dropped.
+pub fn event(event: Box<dyn Event>) -> bool {
+    send(Msg::Event(Level::Info, event))
+}
+
+fn send(msg: Msg) -> bool {
     let sent = match logger() {
-        Some(l) => match l.tx.try_send(Msg::Line(level, line)) {
+        Some(l) => match l.tx.try_send(msg) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         },
@@ -253,6 +317,52 @@ pub fn flush(timeout: Duration) -> bool {
         return false;
     }
     done_rx.recv_timeout(timeout).is_ok()
+}
+
+impl Event for crate::endpoint::TransferRecord {
+    fn name(&self) -> &'static str {
+        "transfer"
+    }
+
+    fn text(&self) -> String {
+        self.to_string()
+    }
+
+    fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(fields)) => fields,
+            _ => serde_json::Map::new(),
+        }
+    }
+}
+
+impl Event for crate::endpoint::RefusalNote {
+    fn name(&self) -> &'static str {
+        "refused"
+    }
+
+    fn text(&self) -> String {
+        self.to_string()
+    }
+
+    fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        use crate::endpoint::RefusalNote;
+        let value = match self {
+            RefusalNote::Refused(r) => serde_json::json!({
+                "client": r.peer.to_string(),
+                "file": r.filename,
+                "direction": if r.write { "write" } else { "read" },
+                "reason": r.kind.as_str(),
+                "error_code": r.code.to_u16(),
+                "error": r.message,
+            }),
+            RefusalNote::Suppressed { lines } => serde_json::json!({ "suppressed": lines }),
+        };
+        match value {
+            serde_json::Value::Object(fields) => fields,
+            _ => serde_json::Map::new(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -355,7 +355,7 @@ impl Shard {
             self.endpoint.housekeeping(now);
             while let Some(note) = self.endpoint.poll_refused() {
                 if self.log_transfers {
-                    self.log(note.to_string());
+                    self.log_event(Box::new(note));
                 }
             }
             self.advance_shutdown(now);
@@ -445,6 +445,13 @@ impl Shard {
     /// Queues a log line; never blocks (see `log`).
     fn log(&mut self, line: String) {
         if !log::line(line) {
+            self.counters.log_dropped += 1;
+        }
+    }
+
+    /// Queues a structured event, dressed by the logger thread.
+    fn log_event(&mut self, event: Box<dyn log::Event>) {
+        if !log::event(event) {
             self.counters.log_dropped += 1;
         }
     }

@@ -676,3 +676,44 @@ fn a_refused_request_is_logged_with_its_file_and_reason() {
     }
     assert!(s.log().contains(&line), "no {line:?} in:\n{}", s.log());
 }
+
+/// `--log-format json`: every line is one JSON object with a time and a
+/// level; a transfer and a refusal carry their fields.
+#[test]
+fn json_logs_are_one_object_a_line_with_the_events_fields() {
+    if server_kind() != ServerKind::Ringtftpd {
+        return; // ringtftpd's log
+    }
+    let s = Server::start_with(ServerOpts {
+        extra_args: vec!["--log-format".into(), "json".into()],
+        ..ServerOpts::default()
+    });
+    let c = RawClient::new(s.addr());
+    raw_get(&c, "b513.bin", "octet", &[], |_, _| {}).expect("download");
+    let (code, _) = c.expect_error(&rrq("no/such.cfg", "octet", &[]));
+    assert_eq!(code, 1);
+    let client = c.sock.local_addr().expect("addr").to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut transfer, mut refused) = (None, None);
+    while (transfer.is_none() || refused.is_none()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        for line in s.log().lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(v["time"].is_string() && v["level"].is_string(), "{line}");
+            match v["event"].as_str() {
+                Some("transfer") if v["client"] == client.as_str() => transfer = Some(v),
+                Some("refused") => refused = Some(v),
+                _ => {}
+            }
+        }
+    }
+    let transfer = transfer.expect("a transfer event");
+    assert_eq!(transfer["file"], "b513.bin");
+    assert_eq!(transfer["bytes"], 513);
+    assert_eq!(transfer["outcome"], "completed");
+    let refused = refused.expect("a refused event");
+    assert_eq!(refused["file"], "no/such.cfg");
+    assert_eq!(refused["reason"], "not_found");
+    assert_eq!(refused["error_code"], 1);
+}

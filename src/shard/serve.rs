@@ -260,11 +260,14 @@ impl Shard {
         if let (Held::Write(key), Some(desk)) = (&finished.handle, &mut self.files.uploads) {
             desk.cancel(*key);
         }
-        if self.log_transfers {
-            self.log(finished.to_string());
-        }
-        if let Some(hook) = &self.hook {
-            hook.offer(finished.record());
+        if self.log_transfers || self.hook.is_some() {
+            let record = finished.record();
+            if let Some(hook) = &self.hook {
+                hook.offer(record.clone());
+            }
+            if self.log_transfers {
+                self.log_event(Box::new(record));
+            }
         }
         if live.inflight > 0 {
             self.lingering.insert(id, (finished.handle, live.inflight));
