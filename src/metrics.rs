@@ -531,6 +531,8 @@ pub struct Snapshot {
     pub listener_drops: Option<u64>,
     /// The process as the kernel sees it (None: not read).
     pub process: Option<Process>,
+    /// SIGHUP reloads: (taken, refused for a bad file).
+    pub reloads: (u64, u64),
 }
 
 /// The standard `process_*` figures, read at a scrape.
@@ -586,6 +588,7 @@ impl Snapshot {
             total,
             listener_drops: None,
             process: None,
+            reloads: (0, 0),
         }
     }
 
@@ -748,6 +751,13 @@ impl Collector for Encoded {
                 drops,
             )?;
         }
+        let (taken, refused) = self.0.reloads;
+        counters(
+            &mut e,
+            "ringtftpd_reloads",
+            "SIGHUP reloads, by result (failed: a file did not parse and the old rules stayed)",
+            [([("result", "ok")], taken), ([("result", "failed")], refused)],
+        )?;
         counter(
             &mut e,
             "ringtftpd_log_lines_dropped",
@@ -841,6 +851,8 @@ pub struct Exporter {
     stopping: Arc<AtomicBool>,
     /// A shard did not turn its loop when woken (the watchdog's check).
     hung: Arc<AtomicBool>,
+    reloads_ok: Arc<AtomicU64>,
+    reloads_failed: Arc<AtomicU64>,
     /// The listening addresses, whose kernel drop counts a scrape reads.
     listeners: Arc<[SocketAddr]>,
 }
@@ -851,6 +863,8 @@ impl Exporter {
             shards: shards.into(),
             stopping: Arc::new(AtomicBool::new(false)),
             hung: Arc::new(AtomicBool::new(false)),
+            reloads_ok: Arc::default(),
+            reloads_failed: Arc::default(),
             listeners: listeners.into(),
         }
     }
@@ -858,6 +872,16 @@ impl Exporter {
     /// From now on `/readyz` answers 503 (drain, shutdown).
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a SIGHUP reload, taken or refused.
+    pub fn record_reload(&self, ok: bool) {
+        let counter = if ok {
+            &self.reloads_ok
+        } else {
+            &self.reloads_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether a shard was found hung (`/readyz` answers 503 meanwhile).
@@ -877,6 +901,10 @@ impl Exporter {
         let mut snapshot = Snapshot::take(&self.shards);
         snapshot.listener_drops = listener_drops(&self.listeners);
         snapshot.process = Some(Process::read());
+        snapshot.reloads = (
+            self.reloads_ok.load(Ordering::Relaxed),
+            self.reloads_failed.load(Ordering::Relaxed),
+        );
         snapshot
     }
 
@@ -1170,6 +1198,17 @@ mod tests {
         );
         assert!(text.contains("\nprocess_open_fds "), "{text}");
         assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
+    }
+
+    #[test]
+    fn reloads_are_counted_by_result() {
+        let exporter = Exporter::new(Vec::new(), &[]);
+        exporter.record_reload(true);
+        exporter.record_reload(false);
+        exporter.record_reload(true);
+        let text = exporter.snapshot().encode();
+        assert!(text.contains("ringtftpd_reloads_total{result=\"ok\"} 2\n"), "{text}");
+        assert!(text.contains("ringtftpd_reloads_total{result=\"failed\"} 1\n"), "{text}");
     }
 
     #[test]

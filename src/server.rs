@@ -604,7 +604,9 @@ pub fn run(config: &Config) -> io::Result<()> {
             Wake::Reload => {
                 notify::reloading();
                 log::reopen();
-                match server.reload(config) {
+                let reloaded = server.reload(config);
+                exporter.record_reload(reloaded.is_ok());
+                match reloaded {
                     Ok(()) => say(Level::Notice, "SIGHUP: reloaded"),
                     Err(e) => say(
                         Level::Error,
