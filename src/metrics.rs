@@ -756,7 +756,10 @@ impl Collector for Encoded {
             &mut e,
             "ringtftpd_reloads",
             "SIGHUP reloads, by result (failed: a file did not parse and the old rules stayed)",
-            [([("result", "ok")], taken), ([("result", "failed")], refused)],
+            [
+                ([("result", "ok")], taken),
+                ([("result", "failed")], refused),
+            ],
         )?;
         counter(
             &mut e,
@@ -1207,8 +1210,14 @@ mod tests {
         exporter.record_reload(false);
         exporter.record_reload(true);
         let text = exporter.snapshot().encode();
-        assert!(text.contains("ringtftpd_reloads_total{result=\"ok\"} 2\n"), "{text}");
-        assert!(text.contains("ringtftpd_reloads_total{result=\"failed\"} 1\n"), "{text}");
+        assert!(
+            text.contains("ringtftpd_reloads_total{result=\"ok\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ringtftpd_reloads_total{result=\"failed\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]
