@@ -16,22 +16,6 @@ use common::*;
 
 // ---------------------------------------------------------------- helpers
 
-fn tftp_hpa_get(s: &Server, name: &str, mode: &str) -> (Output, PathBuf) {
-    let dest = s.dest(name);
-    let args = [
-        "-m",
-        mode,
-        &s.host(),
-        &s.port().to_string(),
-        "-c",
-        "get",
-        name,
-        &dest.to_string_lossy(),
-    ]
-    .map(String::from);
-    (run_client("tftp", &args), dest)
-}
-
 /// `opts` are atftp `--option` strings such as "blksize 1468".
 fn atftp_get(s: &Server, name: &str, opts: &[String]) -> (Output, PathBuf) {
     let dest = s.dest(name);

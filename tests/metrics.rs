@@ -95,22 +95,6 @@ fn scrape_until(addr: SocketAddr, done: impl Fn(&Scrape) -> bool) -> Scrape {
     }
 }
 
-fn tftp_hpa_get(s: &Server, name: &str) -> (std::process::Output, std::path::PathBuf) {
-    let dest = s.dest(name);
-    let args = [
-        "-m",
-        "octet",
-        &s.host(),
-        &s.port().to_string(),
-        "-c",
-        "get",
-        name,
-        &dest.to_string_lossy(),
-    ]
-    .map(String::from);
-    (run_client("tftp", &args), dest)
-}
-
 fn start(metrics: SocketAddr, extra: &[&str]) -> Server {
     let mut extra_args: Vec<String> = vec!["--metrics".into(), metrics.to_string()];
     extra_args.extend(extra.iter().map(|s| s.to_string()));
@@ -158,14 +142,14 @@ fn counters_match_what_the_clients_did() {
     let mut sizes = 0usize;
     let mut min_blocks = 0usize;
     for name in files {
-        let (out, dest) = tftp_hpa_get(&s, name);
+        let (out, dest) = tftp_hpa_get(&s, name, "octet");
         let expected = s.source(name);
         assert_download(name, &out, &dest, &expected);
         sizes += expected.len();
         min_blocks += expected.len() / 512 + 1;
     }
     // Refused: ERROR 1 from the listener.
-    let (out, _) = tftp_hpa_get(&s, "no-such-file.bin");
+    let (out, _) = tftp_hpa_get(&s, "no-such-file.bin", "octet");
     let said = String::from_utf8_lossy(&[&out.stdout[..], &out.stderr[..]].concat()).into_owned();
     assert!(said.contains("Error code 1"), "tftp said: {said}");
     // One upload: 5 full blocks and a short one.
@@ -592,18 +576,8 @@ fn a_taken_metrics_port_fails_start_up_naming_the_flag() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ringtftpd");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ringtftpd kept running with its metrics port taken");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // It must not keep running with its metrics port taken.
+    let status = wait_exit(&mut child, Duration::from_secs(5));
     let mut stderr = String::new();
     child
         .stderr

@@ -18,6 +18,8 @@
 
 mod common;
 
+use common::wait_exit;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -28,24 +30,6 @@ use std::time::{Duration, Instant};
 
 fn binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ringtftpd"))
-}
-
-/// Waits up to `limit` for `child`; kills it (by its PID) and fails if it
-/// does not exit.
-#[track_caller]
-fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{child:?} did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Runs the binary with `args`, which must exit within 5 s: its status,

@@ -9,6 +9,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::wait_exit;
+
 fn binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ringtftpd"))
 }
@@ -20,24 +24,6 @@ fn spawn(cmd: &mut Command) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ringtftpd")
-}
-
-/// Waits up to `limit` for `child` to exit; kills it (by its PID) and
-/// fails if it does not.
-#[track_caller]
-fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the server did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Runs the binary with `args` and `root`, which must exit within 5 s:

@@ -16,7 +16,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -1104,4 +1104,39 @@ pub fn quantile(sorted: &[Duration], p: f64) -> Duration {
     }
     let rank = ((sorted.len() as f64) * p).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// tftp-hpa's `get` of `name` from `s` in `mode` into `s.dest(name)`.
+pub fn tftp_hpa_get(s: &Server, name: &str, mode: &str) -> (Output, PathBuf) {
+    let dest = s.dest(name);
+    let args = [
+        "-m",
+        mode,
+        &s.host(),
+        &s.port().to_string(),
+        "-c",
+        "get",
+        name,
+        &dest.to_string_lossy(),
+    ]
+    .map(String::from);
+    (run_client("tftp", &args), dest)
+}
+
+/// Waits up to `limit` for `child` to exit; kills it (by its PID) and
+/// fails if it does not.
+#[track_caller]
+pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
