@@ -860,7 +860,6 @@ pub fn raw_get(
     }
 
     let mut expected: u16 = 1;
-    let mut last_acked: u16 = 0;
     let mut in_window: u16 = 0;
     let mut timeouts = 0;
     let budget = 4 * (200_000_000 / dl.blksize.max(8)) + 10_000;
@@ -877,8 +876,10 @@ pub fn raw_get(
                     if timeouts > 10 {
                         return Err(format!("10 timeouts in a row at block {expected}"));
                     }
-                    // Re-ACK the last in-order block so the server resends.
-                    client.send(&ack(last_acked), tid);
+                    // Re-ACK the last in-order block so the server resends
+                    // from the next (RFC 7440 §4), not the last ACK sent:
+                    // blocks may have come in since, short of a window.
+                    client.send(&ack(expected.wrapping_sub(1)), tid);
                     in_window = 0;
                     continue;
                 }
@@ -899,7 +900,6 @@ pub fn raw_get(
                 in_window += 1;
                 if last || in_window >= dl.windowsize {
                     client.send(&ack(block), tid);
-                    last_acked = block;
                     in_window = 0;
                 }
                 if last {
@@ -914,7 +914,6 @@ pub fn raw_get(
                 if ahead != 0 && ahead < 0x8000 && in_window > 0 {
                     let good = expected.wrapping_sub(1);
                     client.send(&ack(good), tid);
-                    last_acked = good;
                     in_window = 0;
                 }
             }
