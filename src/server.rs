@@ -543,7 +543,10 @@ pub fn run(config: &Config) -> io::Result<()> {
     let mut watchdog = notify::Watchdog::from_env(server.shards.len());
     let pings = watchdog.is_some();
     if watchdog.is_none() && config.metrics.is_some() {
-        watchdog = Some(notify::Watchdog::new(LIVENESS_EVERY * 2, server.shards.len()));
+        watchdog = Some(notify::Watchdog::new(
+            LIVENESS_EVERY * 2,
+            server.shards.len(),
+        ));
     }
     let mut watchdog_due = Instant::now();
     let wait_at_most = match (idle.poll_every(), watchdog.as_ref().map(|w| w.every())) {
