@@ -1206,5 +1206,11 @@ mod tests {
         assert_eq!(exporter.answer("/readyz").0, 503);
         assert_eq!(exporter.answer("/metrics?x=1").0, 200);
         assert_eq!(exporter.answer("/nope").0, 404);
+        // Nothing published yet: no rows, and each shard says so.
+        let (status, kind, body) = exporter.answer("/transfers");
+        assert_eq!((status, kind), (200, "application/json"));
+        let t: crate::top::live::Transfers = serde_json::from_str(&body).unwrap();
+        assert!(t.transfers.is_empty() && t.shards.len() == 2, "{body}");
+        assert!(shards.iter().all(|s| s.transfers.watched(Instant::now())));
     }
 }
