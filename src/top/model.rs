@@ -117,8 +117,8 @@ impl Metrics {
         self.samples
             .iter()
             .filter(|s| s.name == name && s.matches(filter))
-            .map(|s| s.value)
-            .sum()
+            // Not `sum`: an empty f64 sum is -0, shown as "-0".
+            .fold(0.0, |sum, s| sum + s.value)
     }
 
     /// Whether any sample of `name` is there.
@@ -348,7 +348,8 @@ pub fn percentiles(values: impl Iterator<Item = f64>) -> Option<[f64; 3]> {
 /// `bytes` in powers of 1024 with one decimal: `1.5M`, `820K`, `12B`.
 pub fn human_bytes(bytes: f64) -> String {
     let units = ["B", "K", "M", "G", "T"];
-    let mut v = bytes.max(0.0);
+    // Not `max`: it may keep -0.
+    let mut v = if bytes > 0.0 { bytes } else { 0.0 };
     let mut unit = 0;
     while v >= 1024.0 && unit + 1 < units.len() {
         v /= 1024.0;
@@ -406,6 +407,7 @@ mod tests {
         let inf = &m.samples[6];
         assert_eq!(inf.label("le"), Some("+Inf"));
         assert_eq!(m.sum("process_cpu_seconds_total", &[]), 0.25);
+        assert_eq!(format!("{:.0}", m.sum("absent", &[])), "0");
         assert!(parse_sample("garbage{").is_none());
         assert!(parse_sample("name{a=unquoted} 1").is_none());
         assert!(parse_sample("name notanumber").is_none());
@@ -516,6 +518,7 @@ mod tests {
         assert_eq!(p[0], 18_207.0, "3 significant digits: {p:?}");
         assert!(p[2] >= 0.999 * PERCENTILE_MAX as f64, "{p:?}");
         assert_eq!(human_bytes(12.0), "12B");
+        assert_eq!(human_bytes(-0.0), "0B");
         assert_eq!(human_bytes(1536.0), "1.5K");
         assert_eq!(human_bytes(300.0 * 1024.0 * 1024.0), "300M");
         assert_eq!(human_duration(1234), "1.2s");

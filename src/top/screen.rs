@@ -40,15 +40,31 @@ pub(super) fn draw(frame: &mut Frame, view: &View) {
         None if view.polls == 0 => "connecting...".to_string(),
         None => format!("poll {}", view.polls),
     };
+    let c = &view.counters;
+    let mut process = String::new();
+    if c.now.has("process_cpu_seconds_total") {
+        let cpu = c.rate("process_cpu_seconds_total", &[]) * 100.0;
+        process += &format!(" - cpu {cpu:.0}%");
+    }
+    if c.now.has("process_resident_memory_bytes") {
+        let rss = c.total("process_resident_memory_bytes", &[]);
+        process += &format!(" rss {}", human_bytes(rss));
+    }
+    if c.now.has("process_open_fds") {
+        process += &format!(" fds {:.0}", c.total("process_open_fds", &[]));
+    }
     frame.render_widget(
-        Paragraph::new(format!("ringtftpd top - http://{} - {status}", view.addr))
-            .style(Style::new().add_modifier(Modifier::BOLD)),
+        Paragraph::new(format!(
+            "ringtftpd top - http://{} - {status}{process}",
+            view.addr
+        ))
+        .style(Style::new().add_modifier(Modifier::BOLD)),
         title,
     );
     let [totals, refusals, shards] = Layout::horizontal([
-        Constraint::Percentage(42),
+        Constraint::Percentage(38),
         Constraint::Percentage(26),
-        Constraint::Percentage(32),
+        Constraint::Percentage(36),
     ])
     .areas(summary);
     frame.render_widget(totals_widget(view), totals);
@@ -97,7 +113,6 @@ fn totals_widget(view: &View) -> Paragraph<'static> {
         pair("ringtftpd_data_bytes_total", &[("direction", "received")]);
     let (retransmits, retransmits_rate) = pair("ringtftpd_retransmissions_total", &[]);
     let (timeouts, timeouts_rate) = pair("ringtftpd_timeouts_total", &[]);
-    let cpu = c.rate("process_cpu_seconds_total", &[]) * 100.0;
     let mut lines = vec![
         Line::from(format!(
             "{:<12}{:>12}  ({active_down:.0} down, {active_up:.0} up)",
@@ -131,11 +146,6 @@ fn totals_widget(view: &View) -> Paragraph<'static> {
         ),
         None => "live rate   -".to_string(),
     }));
-    if view.counters.now.has("process_cpu_seconds_total") {
-        let last = lines.len() - 1;
-        let text = format!("{}   cpu {cpu:.0}%", lines[last]);
-        lines[last] = Line::from(text);
-    }
     Paragraph::new(lines).block(Block::bordered().title(" Totals (total, per second) "))
 }
 
@@ -192,7 +202,7 @@ fn shards_widget(view: &View) -> Table<'static> {
             Constraint::Length(5),
             Constraint::Length(4),
             Constraint::Length(9),
-            Constraint::Length(BAR as u16),
+            Constraint::Fill(1),
         ],
     )
     .header(
@@ -217,7 +227,7 @@ fn transfers_widget(view: &View) -> Table<'static> {
             } else {
                 "^"
             };
-            format!("{name}{arrow}")
+            format!("{name} {arrow}")
         } else {
             name.to_string()
         }
@@ -282,10 +292,10 @@ fn transfers_widget(view: &View) -> Table<'static> {
             Constraint::Length(7),
             Constraint::Length(7),
             Constraint::Length(9),
-            Constraint::Length(5),
+            Constraint::Length(6),
             Constraint::Length(9),
-            Constraint::Length(8),
-            Constraint::Length(3),
+            Constraint::Length(9),
+            Constraint::Length(4),
         ],
     )
     .header(header)
