@@ -7,12 +7,14 @@
 //! its socket name, the TFTP server by its PID (common::Server's drop).
 //!
 //! Also: `ringtftpd top --address ...` still serves a directory named
-//! `top` (the viewer is only `top` with nothing but its own options).
+//! `top` (the viewer is only `top` with nothing but its own options), and
+//! sans-IO, what `Endpoint::live_transfers` tells of a running download.
 //!
 //! Without tmux this prints `SKIP: tmux not installed`, or fails when
 //! RINGTFTPD_REQUIRE_CLIENTS=1 (scripts/test.sh installs it).
 
 mod common;
+mod sim;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{Command, Stdio};
@@ -167,8 +169,8 @@ fn polls(screen: &str) -> u64 {
     screen
         .lines()
         .next()
-        .and_then(|l| l.rsplit_once("poll ").map(|(_, n)| n.trim()))
-        .and_then(|n| n.parse().ok())
+        .and_then(|l| l.split_once(" poll "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -304,4 +306,42 @@ fn a_directory_named_top_is_still_served() {
         }
     }
     panic!("`ringtftpd top --address ...` did not serve ./top");
+}
+
+#[test]
+fn live_transfers_tell_bytes_acknowledged_and_the_size() {
+    use ringtftpd::endpoint::DatagramOutcome;
+    let mut files = sim::MemFiles::default();
+    files.insert("pxe/boot.img", sim::content(10_000, 1));
+    let mut desk = sim::Desk::new(sim::config(), files);
+    let client: SocketAddr = "127.0.0.2:4000".parse().unwrap();
+    let id = desk.started(client, &rrq("pxe/boot.img", "octet", &[]));
+    assert!(desk.endpoint.live_transfers().all(|t| t.bytes == 0));
+    let mut buf = [0u8; 600];
+    assert!(
+        desk.endpoint
+            .poll_transmit(desk.now, id, &mut buf)
+            .is_some()
+    );
+    let mut reply = [0u8; 600];
+    let ack1 = ack(1);
+    let delivered = desk
+        .endpoint
+        .handle_datagram(desk.now, id, client, &ack1, &mut reply);
+    assert!(
+        matches!(delivered, DatagramOutcome::Delivered),
+        "{delivered:?}"
+    );
+    let live: Vec<_> = desk.endpoint.live_transfers().collect();
+    assert_eq!(live.len(), 1);
+    let t = &live[0];
+    assert_eq!(
+        (t.id, t.peer, t.filename),
+        (id, client, &b"pxe/boot.img"[..])
+    );
+    assert_eq!((t.write, t.bytes, t.total), (false, 512, Some(10_000)));
+    assert_eq!((t.blksize, t.windowsize, t.retransmits), (512, 1, 0));
+    let row = ringtftpd::top::live::TransferRow::of(1, t, desk.now);
+    assert_eq!(row.progress(), Some(512.0 / 10_000.0));
+    assert_eq!((row.shard, row.file.as_str()), (1, "pxe/boot.img"));
 }
