@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command. On Debian it first installs, if absent, the
 # TFTP clients the integration tests drive (tftp-hpa, atftp, curl, busybox)
-# and promtool (for tests/metrics.rs),
+# and promtool (for tests/metrics.rs) and tmux (for tests/top.rs),
 # then runs every test in the workspace. Safe to re-run: it installs only
 # what is missing and runs `apt-get update` only when it must install.
 #
@@ -132,6 +132,14 @@ fi
 command -v ip >/dev/null 2>&1 || apt_install iproute2
 # tests/startup.rs starts the server under socket activation as systemd does.
 command -v systemd-socket-activate >/dev/null 2>&1 || apt_install systemd
+
+# tests/top.rs drives `ringtftpd top` inside tmux (send-keys, capture-pane).
+if command -v tmux >/dev/null 2>&1; then
+    log "tmux present: $(tmux -V 2>&1 | head -n1)"
+else
+    apt_install tmux
+    command -v tmux >/dev/null 2>&1 || die "tmux installed but not on PATH"
+fi
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust stable first)"
 

@@ -54,7 +54,9 @@ pub const MAX_ERROR_RATE: u32 = 1_000_000;
 #[command(
     name = "ringtftpd",
     version,
-    about = "A high-performance TFTP server on io_uring"
+    about = "A high-performance TFTP server on io_uring",
+    after_help = "The live view of a running server (started with --metrics): \
+                  ringtftpd top [ADDR]; see ringtftpd top --help."
 )]
 pub struct Config {
     /// Directory to serve; a leading '/' in requests means this root.

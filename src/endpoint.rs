@@ -157,6 +157,26 @@ pub struct SessionView<'a, H> {
     pub windowsize: u16,
 }
 
+/// A live session as `ringtftpd top` shows it: read-only, borrowed from
+/// the endpoint (see [`Endpoint::live_transfers`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LiveTransfer<'a> {
+    pub id: SessionId,
+    pub peer: SocketAddr,
+    /// The name as asked, raw bytes (escape before showing).
+    pub filename: &'a [u8],
+    /// An upload (WRQ).
+    pub write: bool,
+    /// Payload bytes acknowledged so far (downloads) or accepted (uploads).
+    pub bytes: u64,
+    /// The whole content, if known: a download's length, an upload's tsize.
+    pub total: Option<u64>,
+    pub retransmits: u64,
+    pub blksize: u16,
+    pub windowsize: u16,
+    pub started: Instant,
+}
+
 /// A removed session: everything the transfer log line needs.
 #[derive(Debug)]
 pub struct Finished<H> {
@@ -1016,6 +1036,35 @@ impl<H: Clone> Endpoint<H> {
             handle: &e.handle,
             blksize: e.transfer.stats().blksize,
             windowsize: e.transfer.stats().windowsize,
+        })
+    }
+
+    /// Every live session, in slab order, for the live view: a read-only
+    /// walk (the driver calls it a few times a second, and only while a
+    /// viewer watches).
+    pub fn live_transfers(&self) -> impl Iterator<Item = LiveTransfer<'_>> + '_ {
+        self.slots.iter().enumerate().filter_map(|(index, slot)| {
+            let e = slot.entry.as_ref()?;
+            let stats = e.transfer.stats();
+            let total = match e.request.write {
+                false => e.transfer.content_len(),
+                true => e.request.options.tsize.filter(|&t| t > 0),
+            };
+            Some(LiveTransfer {
+                id: SessionId {
+                    index: index as u32,
+                    generation: slot.generation,
+                },
+                peer: e.peer,
+                filename: &e.request.filename,
+                write: e.request.write,
+                bytes: stats.bytes_acked,
+                total,
+                retransmits: stats.retransmits,
+                blksize: stats.blksize,
+                windowsize: stats.windowsize,
+                started: stats.started,
+            })
         })
     }
 

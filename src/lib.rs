@@ -15,7 +15,9 @@
 //!   and [`neigh`]: the kernel's neighbour table, for clients' MACs;
 //! - [`server`] and [`config`]: the command line, start-up and signals;
 //! - [`metrics`]: `--metrics`, the shards' published counters and their
-//!   Prometheus endpoint, off the shards.
+//!   Prometheus endpoint, off the shards;
+//! - [`top`]: `ringtftpd top`, the live view, and the shards' live
+//!   transfers it reads.
 
 pub mod clients;
 pub mod config;
@@ -36,3 +38,4 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod timer;
+pub mod top;

@@ -477,6 +477,8 @@ pub struct Published {
     v: Box<[AtomicU64]>,
     /// The shard is running and taking requests (cleared on drain and exit).
     serving: AtomicBool,
+    /// Its live transfers, for `/transfers` (`ringtftpd top`).
+    pub transfers: crate::top::live::Board,
 }
 
 impl Default for Published {
@@ -484,6 +486,7 @@ impl Default for Published {
         Published {
             v: (0..slot::COUNT).map(|_| AtomicU64::new(0)).collect(),
             serving: AtomicBool::new(false),
+            transfers: Default::default(),
         }
     }
 }
@@ -911,6 +914,16 @@ impl Exporter {
         snapshot
     }
 
+    /// Every shard's live transfers (see `crate::top::live`): asking
+    /// starts their publishing, so the first answer after a quiet spell
+    /// waits up to 300 ms for it.
+    pub fn transfers(&self) -> crate::top::live::Transfers {
+        crate::top::live::collect(
+            self.shards.iter().map(|s| &s.transfers),
+            Duration::from_millis(300),
+        )
+    }
+
     /// The status and body for `GET path`.
     pub fn answer(&self, path: &str) -> (u16, &'static str, String) {
         const TEXT: &str = "text/plain; charset=utf-8";
@@ -921,13 +934,18 @@ impl Exporter {
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                 self.snapshot().encode(),
             ),
+            "/transfers" => (
+                200,
+                "application/json",
+                serde_json::to_string(&self.transfers()).unwrap_or_default(),
+            ),
             "/healthz" => (200, TEXT, "ok\n".to_string()),
             "/readyz" if self.ready() => (200, TEXT, "ready\n".to_string()),
             "/readyz" => (503, TEXT, "not ready\n".to_string()),
             _ => (
                 404,
                 TEXT,
-                "not found: try /metrics, /healthz or /readyz\n".to_string(),
+                "not found: try /metrics, /transfers, /healthz or /readyz\n".to_string(),
             ),
         }
     }
@@ -1236,5 +1254,11 @@ mod tests {
         assert_eq!(exporter.answer("/readyz").0, 503);
         assert_eq!(exporter.answer("/metrics?x=1").0, 200);
         assert_eq!(exporter.answer("/nope").0, 404);
+        // Nothing published yet: no rows, and each shard says so.
+        let (status, kind, body) = exporter.answer("/transfers");
+        assert_eq!((status, kind), (200, "application/json"));
+        let t: crate::top::live::Transfers = serde_json::from_str(&body).unwrap();
+        assert!(t.transfers.is_empty() && t.shards.len() == 2, "{body}");
+        assert!(shards.iter().all(|s| s.transfers.watched(Instant::now())));
     }
 }

@@ -771,7 +771,8 @@ fn inherited_sockets(config: &Config) -> io::Result<Vec<UdpSocket>> {
     Ok(vec![shard::net::adopt_listener(socket, config.rcvbuf)?])
 }
 
-fn is_socket(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+/// Whether `fd` is a socket (as inetd passes one on standard input).
+pub fn is_socket(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
 }
 

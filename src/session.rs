@@ -682,6 +682,15 @@ impl Transfer {
         &self.stats
     }
 
+    /// A download's content length, once known (None for uploads, and
+    /// for netascii until its end was read). Read-only, for the live view.
+    pub fn content_len(&self) -> Option<u64> {
+        match &self.dir {
+            Direction::Send(s) if s.content_len != LEN_UNKNOWN => Some(s.content_len),
+            _ => None,
+        }
+    }
+
     /// The current retransmission timeout.
     pub fn rto(&self) -> Duration {
         self.rtt.rto

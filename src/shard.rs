@@ -437,6 +437,11 @@ impl Shard {
                 .set_endpoint(self.endpoint.refusals(), self.endpoint.open_cache_usage());
         }
         self.activity.metrics.publish(&mut c.metrics, cold);
+        // `ringtftpd top`: only in a cold turn, and only while watched.
+        let board = &self.activity.metrics.transfers;
+        if cold && board.due(now) {
+            board.publish(self.index, self.endpoint.live_transfers(), now);
+        }
         self.activity
             .metrics
             .set_serving(self.phase == Phase::Running);
