@@ -1,0 +1,388 @@
+//! `lockstep-floor`: the least a lock-step TFTP server can do, as a server `compare` runs
+//! beside the real ones ("floor"), so that a server's CPU per block is read against the
+//! real cost of a lock-step block (an ACK in, the next DATA out) and not against a one-way
+//! blast (`floor`).
+//!
+//! It speaks just enough TFTP for `loadtest`'s client: an RRQ (octet or netascii, served
+//! as octet) for a file of ROOT, read wholly into memory at start, is answered from one
+//! of `--sockets` transfer sockets (never the listening one) with an OACK granting
+//! `blksize` (and `tsize`, when asked; `windowsize` is ignored: lock-step only) or, without
+//! options, DATA 1; ACK n is answered with DATA n+1 (block numbers roll over), the ACK of
+//! the short final block ends the transfer, anything else is ignored. A transfer socket
+//! serves many transfers, told apart by the client's address and port, so that one
+//! `recvmmsg` takes the ACKs of many clients and one `sendmmsg` sends their next blocks
+//! (each DATA is its 4-byte header and a slice of the file in memory: no copy). That is
+//! where it is cheaper than RFC 1350 asks (one fresh port per transfer), and so a floor,
+//! not a server: no policy, no logging, no retransmission timer worth the name (the block
+//! in flight is resent after 1 s of silence, a transfer forgotten after 10 s), IPv4 only.
+//!
+//! One thread; epoll over the listener and the transfer sockets, level-triggered. Ends on
+//! SIGTERM/SIGINT (the default action) or after `--max-seconds`. Loopback only.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{
+    MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg, setsockopt, sockopt,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lockstep-floor",
+    version,
+    about = "Minimal lock-step TFTP read server (recvmmsg/sendmmsg over N sockets): the floor for CPU per block"
+)]
+struct Args {
+    /// Listening address (IPv4; loopback).
+    #[arg(long, default_value = "127.0.0.1:6969")]
+    address: SocketAddrV4,
+    /// Transfer sockets; transfers are spread over them round-robin.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    sockets: u16,
+    /// Datagrams per recvmmsg/sendmmsg call at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    batch: u16,
+    /// Exit after this many seconds whatever happens (a bound on the loop).
+    #[arg(long, default_value_t = 3600.0)]
+    max_seconds: f64,
+    /// Directory whose regular files (top level, at most 1 GiB in all) are served.
+    root: PathBuf,
+}
+
+/// Largest DATA payload granted (what `loadtest` may ask, within a 64 KiB datagram).
+const MAX_BLKSIZE: usize = 65464;
+/// The block in flight is resent after this much silence from its client.
+const RESEND: Duration = Duration::from_secs(1);
+/// A transfer whose client is silent this long is forgotten.
+const FORGET: Duration = Duration::from_secs(10);
+const RCVBUF: usize = 8 << 20;
+
+struct Xfer {
+    file: Arc<[u8]>,
+    blksize: usize,
+    /// Block last sent: 0 = the OACK.
+    cur: u64,
+    /// The OACK's bytes (only while `cur == 0`).
+    oack: Option<Vec<u8>>,
+    /// When the client was last heard from, and when this side last sent.
+    last: Instant,
+    tx: Instant,
+}
+
+impl Xfer {
+    fn range(&self, block: u64) -> (usize, usize) {
+        let lo = ((block - 1) as usize)
+            .saturating_mul(self.blksize)
+            .min(self.file.len());
+        (lo, (lo + self.blksize).min(self.file.len()))
+    }
+    /// Whether `cur` is the final (short) block.
+    fn at_end(&self) -> bool {
+        let (lo, hi) = self.range(self.cur.max(1));
+        self.cur > 0 && hi - lo < self.blksize
+    }
+}
+
+/// One datagram to send from a transfer socket: to whom, and the block (0 = OACK).
+struct Out {
+    to: SocketAddrV4,
+    block: u64,
+}
+
+fn load_root(root: &Path) -> Result<HashMap<Vec<u8>, Arc<[u8]>>, String> {
+    let mut files = HashMap::new();
+    let mut total = 0u64;
+    for e in std::fs::read_dir(root).map_err(|e| format!("{}: {e}", root.display()))? {
+        let e = e.map_err(|e| e.to_string())?;
+        if !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let bytes =
+            std::fs::read(e.path()).map_err(|err| format!("{}: {err}", e.path().display()))?;
+        total += bytes.len() as u64;
+        if total > 1 << 30 {
+            return Err("the root holds more than 1 GiB".into());
+        }
+        files.insert(e.file_name().into_encoded_bytes(), Arc::from(bytes));
+    }
+    Ok(files)
+}
+
+fn socket(addr: SocketAddrV4) -> Result<UdpSocket, String> {
+    let s = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    // FORCE needs root; the plain option is the fallback.
+    if setsockopt(&s, sockopt::RcvBufForce, &RCVBUF).is_err() {
+        let _ = setsockopt(&s, sockopt::RcvBuf, &RCVBUF);
+    }
+    Ok(s)
+}
+
+/// Receives up to `batch` datagrams without waiting: (length, source) each, bytes in `bufs`.
+fn recv_batch(sock: &UdpSocket, bufs: &mut [Vec<u8>]) -> Vec<(usize, Option<SocketAddrV4>)> {
+    let mut hdrs = MultiHeaders::<SockaddrIn>::preallocate(bufs.len(), None);
+    let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+        bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+    match recvmmsg(
+        sock.as_raw_fd(),
+        &mut hdrs,
+        slices.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    ) {
+        Ok(r) => r
+            .map(|m| {
+                (
+                    m.bytes,
+                    m.address.map(|a| SocketAddrV4::new(a.ip(), a.port())),
+                )
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Sends `out` from `sock` in batches of `batch`: each DATA is its header and a slice of
+/// the file, the OACK its bytes. Datagrams the kernel refuses are lost, as on a network.
+fn send_batch(sock: &UdpSocket, out: &[Out], xfers: &HashMap<SocketAddrV4, Xfer>, batch: usize) {
+    for chunk in out.chunks(batch) {
+        let heads: Vec<[u8; 4]> = chunk
+            .iter()
+            .map(|o| {
+                let b = (o.block as u16).to_be_bytes();
+                [0, 3, b[0], b[1]]
+            })
+            .collect();
+        let mut slices: Vec<[IoSlice<'_>; 2]> = Vec::with_capacity(chunk.len());
+        let mut addrs: Vec<Option<SockaddrIn>> = Vec::with_capacity(chunk.len());
+        for (o, h) in chunk.iter().zip(&heads) {
+            let Some(x) = xfers.get(&o.to) else { continue };
+            if o.block == 0 {
+                let Some(oack) = x.oack.as_deref() else {
+                    continue;
+                };
+                slices.push([IoSlice::new(oack), IoSlice::new(&[])]);
+            } else {
+                let (lo, hi) = x.range(o.block);
+                slices.push([IoSlice::new(h), IoSlice::new(&x.file[lo..hi])]);
+            }
+            addrs.push(Some(SockaddrIn::from(o.to)));
+        }
+        let mut sent = 0;
+        // Bounded: each pass sends at least one datagram or gives up.
+        while sent < slices.len() {
+            let mut hdrs = MultiHeaders::<SockaddrIn>::preallocate(slices.len() - sent, None);
+            match sendmmsg(
+                sock.as_raw_fd(),
+                &mut hdrs,
+                &slices[sent..],
+                &addrs[sent..],
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(r) => {
+                    let n = r.count();
+                    if n == 0 {
+                        break;
+                    }
+                    sent += n;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                // EAGAIN/ENOBUFS: drop this datagram (the client retransmits its ACK).
+                Err(_) => sent += 1,
+            }
+        }
+    }
+}
+
+/// Parses an RRQ: (file name, blksize asked, tsize asked).
+fn parse_rrq(p: &[u8]) -> Option<(&[u8], Option<usize>, bool)> {
+    if p.len() < 4 || p[..2] != [0, 1] {
+        return None;
+    }
+    let mut fields = p[2..].split(|&b| b == 0);
+    let name = fields.next()?;
+    let _mode = fields.next()?;
+    let (mut blksize, mut tsize) = (None, false);
+    while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+        if k.eq_ignore_ascii_case(b"blksize") {
+            blksize = std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|b| *b >= 8)
+                .map(|b| b.min(MAX_BLKSIZE));
+        } else if k.eq_ignore_ascii_case(b"tsize") {
+            tsize = true;
+        }
+    }
+    Some((name, blksize, tsize))
+}
+
+fn error(code: u16, msg: &str) -> Vec<u8> {
+    let mut v = vec![0, 5, (code >> 8) as u8, code as u8];
+    v.extend_from_slice(msg.as_bytes());
+    v.push(0);
+    v
+}
+
+fn serve(a: &Args) -> Result<(), String> {
+    if !a.max_seconds.is_finite() || a.max_seconds <= 0.0 {
+        return Err("--max-seconds must be positive".into());
+    }
+    let files = load_root(&a.root)?;
+    let listener = socket(a.address)?;
+    let pool: Vec<UdpSocket> = (0..a.sockets)
+        .map(|_| socket(SocketAddrV4::new(*a.address.ip(), 0)))
+        .collect::<Result<_, _>>()?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| e.to_string())?;
+    epoll
+        .add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, u64::MAX))
+        .map_err(|e| e.to_string())?;
+    for (i, s) in pool.iter().enumerate() {
+        epoll
+            .add(s, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+            .map_err(|e| e.to_string())?;
+    }
+    let batch = usize::from(a.batch);
+    let mut bufs = vec![vec![0u8; 2048]; batch];
+    let mut xfers: Vec<HashMap<SocketAddrV4, Xfer>> =
+        (0..pool.len()).map(|_| HashMap::new()).collect();
+    let mut outs: Vec<Vec<Out>> = (0..pool.len()).map(|_| Vec::new()).collect();
+    let mut events = vec![EpollEvent::empty(); pool.len() + 1];
+    let mut next_sock = 0usize;
+    let start = Instant::now();
+    let stop = Duration::from_secs_f64(a.max_seconds);
+    let mut last_sweep = Instant::now();
+    while start.elapsed() < stop {
+        let n = match epoll.wait(&mut events, EpollTimeout::from(200u16)) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => return Err(format!("epoll_wait: {e}")),
+        };
+        let now = Instant::now();
+        for ev in &events[..n] {
+            let t = ev.data();
+            if t == u64::MAX {
+                // Requests: each gets a transfer socket, round-robin, and its first reply.
+                let got = recv_batch(&listener, &mut bufs);
+                for (i, (len, from)) in got.into_iter().enumerate() {
+                    let Some(from) = from else { continue };
+                    let Some((name, blksize, tsize)) = parse_rrq(&bufs[i][..len]) else {
+                        continue;
+                    };
+                    let Some(file) = files.get(name) else {
+                        let _ = listener.send_to(&error(1, "File not found"), from);
+                        continue;
+                    };
+                    let k = next_sock % pool.len();
+                    next_sock = next_sock.wrapping_add(1);
+                    let oack = (blksize.is_some() || tsize).then(|| {
+                        let mut o = vec![0u8, 6];
+                        if let Some(b) = blksize {
+                            o.extend_from_slice(format!("blksize\0{b}\0").as_bytes());
+                        }
+                        if tsize {
+                            o.extend_from_slice(format!("tsize\0{}\0", file.len()).as_bytes());
+                        }
+                        o
+                    });
+                    let cur = u64::from(oack.is_none());
+                    xfers[k].insert(
+                        from,
+                        Xfer {
+                            file: file.clone(),
+                            blksize: blksize.unwrap_or(512),
+                            cur,
+                            oack,
+                            last: now,
+                            tx: now,
+                        },
+                    );
+                    outs[k].push(Out {
+                        to: from,
+                        block: cur,
+                    });
+                }
+            } else {
+                // ACKs: each moves its transfer on by one block.
+                let k = t as usize;
+                let Some(sock) = pool.get(k) else { continue };
+                let got = recv_batch(sock, &mut bufs);
+                for (i, (len, from)) in got.into_iter().enumerate() {
+                    let (Some(from), p) = (from, &bufs[i][..len]) else {
+                        continue;
+                    };
+                    if p.len() < 4 || p[0] != 0 {
+                        continue;
+                    }
+                    let Some(x) = xfers[k].get_mut(&from) else {
+                        continue;
+                    };
+                    match p[1] {
+                        4 if u16::from_be_bytes([p[2], p[3]]) == x.cur as u16 => {
+                            if x.at_end() {
+                                xfers[k].remove(&from);
+                                continue;
+                            }
+                            x.cur += 1;
+                            x.oack = None;
+                            x.last = now;
+                            x.tx = now;
+                            outs[k].push(Out {
+                                to: from,
+                                block: x.cur,
+                            });
+                        }
+                        5 => {
+                            xfers[k].remove(&from);
+                        }
+                        // A duplicate ACK is not answered (RFC 1123 §4.2.3.1).
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if now.duration_since(last_sweep) >= Duration::from_millis(200) {
+            last_sweep = now;
+            for (k, map) in xfers.iter_mut().enumerate() {
+                map.retain(|_, x| now.duration_since(x.last) < FORGET);
+                for (to, x) in map.iter_mut() {
+                    if now.duration_since(x.tx) >= RESEND {
+                        x.tx = now;
+                        outs[k].push(Out {
+                            to: *to,
+                            block: x.cur,
+                        });
+                    }
+                }
+            }
+        }
+        for (k, out) in outs.iter_mut().enumerate() {
+            if !out.is_empty() {
+                send_batch(&pool[k], out, &xfers[k], batch);
+                out.clear();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    match serve(&a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lockstep-floor: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
