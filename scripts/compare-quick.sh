@@ -50,8 +50,9 @@ if ! cargo build --release --workspace >&2; then
     RING_BUILT=0
     cargo build --release -p loadtest >&2 || { say "cannot build loadtest"; exit 1; }
 fi
-LOADTEST=target/release/loadtest
-RINGTFTPD=target/release/ringtftpd
+TARGET=${CARGO_TARGET_DIR:-$ROOT_DIR/target}
+LOADTEST=$TARGET/release/loadtest
+RINGTFTPD=$TARGET/release/ringtftpd
 
 # --- tftpd-hpa ------------------------------------------------------------------------------
 if [ ! -x /usr/sbin/in.tftpd ]; then
