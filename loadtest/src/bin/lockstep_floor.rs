@@ -128,13 +128,17 @@ fn socket(addr: SocketAddrV4) -> Result<UdpSocket, String> {
 }
 
 /// Receives up to `batch` datagrams without waiting: (length, source) each, bytes in `bufs`.
-fn recv_batch(sock: &UdpSocket, bufs: &mut [Vec<u8>]) -> Vec<(usize, Option<SocketAddrV4>)> {
-    let mut hdrs = MultiHeaders::<SockaddrIn>::preallocate(bufs.len(), None);
+/// `hdrs` is kept across calls (no allocation per call), sized for `bufs`.
+fn recv_batch(
+    sock: &UdpSocket,
+    bufs: &mut [Vec<u8>],
+    hdrs: &mut MultiHeaders<SockaddrIn>,
+) -> Vec<(usize, Option<SocketAddrV4>)> {
     let mut slices: Vec<[IoSliceMut<'_>; 1]> =
         bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
     match recvmmsg(
         sock.as_raw_fd(),
-        &mut hdrs,
+        hdrs,
         slices.iter_mut(),
         MsgFlags::MSG_DONTWAIT,
         None,
@@ -153,7 +157,13 @@ fn recv_batch(sock: &UdpSocket, bufs: &mut [Vec<u8>]) -> Vec<(usize, Option<Sock
 
 /// Sends `out` from `sock` in batches of `batch`: each DATA is its header and a slice of
 /// the file, the OACK its bytes. Datagrams the kernel refuses are lost, as on a network.
-fn send_batch(sock: &UdpSocket, out: &[Out], xfers: &HashMap<SocketAddrV4, Xfer>, batch: usize) {
+fn send_batch(
+    sock: &UdpSocket,
+    out: &[Out],
+    xfers: &HashMap<SocketAddrV4, Xfer>,
+    batch: usize,
+    hdrs: &mut MultiHeaders<SockaddrIn>,
+) {
     for chunk in out.chunks(batch) {
         let heads: Vec<[u8; 4]> = chunk
             .iter()
@@ -180,10 +190,9 @@ fn send_batch(sock: &UdpSocket, out: &[Out], xfers: &HashMap<SocketAddrV4, Xfer>
         let mut sent = 0;
         // Bounded: each pass sends at least one datagram or gives up.
         while sent < slices.len() {
-            let mut hdrs = MultiHeaders::<SockaddrIn>::preallocate(slices.len() - sent, None);
             match sendmmsg(
                 sock.as_raw_fd(),
-                &mut hdrs,
+                &mut *hdrs,
                 &slices[sent..],
                 &addrs[sent..],
                 [],
@@ -254,6 +263,8 @@ fn serve(a: &Args) -> Result<(), String> {
     }
     let batch = usize::from(a.batch);
     let mut bufs = vec![vec![0u8; 2048]; batch];
+    let mut rhdrs = MultiHeaders::<SockaddrIn>::preallocate(batch, None);
+    let mut shdrs = MultiHeaders::<SockaddrIn>::preallocate(batch, None);
     let mut xfers: Vec<HashMap<SocketAddrV4, Xfer>> =
         (0..pool.len()).map(|_| HashMap::new()).collect();
     let mut outs: Vec<Vec<Out>> = (0..pool.len()).map(|_| Vec::new()).collect();
@@ -273,7 +284,7 @@ fn serve(a: &Args) -> Result<(), String> {
             let t = ev.data();
             if t == u64::MAX {
                 // Requests: each gets a transfer socket, round-robin, and its first reply.
-                let got = recv_batch(&listener, &mut bufs);
+                let got = recv_batch(&listener, &mut bufs, &mut rhdrs);
                 for (i, (len, from)) in got.into_iter().enumerate() {
                     let Some(from) = from else { continue };
                     let Some((name, blksize, tsize)) = parse_rrq(&bufs[i][..len]) else {
@@ -316,7 +327,7 @@ fn serve(a: &Args) -> Result<(), String> {
                 // ACKs: each moves its transfer on by one block.
                 let k = t as usize;
                 let Some(sock) = pool.get(k) else { continue };
-                let got = recv_batch(sock, &mut bufs);
+                let got = recv_batch(sock, &mut bufs, &mut rhdrs);
                 for (i, (len, from)) in got.into_iter().enumerate() {
                     let (Some(from), p) = (from, &bufs[i][..len]) else {
                         continue;
@@ -368,7 +379,7 @@ fn serve(a: &Args) -> Result<(), String> {
         }
         for (k, out) in outs.iter_mut().enumerate() {
             if !out.is_empty() {
-                send_batch(&pool[k], out, &xfers[k], batch);
+                send_batch(&pool[k], out, &xfers[k], batch, &mut shdrs);
                 out.clear();
             }
         }
