@@ -284,3 +284,115 @@ fn one_transfer(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::ClientConfig;
+    use crate::driver::FileSpec;
+    use crate::wire::{self, Packet, RequestOptions};
+    use std::sync::Arc;
+    use std::thread;
+
+    /// A lock-step server, a thread and a fresh socket per RRQ, no options; records
+    /// whether each client's ACKs came from the port its RRQ came from.
+    fn toy_server(content: Arc<[u8]>) -> (SocketAddr, Arc<AtomicBool>) {
+        let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
+        listener
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((_, peer)) = listener.recv_from(&mut buf) else {
+                    continue;
+                };
+                let content = content.clone();
+                thread::spawn(move || {
+                    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    sock.set_read_timeout(Some(Duration::from_millis(500)))
+                        .unwrap();
+                    let mut b = [0u8; 64];
+                    for blk in 1..=content.len() / 512 + 1 {
+                        let lo = (blk - 1) * 512;
+                        let mut pkt = vec![0, 3, (blk >> 8) as u8, blk as u8];
+                        pkt.extend_from_slice(&content[lo..(lo + 512).min(content.len())]);
+                        sock.send_to(&pkt, peer).unwrap();
+                        match sock.recv_from(&mut b) {
+                            Ok((n, from)) if from == peer => {
+                                assert!(matches!(wire::parse(&b[..n]), Ok(Packet::Ack { .. })));
+                            }
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        });
+        (addr, stop)
+    }
+
+    #[test]
+    fn independent_clients_complete_and_verify() {
+        let content: Arc<[u8]> = (0..5000u32).map(|i| (i * 11) as u8).collect();
+        let (addr, stop) = toy_server(content.clone());
+        let cfg = RunConfig {
+            server: addr,
+            n: 20,
+            concurrency: 6,
+            client: ClientConfig {
+                options: RequestOptions::default(),
+                timeout: Duration::from_millis(300),
+                retries: 3,
+                backoff: false,
+            },
+            files: vec![FileSpec {
+                name: "f".into(),
+                content,
+            }],
+            seed: 1,
+            max_time: Some(Duration::from_secs(20)),
+            loss: 0.0,
+            stall: Some(Duration::from_secs(5)),
+            put: None,
+        };
+        let mut stats = Stats::new();
+        run(&cfg, &mut stats).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(stats.counts.completed, 20, "{:?}", stats.failure_lines);
+        assert_eq!(stats.counts.launched, 20);
+        assert_eq!(stats.counts.payload_bytes, 20 * 5000);
+        assert_eq!(stats.counts.blocks, 20 * 10);
+    }
+
+    #[test]
+    fn a_silent_server_times_out_within_bounds() {
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cfg = RunConfig {
+            server: silent.local_addr().unwrap(),
+            n: 3,
+            concurrency: 3,
+            client: ClientConfig {
+                options: RequestOptions::default(),
+                timeout: Duration::from_millis(50),
+                retries: 2,
+                backoff: false,
+            },
+            files: vec![FileSpec {
+                name: "f".into(),
+                content: Arc::from(&b"x"[..]),
+            }],
+            seed: 1,
+            max_time: Some(Duration::from_secs(10)),
+            loss: 0.0,
+            stall: None,
+            put: None,
+        };
+        let mut stats = Stats::new();
+        let elapsed = run(&cfg, &mut stats).unwrap();
+        assert_eq!(stats.counts.failures.get("timeout"), Some(&3));
+        assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+    }
+}

@@ -397,3 +397,46 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(
+            parse_rrq(b"\0\x01f\0octet\0blksize\x001468\0tsize\x000\0"),
+            Some((&b"f"[..], Some(1468), true))
+        );
+        assert_eq!(
+            parse_rrq(b"\0\x01f\0octet\0"),
+            Some((&b"f"[..], None, false))
+        );
+        assert_eq!(parse_rrq(b"\0\x02f\0octet\0"), None);
+        assert_eq!(
+            parse_rrq(b"\0\x01f\0octet\0BLKSIZE\x0099999\0"),
+            Some((&b"f"[..], Some(MAX_BLKSIZE), false))
+        );
+    }
+
+    #[test]
+    fn the_last_block_is_the_short_one() {
+        let now = Instant::now();
+        let x = |len: usize, cur: u64| Xfer {
+            file: Arc::from(vec![0u8; len]),
+            blksize: 512,
+            cur,
+            oack: None,
+            last: now,
+            tx: now,
+        };
+        assert!(!x(1024, 0).at_end(), "the OACK is not the end");
+        assert!(
+            !x(1024, 2).at_end() && x(1024, 3).at_end(),
+            "an empty block 3 ends 1024 B"
+        );
+        assert_eq!(x(1000, 2).range(2), (512, 1000));
+        assert!(x(1000, 2).at_end());
+        assert!(x(0, 1).at_end());
+    }
+}
