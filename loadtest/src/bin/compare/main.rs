@@ -713,6 +713,8 @@ fn real_main(a: &Args) -> Result<bool, String> {
         if let Some(p) = &profile {
             let _ = fs::write(dir.join("ringtftpd-s1-profile.txt"), p);
         }
+        let instrument_notes =
+            std::fs::read_to_string(a.docs.join("benchmarks/instruments.md")).ok();
         let profile_notes =
             std::fs::read_to_string(a.docs.join("benchmarks/profile-notes.md")).ok();
         let md = report::markdown(&report::DocInput {
@@ -732,6 +734,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
             instructions: &instructions,
             profile: profile.as_deref(),
             profile_notes: profile_notes.as_deref(),
+            instrument_notes: instrument_notes.as_deref(),
             criterion: micro.as_ref(),
             charts: &charts,
             elapsed_s: started.elapsed().as_secs_f64(),

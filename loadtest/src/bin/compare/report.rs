@@ -374,6 +374,9 @@ pub struct DocInput<'a> {
     /// Hand-written notes on the profiles (docs/benchmarks/profile-notes.md),
     /// copied in after the profile.
     pub profile_notes: Option<&'a str>,
+    /// Hand-written notes on the instruments of issue 12 (docs/benchmarks/instruments.md:
+    /// newest peers, S3a, the lock-step floor, independent clients), kept across runs.
+    pub instrument_notes: Option<&'a str>,
     /// The criterion micro-benchmarks run for this invocation; None: not run.
     pub criterion: Option<&'a crate::criterion::Run>,
     pub charts: &'a [(String, String)],
@@ -740,6 +743,9 @@ pub fn markdown(d: &DocInput<'_>) -> String {
         let _ = writeln!(s, "```\n{}```\n", p);
     }
     if let Some(notes) = d.profile_notes {
+        let _ = writeln!(s, "{}\n", notes.trim_end());
+    }
+    if let Some(notes) = d.instrument_notes {
         let _ = writeln!(s, "{}\n", notes.trim_end());
     }
 
@@ -1263,6 +1269,7 @@ mod tests {
             instructions: &[],
             profile: None,
             profile_notes: Some("## What the profiles changed\n\nnotes\n"),
+            instrument_notes: None,
             criterion: None,
             charts: &[("c".into(), "benchmarks/c.png".into())],
             elapsed_s: 60.0,
@@ -1354,6 +1361,7 @@ mod tests {
                 instructions: &instructions,
                 profile: Some("profile\n"),
                 profile_notes: None,
+                instrument_notes: None,
                 criterion: c,
                 charts: &[],
                 elapsed_s: 1.0,
