@@ -4,20 +4,26 @@
 //! blast (`floor`).
 //!
 //! It speaks just enough TFTP for `loadtest`'s client: an RRQ (octet or netascii, served
-//! as octet) for a file of ROOT, read wholly into memory at start, is answered from one
-//! of `--sockets` transfer sockets (never the listening one) with an OACK granting
-//! `blksize` (and `tsize`, when asked; `windowsize` is ignored: lock-step only) or, without
-//! options, DATA 1; ACK n is answered with DATA n+1 (block numbers roll over), the ACK of
-//! the short final block ends the transfer, anything else is ignored. A transfer socket
-//! serves many transfers, told apart by the client's address and port, so that one
-//! `recvmmsg` takes the ACKs of many clients and one `sendmmsg` sends their next blocks
-//! (each DATA is its 4-byte header and a slice of the file in memory: no copy). That is
-//! where it is cheaper than RFC 1350 asks (one fresh port per transfer), and so a floor,
-//! not a server: no policy, no logging, no retransmission timer worth the name (the block
-//! in flight is resent after 1 s of silence, a transfer forgotten after 10 s), IPv4 only.
+//! as octet) for a file of ROOT, read wholly into memory at start, is answered from the one
+//! transfer socket (never the listening one) with an OACK granting `blksize` (and `tsize`,
+//! when asked; `windowsize` is ignored: lock-step only) or, without options, DATA 1; ACK n
+//! is answered with DATA n+1 (block numbers roll over), the ACK of the short final block
+//! ends the transfer, anything else is ignored.
 //!
-//! One thread; epoll over the listener and the transfer sockets, level-triggered. Ends on
-//! SIGTERM/SIGINT (the default action) or after `--max-seconds`. Loopback only.
+//! Two system calls per wake-up, whatever the client pattern: the main thread sleeps in a
+//! blocking `recvmmsg(MSG_WAITFORONE)` on the transfer socket, which returns every ACK
+//! queued (up to `--batch`), and answers them all with one `sendmmsg` (each DATA is its
+//! 4-byte header and a slice of the file in memory: no copy; the `mmsghdr` arrays are kept
+//! across calls). Requests are taken by a second thread blocked on the listening socket,
+//! which adds the transfer to the shared table (a mutex, uncontended in practice) and sends
+//! the first reply from the transfer socket. All transfers share that socket, told apart by
+//! the client's address and port: that is where it is cheaper than RFC 1350 asks (one fresh
+//! port per transfer), and why it is a floor, not a server. No policy, no logging, no
+//! retransmission timer worth the name (the block in flight is resent after 1 s of silence,
+//! a transfer forgotten after 10 s), IPv4 only.
+//!
+//! Every wait is bounded (200 ms receive timeouts); ends on SIGTERM/SIGINT (the default
+//! action) or after `--max-seconds`. Loopback only.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -26,11 +32,11 @@ use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{
     MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg, setsockopt, sockopt,
 };
@@ -45,9 +51,6 @@ struct Args {
     /// Listening address (IPv4; loopback).
     #[arg(long, default_value = "127.0.0.1:6969")]
     address: SocketAddrV4,
-    /// Transfer sockets; transfers are spread over them round-robin.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    sockets: u16,
     /// Datagrams per recvmmsg/sendmmsg call at most.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
     batch: u16,
@@ -124,25 +127,24 @@ fn socket(addr: SocketAddrV4) -> Result<UdpSocket, String> {
     if setsockopt(&s, sockopt::RcvBufForce, &RCVBUF).is_err() {
         let _ = setsockopt(&s, sockopt::RcvBuf, &RCVBUF);
     }
+    // Room for a DATA in flight to each of thousands of clients.
+    if setsockopt(&s, sockopt::SndBufForce, &RCVBUF).is_err() {
+        let _ = setsockopt(&s, sockopt::SndBuf, &RCVBUF);
+    }
     Ok(s)
 }
 
-/// Receives up to `batch` datagrams without waiting: (length, source) each, bytes in `bufs`.
+/// Receives up to `bufs.len()` datagrams: (length, source) each, bytes in `bufs`.
 /// `hdrs` is kept across calls (no allocation per call), sized for `bufs`.
 fn recv_batch(
     sock: &UdpSocket,
     bufs: &mut [Vec<u8>],
     hdrs: &mut MultiHeaders<SockaddrIn>,
+    flags: MsgFlags,
 ) -> Vec<(usize, Option<SocketAddrV4>)> {
     let mut slices: Vec<[IoSliceMut<'_>; 1]> =
         bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
-    match recvmmsg(
-        sock.as_raw_fd(),
-        hdrs,
-        slices.iter_mut(),
-        MsgFlags::MSG_DONTWAIT,
-        None,
-    ) {
+    match recvmmsg(sock.as_raw_fd(), hdrs, slices.iter_mut(), flags, None) {
         Ok(r) => r
             .map(|m| {
                 (
@@ -243,147 +245,148 @@ fn error(code: u16, msg: &str) -> Vec<u8> {
     v
 }
 
+/// The first reply to a new transfer: its OACK, or DATA 1 when no option was asked.
+fn first_reply(x: &Xfer) -> Vec<u8> {
+    match &x.oack {
+        Some(o) => o.clone(),
+        None => {
+            let (lo, hi) = x.range(1);
+            let mut v = vec![0, 3, 0, 1];
+            v.extend_from_slice(&x.file[lo..hi]);
+            v
+        }
+    }
+}
+
+/// The listener thread: each RRQ becomes a transfer on the transfer socket, whose first
+/// reply leaves from it (a new TID for the client, not the listening port).
+fn listen(
+    listener: &UdpSocket,
+    xsock: &UdpSocket,
+    files: &HashMap<Vec<u8>, Arc<[u8]>>,
+    xfers: &Mutex<HashMap<SocketAddrV4, Xfer>>,
+    stop: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        // SO_RCVTIMEO (200 ms) bounds the wait, so `stop` is seen.
+        let Ok((len, std::net::SocketAddr::V4(from))) = listener.recv_from(&mut buf) else {
+            continue;
+        };
+        let Some((name, blksize, tsize)) = parse_rrq(&buf[..len]) else {
+            continue;
+        };
+        let Some(file) = files.get(name) else {
+            let _ = listener.send_to(&error(1, "File not found"), from);
+            continue;
+        };
+        let oack = (blksize.is_some() || tsize).then(|| {
+            let mut o = vec![0u8, 6];
+            if let Some(b) = blksize {
+                o.extend_from_slice(format!("blksize\0{b}\0").as_bytes());
+            }
+            if tsize {
+                o.extend_from_slice(format!("tsize\0{}\0", file.len()).as_bytes());
+            }
+            o
+        });
+        let now = Instant::now();
+        let x = Xfer {
+            file: file.clone(),
+            blksize: blksize.unwrap_or(512),
+            cur: u64::from(oack.is_none()),
+            oack,
+            last: now,
+            tx: now,
+        };
+        let first = first_reply(&x);
+        if let Ok(mut m) = xfers.lock() {
+            m.insert(from, x);
+        }
+        let _ = xsock.send_to(&first, from);
+    }
+}
+
 fn serve(a: &Args) -> Result<(), String> {
     if !a.max_seconds.is_finite() || a.max_seconds <= 0.0 {
         return Err("--max-seconds must be positive".into());
     }
     let files = load_root(&a.root)?;
     let listener = socket(a.address)?;
-    let pool: Vec<UdpSocket> = (0..a.sockets)
-        .map(|_| socket(SocketAddrV4::new(*a.address.ip(), 0)))
-        .collect::<Result<_, _>>()?;
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| e.to_string())?;
-    epoll
-        .add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, u64::MAX))
-        .map_err(|e| e.to_string())?;
-    for (i, s) in pool.iter().enumerate() {
-        epoll
-            .add(s, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+    let xsock = socket(SocketAddrV4::new(*a.address.ip(), 0))?;
+    for s in [&listener, &xsock] {
+        // Blocking, with a bound: each wait ends within 200 ms to see the deadline.
+        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))
             .map_err(|e| e.to_string())?;
     }
+    let xfers: Mutex<HashMap<SocketAddrV4, Xfer>> = Mutex::new(HashMap::new());
+    let stop = AtomicBool::new(false);
     let batch = usize::from(a.batch);
-    let mut bufs = vec![vec![0u8; 2048]; batch];
-    let mut rhdrs = MultiHeaders::<SockaddrIn>::preallocate(batch, None);
-    let mut shdrs = MultiHeaders::<SockaddrIn>::preallocate(batch, None);
-    let mut xfers: Vec<HashMap<SocketAddrV4, Xfer>> =
-        (0..pool.len()).map(|_| HashMap::new()).collect();
-    let mut outs: Vec<Vec<Out>> = (0..pool.len()).map(|_| Vec::new()).collect();
-    let mut events = vec![EpollEvent::empty(); pool.len() + 1];
-    let mut next_sock = 0usize;
-    let start = Instant::now();
-    let stop = Duration::from_secs_f64(a.max_seconds);
-    let mut last_sweep = Instant::now();
-    while start.elapsed() < stop {
-        let n = match epoll.wait(&mut events, EpollTimeout::from(200u16)) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => 0,
-            Err(e) => return Err(format!("epoll_wait: {e}")),
-        };
-        let now = Instant::now();
-        for ev in &events[..n] {
-            let t = ev.data();
-            if t == u64::MAX {
-                // Requests: each gets a transfer socket, round-robin, and its first reply.
-                let got = recv_batch(&listener, &mut bufs, &mut rhdrs);
-                for (i, (len, from)) in got.into_iter().enumerate() {
-                    let Some(from) = from else { continue };
-                    let Some((name, blksize, tsize)) = parse_rrq(&bufs[i][..len]) else {
-                        continue;
-                    };
-                    let Some(file) = files.get(name) else {
-                        let _ = listener.send_to(&error(1, "File not found"), from);
-                        continue;
-                    };
-                    let k = next_sock % pool.len();
-                    next_sock = next_sock.wrapping_add(1);
-                    let oack = (blksize.is_some() || tsize).then(|| {
-                        let mut o = vec![0u8, 6];
-                        if let Some(b) = blksize {
-                            o.extend_from_slice(format!("blksize\0{b}\0").as_bytes());
-                        }
-                        if tsize {
-                            o.extend_from_slice(format!("tsize\0{}\0", file.len()).as_bytes());
-                        }
-                        o
-                    });
-                    let cur = u64::from(oack.is_none());
-                    xfers[k].insert(
-                        from,
-                        Xfer {
-                            file: file.clone(),
-                            blksize: blksize.unwrap_or(512),
-                            cur,
-                            oack,
-                            last: now,
-                            tx: now,
-                        },
-                    );
-                    outs[k].push(Out {
-                        to: from,
-                        block: cur,
-                    });
+    let deadline = Duration::from_secs_f64(a.max_seconds);
+    std::thread::scope(|sc| {
+        sc.spawn(|| listen(&listener, &xsock, &files, &xfers, &stop));
+        let mut bufs = vec![vec![0u8; 2048]; batch];
+        let mut rhdrs = MultiHeaders::<SockaddrIn>::preallocate(batch, None);
+        let mut shdrs = MultiHeaders::<SockaddrIn>::preallocate(batch, None);
+        let mut out: Vec<Out> = Vec::with_capacity(batch);
+        let start = Instant::now();
+        let mut last_sweep = start;
+        while start.elapsed() < deadline {
+            // Sleeps until one ACK is there, then takes every one queued (MSG_WAITFORONE).
+            let got = recv_batch(&xsock, &mut bufs, &mut rhdrs, MsgFlags::MSG_WAITFORONE);
+            let now = Instant::now();
+            let Ok(mut m) = xfers.lock() else { break };
+            for (i, (len, from)) in got.into_iter().enumerate() {
+                let (Some(from), p) = (from, &bufs[i][..len]) else {
+                    continue;
+                };
+                if p.len() < 4 || p[0] != 0 {
+                    continue;
                 }
-            } else {
-                // ACKs: each moves its transfer on by one block.
-                let k = t as usize;
-                let Some(sock) = pool.get(k) else { continue };
-                let got = recv_batch(sock, &mut bufs, &mut rhdrs);
-                for (i, (len, from)) in got.into_iter().enumerate() {
-                    let (Some(from), p) = (from, &bufs[i][..len]) else {
-                        continue;
-                    };
-                    if p.len() < 4 || p[0] != 0 {
-                        continue;
-                    }
-                    let Some(x) = xfers[k].get_mut(&from) else {
-                        continue;
-                    };
-                    match p[1] {
-                        4 if u16::from_be_bytes([p[2], p[3]]) == x.cur as u16 => {
-                            if x.at_end() {
-                                xfers[k].remove(&from);
-                                continue;
-                            }
-                            x.cur += 1;
-                            x.oack = None;
-                            x.last = now;
-                            x.tx = now;
-                            outs[k].push(Out {
-                                to: from,
-                                block: x.cur,
-                            });
+                let Some(x) = m.get_mut(&from) else { continue };
+                match p[1] {
+                    4 if u16::from_be_bytes([p[2], p[3]]) == x.cur as u16 => {
+                        if x.at_end() {
+                            m.remove(&from);
+                            continue;
                         }
-                        5 => {
-                            xfers[k].remove(&from);
-                        }
-                        // A duplicate ACK is not answered (RFC 1123 §4.2.3.1).
-                        _ => {}
+                        x.cur += 1;
+                        x.oack = None;
+                        x.last = now;
+                        x.tx = now;
+                        out.push(Out {
+                            to: from,
+                            block: x.cur,
+                        });
                     }
+                    5 => {
+                        m.remove(&from);
+                    }
+                    // A duplicate ACK is not answered (RFC 1123 §4.2.3.1).
+                    _ => {}
                 }
             }
-        }
-        if now.duration_since(last_sweep) >= Duration::from_millis(200) {
-            last_sweep = now;
-            for (k, map) in xfers.iter_mut().enumerate() {
-                map.retain(|_, x| now.duration_since(x.last) < FORGET);
-                for (to, x) in map.iter_mut() {
+            if now.duration_since(last_sweep) >= Duration::from_millis(200) {
+                last_sweep = now;
+                m.retain(|_, x| now.duration_since(x.last) < FORGET);
+                for (to, x) in m.iter_mut() {
                     if now.duration_since(x.tx) >= RESEND {
                         x.tx = now;
-                        outs[k].push(Out {
+                        out.push(Out {
                             to: *to,
                             block: x.cur,
                         });
                     }
                 }
             }
-        }
-        for (k, out) in outs.iter_mut().enumerate() {
             if !out.is_empty() {
-                send_batch(&pool[k], out, &xfers[k], batch, &mut shdrs);
+                send_batch(&xsock, &out, &m, batch, &mut shdrs);
                 out.clear();
             }
         }
-    }
+        stop.store(true, Ordering::Relaxed);
+    });
     Ok(())
 }
 
