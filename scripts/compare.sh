@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Benchmarks ringtftpd beside tftpd-hpa, atftpd and dnsmasq on loopback and writes
-# docs/benchmarks.md, docs/benchmarks/*.png and docs/benchmarks/raw.jsonl.
+# Benchmarks ringtftpd beside tftpd-hpa, atftpd and dnsmasq (Debian stable's, and the newest
+# releases from Debian unstable: tftpd-hpa 7.x, dnsmasq 2.93, atftpd 0.8.1) and loadtest's
+# lock-step floor server on loopback and writes docs/benchmarks.md, docs/benchmarks/*.png
+# and docs/benchmarks/raw.jsonl.
 #
 # Usage:
 #   scripts/compare.sh             full run: the criterion micro-benchmarks (benches/*.rs),
-#                                  then S1-S7 x 3 repetitions x 4 servers (S7 uploads: not dnsmasq), plus syscall
-#                                  counts, instruction counts and a profile (about 15-25 min)
+#                                  then S1-S7 and S3a x 3 repetitions x 8 servers (S7 uploads: not dnsmasq nor
+#                                  the floor), plus syscall counts, instruction counts and a profile
+#                                  (about 30-45 min; --budget 2700 s of measuring)
 #   scripts/compare.sh --quick     smoke test: ringtftpd alone (and --single-port), tiny sizes, checks that every
 #                                  transfer completes byte-exact, asserts no timing (seconds)
 #   Any other arguments go to the `compare` binary (see `target/release/compare --help`),
-#   e.g. --scenarios S1,S2 --servers ringtftpd,dnsmasq --reps 1 --no-extras.
+#   e.g. --scenarios S1,S2 --servers ringtftpd,dnsmasq --reps 1 --no-extras,
+#   or --client-style both (each scenario also as S1i, S2i, ...: loadtest --client-style independent).
 #
 # The full run needs root: it installs what is missing from Debian (tftpd-hpa and
 # dnsmasq-base with a policy-rc.d that keeps any service from starting; atftpd, which
@@ -25,6 +29,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT_DIR=$(pwd)
+# Cargo's output directory (CARGO_TARGET_DIR when set, as in a worktree sharing a build dir).
+TARGET=${CARGO_TARGET_DIR:-$ROOT_DIR/target}
 
 quick=0
 for a in "$@"; do
@@ -37,7 +43,7 @@ if [[ $quick == 1 ]]; then
     # The test command has just built the dev profile: reuse it rather than build release.
     say "cargo build --workspace (dev profile)"
     cargo build --workspace --bins -q
-    exec target/debug/compare --bin-dir target/debug "$@"
+    exec "$TARGET/debug/compare" --bin-dir "$TARGET/debug" "$@"
 fi
 
 export DEBIAN_FRONTEND=noninteractive
@@ -82,7 +88,7 @@ command -v taskset >/dev/null || apt_install util-linux
 [[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || apt_install fonts-dejavu-core \
     || say "no font: charts will be skipped"
 
-PEERS=$ROOT_DIR/target/peers
+PEERS=$TARGET/peers
 mkdir -p "$PEERS"
 
 # atftpd conflicts with tftpd-hpa as a package: unpack Debian's binary instead.
@@ -96,6 +102,22 @@ fi
 if [[ -x $ATFTPD ]] && ldd "$ATFTPD" | grep -q 'not found'; then
     # Its libraries (libwrap0, libpcre2-8-0) come with tftpd-hpa on most systems.
     apt_install libwrap0 libpcre2-8-0 || true
+fi
+
+# The newest releases from Debian unstable (issue 12), run with unstable's loader and
+# libraries unpacked beside them: tftpd-hpa 7.x, dnsmasq 2.93, atftpd 0.8.1. One that
+# cannot be fetched is skipped with the reason (compare then reports it as skipped).
+# COMPARE_NEWEST=0 skips them.
+peer_args=()
+if [[ ${COMPARE_NEWEST:-1} != 0 ]]; then
+    for spec in tftpd-hpa-7:peer-hpa7.sh dnsmasq-2.93:peer-dnsmasq.sh atftpd-0.8.1:peer-atftpd.sh; do
+        kind=${spec%%:*} script=${spec#*:}
+        if cmd=$(timeout 300 "scripts/$script" 2>"$PEERS/$kind.log"); then
+            peer_args+=(--peer "$kind=$cmd")
+        else
+            say "SKIP $kind: scripts/$script failed: $(tail -1 "$PEERS/$kind.log" 2>/dev/null)"
+        fi
+    done
 fi
 
 # Instruction counts use callgrind; valgrind before 3.21 does not know openat2, which
@@ -139,7 +161,7 @@ fi
 say "cargo build --release --workspace"
 cargo build --release --workspace -q
 
-args=(--atftpd "$ATFTPD" --command "scripts/compare.sh${*:+ $*}")
+args=(--atftpd "$ATFTPD" "${peer_args[@]}" --command "scripts/compare.sh${*:+ $*}")
 [[ -n $VALGRIND ]] && args+=(--valgrind "$VALGRIND")
 
 # Criterion micro-benchmarks, on the CPU the servers will use (as `compare` picks it: 1 when
@@ -167,7 +189,7 @@ if [[ ${COMPARE_CRITERION:-1} != 0 ]]; then
         # Criterion reports on stdout; keep compare's stdout for its summary.
         "${bench_cmd[@]}" >&2 || status=$?
         say "micro-benchmarks done in $(($(date +%s) - since)) s"
-        args+=(--criterion-dir target/criterion --criterion-since "$since"
+        args+=(--criterion-dir "$TARGET/criterion" --criterion-since "$since"
                --criterion-command "${bench_cmd[*]}")
         if [[ $status != 0 ]]; then
             say "the micro-benchmarks failed (exit status $status): going on without the rest of them"
@@ -179,4 +201,4 @@ if [[ ${COMPARE_CRITERION:-1} != 0 ]]; then
     fi
 fi
 
-exec target/release/compare "${args[@]}" "$@"
+exec "$TARGET/release/compare" "${args[@]}" "$@"

@@ -10,12 +10,14 @@
 //! setup error.
 //!
 //! Layout: `wire` (client-side codec), `client` (one download, sans-IO), `upload` (one
-//! upload, sans-IO), `pattern` (upload content), `driver` (the epoll loop), `stats`
-//! (counters, histograms, report).
+//! upload, sans-IO), `pattern` (upload content), `driver` (the epoll loop, the default
+//! "batched" client style), `independent` (`--client-style independent`: a blocking,
+//! connected socket per client thread), `stats` (counters, histograms, report).
 #![forbid(unsafe_code)]
 
 mod client;
 mod driver;
+mod independent;
 mod pattern;
 mod stats;
 mod upload;
@@ -113,6 +115,28 @@ struct Args {
     /// retransmission on a lossless loopback.
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
+    /// How the clients behave. batched: one thread, epoll over every socket, the DATA of
+    /// all ready sockets taken per wake-up and their ACKs sent together. independent: one
+    /// thread per client (at most 4096) with a blocking socket, connect(2)ed to the server's
+    /// TID after its first reply, one recv per wake-up, each ACK sent at once, a fresh port
+    /// per transfer; downloads only, no --loss (see src/independent.rs).
+    #[arg(long, value_enum, default_value_t = ClientStyle::Batched)]
+    client_style: ClientStyle,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientStyle {
+    Batched,
+    Independent,
+}
+
+impl ClientStyle {
+    fn name(self) -> &'static str {
+        match self {
+            ClientStyle::Batched => "batched",
+            ClientStyle::Independent => "independent",
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -294,11 +318,19 @@ fn run(args: &Args) -> Result<bool, String> {
         backoff: args.backoff,
         loss: args.loss,
         put: put.is_some(),
+        client_style: args.client_style.name(),
     };
 
     let mut stats = Stats::new();
     let cpu0 = cpu_now()?;
-    let elapsed = driver::run(&cfg, &mut stats).map_err(|e| format!("event loop: {e}"))?;
+    let elapsed = match args.client_style {
+        ClientStyle::Batched => {
+            driver::run(&cfg, &mut stats).map_err(|e| format!("event loop: {e}"))?
+        }
+        ClientStyle::Independent => {
+            independent::run(&cfg, &mut stats).map_err(|e| format!("independent clients: {e}"))?
+        }
+    };
     let cpu1 = cpu_now()?;
     let cpu = Cpu {
         user: cpu1.user.saturating_sub(cpu0.user),

@@ -160,6 +160,8 @@ pub struct RunInfo {
     pub loss: f64,
     /// Uploads (WRQ) instead of downloads.
     pub put: bool,
+    /// `--client-style`: "batched" (one epoll thread) or "independent" (thread per client).
+    pub client_style: &'static str,
 }
 
 /// Client CPU over the run (getrusage RUSAGE_SELF deltas).
@@ -283,6 +285,7 @@ impl Report {
             "cpu_pct": round3(self.cpu_pct),
             "cpu_us_per_block": round3(self.cpu_us_per_block),
         });
+        v["client_style"] = json!(self.info.client_style);
         v["direction"] = json!(if self.info.put { "put" } else { "get" });
         v
     }
@@ -308,7 +311,7 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "loadtest {}{}  {}  n={} c={} blksize={} windowsize={} tsize={} timeout={}s retries={}{}",
+            "loadtest {}{}  {}  n={} c={} blksize={} windowsize={} tsize={} timeout={}s retries={}{} client-style={}",
             if i.put { "put " } else { "" },
             i.server,
             files,
@@ -319,7 +322,8 @@ impl Report {
             if i.tsize { "yes" } else { "no" },
             i.timeout_s,
             i.retries,
-            if i.backoff { " backoff" } else { "" }
+            if i.backoff { " backoff" } else { "" },
+            i.client_style
         );
         if i.loss > 0.0 {
             let _ = writeln!(s, "  simulated loss       {} per datagram", i.loss);
@@ -426,6 +430,7 @@ mod tests {
             backoff: false,
             loss: 0.0,
             put: false,
+            client_style: "batched",
         }
     }
 

@@ -37,20 +37,27 @@ use server::{Kind, Server};
 #[derive(Parser, Debug)]
 #[command(
     name = "compare",
-    about = "Benchmark ringtftpd beside tftpd-hpa, atftpd and dnsmasq on loopback"
+    about = "Benchmark ringtftpd beside tftpd-hpa, atftpd and dnsmasq (stable and newest) and a lock-step floor on loopback"
 )]
 struct Args {
     /// Tiny sizes, ringtftpd only (both ways), one repetition, no docs: a correctness smoke test.
     #[arg(long)]
     quick: bool,
-    /// Servers to run, comma-separated (default: all four; with --quick: ringtftpd and
-    /// ringtftpd-single-port); also
+    /// Servers to run, comma-separated (default: ringtftpd, tftpd-hpa, atftpd, dnsmasq,
+    /// tftpd-hpa-7, dnsmasq-2.93, atftpd-0.8.1 and floor, the newest peers skipped unless
+    /// given with --peer; with --quick: ringtftpd, ringtftpd-single-port and floor); also
     /// ringtftpd-single-port and dnsmasq-single-port (every transfer on the listening port).
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
-    /// Scenarios to run, comma-separated (default: S1..S7).
+    /// Scenarios to run, comma-separated (default: S1, S2, S3, S3a, S4..S7).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Client pattern: batched (loadtest's epoll driver, the default), independent (each
+    /// scenario as `{id}i`: a thread and a blocking connected socket per client, one recv
+    /// per wake-up; see loadtest/src/independent.rs) or both (each scenario both ways).
+    /// Scenarios independent clients cannot run (S6: 10,000 threads; S7 uploads) stay batched.
+    #[arg(long, value_parser = ["batched", "independent", "both"], default_value = "batched")]
+    client_style: String,
     /// Repetitions per scenario and server (default 3; 1 with --quick).
     #[arg(long)]
     reps: Option<u32>,
@@ -66,6 +73,12 @@ struct Args {
     atftpd: Option<PathBuf>,
     #[arg(long, default_value = "/usr/sbin/dnsmasq")]
     dnsmasq: PathBuf,
+    /// A newest-release peer and the command that runs it, as `KIND=COMMAND`, e.g.
+    /// `tftpd-hpa-7="$(scripts/peer-hpa7.sh)"` (also dnsmasq-2.93, atftpd-0.8.1; the
+    /// command is the loader, `--library-path DIR` and the binary). Repeatable; a peer
+    /// named in --servers without one is skipped.
+    #[arg(long)]
+    peer: Vec<String>,
     /// valgrind able to run the servers (3.21+ for openat2); without it no instruction counts.
     #[arg(long)]
     valgrind: Option<PathBuf>,
@@ -85,7 +98,7 @@ struct Args {
     #[arg(long)]
     client_cpu: Option<usize>,
     /// Stop launching measured runs after this many seconds (the rest are recorded as skipped).
-    #[arg(long, default_value_t = 1320)]
+    #[arg(long, default_value_t = 2700)]
     budget: u64,
     /// Before each measured run, wait up to this many seconds for the machine to go quiet
     /// (less than 0.3 CPUs busy): other people's jobs on a shared machine skew every figure.
@@ -140,8 +153,11 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| executable(p))
 }
 
-fn first_line(cmd: &Path, arg: &str) -> Option<String> {
+/// The first non-empty line `argv` (program first) and `arg` print.
+fn first_line(argv: &[String], arg: &str) -> Option<String> {
+    let (cmd, pre) = argv.split_first()?;
     let out = Command::new(cmd)
+        .args(pre)
         .arg(arg)
         .stdin(Stdio::null())
         .output()
@@ -212,18 +228,47 @@ fn real_main(a: &Args) -> Result<bool, String> {
             let s = all
                 .iter()
                 .find(|s| s.id.eq_ignore_ascii_case(id))
-                .ok_or_else(|| format!("unknown scenario {id} (S1..S7)"))?;
+                .ok_or_else(|| format!("unknown scenario {id} (S1..S7, S3a)"))?;
             v.push(s.clone());
         }
         v
+    };
+    let scenarios: Vec<Scenario> = match a.client_style.as_str() {
+        // The smoke test also runs S1 with independent clients: that driver is checked too.
+        "batched" if a.quick && a.scenarios.is_empty() => {
+            let extra = scenarios
+                .iter()
+                .find(|s| s.id == "S1")
+                .and_then(Scenario::with_independent_clients);
+            scenarios.into_iter().chain(extra).collect()
+        }
+        "batched" => scenarios,
+        style => {
+            let mut v = Vec::new();
+            for sc in scenarios {
+                let ind = sc.with_independent_clients();
+                if ind.is_none() {
+                    log(&format!(
+                        "{}: independent clients cannot run it (uploads, or over 4096 clients): batched only",
+                        sc.id
+                    ));
+                }
+                if style == "both" || ind.is_none() {
+                    v.push(sc);
+                }
+                v.extend(ind);
+            }
+            v
+        }
     };
     let reps = a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1);
 
     // Servers.
     let wanted: Vec<Kind> = if a.servers.is_empty() {
         if a.quick {
-            // Both ways of running: single port shares none of the socket pool's code paths.
-            vec![Kind::Ringtftpd, Kind::RingtftpdSinglePort]
+            // Both ways of running: single port shares none of the socket pool's code paths;
+            // and the lock-step floor, built with them, so the instrument is checked too.
+            vec![Kind::Ringtftpd, Kind::RingtftpdSinglePort, Kind::Floor]
         } else {
             server::ALL.to_vec()
         }
@@ -237,21 +282,43 @@ fn real_main(a: &Args) -> Result<bool, String> {
     let mut skipped: Vec<(String, String)> = Vec::new();
     let mut versions: Vec<(String, String)> = Vec::new();
     for k in wanted {
-        let bin = match k.base() {
-            Kind::Ringtftpd => a
-                .ringtftpd
-                .clone()
-                .unwrap_or_else(|| bin_dir.join("ringtftpd")),
-            Kind::TftpdHpa => a.tftpd_hpa.clone(),
-            Kind::Atftpd => a
-                .atftpd
-                .clone()
-                .or_else(|| which("atftpd"))
-                .unwrap_or_else(|| PathBuf::from("atftpd")),
-            Kind::Dnsmasq => a.dnsmasq.clone(),
-            _ => unreachable!("base() is one of the four programs"),
+        // A newest peer comes as the command prefix its fetch script printed: the loader,
+        // `--library-path DIR` and the binary last.
+        let mut prefix: Vec<String> = Vec::new();
+        let bin = if k.is_newest_peer() {
+            let given = a
+                .peer
+                .iter()
+                .find_map(|p| p.strip_prefix(k.name()).and_then(|r| r.strip_prefix('=')));
+            let Some(cmd) = given else {
+                skipped.push((
+                    k.name().into(),
+                    "not fetched: no --peer for it (scripts/compare.sh passes what \
+                     scripts/peer-hpa7.sh, peer-dnsmasq.sh and peer-atftpd.sh print)"
+                        .into(),
+                ));
+                continue;
+            };
+            prefix = cmd.split_whitespace().map(String::from).collect();
+            PathBuf::from(prefix.pop().unwrap_or_default())
+        } else {
+            match k.base() {
+                Kind::Ringtftpd => a
+                    .ringtftpd
+                    .clone()
+                    .unwrap_or_else(|| bin_dir.join("ringtftpd")),
+                Kind::TftpdHpa => a.tftpd_hpa.clone(),
+                Kind::Atftpd => a
+                    .atftpd
+                    .clone()
+                    .or_else(|| which("atftpd"))
+                    .unwrap_or_else(|| PathBuf::from("atftpd")),
+                Kind::Dnsmasq => a.dnsmasq.clone(),
+                Kind::Floor => bin_dir.join("lockstep-floor"),
+                _ => unreachable!("base() is one of the five programs"),
+            }
         };
-        if !executable(&bin) {
+        if !executable(&bin) || prefix.first().is_some_and(|l| !executable(Path::new(l))) {
             skipped.push((
                 k.name().into(),
                 format!("{} not found or not executable", bin.display()),
@@ -265,17 +332,20 @@ fn real_main(a: &Args) -> Result<bool, String> {
             ));
             continue;
         }
+        let mut argv: Vec<String> = prefix.clone();
+        argv.push(bin.display().to_string());
         let v = match k.base() {
-            Kind::TftpdHpa => first_line(&bin, "-V"),
+            Kind::TftpdHpa => first_line(&argv, "-V"),
             Kind::Atftpd => {
-                first_line(&bin, "--version").or_else(|| Some("(version not reported)".into()))
+                first_line(&argv, "--version").or_else(|| Some("(version not reported)".into()))
             }
-            _ => first_line(&bin, "--version"),
+            _ => first_line(&argv, "--version"),
         };
         versions.push((k.name().into(), v.unwrap_or_default()));
         servers.push(Server {
             kind: k,
             binary: bin,
+            prefix,
         });
     }
     for (who, why) in &skipped {
@@ -643,6 +713,8 @@ fn real_main(a: &Args) -> Result<bool, String> {
         if let Some(p) = &profile {
             let _ = fs::write(dir.join("ringtftpd-s1-profile.txt"), p);
         }
+        let instrument_notes =
+            std::fs::read_to_string(a.docs.join("benchmarks/instruments.md")).ok();
         let profile_notes =
             std::fs::read_to_string(a.docs.join("benchmarks/profile-notes.md")).ok();
         let md = report::markdown(&report::DocInput {
@@ -662,6 +734,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
             instructions: &instructions,
             profile: profile.as_deref(),
             profile_notes: profile_notes.as_deref(),
+            instrument_notes: instrument_notes.as_deref(),
             criterion: micro.as_ref(),
             charts: &charts,
             elapsed_s: started.elapsed().as_secs_f64(),
@@ -785,12 +858,14 @@ fn progress_line(r: &Value) -> String {
     )
 }
 
+/// The summary table: medians, with ratios to tftpd-hpa 5.2 (the incumbent) and to the
+/// lock-step floor ("floor" server) measured in the same scenario of the same run.
 fn summary_text(scenarios: &[Scenario], aggs: &[Agg], floor_us: Option<f64>) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<4} {:<21} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>7}",
+        "{:<4} {:<21} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7}",
         "scen",
         "server",
         "transfers/s",
@@ -800,14 +875,27 @@ fn summary_text(scenarios: &[Scenario], aggs: &[Agg], floor_us: Option<f64>) -> 
         "completed",
         "CPU s/GB",
         "us/block",
-        "×floor",
+        "×blast",
+        "×lsfloor",
+        "MB/s×hpa",
+        "CPU×hpa",
         "drops"
     );
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
     for sc in scenarios {
+        let of = |name: &str| {
+            aggs.iter()
+                .find(|a| a.scenario == sc.id && a.server == name)
+        };
+        let hpa = of("tftpd-hpa");
+        let lsfloor = of("floor");
         for a in aggs.iter().filter(|a| a.scenario == sc.id) {
             let _ = writeln!(
                 s,
-                "{:<4} {:<21} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>7}",
+                "{:<4} {:<21} {:>11} {:>8} {:>9} {:>9} {:>13} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7}",
                 sc.id,
                 a.server,
                 sig3(a.transfers_per_s),
@@ -817,10 +905,13 @@ fn summary_text(scenarios: &[Scenario], aggs: &[Agg], floor_us: Option<f64>) -> 
                 format!("{}/{}", a.completed, a.asked),
                 sig3(a.cpu_s_per_gb),
                 sig3(a.cpu_us_per_block),
-                sig3(match (a.cpu_us_per_block, floor_us) {
-                    (Some(x), Some(f)) if f > 0.0 => Some(x / f),
-                    _ => None,
-                }),
+                sig3(ratio(a.cpu_us_per_block, floor_us)),
+                sig3(ratio(
+                    a.cpu_us_per_block,
+                    lsfloor.and_then(|f| f.cpu_us_per_block)
+                )),
+                sig3(ratio(a.mb_per_s, hpa.and_then(|h| h.mb_per_s))),
+                sig3(ratio(a.cpu_s_per_gb, hpa.and_then(|h| h.cpu_s_per_gb))),
                 a.listen_drops.map_or("–".into(), |d| d.to_string()),
             );
         }
@@ -828,9 +919,16 @@ fn summary_text(scenarios: &[Scenario], aggs: &[Agg], floor_us: Option<f64>) -> 
     if let Some(f) = floor_us {
         let _ = writeln!(
             s,
-            "floor: {f:.3} us CPU per 1472-byte datagram (sendmmsg, loopback)"
+            "×blast: CPU per block over the blast floor, {f:.3} us CPU per 1472-byte datagram \
+             (`floor`: one-way sendmmsg, loopback)"
         );
     }
+    let _ = writeln!(
+        s,
+        "×lsfloor: CPU per block over the \"floor\" server's in the same scenario (lockstep-floor: \
+         recvmmsg/sendmmsg, the least a lock-step server does per block); ×hpa: over tftpd-hpa 5.2's \
+         median in the same run (MB/s: higher is better; CPU: lower is better)"
+    );
     s
 }
 
@@ -874,7 +972,7 @@ fn draw_charts(
         pick: fn(&Agg) -> Option<f64>,
         log: bool,
     }
-    const ALL: &[&str] = &["S1", "S2", "S3", "S4", "S5", "S6"];
+    const ALL: &[&str] = &["S1", "S2", "S3", "S3a", "S4", "S5", "S6"];
     let specs = [
         Spec {
             file: "transfers.png",
@@ -888,7 +986,7 @@ fn draw_charts(
             file: "throughput.png",
             title: "Bulk and crowds: MB/s of payload (higher is better)",
             y: "MB/s",
-            ids: &["S3", "S4", "S5", "S6"],
+            ids: &["S3", "S3a", "S4", "S5", "S6"],
             pick: |a| a.mb_per_s,
             log: false,
         },
@@ -920,9 +1018,7 @@ fn draw_charts(
         }
     }
     if let Some(f) = floor_us {
-        let (cats, ser) = series(&["S1", "S2", "S3", "S4", "S5", "S6"], &|a: &Agg| {
-            a.cpu_us_per_block.map(|x| x / f)
-        });
+        let (cats, ser) = series(ALL, &|a: &Agg| a.cpu_us_per_block.map(|x| x / f));
         if !cats.is_empty() {
             let title = "Server CPU per block as a multiple of the sendmmsg floor (lower is better, log scale)";
             if chart::grouped_bars(

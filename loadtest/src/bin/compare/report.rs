@@ -374,6 +374,9 @@ pub struct DocInput<'a> {
     /// Hand-written notes on the profiles (docs/benchmarks/profile-notes.md),
     /// copied in after the profile.
     pub profile_notes: Option<&'a str>,
+    /// Hand-written notes on the instruments of issue 12 (docs/benchmarks/instruments.md:
+    /// newest peers, S3a, the lock-step floor, independent clients), kept across runs.
+    pub instrument_notes: Option<&'a str>,
     /// The criterion micro-benchmarks run for this invocation; None: not run.
     pub criterion: Option<&'a crate::criterion::Run>,
     pub charts: &'a [(String, String)],
@@ -511,7 +514,9 @@ pub fn markdown(d: &DocInput<'_>) -> String {
                  **{us:.3} µs per datagram** ({} datagrams/s; median of {} runs of {} s spread over the \
                  invocation; receiver loss {} %). The column \"× floor\" below is the server's CPU per \
                  block served divided by it. (A lossy floor run means the receiver was starved and the \
-                 figure is too low.)\n",
+                 figure is too low.) \"× lock-step floor\" divides it by the CPU per block of the \
+                 `floor` server (loadtest's `lockstep-floor`: recvmmsg/sendmmsg, two calls per \
+                 wake-up) in the same scenario, when that server ran.\n",
                 sig3(per_s),
                 d.floor_runs.len(),
                 d.floor_runs
@@ -595,19 +600,26 @@ pub fn markdown(d: &DocInput<'_>) -> String {
     );
     let _ = writeln!(
         s,
-        "| scen. | server | CPU s | CPU s/GB | CPU µs/block | × floor | peak RSS MiB | peak anon MiB | cgroup peak MiB | peak fds | peak procs | listen drops | RcvbufErrors | other load |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| scen. | server | CPU s | CPU s/GB | CPU µs/block | × floor | × lock-step floor | peak RSS MiB | peak anon MiB | cgroup peak MiB | peak fds | peak procs | listen drops | RcvbufErrors | other load |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for sc in d.scenarios {
+        // The `floor` server (lockstep-floor) in the same scenario, when it ran.
+        let lsfloor = d
+            .aggs
+            .iter()
+            .find(|a| a.scenario == sc.id && a.server == "floor")
+            .and_then(|f| f.cpu_us_per_block);
         for a in d.aggs.iter().filter(|a| a.scenario == sc.id) {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 sc.id,
                 a.server,
                 sig3(a.server_cpu_s),
                 sig3(a.cpu_s_per_gb),
                 sig3(a.cpu_us_per_block),
                 sig3(ratio(a.cpu_us_per_block, d.floor_us)),
+                sig3(ratio(a.cpu_us_per_block, lsfloor)),
                 mib(a.rss_peak),
                 mib(a.anon_peak),
                 mib(a.mem_peak_cgroup),
@@ -740,6 +752,9 @@ pub fn markdown(d: &DocInput<'_>) -> String {
         let _ = writeln!(s, "```\n{}```\n", p);
     }
     if let Some(notes) = d.profile_notes {
+        let _ = writeln!(s, "{}\n", notes.trim_end());
+    }
+    if let Some(notes) = d.instrument_notes {
         let _ = writeln!(s, "{}\n", notes.trim_end());
     }
 
@@ -1263,6 +1278,7 @@ mod tests {
             instructions: &[],
             profile: None,
             profile_notes: Some("## What the profiles changed\n\nnotes\n"),
+            instrument_notes: None,
             criterion: None,
             charts: &[("c".into(), "benchmarks/c.png".into())],
             elapsed_s: 60.0,
@@ -1354,6 +1370,7 @@ mod tests {
                 instructions: &instructions,
                 profile: Some("profile\n"),
                 profile_notes: None,
+                instrument_notes: None,
                 criterion: c,
                 charts: &[],
                 elapsed_s: 1.0,

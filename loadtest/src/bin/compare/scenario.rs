@@ -26,6 +26,9 @@ pub struct Scenario {
     pub stall_s: u64,
     /// Uploads (WRQ): `file` is unused; the names and their checks come from the harness.
     pub put: bool,
+    /// loadtest's `--client-style independent` (a blocking connected socket per client
+    /// thread, one recv per wake-up) instead of its default epoll driver.
+    pub independent: bool,
 }
 
 impl Scenario {
@@ -64,7 +67,24 @@ impl Scenario {
         if self.backoff {
             a.push("--backoff".into());
         }
+        if self.independent {
+            a.extend(["--client-style".into(), "independent".into()]);
+        }
         a
+    }
+
+    /// This scenario with independent clients, as `{id}i`; `None` where loadtest's
+    /// independent style cannot run it (uploads; more than 4096 clients at once).
+    pub fn with_independent_clients(&self) -> Option<Scenario> {
+        if self.put || self.independent || self.c.min(self.n) > 4096 {
+            return None;
+        }
+        Some(Scenario {
+            id: Box::leak(format!("{}i", self.id).into_boxed_str()),
+            title: Box::leak(format!("{}, independent clients", self.title).into_boxed_str()),
+            independent: true,
+            ..self.clone()
+        })
     }
 
     /// A one-line description for the docs.
@@ -95,6 +115,12 @@ impl Scenario {
                 "; clients retransmit every {}s, {} retries",
                 self.timeout_s, self.retries
             ));
+        }
+        if self.independent {
+            s.push_str(
+                "; independent clients (a thread and a blocking socket each, connected to the \
+                 server's TID, one recv per wake-up, ACK at once)",
+            );
         }
         s.push_str(&format!(
             "; a run is cut after {} s, or after {} s without a datagram from the server",
@@ -143,6 +169,7 @@ fn s(
         // Patient clients may wait 8 s between tries; allow several such gaps.
         stall_s: if backoff { 30 } else { 15 },
         put: false,
+        independent: false,
     }
 }
 
@@ -204,6 +231,19 @@ pub fn full() -> Vec<Scenario> {
             64 * MIB,
             4,
             4,
+            Some(1468),
+            None,
+            false,
+            60,
+        ),
+        // Issue 12: one client alone, the everyday pxelinux/GRUB case, where the time from
+        // an ACK's arrival to the next DATA leaving is all there is.
+        s(
+            "S3a",
+            "bulk lock-step, one client",
+            64 * MIB,
+            1,
+            1,
             Some(1468),
             None,
             false,
@@ -283,6 +323,17 @@ pub fn quick() -> Vec<Scenario> {
             20,
         ),
         s(
+            "S3a",
+            "bulk lock-step, one client",
+            4 * MIB,
+            1,
+            1,
+            Some(1468),
+            None,
+            false,
+            20,
+        ),
+        s(
             "S4",
             "bulk windowed",
             4 * MIB,
@@ -328,9 +379,12 @@ mod tests {
     fn full_set_matches_the_issue() {
         let f = full();
         let ids: Vec<_> = f.iter().map(|s| s.id).collect();
-        assert_eq!(ids, ["S1", "S2", "S3", "S4", "S5", "S6", "S7"]);
-        let u = &f[6];
-        assert!(u.put && !f[..6].iter().any(|s| s.put));
+        assert_eq!(ids, ["S1", "S2", "S3", "S3a", "S4", "S5", "S6", "S7"]);
+        let u = f[7].clone();
+        assert!(u.put && !f[..7].iter().any(|s| s.put));
+        assert_eq!((f[3].n, f[3].c, f[3].size), (1, 1, 64 * MIB));
+        assert_eq!(f[3].windowsize, None);
+        let f: Vec<Scenario> = f.into_iter().filter(|s| s.id != "S3a").collect();
         assert_eq!((u.n, u.c, u.size, u.blksize), (200, 50, MIB, Some(1428)));
         assert_eq!(u.windowsize, None);
         assert_eq!(
@@ -350,15 +404,15 @@ mod tests {
 
     #[test]
     fn loadtest_arguments() {
-        let a = full()[3].loadtest_args().join(" ");
+        let a = full()[4].loadtest_args().join(" ");
         assert!(a.contains("--file 64mib.bin"), "{a}");
         assert!(a.contains("-n 4 -c 4"), "{a}");
         assert!(a.contains("--blksize 1468 --windowsize 16"), "{a}");
         assert!(!a.contains("--backoff"));
         let a = full()[1].loadtest_args().join(" ");
         assert!(!a.contains("--blksize"), "{a}");
-        assert!(full()[5].loadtest_args().contains(&"--backoff".to_string()));
-        let a = full()[6].loadtest_args().join(" ");
+        assert!(full()[6].loadtest_args().contains(&"--backoff".to_string()));
+        let a = full()[7].loadtest_args().join(" ");
         assert!(
             a.starts_with("--put --put-size 1048576 -n 200 -c 50") && !a.contains("--file"),
             "{a}"
@@ -367,17 +421,36 @@ mod tests {
             a.contains("--blksize 1428") && !a.contains("--windowsize"),
             "{a}"
         );
-        let d = full()[6].describe();
+        let d = full()[7].describe();
         assert!(
             d.starts_with("WRQ (upload), 200 × 1 MiB, 50 in flight, blksize 1428, lock-step;"),
             "{d}"
         );
         let q = quick();
-        assert_eq!(q.len(), 7);
+        assert_eq!(q.len(), 8);
         assert!(
-            q[6].put && q[6].size.is_multiple_of(1428),
+            q[7].put && q[7].size.is_multiple_of(1428),
             "the quick S7 ends on an empty block"
         );
+    }
+
+    #[test]
+    fn independent_variants() {
+        let f = full();
+        let i = f[0].with_independent_clients().unwrap();
+        assert_eq!((i.id, i.n, i.c), ("S1i", 1000, 200));
+        assert!(
+            i.loadtest_args()
+                .join(" ")
+                .ends_with("--client-style independent")
+        );
+        assert!(i.describe().contains("independent clients"));
+        assert!(
+            f[6].with_independent_clients().is_none(),
+            "S6: 10,000 threads"
+        );
+        assert!(f[7].with_independent_clients().is_none(), "S7: uploads");
+        assert!(i.with_independent_clients().is_none());
     }
 
     #[test]

@@ -13,19 +13,41 @@ pub enum Kind {
     RingtftpdSinglePort,
     /// dnsmasq `--tftp-single-port`.
     DnsmasqSinglePort,
+    /// The newest releases, from Debian unstable, run with unstable's loader
+    /// (scripts/peer-hpa7.sh, peer-dnsmasq.sh, peer-atftpd.sh): same command lines.
+    TftpdHpa7,
+    Dnsmasq293,
+    Atftpd081,
+    /// loadtest's `lockstep-floor`: the least a lock-step server can do per block.
+    Floor,
 }
 
-/// The servers a default run compares.
-pub const ALL: [Kind; 4] = [Kind::Ringtftpd, Kind::TftpdHpa, Kind::Atftpd, Kind::Dnsmasq];
+/// The servers a default run compares: the stable four, the newest releases (skipped when
+/// not fetched) and the lock-step floor. tftpd-hpa (5.2) stays the incumbent ratios are to.
+pub const ALL: [Kind; 8] = [
+    Kind::Ringtftpd,
+    Kind::TftpdHpa,
+    Kind::Atftpd,
+    Kind::Dnsmasq,
+    Kind::TftpdHpa7,
+    Kind::Dnsmasq293,
+    Kind::Atftpd081,
+    Kind::Floor,
+];
 
-/// Every server `--servers` may name: the default four and the single-port variants.
-pub const NAMED: [Kind; 6] = [
+/// Every server `--servers` may name: the default four, the single-port variants, the
+/// newest peers and the lock-step floor.
+pub const NAMED: [Kind; 10] = [
     Kind::Ringtftpd,
     Kind::TftpdHpa,
     Kind::Atftpd,
     Kind::Dnsmasq,
     Kind::RingtftpdSinglePort,
     Kind::DnsmasqSinglePort,
+    Kind::TftpdHpa7,
+    Kind::Dnsmasq293,
+    Kind::Atftpd081,
+    Kind::Floor,
 ];
 
 impl Kind {
@@ -37,6 +59,10 @@ impl Kind {
             Kind::Dnsmasq => "dnsmasq",
             Kind::RingtftpdSinglePort => "ringtftpd-single-port",
             Kind::DnsmasqSinglePort => "dnsmasq-single-port",
+            Kind::TftpdHpa7 => "tftpd-hpa-7",
+            Kind::Dnsmasq293 => "dnsmasq-2.93",
+            Kind::Atftpd081 => "atftpd-0.8.1",
+            Kind::Floor => "floor",
         }
     }
 
@@ -44,18 +70,26 @@ impl Kind {
         NAMED.into_iter().find(|k| k.name() == s)
     }
 
-    /// The server program this is a way of running.
+    /// The server program this is a way (or a release) of running: its command line.
     pub fn base(self) -> Kind {
         match self {
             Kind::RingtftpdSinglePort => Kind::Ringtftpd,
-            Kind::DnsmasqSinglePort => Kind::Dnsmasq,
+            Kind::DnsmasqSinglePort | Kind::Dnsmasq293 => Kind::Dnsmasq,
+            Kind::TftpdHpa7 => Kind::TftpdHpa,
+            Kind::Atftpd081 => Kind::Atftpd,
             k => k,
         }
+    }
+
+    /// A newest-release peer: found by its fetch script, run with a loader prefix.
+    pub fn is_newest_peer(self) -> bool {
+        matches!(self, Kind::TftpdHpa7 | Kind::Dnsmasq293 | Kind::Atftpd081)
     }
 
     /// Whether the server can take uploads that create new files, and if not, why.
     pub fn uploads(self) -> Result<(), &'static str> {
         match self.base() {
+            Kind::Floor => Err("the lock-step floor serves reads only"),
             Kind::Dnsmasq => Err(
                 "dnsmasq's TFTP server is read-only (it answers every WRQ with an ERROR);                  it has no option to take uploads",
             ),
@@ -74,6 +108,9 @@ impl Kind {
 pub struct Server {
     pub kind: Kind,
     pub binary: PathBuf,
+    /// Run before the binary: a newest peer's loader and `--library-path DIR` (empty for
+    /// the others).
+    pub prefix: Vec<String>,
 }
 
 impl Server {
@@ -86,6 +123,7 @@ impl Server {
         let root = root.display().to_string();
         let addr = format!("127.0.0.1:{port}");
         let mut v: Vec<String> = match self.kind.base() {
+            Kind::Floor => vec![bin, "--address".into(), addr, root],
             Kind::Ringtftpd => vec![
                 bin,
                 "--address".into(),
@@ -138,7 +176,7 @@ impl Server {
                 "--quiet-tftp".into(),
                 "--log-facility=/dev/null".into(),
             ],
-            _ => unreachable!("base() is one of the four programs"),
+            _ => unreachable!("base() is one of the five programs"),
         };
         match self.kind {
             // Before the root, its last argument.
@@ -160,6 +198,9 @@ impl Server {
                 _ => {}
             }
         }
+        if !self.prefix.is_empty() {
+            v.splice(0..0, self.prefix.iter().cloned());
+        }
         v
     }
 }
@@ -173,6 +214,7 @@ mod tests {
         let s = |kind, bin: &str| Server {
             kind,
             binary: bin.into(),
+            prefix: Vec::new(),
         };
         let root = Path::new("/tmp/r");
         assert_eq!(
@@ -237,5 +279,23 @@ mod tests {
             "not in a default run"
         );
         assert_eq!(Kind::parse("x"), None);
+        let mut h7 = s(Kind::TftpdHpa7, "/p/in.tftpd");
+        h7.prefix = vec!["/p/ld.so".into(), "--library-path".into(), "/p/lib".into()];
+        assert_eq!(
+            h7.command(root, 7003, false).join(" "),
+            "/p/ld.so --library-path /p/lib /p/in.tftpd -L -s /tmp/r -a 127.0.0.1:7003"
+        );
+        assert_eq!(
+            Kind::parse("dnsmasq-2.93").map(Kind::base),
+            Some(Kind::Dnsmasq)
+        );
+        assert_eq!(Kind::Dnsmasq293.fixed_port(), Some(69));
+        assert_eq!(
+            s(Kind::Floor, "/x/lockstep-floor")
+                .command(root, 7004, false)
+                .join(" "),
+            "/x/lockstep-floor --address 127.0.0.1:7004 /tmp/r"
+        );
+        assert!(Kind::Floor.uploads().is_err() && ALL.contains(&Kind::Floor));
     }
 }
