@@ -318,9 +318,10 @@ fn delayed_and_reordered_datagrams_lose_no_byte_and_start_no_resend_storm() {
         blocks[0]
     );
     // Windowed: each gap the client reports restarts the window (RFC 7440
-    // §4), so reordering costs resends (measured: about 10 per block at
-    // windowsize 16 here; docs/robustness.md, open in issue 9). This bound
-    // only catches a storm worse than that.
+    // §4; a TFTP client keeps no block out of order), so reordering costs
+    // resends (measured: about 10 per block at windowsize 16 here;
+    // docs/robustness.md, open in issue 9). This bound only catches a
+    // storm worse than that.
     assert!(
         windowed <= 15 * blocks[1],
         "{windowed} windowed resends for {} blocks:\n{log}",
