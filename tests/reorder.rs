@@ -75,6 +75,8 @@ struct Proxy {
     stop: Arc<AtomicBool>,
     /// Datagrams that arrived after one sent later (both directions).
     overtaken: Arc<AtomicU64>,
+    /// DATA packets the server sent toward the clients.
+    data_to_clients: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -84,12 +86,15 @@ impl Proxy {
         let addr = listen.local_addr().expect("addr");
         let stop = Arc::new(AtomicBool::new(false));
         let overtaken = Arc::new(AtomicU64::new(0));
-        let (stop2, overtaken2) = (stop.clone(), overtaken.clone());
-        let thread = std::thread::spawn(move || run(listen, server, seed, &stop2, &overtaken2));
+        let data_to_clients = Arc::new(AtomicU64::new(0));
+        let counts = (overtaken.clone(), data_to_clients.clone());
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || run(listen, server, seed, &stop2, &counts));
         Proxy {
             addr,
             stop,
             overtaken,
+            data_to_clients,
             thread: Some(thread),
         }
     }
@@ -104,7 +109,13 @@ impl Drop for Proxy {
     }
 }
 
-fn run(listen: UdpSocket, server: SocketAddr, seed: u64, stop: &AtomicBool, overtaken: &AtomicU64) {
+fn run(
+    listen: UdpSocket,
+    server: SocketAddr,
+    seed: u64,
+    stop: &AtomicBool,
+    (overtaken, data_to_clients): &(Arc<AtomicU64>, Arc<AtomicU64>),
+) {
     let mut rng = Rng(seed | 1);
     let mut sockets: Vec<(UdpSocket, Role)> = vec![(listen, Role::Listen)];
     let mut up: HashMap<SocketAddr, usize> = HashMap::new();
@@ -170,6 +181,9 @@ fn run(listen: UdpSocket, server: SocketAddr, seed: u64, stop: &AtomicBool, over
                 }
                 Role::Up(client) if from == server => (0, client),
                 Role::Up(client) => {
+                    if buf[..n].starts_with(&[0, 3]) {
+                        data_to_clients.fetch_add(1, Ordering::Relaxed);
+                    }
                     let d = match down.get(&(client, from)) {
                         Some(&d) => d,
                         None if sockets.len() < MAX_SOCKETS => {
@@ -327,4 +341,66 @@ fn delayed_and_reordered_datagrams_lose_no_byte_and_start_no_resend_storm() {
         "{windowed} windowed resends for {} blocks:\n{log}",
         blocks[1]
     );
+}
+
+/// One windowed download of `name` through a fresh proxy to `s`: how long
+/// it took (None: not within 60 s) and the DATA packets the server sent.
+fn windowed_through_proxy(s: &Server, name: &str) -> (Option<Duration>, u64) {
+    let proxy = Proxy::start(s.addr(), 0x5eed);
+    let expected = s.source(name);
+    let c = RawClient::new(proxy.addr);
+    let started = Instant::now();
+    let got = raw_get(
+        &c,
+        name,
+        "octet",
+        &[("blksize", "1024"), ("windowsize", "16")],
+        |_, _| {},
+    );
+    let took = match got {
+        Ok(got) => {
+            assert!(got.data == expected, "{:?}: bytes differ", s.kind);
+            Some(started.elapsed())
+        }
+        Err(e) => {
+            eprintln!("{:?}: {e}", s.kind);
+            None
+        }
+    };
+    (took, proxy.data_to_clients.load(Ordering::Relaxed))
+}
+
+/// The same reordering against tftpd-hpa 7.3, which takes windowsize: one
+/// 1 MiB download at windowsize 16 from each, its time and the DATA sent.
+/// ringtftpd must finish, and not later than 7.3. Long (7.3 may take the
+/// client's whole 60 s): `cargo test --test reorder -- --ignored --nocapture`.
+#[test]
+#[ignore = "long: tftpd-hpa 7.3 may need the client's whole 60 s"]
+fn windowed_transfers_under_reordering_against_tftpd_hpa_7() {
+    if hpa7_command().is_none() {
+        eprintln!("tftpd-hpa 7.x unavailable: skipped");
+        return;
+    }
+    let ours = Server::start_with(ServerOpts {
+        kind: Some(ServerKind::Ringtftpd),
+        ..ServerOpts::default()
+    });
+    let theirs = Server::start_with(ServerOpts {
+        kind: Some(ServerKind::Hpa7),
+        ..ServerOpts::default()
+    });
+    let blocks = ours.source("mib.bin").len() / 1024 + 1;
+    let (our_time, our_data) = windowed_through_proxy(&ours, "mib.bin");
+    let (their_time, their_data) = windowed_through_proxy(&theirs, "mib.bin");
+    eprintln!(
+        "reorder, windowsize 16, {blocks} blocks: ringtftpd {our_time:?} with {our_data} DATA; \
+         tftpd-hpa 7.3 {their_time:?} with {their_data} DATA"
+    );
+    let our_time = our_time.expect("ringtftpd finishes");
+    if let Some(their_time) = their_time {
+        assert!(
+            our_time <= their_time,
+            "ringtftpd {our_time:?}, 7.3 {their_time:?}"
+        );
+    }
 }
