@@ -553,6 +553,11 @@ fn wait_ready(child: &mut Child, addrs: &[SocketAddr], token: &str) -> Result<()
 /// Some(Ok(contents)) for DATA 1, Some(Err(packet)) for anything else.
 fn probe(addr: SocketAddr) -> Option<Result<Vec<u8>, Packet>> {
     let client = RawClient::new(addr);
+    // Before the server binds its port, the kernel may hand that very port
+    // to the probe: it would send its RRQ to itself. Try again.
+    if client.sock.local_addr().ok() == Some(addr) {
+        return None;
+    }
     client.send_to_server(&rrq(PROBE_NAME, "octet", &[]));
     let (pkt, from) = client.recv(Duration::from_millis(200))?;
     match pkt {
