@@ -1580,7 +1580,7 @@ mod tests {
             &["--rto-min-ms", "500", "--rto-max-ms", "400"],
             "--rto-min-ms",
         );
-        rejected(&["--rto-max-ms", "4"], "--rto-max-ms"); // default floor 5
+        rejected(&["--rto-max-ms", "1"], "--rto-max-ms"); // default floor 2
         let c = parse(&["--rto-min-ms", "400", "--rto-max-ms", "400"]).expect("equal bounds");
         assert_eq!(c.limits().rto_min, c.limits().rto_max);
         // An initial RTO outside the bounds is clamped into them.
@@ -1594,7 +1594,7 @@ mod tests {
         let t = parse(&["-T", "250000"]).expect("-T");
         assert_eq!(t.limits().initial_rto, Duration::from_millis(250));
         let t = parse(&["--retransmit", "1500"]).expect("--retransmit");
-        assert_eq!(t.limits().initial_rto, Duration::from_millis(5)); // 2 ms, raised to the floor
+        assert_eq!(t.limits().initial_rto, Duration::from_millis(2)); // 1.5 ms, raised to the floor
         assert!(parse(&["-T", "1000", "--initial-rto-ms", "5"]).is_err());
         assert_eq!(parse(&["-W", "8"]).unwrap().max_windowsize, 8);
         assert_eq!(parse(&["--windowsize", "9"]).unwrap().max_windowsize, 9);

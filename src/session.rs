@@ -81,7 +81,7 @@ pub const DEFAULT_MAX_WINDOW_BYTES: u64 = 4 << 20;
 /// Default starting floor of each session's RTO, in milliseconds. Low, so
 /// that a loss on a LAN costs milliseconds; a session whose client proves
 /// slower (a spurious retransmission) raises its own floor.
-pub const DEFAULT_RTO_MIN_MS: u64 = 5;
+pub const DEFAULT_RTO_MIN_MS: u64 = 2;
 
 /// Shortest wait before an OACK is resent, whatever the path's RTO (but
 /// never above `--rto-max-ms`): the

@@ -745,12 +745,12 @@ fn amplification_of_one_spoofed_request_is_bounded() {
     // The victim is a first contact: windowsize 64 is granted as 16. A
     // forged ACK 0 buys that one window, then the head block per retry
     // (not the window per retry). Taken for an answering peer, it is
-    // waited for 15 s after the 8 retries (spent in ~2.6 s at the 5 ms
-    // floor): 5 more resends at the 3 s RTO ceiling.
+    // waited for 15 s after the 8 retries (spent in ~0.5 s at the 2 ms
+    // floor): 6 more resends, backing off to the 3 s RTO ceiling.
     assert_eq!(
         ack0_packets,
-        1 + 16 + 8 + 5 + 1,
-        "OACK, a window of 16, 8 head resends, 5 patient ones, ERROR"
+        1 + 16 + 8 + 6 + 1,
+        "OACK, a window of 16, 8 head resends, 6 patient ones, ERROR"
     );
     assert!(ack0 < 700, "{ack0}x");
 }

@@ -855,6 +855,9 @@ fn an_ack_after_its_deadline_is_no_rtt_sample() {
     assert_eq!(t.srtt(), Some(Duration::from_millis(3)));
 }
 
+/// `--rto-min-ms`'s default, as the transfer log line prints it.
+const DEFAULT_FLOOR_MS: f64 = session::DEFAULT_RTO_MIN_MS as f64;
+
 #[test]
 fn a_fast_ack_proves_nothing_before_the_minimum_rtt_is_known() {
     // The first round trips are slow (ACK 0, 1 and 2 each 1 ms late: the
@@ -862,7 +865,7 @@ fn a_fast_ack_proves_nothing_before_the_minimum_rtt_is_known() {
     // ACK of block 3 is lost; the ACK answering its resend comes 0.2 ms
     // later, which is under half the smallest RTT seen so far (1.2 ms).
     // With that few samples this is no proof (Eifel by timing) that the
-    // resend was spurious: the floor must stay at 5 ms.
+    // resend was spurious: the floor must stay at the default.
     let file = content(200 * 512, 31);
     let mut ack3 = 0;
     let mut sim =
@@ -882,7 +885,7 @@ fn a_fast_ack_proves_nothing_before_the_minimum_rtt_is_known() {
     sim.drive();
     assert_complete(&sim, &file);
     assert_eq!(data_times(&sim, 3).len(), 2);
-    assert_eq!(logged_floor_ms(&sim), 5.0, "{:?}", sim.log_line);
+    assert_eq!(logged_floor_ms(&sim), DEFAULT_FLOOR_MS, "{:?}", sim.log_line);
 }
 
 #[test]
@@ -998,7 +1001,7 @@ fn an_addresss_floor_falls_again_when_it_proved_unneeded() {
     // Floors learned for one address must not only ever rise (many
     // clients behind one NAT address would ratchet it to the ceiling): a
     // seeded transfer that proves no resend spurious hands on half its
-    // floor, never below the 5 ms default.
+    // floor, never below the default.
     let file = content(2000 * 512, 34);
     let mut sim = jittery_slow_client(&file);
     sim.drive();
@@ -1016,7 +1019,7 @@ fn an_addresss_floor_falls_again_when_it_proved_unneeded() {
         "the first clean transfer starts at the learned floor"
     );
     assert!(floors[1] <= learned / 2.0 + 0.1, "{floors:?}");
-    assert_eq!(*floors.last().unwrap(), 5.0, "{floors:?}");
+    assert_eq!(*floors.last().unwrap(), DEFAULT_FLOOR_MS, "{floors:?}");
 }
 
 /// Runs a lock-step transfer on a fast link whose client goes silent for
@@ -1046,8 +1049,8 @@ fn pause_after_block_3(pause: Duration, min_give_up: Duration) -> Sim {
 
 #[test]
 fn a_client_that_pauses_for_seconds_is_waited_for() {
-    // A fast link: the RTO sits at its 5 ms floor, so the 8 retries alone
-    // are spent in ~2.5 s.
+    // A fast link: the RTO sits at its 2 ms floor, so the 8 retries alone
+    // are spent in ~1 s.
     let sim = pause_after_block_3(Duration::from_secs(5), Duration::ZERO);
     assert_eq!(sim.outcome, Some(Outcome::TimedOut), "the contrast");
     let sim = pause_after_block_3(
