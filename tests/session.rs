@@ -535,7 +535,7 @@ fn lost_window_head_is_resent_on_the_gap_ack_without_waiting_for_the_rto() {
     assert_complete(&sim, &file);
     let resend = data_times(&sim, 9);
     assert_eq!(resend.len(), 2, "block 9 sent twice");
-    // An RTO would be at least the 5 ms floor; the round trip is 0.2 ms.
+    // An RTO would be at least the 2 ms floor; the round trip is 0.2 ms.
     let gap = resend[1] - resend[0];
     assert!(gap < Duration::from_millis(1), "resent after {gap:?}");
     // One window resent, nothing more.
@@ -590,7 +590,7 @@ fn echoes_of_a_fast_resend_do_not_cascade() {
 #[test]
 fn loss_on_a_fast_link_costs_milliseconds() {
     // 0.2 ms round trip, 5 % loss and 1 % duplication each way, lock-step: the per-session RTO
-    // starts at its 5 ms floor, so the lossy transfer keeps well over 10 %
+    // starts at its 2 ms floor, so the lossy transfer keeps well over 10 %
     // of the loss-free rate (a 100 ms floor would give ~2 %).
     let file = content(2000 * 512, 24);
     let mut clean = Sim::with_config(&file, &[], default_config());
@@ -800,7 +800,7 @@ fn a_client_resent_ack0_is_not_taken_for_the_round_trip() {
     // initial RTO) resends it. Taken as the OACK's round trip, that 500 ms
     // would set the RTO to about 1.5 s and a later loss would cost a
     // second. The handshake's sample is only provisional: the first DATA
-    // sample (0.2 ms) replaces it, so losing DATA 3 costs the 5 ms floor.
+    // sample (0.2 ms) replaces it, so losing DATA 3 costs the 2 ms floor.
     let file = content(20 * 512, 30);
     let mut acks0 = 0;
     let mut data3 = 0;
