@@ -347,6 +347,15 @@ impl Shard {
                     desk.sessions.insert(*key, id);
                 }
                 self.counters.started += 1;
+                tracing::debug!(
+                    shard = self.index,
+                    client = %peer,
+                    %local,
+                    direction = %(if write { "write" } else { "read" }),
+                    blksize,
+                    segments,
+                    "transfer started"
+                );
                 self.touch(id);
             }
             Err(_) => {
