@@ -562,6 +562,30 @@ mod tests {
         assert_eq!(take_local_drops(), 0);
     }
 
+    /// What a disabled event costs at its call site (a figure, not a
+    /// check: timings vary with the machine). `cargo test --release --lib
+    /// disabled_events -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn disabled_events_cost_a_comparison() {
+        const N: u32 = 10_000_000;
+        let (tx, _rx) = channel::bounded(1);
+        let peer: std::net::SocketAddr = "192.0.2.7:2001".parse().expect("addr");
+        tracing::subscriber::with_default(layer::subscriber(tx, tracing::Level::INFO), || {
+            let started = std::time::Instant::now();
+            for i in 0..N {
+                tracing::trace!(shard = 0usize, session = i, client = %peer, "sends queued");
+            }
+            let per = started.elapsed().as_secs_f64() * 1e9 / f64::from(N);
+            let started = std::time::Instant::now();
+            for i in 0..N {
+                std::hint::black_box(i);
+            }
+            let bare = started.elapsed().as_secs_f64() * 1e9 / f64::from(N);
+            eprintln!("{N} disabled trace events: {per:.2} ns each (the bare loop: {bare:.2} ns)");
+        });
+    }
+
     #[test]
     fn flush_returns_once_the_logger_caught_up() {
         assert!(flush(Duration::from_secs(5)));
