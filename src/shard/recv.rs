@@ -300,7 +300,7 @@ impl Shard {
             mtu,
             gso_allowed,
         );
-        let blksize = view.blksize;
+        let (blksize, windowsize) = (view.blksize, view.windowsize);
         let write = matches!(view.handle, Held::Write(_));
         let slot_free = self
             .socks
@@ -353,6 +353,7 @@ impl Shard {
                     %local,
                     direction = %(if write { "write" } else { "read" }),
                     blksize,
+                    windowsize,
                     segments,
                     "transfer started"
                 );
