@@ -335,12 +335,14 @@ pub struct Config {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
-    /// tftpd-hpa's more verbose logging; accepted with a warning (each
-    /// finished transfer is logged already; refusals are counted).
+    /// More detail in the log, as tftpd-hpa's -v: once for debug events
+    /// (a transfer's start, timeouts), twice for trace. Default: info
+    /// (transfers, refusals, start-up, reload).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// tftpd-hpa's logging level; accepted with a warning, as -v.
+    /// The log level as a number, as tftpd-hpa's: 0 info, 1 debug, 2 or
+    /// more trace; the higher of this and -v counts.
     #[arg(long = "verbosity", value_name = "N")]
     pub verbosity: Option<u32>,
 
@@ -853,13 +855,6 @@ impl Config {
     /// each, for start-up to print.
     pub fn compat_warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if self.verbose > 0 || self.verbosity.is_some() {
-            warnings.push(
-                "-v/--verbosity: no more detail to give yet: each finished transfer is logged \
-                 (unless -q) and refusals are counted in the exit report"
-                    .to_string(),
-            );
-        }
         if self.systemd && !self.addresses.is_empty() {
             warnings.push(
                 "--address: ignored under --systemd: the sockets come from the socket unit"
@@ -867,6 +862,16 @@ impl Config {
             );
         }
         warnings
+    }
+
+    /// The most detailed level logged: info, debug with -v or
+    /// `--verbosity 1`, trace with -vv or `--verbosity 2` and up.
+    pub fn log_level(&self) -> tracing::Level {
+        match u32::from(self.verbose).max(self.verbosity.unwrap_or(0)) {
+            0 => tracing::Level::INFO,
+            1 => tracing::Level::DEBUG,
+            _ => tracing::Level::TRACE,
+        }
     }
 
     /// Where log lines go and how: `background` says the server runs
@@ -1318,17 +1323,25 @@ mod tests {
         assert!(parse(&[]).unwrap().compat_warnings().is_empty());
         let c = parse(&["-vvv", "--systemd", "-a", "127.0.0.1:69"]).unwrap();
         let w = c.compat_warnings();
-        assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].starts_with("-v/--verbosity") && w[1].starts_with("--address: ignored"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("--address: ignored"));
         assert!(parse(&["--systemd"]).unwrap().compat_warnings().is_empty());
-        assert_eq!(
-            parse(&["--verbosity", "3"])
-                .unwrap()
-                .compat_warnings()
-                .len(),
-            1
-        );
+        assert!(parse(&["-v"]).unwrap().compat_warnings().is_empty());
         assert!(parse(&["-l"]).unwrap().compat_warnings().is_empty());
+    }
+
+    #[test]
+    fn v_and_verbosity_raise_the_log_level_as_tftpd_hpa() {
+        use tracing::Level;
+        let level = |args: &[&str]| parse(args).unwrap().log_level();
+        assert_eq!(level(&[]), Level::INFO);
+        assert_eq!(level(&["-v"]), Level::DEBUG);
+        assert_eq!(level(&["-vv"]), Level::TRACE);
+        assert_eq!(level(&["-v", "-v", "-v"]), Level::TRACE);
+        assert_eq!(level(&["--verbosity", "0"]), Level::INFO);
+        assert_eq!(level(&["--verbosity", "1"]), Level::DEBUG);
+        assert_eq!(level(&["--verbosity", "7"]), Level::TRACE);
+        assert_eq!(level(&["-v", "--verbosity", "0"]), Level::DEBUG);
     }
 
     #[test]

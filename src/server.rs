@@ -16,7 +16,7 @@ use nix::unistd::{Gid, Uid, User};
 use crate::config::Config;
 use crate::files::FileRoot;
 use crate::hook::Hook;
-use crate::log::{self, Level};
+use crate::log;
 use crate::metrics::{Exporter, Listening};
 use crate::notify;
 use crate::paths::PathRules;
@@ -330,19 +330,18 @@ impl Server {
         if let Some(hook) = self.hook {
             let dropped = hook.dropped();
             match hook.finish(HOOK_FINISH) {
-                Some(report) => say(
-                    Level::Notice,
-                    format!(
-                        "on-transfer: {} run(s), {} failed, {dropped} record(s) dropped (queue full)",
-                        report.runs, report.failed
-                    ),
+                Some(report) => tracing::info!(
+                    runs = report.runs,
+                    failed = report.failed,
+                    dropped,
+                    "on-transfer: {} run(s), {} failed, {dropped} record(s) dropped (queue full)",
+                    report.runs,
+                    report.failed
                 ),
-                None => say(
-                    Level::Warning,
-                    format!(
-                        "warning: on-transfer: still running after {} s; not waited for ({dropped} record(s) dropped)",
-                        HOOK_FINISH.as_secs()
-                    ),
+                None => tracing::warn!(
+                    dropped,
+                    "on-transfer: still running after {} s; not waited for ({dropped} record(s) dropped)",
+                    HOOK_FINISH.as_secs()
                 ),
             }
         }
@@ -398,7 +397,7 @@ fn wait_wake(signals: &SigSet, timeout: Option<Duration>) -> io::Result<Wake> {
                 if info.si_code == libc::SI_QUEUE && pid == std::process::id() as libc::pid_t {
                     return Ok(Wake::ShardDied(value.sival_ptr as usize));
                 }
-                say(Level::Notice, format!("SIGUSR1 from pid {pid} ignored"));
+                tracing::info!(pid, "SIGUSR1 from pid {pid} ignored");
             }
             Ok(Signal::SIGHUP) => return Ok(Wake::Reload),
             Ok(signal) => return Ok(Wake::Stop(signal)),
@@ -480,15 +479,12 @@ pub fn run(config: &Config) -> io::Result<()> {
     let background = ready.is_some() || (!inherited.is_empty() && !config.systemd);
     let (target, format) = config.log_target(background);
     let quiet_stderr = ready.is_some() && target != log::Target::Stderr;
-    log::configure(target, format)?;
+    log::configure(target, format, config.log_level())?;
     for warning in config.compat_warnings() {
-        say(Level::Warning, format!("warning: {warning}"));
+        tracing::warn!("{warning}");
     }
     if let Err(e) = raise_nofile_limit() {
-        say(
-            Level::Warning,
-            format!("warning: cannot raise RLIMIT_NOFILE: {e}"),
-        );
+        tracing::warn!("cannot raise RLIMIT_NOFILE: {e}");
     }
     let idle_exit = config.idle_exit(!inherited.is_empty());
     // Bound before --user drops privileges, as the TFTP ports are.
@@ -498,7 +494,7 @@ pub fn run(config: &Config) -> io::Result<()> {
     if let Some(listening) = metrics {
         let addr = listening.addr;
         exporter.serve(listening)?;
-        say(Level::Notice, format!("metrics on http://{addr}/metrics"));
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
     }
     if let Some(ready) = ready {
         // The waiting parent exits 0 now; until this byte it would exit 1.
@@ -511,27 +507,21 @@ pub fn run(config: &Config) -> io::Result<()> {
         }
     }
     if Uid::effective().is_root() {
-        say(
-            Level::Warning,
-            "warning: running as root; --user USER drops to USER once bound",
-        );
+        tracing::warn!("running as root; --user USER drops to USER once bound");
     }
     let listening: Vec<String> = server.addresses.iter().map(|a| a.to_string()).collect();
-    say(
-        Level::Notice,
-        format!(
-            "serving {} on {} with {} thread(s)",
-            config
-                .root_directories()
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(" "),
-            listening.join(", "),
-            server.shards.len()
-        ),
+    tracing::info!(
+        "serving {} on {} with {} thread(s)",
+        config
+            .root_directories()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        listening.join(", "),
+        server.shards.len()
     );
-    say(Level::Notice, config.effective());
+    tracing::info!("{}", config.effective());
     notify::ready(&format!(
         "serving {} on {}",
         config.directory.display(),
@@ -569,35 +559,26 @@ pub fn run(config: &Config) -> io::Result<()> {
         match wake {
             Wake::Tick => {
                 if idle.expired(Instant::now(), server.activity()) {
-                    say(
-                        Level::Notice,
-                        format!(
-                            "idle for {} s (-t): exiting",
-                            idle_exit.unwrap_or_default().as_secs()
-                        ),
+                    tracing::info!(
+                        "idle for {} s (-t): exiting",
+                        idle_exit.unwrap_or_default().as_secs()
                     );
                     break None;
                 }
             }
             Wake::Stop(signal) => {
                 notify::stopping(&format!("{signal}: finishing transfers"));
-                say(
-                    Level::Notice,
-                    format!(
-                        "{signal}: finishing transfers (up to {} s)",
-                        config.shutdown_grace
-                    ),
+                tracing::info!(
+                    "{signal}: finishing transfers (up to {} s)",
+                    config.shutdown_grace
                 );
                 break None;
             }
             Wake::ShardDied(index) => {
                 notify::stopping(&format!("shard {index} died"));
-                say(
-                    Level::Error,
-                    format!(
-                        "shard {index} died: stopping, finishing the other transfers (up to {} s)",
-                        config.shutdown_grace
-                    ),
+                tracing::error!(
+                    "shard {index} died: stopping, finishing the other transfers (up to {} s)",
+                    config.shutdown_grace
                 );
                 break Some(index);
             }
@@ -607,11 +588,8 @@ pub fn run(config: &Config) -> io::Result<()> {
                 let reloaded = server.reload(config);
                 exporter.record_reload(reloaded.is_ok());
                 match reloaded {
-                    Ok(()) => say(Level::Notice, "SIGHUP: reloaded"),
-                    Err(e) => say(
-                        Level::Error,
-                        format!("SIGHUP: {e}; keeping the rules in force"),
-                    ),
+                    Ok(()) => tracing::info!("SIGHUP: reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: {e}; keeping the rules in force"),
                 }
                 notify::ready(&format!(
                     "serving {} on {}",
@@ -628,7 +606,7 @@ pub fn run(config: &Config) -> io::Result<()> {
         // (A SIGHUP now has nothing left to reload.)
         while let Ok(wake) = wait_wake(&signals, None) {
             if let Wake::Stop(_) = wake {
-                say(Level::Notice, "second signal: exiting now");
+                tracing::info!("second signal: exiting now");
                 log::flush(Duration::from_millis(200));
                 std::process::exit(130);
             }
@@ -644,12 +622,9 @@ pub fn run(config: &Config) -> io::Result<()> {
         && let Err(e) = std::fs::remove_file(path)
     {
         // As --user, the pidfile's directory may be out of reach.
-        say(
-            Level::Warning,
-            format!("warning: cannot remove {}: {e}", path.display()),
-        );
+        tracing::warn!("cannot remove {}: {e}", path.display());
     }
-    say(Level::Notice, "stopped");
+    tracing::info!("stopped");
     log::flush(LOG_FLUSH);
     Ok(())
 }
@@ -665,16 +640,11 @@ const HOOK_FINISH: Duration = Duration::from_secs(2);
 /// How long the last lines may take to be written at exit.
 const LOG_FLUSH: Duration = Duration::from_secs(1);
 
-/// A line of the server's own, after the name.
-fn say(level: Level, text: impl std::fmt::Display) {
-    log::line_at(level, format!("ringtftpd: {text}"));
-}
-
 /// A failure that ends the process: on standard error, where whoever
 /// started it looks, and in the log if that is elsewhere.
 pub fn fatal(error: &io::Error) {
     if log::is_elsewhere() {
-        say(Level::Error, error);
+        tracing::error!("{error}");
     }
     // What was queued before (a shard's last words) comes out first.
     log::flush(LOG_FLUSH);

@@ -355,9 +355,11 @@ impl Shard {
             self.endpoint.housekeeping(now);
             while let Some(note) = self.endpoint.poll_refused() {
                 if self.log_transfers {
-                    self.log_event(Box::new(note));
+                    log::events::refusal(&note);
                 }
             }
+            // Lines this turn could not queue, for the counters and metrics.
+            self.counters.log_dropped += log::take_local_drops();
             self.advance_shutdown(now);
             self.serve_ready(now);
             self.serve_touched(now);
@@ -447,20 +449,6 @@ impl Shard {
             .set_serving(self.phase == Phase::Running);
     }
 
-    /// Queues a log line; never blocks (see `log`).
-    fn log(&mut self, line: String) {
-        if !log::line(line) {
-            self.counters.log_dropped += 1;
-        }
-    }
-
-    /// Queues a structured event, dressed by the logger thread.
-    fn log_event(&mut self, event: Box<dyn log::Event>) {
-        if !log::event(event) {
-            self.counters.log_dropped += 1;
-        }
-    }
-
     fn touch(&mut self, id: SessionId) {
         if let Some(live) = self.live_mut(id)
             && !live.touched
@@ -484,16 +472,27 @@ impl Shard {
         expired.clear();
         self.wheel.expire(now, &mut expired);
         for &key in &expired {
-            let Some(id) = self
+            let Some((id, peer)) = self
                 .socks
                 .get(key as usize)
                 .and_then(|s| s.as_ref())
-                .map(|l| l.id)
+                .map(|l| (l.id, l.peer))
             else {
                 continue;
             };
             self.endpoint.handle_timeout(now, id);
             self.counters.metrics.timeout();
+            // Fields are evaluated only when debug is on (-v).
+            tracing::debug!(
+                target: "ringtftpd::timeout",
+                shard = self.index,
+                client = %peer,
+                next_timeout_ms = self
+                    .endpoint
+                    .poll_timeout(id)
+                    .map(|t| t.saturating_duration_since(now).as_secs_f64() * 1e3),
+                "timed out waiting for the client"
+            );
             self.touch(id);
         }
         self.expired = expired;

@@ -142,8 +142,10 @@ fn a_full_stderr_pipe_does_not_stall_transfers() {
     eprintln!(
         "{TRANSFERS} transfers in {total:?}, slowest {slowest:?}; {waiting} bytes stuck in the pipe"
     );
+    // Filled: a pipe fills by 4 KiB pages, each holding whole lines
+    // (under PIPE_BUF a write is atomic), so up to a line a page stays free.
     assert!(
-        waiting >= 60 * 1024,
+        waiting >= 56 * 1024,
         "the pipe never filled ({waiting} bytes)"
     );
     assert!(

@@ -300,7 +300,7 @@ impl Shard {
             mtu,
             gso_allowed,
         );
-        let blksize = view.blksize;
+        let (blksize, windowsize) = (view.blksize, view.windowsize);
         let write = matches!(view.handle, Held::Write(_));
         let slot_free = self
             .socks
@@ -347,6 +347,16 @@ impl Shard {
                     desk.sessions.insert(*key, id);
                 }
                 self.counters.started += 1;
+                tracing::debug!(
+                    shard = self.index,
+                    client = %peer,
+                    %local,
+                    direction = %(if write { "write" } else { "read" }),
+                    blksize,
+                    windowsize,
+                    segments,
+                    "transfer started"
+                );
                 self.touch(id);
             }
             Err(_) => {

@@ -14,6 +14,7 @@ use super::batch::{Batch, Offer};
 use super::send::{HEADER_CAP, MAX_SEGMENTS, Owner};
 use super::{Held, REPLY_CAP, Shard, Via, gso, sqe};
 use crate::endpoint::{Finished, SessionId};
+use crate::log;
 use crate::metrics::Direction;
 use crate::refusal::Abort;
 use crate::session::Transmit;
@@ -228,6 +229,8 @@ impl Shard {
         if let Some(live) = self.live_mut(id) {
             live.inflight += sent;
         }
+        // Per session and turn: only with -vv.
+        tracing::trace!(shard = self.index, session = id.index, sent, "sends queued");
         match self.endpoint.poll_timeout(id) {
             Some(deadline) => self.wheel.arm(id.index, deadline),
             None => self.wheel.cancel(id.index),
@@ -266,7 +269,8 @@ impl Shard {
                 hook.offer(record.clone());
             }
             if self.log_transfers {
-                self.log_event(Box::new(record));
+                log::events::transfer(&record, live.local);
+                self.counters.log_dropped += log::take_local_drops();
             }
         }
         if live.inflight > 0 {
@@ -380,13 +384,14 @@ impl Shard {
         };
         self.counters.gso_fallbacks += 1;
         if self.no_gso.refuse(now, local, peer.ip()) {
-            self.log(format!(
-                "shard {}: UDP GSO to {} from {local} failed ({}); one packet per send there for {} s",
-                self.index,
-                peer.ip(),
-                io::Error::from_raw_os_error(errno),
+            tracing::warn!(
+                shard = self.index,
+                client = %peer.ip(),
+                %local,
+                error = %io::Error::from_raw_os_error(errno),
+                "UDP GSO failed: one packet per send to this client for {} s",
                 gso::NO_GSO_TTL.as_secs()
-            ));
+            );
         }
         for l in self.socks.iter_mut().flatten() {
             if l.local == local && l.peer.ip() == peer.ip() {

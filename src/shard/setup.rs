@@ -25,7 +25,7 @@ use super::sqe::Ring;
 use super::uploads::{ShardFiles, UploadDesk};
 use super::{
     Counters, ExitReport, FINAL_DRAIN, LISTEN_BGID, Listener, Phase, REAP_BOUND, REPLY_CAP,
-    SESSION_BGID, Shard, TICK, cmsg, log, net,
+    SESSION_BGID, Shard, TICK, cmsg, net,
 };
 use crate::endpoint::{Endpoint, EndpointConfig};
 use crate::files::FileRoot;
@@ -212,10 +212,7 @@ fn test_panic_hook(index: usize) -> bool {
 /// sent only where SIGUSR1 is blocked (run blocks it and waits for it), so
 /// that a process not expecting it is not killed by it.
 fn report_death(index: usize, why: &str) {
-    crate::log::line_at(
-        crate::log::Level::Error,
-        format!("ringtftpd: shard {index} died: {why}"),
-    );
+    tracing::error!("shard {index} died: {why}");
     let blocked = nix::sys::signal::SigSet::thread_get_mask()
         .is_ok_and(|m| m.contains(nix::sys::signal::Signal::SIGUSR1));
     if blocked {
@@ -296,10 +293,12 @@ impl Shard {
         if let Some(cpu) = config.cpu
             && let Err(e) = pin_to(cpu)
         {
-            log::line(format!(
-                "shard {}: cannot pin to cpu {cpu}: {e}; running unpinned",
-                config.index
-            ));
+            tracing::warn!(
+                shard = config.index,
+                cpu,
+                error = %e,
+                "cannot pin to the cpu; running unpinned"
+            );
         }
         let single_port = config.endpoint.single_port;
         // Single port: every session's ACKs (and uploads' DATA) come to the

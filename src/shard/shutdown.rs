@@ -131,48 +131,50 @@ impl Shard {
             let _ = self.session_bufs.unregister(&submitter);
         } else {
             self.exit.leaked = true;
-            self.log(format!(
-                "shard {}: {} ring operations still outstanding {:?} after cancelling them; \
+            tracing::error!(
+                shard = self.index,
+                outstanding = self.ring.outstanding(),
+                "ring operations still outstanding {:?} after cancelling them; \
                  leaking send slots, file mappings and buffer rings",
-                self.index,
-                self.ring.outstanding(),
                 self.reap_bound
-            ));
+            );
         }
+        self.exit.counters = self.counters;
+        self.counters.log_dropped += log::take_local_drops();
         self.exit.counters = self.counters;
         if self.log_transfers {
             let c = self.counters;
-            self.log(format!(
-                "shard {}: turns={} requests={} refused={} ignored={} started={} busy={} finished={} datagrams_in={} \
-                 sends={} send_errors={} send_faults={} replies_dropped={} recv_errors={} rearms={} ring_dry={} \
-                 log_dropped={} pool_flushes={} truncated={} gso_sends={} gso_fallbacks={} \
-                 upload_backlog_drops={} cancelled_at_exit={} outstanding_at_free={} {}",
-                self.index,
-                c.turns,
-                c.requests,
-                c.refused,
-                c.ignored,
-                c.started,
-                c.busy,
-                c.finished,
-                c.datagrams_in,
-                c.sends,
-                c.send_errors,
-                c.send_faults,
-                c.replies_dropped,
-                c.recv_errors,
-                c.rearms,
-                c.ring_dry,
-                c.log_dropped,
-                c.pool_flushes,
-                c.truncated,
-                c.gso_sends,
-                c.gso_fallbacks,
-                c.upload_backlog_drops,
-                self.exit.outstanding_at_teardown,
-                self.exit.outstanding_at_free,
+            tracing::info!(
+                target: "ringtftpd::shard",
+                event = "shard_exit",
+                shard = self.index,
+                turns = c.turns,
+                requests = c.requests,
+                refused = c.refused,
+                ignored = c.ignored,
+                started = c.started,
+                busy = c.busy,
+                finished = c.finished,
+                datagrams_in = c.datagrams_in,
+                sends = c.sends,
+                send_errors = c.send_errors,
+                send_faults = c.send_faults,
+                replies_dropped = c.replies_dropped,
+                recv_errors = c.recv_errors,
+                rearms = c.rearms,
+                ring_dry = c.ring_dry,
+                log_dropped = c.log_dropped,
+                pool_flushes = c.pool_flushes,
+                truncated = c.truncated,
+                gso_sends = c.gso_sends,
+                gso_fallbacks = c.gso_fallbacks,
+                upload_backlog_drops = c.upload_backlog_drops,
+                cancelled_at_exit = self.exit.outstanding_at_teardown,
+                outstanding_at_free = self.exit.outstanding_at_free,
+                // The counts by reason, as `refused_REASON=N ...`.
+                "{}",
                 self.endpoint.refusals()
-            ));
+            );
         }
         if self.log_transfers || self.exit.leaked {
             // The last lines out before the process may end; bounded, as
