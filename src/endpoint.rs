@@ -187,6 +187,9 @@ pub struct Finished<H> {
     pub served: Option<String>,
     /// An upload (WRQ).
     pub write: bool,
+    pub mode: proto::Mode,
+    /// The options as the client asked them.
+    pub asked: proto::Options,
     pub handle: H,
     pub outcome: Outcome,
     pub stats: Stats,
@@ -1127,6 +1130,8 @@ impl<H: Clone> Endpoint<H> {
         Some(Finished {
             peer: entry.peer,
             write: entry.request.write,
+            mode: entry.request.mode,
+            asked: entry.request.options,
             filename: entry.request.filename.escape_ascii().to_string(),
             served: entry.served.map(|path| path.escape_ascii().to_string()),
             handle: entry.handle,
@@ -1220,7 +1225,14 @@ pub struct TransferRecord {
     pub served: Option<String>,
     /// "read" or "write".
     pub direction: &'static str,
+    /// "octet" or "netascii".
+    pub mode: &'static str,
+    /// The options the client asked for, `name=value` separated by
+    /// spaces (empty: none).
+    pub options: String,
     pub bytes: u64,
+    /// DATA blocks acknowledged (read) or accepted (write).
+    pub blocks: u64,
     pub blksize: u16,
     pub windowsize: u16,
     pub duration_ms: f64,
@@ -1229,6 +1241,37 @@ pub struct TransferRecord {
     pub rto_floor_ms: f64,
     pub outcome: &'static str,
     pub error_code: Option<u16>,
+    /// The message of the ERROR the server sent, if it ended the transfer.
+    pub error: Option<&'static str>,
+}
+
+/// The options as asked, for the transfer record.
+fn asked_options(o: &proto::Options) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let numbers = [
+        ("blksize", o.blksize.map(u64::from)),
+        ("blksize2", o.blksize2.map(u64::from)),
+        ("timeout", o.timeout.map(u64::from)),
+        ("utimeout", o.utimeout),
+        ("tsize", o.tsize),
+        ("windowsize", o.windowsize.map(u64::from)),
+        ("rollover", o.rollover.map(u64::from)),
+    ];
+    for (name, value) in numbers {
+        if let Some(value) = value {
+            let _ = write!(
+                out,
+                "{}{name}={value}",
+                if out.is_empty() { "" } else { " " }
+            );
+        }
+    }
+    if let Some(cookie) = &o.cookie {
+        let sep = if out.is_empty() { "" } else { " " };
+        let _ = write!(out, "{sep}cookie={}", cookie.as_bytes().escape_ascii());
+    }
+    out
 }
 
 /// Milliseconds to the microsecond, for records.
@@ -1248,7 +1291,10 @@ impl<H> Finished<H> {
             file: self.filename.clone(),
             served: self.served.clone(),
             direction: if self.write { "write" } else { "read" },
+            mode: self.mode.as_str(),
+            options: asked_options(&self.asked),
             bytes: self.stats.bytes_acked,
+            blocks: self.stats.blocks,
             blksize: self.stats.blksize,
             windowsize: self.stats.windowsize,
             duration_ms: millis(duration),
@@ -1260,6 +1306,7 @@ impl<H> Finished<H> {
                 Outcome::PeerError(code) | Outcome::Aborted(code) => Some(code.to_u16()),
                 _ => None,
             },
+            error: self.stats.error,
         }
     }
 }

@@ -469,7 +469,10 @@ mod tests {
             file: "pxelinux.cfg/01-aa".into(),
             served: Some("pxelinux.cfg/default".into()),
             direction: "read",
+            mode: "octet",
+            options: "blksize=512 tsize=0".into(),
             bytes: 513,
+            blocks: 2,
             blksize: 512,
             windowsize: 1,
             duration_ms: 1.5,
@@ -478,6 +481,7 @@ mod tests {
             rto_floor_ms: 200.0,
             outcome: "completed",
             error_code: None,
+            error: None,
         }
     }
 
@@ -492,7 +496,8 @@ mod tests {
         assert_eq!(
             got[0].text(),
             "transfer client=192.0.2.7:2001 local=192.0.2.1 file=\"pxelinux.cfg/01-aa\" \
-             direction=read bytes=513 blksize=512 windowsize=1 duration_ms=1.500 retransmits=2 \
+             direction=read mode=octet options=\"blksize=512 tsize=0\" bytes=513 blocks=2 \
+             blksize=512 windowsize=1 duration_ms=1.500 retransmits=2 \
              srtt_ms=0.250 rto_floor_ms=200.000 outcome=completed served=\"pxelinux.cfg/default\""
         );
         let json = got[0].json();
@@ -503,6 +508,9 @@ mod tests {
             "{json}"
         );
         assert_eq!(json["bytes"], 513);
+        assert_eq!(json["blocks"], 2);
+        assert_eq!(json["mode"], "octet");
+        assert_eq!(json["options"], "blksize=512 tsize=0");
         assert_eq!(json["duration_ms"], 1.5);
         assert_eq!(json["local"], "192.0.2.1");
         assert_eq!(json["served"], "pxelinux.cfg/default");

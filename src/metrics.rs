@@ -1065,6 +1065,8 @@ mod tests {
             started,
             ended: Some(started + Duration::from_secs_f64(secs)),
             bytes_acked: 1000,
+            blocks: 2,
+            error: None,
             retransmits,
             blksize: 512,
             windowsize: 1,

@@ -194,6 +194,10 @@ pub struct Stats {
     pub ended: Option<Instant>,
     /// Payload bytes the peer acknowledged.
     pub bytes_acked: u64,
+    /// DATA blocks acknowledged (read) or accepted in order (write).
+    pub blocks: u64,
+    /// The message of the ERROR this side sent, if it ended the transfer.
+    pub error: Option<&'static str>,
     /// DATA and OACK packets sent again.
     pub retransmits: u64,
     pub blksize: u16,
@@ -666,6 +670,8 @@ impl Transfer {
                 started: now,
                 ended: None,
                 bytes_acked: 0,
+                blocks: 0,
+                error: None,
                 retransmits: 0,
                 blksize,
                 windowsize,
@@ -749,6 +755,7 @@ impl Transfer {
         self.phase = Phase::Ended;
         self.outcome = Some(outcome);
         self.error_due = error;
+        self.stats.error = error.map(|(_, message)| message);
         self.deadline = None;
         self.stats.ended = Some(now);
         self.stats.srtt = self.rtt.srtt;
@@ -832,6 +839,7 @@ impl Transfer {
                 last,
             } => {
                 self.stats.bytes_acked = r.len();
+                self.stats.blocks += 1;
                 // The first DATA after our ACK (or OACK) answers it.
                 if let Some(rtt) = self.rtt_sample(now) {
                     self.rtt.sample(rtt);
@@ -968,6 +976,7 @@ impl Transfer {
         s.head_sent = None;
         s.fast_resent_at = None;
         self.stats.bytes_acked = (acked * u64::from(self.blksize)).min(s.content_len);
+        self.stats.blocks = acked;
         let done = acked == s.total_blocks;
         self.progress(now);
         if done {

@@ -91,6 +91,14 @@ fn json_events_carry_the_documented_fields() {
     assert_eq!(t["file"], "b513.bin");
     assert_eq!(t["direction"], "read");
     assert_eq!(t["bytes"], 513);
+    assert_eq!(t["blocks"], 1, "513 bytes at blksize 1024");
+    assert_eq!(t["mode"], "octet");
+    assert!(
+        t["options"]
+            .as_str()
+            .is_some_and(|o| o.contains("blksize=1024")),
+        "{t}"
+    );
     assert_eq!(t["blksize"], 1024);
     assert_eq!(t["windowsize"], 1);
     assert_eq!(t["retransmits"], 0);

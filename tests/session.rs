@@ -885,7 +885,12 @@ fn a_fast_ack_proves_nothing_before_the_minimum_rtt_is_known() {
     sim.drive();
     assert_complete(&sim, &file);
     assert_eq!(data_times(&sim, 3).len(), 2);
-    assert_eq!(logged_floor_ms(&sim), DEFAULT_FLOOR_MS, "{:?}", sim.log_line);
+    assert_eq!(
+        logged_floor_ms(&sim),
+        DEFAULT_FLOOR_MS,
+        "{:?}",
+        sim.log_line
+    );
 }
 
 #[test]

@@ -17,7 +17,10 @@ pub fn transfer(r: &TransferRecord, local: IpAddr) {
         local = %local,
         file = r.file.as_str(),
         direction = %r.direction,
+        mode = %r.mode,
+        options = (!r.options.is_empty()).then_some(r.options.as_str()),
         bytes = r.bytes,
+        blocks = r.blocks,
         blksize = r.blksize,
         windowsize = r.windowsize,
         duration_ms = r.duration_ms,
@@ -27,6 +30,7 @@ pub fn transfer(r: &TransferRecord, local: IpAddr) {
         outcome = %r.outcome,
         served = r.served.as_deref(),
         error_code = r.error_code,
+        error = r.error,
     );
 }
 
