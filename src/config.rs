@@ -242,6 +242,13 @@ pub struct Config {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
+    /// With --metrics: also count finished transfers by file, for the
+    /// first N normalised names to finish one (the rest as file="other";
+    /// see docs/operations.md). At most 256; default 0: no file labels.
+    #[arg(long = "metrics-file-labels", value_name = "N", default_value_t = 0,
+          requires = "metrics", value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub metrics_file_labels: u16,
+
     /// Never negotiate this option (as tftpd-hpa's -r): blksize, tsize,
     /// timeout, windowsize, or tftpd-hpa's blksize2, utimeout, rollover
     /// and cookie. Repeatable.

@@ -55,17 +55,24 @@ impl Histogram {
         self.base + direction as usize * (self.bounds.len() + 2)
     }
 
-    fn observe(&self, v: &mut [u64], direction: Direction, value: f64) {
+    /// Where an observation of `value` goes: its bucket's slot, the
+    /// sum's slot and what to add to the sum.
+    fn locate(&self, direction: Direction, value: f64) -> (usize, usize, u64) {
         let start = self.start(direction);
         let bucket = self
             .bounds
             .iter()
             .position(|&le| value <= le)
             .unwrap_or(self.bounds.len());
-        v[start + bucket] += 1;
-        let sum = &mut v[start + self.bounds.len() + 1];
         // `as` saturates: a huge or NaN value cannot wrap the sum.
-        *sum = sum.saturating_add((value * self.scale) as u64);
+        let add = (value * self.scale) as u64;
+        (start + bucket, start + self.bounds.len() + 1, add)
+    }
+
+    fn observe(&self, v: &mut [u64], direction: Direction, value: f64) {
+        let (bucket, sum, add) = self.locate(direction, value);
+        v[bucket] += 1;
+        v[sum] = v[sum].saturating_add(add);
     }
 
     /// The buckets with their bounds (not cumulative), the count and the
@@ -157,6 +164,52 @@ impl RequestKind {
     }
 }
 
+/// What became of a request taken at a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A transfer began (its socket was ready).
+    Started,
+    /// Refused, answered or not (every `ringtftpd_refusals_total` reason).
+    Refused,
+    /// Dropped without a refusal: a retransmitted request whose transfer
+    /// already runs, an ERROR sent to the listening port.
+    Ignored,
+}
+
+impl Admission {
+    pub const ALL: [Admission; 3] = [Admission::Started, Admission::Refused, Admission::Ignored];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Admission::Started => "started",
+            Admission::Refused => "refused",
+            Admission::Ignored => "ignored",
+        }
+    }
+
+    /// What the endpoint's answer to a request was, `refused` telling a
+    /// silent refusal (rate-limited, its reply suppressed) from a plain
+    /// drop: whether a refusal was counted meanwhile (see
+    /// [`refusals_so_far`]). None for a start: counted once its socket is
+    /// ready ([`Tally::started`]) or it is refused busy
+    /// ([`Tally::start_refused`]).
+    pub fn of(outcome: &crate::endpoint::RequestOutcome, refused: bool) -> Option<Self> {
+        use crate::endpoint::RequestOutcome;
+        match outcome {
+            RequestOutcome::Started(_) => None,
+            RequestOutcome::Reply(_) => Some(Admission::Refused),
+            RequestOutcome::Ignored if refused => Some(Admission::Refused),
+            RequestOutcome::Ignored => Some(Admission::Ignored),
+        }
+    }
+}
+
+/// Every refusal the endpoint counted so far: compared around a request
+/// to tell whether it was refused.
+pub fn refusals_so_far(refusals: &crate::endpoint::RefusalCounts) -> u64 {
+    refusals.by_reason.iter().sum()
+}
+
 /// Which way a transfer's file goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -174,6 +227,14 @@ impl Direction {
             Direction::Upload
         } else {
             Direction::Download
+        }
+    }
+
+    /// The request that starts a transfer this way.
+    pub fn request_kind(self) -> RequestKind {
+        match self {
+            Direction::Download => RequestKind::Rrq,
+            Direction::Upload => RequestKind::Wrq,
         }
     }
 
@@ -238,9 +299,9 @@ mod slot {
     /// End of the per-packet slots.
     pub const HOT: usize = POOLED + 1;
 
-    /// By [`super::RequestKind`].
+    /// By [`super::RequestKind`], then [`super::Admission`].
     pub const REQUESTS: usize = HOT;
-    pub const REFUSALS: usize = REQUESTS + 3;
+    pub const REFUSALS: usize = REQUESTS + 3 * 3;
     pub const REPLIES_SUPPRESSED: usize = REFUSALS + RefusalKind::ALL.len();
     /// By direction.
     pub const STARTED: usize = REPLIES_SUPPRESSED + 1;
@@ -283,7 +344,7 @@ impl Default for Tally {
 impl std::fmt::Debug for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tally")
-            .field("requests", &&self.v[slot::REQUESTS..slot::REQUESTS + 3])
+            .field("requests", &&self.v[slot::REQUESTS..slot::REFUSALS])
             .field("bytes_sent", &self.v[slot::BYTES_SENT])
             .field("bytes_received", &self.v[slot::BYTES_RECEIVED])
             .finish_non_exhaustive()
@@ -291,14 +352,17 @@ impl std::fmt::Debug for Tally {
 }
 
 impl Tally {
-    /// A datagram at a listener, taken as a request of `kind`.
-    pub fn request(&mut self, kind: RequestKind) {
-        self.v[slot::REQUESTS + kind as usize] += 1;
+    /// A datagram at a listener, taken as a request of `kind`, and what
+    /// became of it.
+    pub fn request(&mut self, kind: RequestKind, admission: Admission) {
+        self.v[slot::REQUESTS + kind as usize * 3 + admission as usize] += 1;
         self.cold_moved = true;
     }
 
-    /// A transfer began (its socket is ready).
+    /// A transfer began (its socket is ready): its request counts as
+    /// started.
     pub fn started(&mut self, direction: Direction) {
+        self.request(direction.request_kind(), Admission::Started);
         self.v[slot::STARTED + direction as usize] += 1;
         self.v[slot::LIVE + direction as usize] += 1;
         self.cold_moved = true;
@@ -340,6 +404,11 @@ impl Tally {
         self.cold_moved = true;
     }
 
+    /// An admitted request found no transfer socket and was refused busy.
+    pub fn start_refused(&mut self, direction: Direction) {
+        self.request(direction.request_kind(), Admission::Refused);
+    }
+
     /// A download's DATA 1 was queued `waited` after its request.
     pub fn first_data(&mut self, waited: Duration) {
         FIRST_DATA.observe(&mut self.v, Direction::Download, waited.as_secs_f64());
@@ -359,11 +428,15 @@ impl Tally {
         }
     }
 
-    /// A datagram at a listener that belongs to no session: counted by
-    /// its opcode, and by its code if it is an ERROR (a client giving up
-    /// on a refused request; the endpoint ignores those).
-    pub fn listener_datagram(&mut self, datagram: &[u8]) {
-        self.request(RequestKind::of(datagram));
+    /// A datagram at a listener that belongs to no session, once the
+    /// endpoint answered it (see [`Admission::of`]): counted by its
+    /// opcode and admission (a start later, by [`Tally::started`]), and by
+    /// its code if it is an ERROR (a client giving up on a refused
+    /// request; the endpoint ignores those).
+    pub fn listener_datagram(&mut self, datagram: &[u8], admission: Option<Admission>) {
+        if let Some(admission) = admission {
+            self.request(RequestKind::of(datagram), admission);
+        }
         if let Some(&[0, 5, hi, lo]) = datagram.get(..4) {
             let code = ErrorCode::from_u16(u16::from_be_bytes([hi, lo]));
             self.v[slot::ERRORS_RECEIVED + code_index(code)] += 1;
@@ -440,8 +513,13 @@ impl Tally {
         }
     }
 
+    /// Requests of `kind`, whatever became of them.
     pub fn requests(&self, kind: RequestKind) -> u64 {
-        self.v[slot::REQUESTS + kind as usize]
+        Admission::ALL.iter().map(|&a| self.admitted(kind, a)).sum()
+    }
+
+    pub fn admitted(&self, kind: RequestKind, admission: Admission) -> u64 {
+        self.v[slot::REQUESTS + kind as usize * 3 + admission as usize]
     }
 
     pub fn refusals(&self, kind: RefusalKind) -> u64 {
@@ -467,6 +545,191 @@ impl Tally {
     /// Transfers of `direction` that ended `Completed`.
     pub fn completed(&self, direction: Direction) -> u64 {
         self.finished_count(direction, 0)
+    }
+}
+
+/// `--metrics-file-labels N`: finished transfers counted by file, for
+/// the first `N` normalised names ([`normalise_file`]) to finish one; the
+/// rest go to `file="other"`. Names are taken for the life of the process,
+/// so every series only grows. Shared by every shard: a transfer's end
+/// costs a scan of at most `N` names and a few relaxed atomic adds (never
+/// anything per packet); the lock below is taken only to add a name, so
+/// at most `N` times.
+#[derive(Debug)]
+pub struct FileLabels {
+    names: Box<[std::sync::OnceLock<Box<str>>]>,
+    /// Names set so far (each `names[i]` below it is set).
+    taken: std::sync::atomic::AtomicUsize,
+    adding: std::sync::Mutex<()>,
+    /// Per name, then `other`: a row of [`file_slot`] counters.
+    counts: Box<[AtomicU64]>,
+}
+
+/// Where each counter lives in a [`FileLabels`] row.
+mod file_slot {
+    use super::{DURATION_BUCKETS, Histogram, OUTCOMES};
+
+    /// By direction, then outcome.
+    pub const FINISHED: usize = 0;
+    /// Payload bytes of finished transfers, by direction.
+    pub const BYTES: usize = FINISHED + 2 * OUTCOMES.len();
+    pub const DURATION: usize = BYTES + 2;
+    pub const ROW: usize = DURATION + Histogram::slots(&DURATION_BUCKETS);
+}
+
+const FILE_DURATION: Histogram = Histogram {
+    name: "ringtftpd_file_transfer_duration_seconds",
+    help: "Time from request to end of finished transfers, by normalised file name (--metrics-file-labels) and direction",
+    bounds: &DURATION_BUCKETS,
+    scale: 1e6,
+    base: file_slot::DURATION,
+};
+
+/// The label for a transfer's file: the name as asked (escaped, as in
+/// the log), with backslashes as slashes, no leading or doubled slashes,
+/// and a component that is a MAC address (pxelinux's `01-aa-bb-cc-dd-ee-ff`,
+/// `aa:bb:..`) or a UUID written as `<mac>` or `<uuid>`, so one name per
+/// machine does not take a label each.
+pub fn normalise_file(escaped: &str) -> String {
+    let slashed = escaped.replace("\\\\", "/");
+    let parts: Vec<&str> = slashed
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            if is_mac(c) {
+                "<mac>"
+            } else if is_uuid(c) {
+                "<uuid>"
+            } else {
+                c
+            }
+        })
+        .collect();
+    let name = parts.join("/");
+    // A file named `other` must not pass for the overflow.
+    if name == "other" {
+        return "/other".to_string();
+    }
+    name
+}
+
+/// Hex digit groups of `lens`, separated by `sep`.
+fn hex_groups(s: &str, sep: char, lens: &[usize]) -> bool {
+    let groups: Vec<&str> = s.split(sep).collect();
+    groups.len() == lens.len()
+        && groups
+            .iter()
+            .zip(lens)
+            .all(|(g, &n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn is_mac(c: &str) -> bool {
+    let c = c.strip_prefix("01-").filter(|r| r.len() == 17).unwrap_or(c);
+    hex_groups(c, '-', &[2; 6]) || hex_groups(c, ':', &[2; 6])
+}
+
+fn is_uuid(c: &str) -> bool {
+    hex_groups(c, '-', &[8, 4, 4, 4, 12])
+}
+
+impl FileLabels {
+    /// Most names one may ask for.
+    pub const MAX: usize = 256;
+
+    /// A table for `n` names (at most [`FileLabels::MAX`]).
+    pub fn new(n: usize) -> Self {
+        let n = n.min(Self::MAX);
+        FileLabels {
+            names: (0..n).map(|_| std::sync::OnceLock::new()).collect(),
+            taken: Default::default(),
+            adding: Default::default(),
+            counts: (0..(n + 1) * file_slot::ROW)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn taken(&self) -> usize {
+        self.taken.load(Ordering::Acquire).min(self.names.len())
+    }
+
+    fn find(&self, name: &str, taken: usize) -> Option<usize> {
+        self.names[..taken]
+            .iter()
+            .position(|n| n.get().is_some_and(|n| **n == *name))
+    }
+
+    /// The row of `name` (already normalised): its own, a new one while
+    /// there is room, else `other`'s.
+    fn row(&self, name: &str) -> usize {
+        let other = self.names.len();
+        let taken = self.taken();
+        if let Some(i) = self.find(name, taken) {
+            return i;
+        }
+        if taken == other {
+            return other;
+        }
+        // A poisoned lock guards nothing broken (the names are set once).
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = self.taken();
+        if let Some(i) = self.find(name, taken) {
+            return i;
+        }
+        if taken == other || self.names[taken].set(name.into()).is_err() {
+            return other;
+        }
+        self.taken.store(taken + 1, Ordering::Release);
+        taken
+    }
+
+    /// A finished transfer of the file asked as `filename` (escaped).
+    pub fn finished(
+        &self,
+        filename: &str,
+        direction: Direction,
+        outcome: &Outcome,
+        stats: &Stats,
+        now: Instant,
+    ) {
+        let base = self.row(&normalise_file(filename)) * file_slot::ROW;
+        let add = |slot: usize, n: u64| {
+            self.counts[base + slot].fetch_add(n, Ordering::Relaxed);
+        };
+        let d = direction as usize;
+        add(
+            file_slot::FINISHED + d * OUTCOMES.len() + outcome_index(outcome),
+            1,
+        );
+        add(file_slot::BYTES + d, stats.bytes_acked);
+        let took = stats
+            .ended
+            .unwrap_or(now)
+            .saturating_duration_since(stats.started)
+            .as_secs_f64();
+        let (bucket, sum, micros) = FILE_DURATION.locate(direction, took);
+        add(bucket, 1);
+        add(sum, micros);
+    }
+
+    /// Each taken name's counters, then `other`'s.
+    fn read(&self) -> Vec<(String, Vec<u64>)> {
+        let taken = self.taken();
+        let names = self.names[..taken]
+            .iter()
+            .map(|n| n.get().map_or_else(String::new, |n| n.to_string()))
+            .chain(["other".to_string()]);
+        names
+            .enumerate()
+            .map(|(i, name)| {
+                let row = if i == taken { self.names.len() } else { i };
+                let counts = self.counts[row * file_slot::ROW..(row + 1) * file_slot::ROW]
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .collect();
+                (name, counts)
+            })
+            .collect()
     }
 }
 
@@ -536,6 +799,10 @@ pub struct Snapshot {
     pub process: Option<Process>,
     /// SIGHUP reloads: (taken, refused for a bad file).
     pub reloads: (u64, u64),
+    /// Live file mappings and the bytes they span, every root.
+    pub mapped: (u64, u64),
+    /// `--metrics-file-labels`: each name's counters (see [`FileLabels`]).
+    pub files: Option<Vec<(String, Vec<u64>)>>,
 }
 
 /// The standard `process_*` figures, read at a scrape.
@@ -592,6 +859,8 @@ impl Snapshot {
             listener_drops: None,
             process: None,
             reloads: (0, 0),
+            mapped: (0, 0),
+            files: None,
         }
     }
 
@@ -648,11 +917,19 @@ impl Collector for Encoded {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let t = &self.0.total;
         let v = |slot: usize| t.v[slot];
+        let requests = RequestKind::ALL.into_iter().flat_map(|k| {
+            Admission::ALL.map(|a| {
+                (
+                    [("kind", k.as_str()), ("outcome", a.as_str())],
+                    t.admitted(k, a),
+                )
+            })
+        });
         counters(
             &mut e,
             "ringtftpd_requests",
-            "Datagrams taken at the listeners as requests, by opcode (other: neither RRQ nor WRQ)",
-            RequestKind::ALL.map(|k| ([("kind", k.as_str())], t.requests(k))),
+            "Datagrams taken at the listeners as requests, by opcode (other: neither RRQ nor WRQ) and outcome (started, refused, ignored)",
+            requests,
         )?;
         counters(
             &mut e,
@@ -803,6 +1080,21 @@ impl Collector for Encoded {
             "Bytes of content the open cache keeps alive",
             v(slot::OPEN_CACHE_BYTES),
         )?;
+        gauge(
+            &mut e,
+            "ringtftpd_mapped_files",
+            "File contents mapped now (octet downloads), each once however many transfers and shards read it",
+            self.0.mapped.0,
+        )?;
+        gauge(
+            &mut e,
+            "ringtftpd_mapped_bytes",
+            "Bytes the live file mappings span (address space, not resident memory)",
+            self.0.mapped.1,
+        )?;
+        if let Some(files) = &self.0.files {
+            encode_files(&mut e, files)?;
+        }
         let process = self.0.process.unwrap_or_default();
         if let Some(cpu) = process.cpu_seconds {
             let metric = ConstCounter::new(cpu);
@@ -849,6 +1141,63 @@ impl Collector for Encoded {
     }
 }
 
+/// `--metrics-file-labels`: the counters by file.
+fn encode_files(
+    e: &mut DescriptorEncoder,
+    files: &[(String, Vec<u64>)],
+) -> Result<(), std::fmt::Error> {
+    let finished = files.iter().flat_map(|(name, row)| {
+        Direction::ALL.into_iter().flat_map(move |d| {
+            OUTCOMES.iter().enumerate().map(move |(i, o)| {
+                (
+                    [
+                        ("file", name.as_str()),
+                        ("direction", d.as_str()),
+                        ("outcome", *o),
+                    ],
+                    row[file_slot::FINISHED + d as usize * OUTCOMES.len() + i],
+                )
+            })
+        })
+    });
+    counters(
+        e,
+        "ringtftpd_file_transfers_finished",
+        "Transfers ended, by normalised file name (--metrics-file-labels; file=\"other\": the names past the limit), direction and outcome",
+        finished,
+    )?;
+    let bytes = files.iter().flat_map(|(name, row)| {
+        Direction::ALL.map(|d| {
+            (
+                [("file", name.as_str()), ("direction", d.as_str())],
+                row[file_slot::BYTES + d as usize],
+            )
+        })
+    });
+    counters(
+        e,
+        "ringtftpd_file_transfer_bytes",
+        "Payload bytes of finished transfers (acknowledged or accepted), by normalised file name and direction",
+        bytes,
+    )?;
+    let mut family = e.encode_descriptor(
+        FILE_DURATION.name,
+        FILE_DURATION.help,
+        None,
+        MetricType::Histogram,
+    )?;
+    for (name, row) in files {
+        for d in Direction::ALL {
+            let (buckets, count, sum) = FILE_DURATION.read(row, d);
+            let labels = [("file", name.as_str()), ("direction", d.as_str())];
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+    }
+    Ok(())
+}
+
 /// The exporter's view of the server: every shard's counters, and
 /// whether the server is stopping.
 #[derive(Debug, Clone)]
@@ -861,6 +1210,9 @@ pub struct Exporter {
     reloads_failed: Arc<AtomicU64>,
     /// The listening addresses, whose kernel drop counts a scrape reads.
     listeners: Arc<[SocketAddr]>,
+    /// Every root's live mappings.
+    mapped: Arc<[Arc<crate::files::MappedCounts>]>,
+    file_labels: Option<Arc<FileLabels>>,
 }
 
 impl Exporter {
@@ -872,7 +1224,21 @@ impl Exporter {
             reloads_ok: Arc::default(),
             reloads_failed: Arc::default(),
             listeners: listeners.into(),
+            mapped: Arc::new([]),
+            file_labels: None,
         }
+    }
+
+    /// Also reads every root's live mappings and, with
+    /// `--metrics-file-labels`, the counters by file.
+    pub fn with_files(
+        mut self,
+        mapped: Vec<Arc<crate::files::MappedCounts>>,
+        file_labels: Option<Arc<FileLabels>>,
+    ) -> Self {
+        self.mapped = mapped.into();
+        self.file_labels = file_labels;
+        self
     }
 
     /// From now on `/readyz` answers 503 (drain, shutdown).
@@ -911,6 +1277,11 @@ impl Exporter {
             self.reloads_ok.load(Ordering::Relaxed),
             self.reloads_failed.load(Ordering::Relaxed),
         );
+        snapshot.mapped = self.mapped.iter().fold((0, 0), |(files, bytes), m| {
+            let (f, b) = m.read();
+            (files + f, bytes + b)
+        });
+        snapshot.files = self.file_labels.as_ref().map(|f| f.read());
         snapshot
     }
 
@@ -1081,7 +1452,6 @@ mod tests {
         let shards: Vec<Arc<Published>> = (0..2).map(|_| Arc::default()).collect();
         for (i, shard) in shards.iter().enumerate() {
             let mut t = Tally::default();
-            t.request(RequestKind::Rrq);
             t.started(Direction::Download);
             t.data_sent(512);
             t.data_sent(100 + i);
@@ -1091,7 +1461,6 @@ mod tests {
                 &stats(now, 0.2, 1),
                 now,
             );
-            t.request(RequestKind::Wrq);
             t.started(Direction::Upload);
             shard.publish(&mut t, false);
             assert!(!t.cold_moved());
@@ -1099,6 +1468,7 @@ mod tests {
         let snap = Snapshot::take(&shards);
         assert_eq!(snap.total.requests(RequestKind::Rrq), 2);
         assert_eq!(snap.total.requests(RequestKind::Wrq), 2);
+        assert_eq!(snap.total.admitted(RequestKind::Rrq, Admission::Started), 2);
         assert_eq!(snap.total.bytes_sent(), 2 * 612 + 1);
         assert_eq!(snap.total.completed(Direction::Download), 2);
         assert_eq!(snap.total.live(Direction::Download), 0);
@@ -1119,7 +1489,7 @@ mod tests {
     fn hot_publish_leaves_cold_counters_until_they_move() {
         let shard = Published::default();
         let mut t = Tally::default();
-        t.request(RequestKind::Rrq);
+        t.request(RequestKind::Rrq, Admission::Refused);
         shard.publish(&mut t, false);
         // Copied in without moving a cold counter: not published yet.
         let mut refusals = crate::endpoint::RefusalCounts::default();
@@ -1139,10 +1509,11 @@ mod tests {
         t.reply_sent(&[0, 5, 0, 1, b'x', 0]);
         t.reply_sent(&[0, 5, 0, 99, 0]);
         t.reply_sent(&[0, 6, 0, 1]); // an OACK: not an ERROR
-        t.listener_datagram(&[0, 5, 0, 8, 0]);
-        t.listener_datagram(&[0, 4, 0, 1]);
+        t.listener_datagram(&[0, 5, 0, 8, 0], Some(Admission::Ignored));
+        t.listener_datagram(&[0, 4, 0, 1], Some(Admission::Refused));
         assert_eq!(t.v[slot::ERRORS_RECEIVED + 8], 1);
         assert_eq!(t.requests(RequestKind::Other), 2);
+        assert_eq!(t.admitted(RequestKind::Other, Admission::Ignored), 1);
         assert_eq!(t.v[slot::ERRORS_SENT + 1], 1);
         assert_eq!(t.v[slot::ERRORS_SENT + CODES - 1], 1);
         assert_eq!(
@@ -1164,12 +1535,71 @@ mod tests {
             );
             assert!(text.contains(&line), "{line} missing in\n{text}");
         }
-        assert!(text.contains("ringtftpd_requests_total{kind=\"rrq\"} 0\n"));
+        for kind in ["rrq", "wrq", "other"] {
+            for outcome in ["started", "refused", "ignored"] {
+                let line = format!(
+                    "ringtftpd_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} 0\n"
+                );
+                assert!(text.contains(&line), "{line} missing in\n{text}");
+            }
+        }
         assert!(text.contains("ringtftpd_transfers_active{shard=\"1\",direction=\"upload\"} 0\n"));
         assert!(text.contains(
             "ringtftpd_transfer_duration_seconds_bucket{direction=\"download\",le=\"+Inf\"} 0\n"
         ));
         assert!(text.contains("# TYPE ringtftpd_transfer_duration_seconds histogram\n"));
+    }
+
+    #[test]
+    fn file_names_are_normalised_to_few_labels() {
+        assert_eq!(normalise_file("/boot//vmlinuz"), "boot/vmlinuz");
+        assert_eq!(normalise_file("boot\\\\pxe.0"), "boot/pxe.0");
+        assert_eq!(
+            normalise_file("pxelinux.cfg/01-aa-bb-cc-dd-ee-0f"),
+            "pxelinux.cfg/<mac>"
+        );
+        assert_eq!(normalise_file("aa:bb:cc:dd:ee:ff/x"), "<mac>/x");
+        assert_eq!(
+            normalise_file("pxelinux.cfg/12345678-9abc-def0-1234-56789abcdef0"),
+            "pxelinux.cfg/<uuid>"
+        );
+        assert_eq!(
+            normalise_file("pxelinux.cfg/01-aa-bb"),
+            "pxelinux.cfg/01-aa-bb"
+        );
+        assert_eq!(normalise_file("/other"), "/other");
+    }
+
+    #[test]
+    fn file_labels_keep_the_first_names_and_fold_the_rest() {
+        let now = Instant::now();
+        let labels = FileLabels::new(2);
+        let done = stats(now, 0.2, 0);
+        for name in ["a", "/a", "b", "c", "d", "b"] {
+            labels.finished(name, Direction::Download, &Outcome::Completed, &done, now);
+        }
+        labels.finished("c", Direction::Upload, &Outcome::TimedOut, &done, now);
+        let rows = labels.read();
+        let names: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "other"]);
+        let completed = |row: &[u64]| row[file_slot::FINISHED + outcome_index(&Outcome::Completed)];
+        assert_eq!(completed(&rows[0].1), 2);
+        assert_eq!(completed(&rows[1].1), 2);
+        assert_eq!(completed(&rows[2].1), 2);
+        assert_eq!(rows[2].1[file_slot::FINISHED + OUTCOMES.len() + 3], 1);
+        assert_eq!(rows[0].1[file_slot::BYTES], 2000);
+        let (_, count, sum) = FILE_DURATION.read(&rows[2].1, Direction::Download);
+        assert_eq!(count, 2);
+        assert!((sum - 0.4).abs() < 1e-6);
+        let mut snapshot = Snapshot::take(&[]);
+        snapshot.files = Some(rows);
+        let text = snapshot.encode();
+        assert!(text.contains(
+            "ringtftpd_file_transfers_finished_total{file=\"other\",direction=\"upload\",outcome=\"timed_out\"} 1\n"
+        ), "{text}");
+        assert!(text.contains(
+            "ringtftpd_file_transfer_bytes_total{file=\"a\",direction=\"download\"} 2000\n"
+        ));
     }
 
     #[test]

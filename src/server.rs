@@ -112,6 +112,9 @@ pub struct Server {
     pub addresses: Vec<SocketAddr>,
     /// What `E` remap rules ask, kept for a reload's new rules.
     probe: Arc<NameProbe>,
+    /// Every root's live mappings, and the counters by file, for `--metrics`.
+    mapped: Vec<Arc<crate::files::MappedCounts>>,
+    file_labels: Option<Arc<crate::metrics::FileLabels>>,
 }
 
 impl Server {
@@ -143,6 +146,12 @@ impl Server {
         }
         let files = roots[0].clone();
         let more_files = roots[1..].to_vec();
+        let mapped = roots.iter().map(FileRoot::mapped).collect();
+        let file_labels = (config.metrics_file_labels > 0).then(|| {
+            Arc::new(crate::metrics::FileLabels::new(usize::from(
+                config.metrics_file_labels,
+            )))
+        });
         let rules = config.remap_rules().map_err(io::Error::other)?;
         let probe: Arc<NameProbe> = if roots.len() == 1 {
             let files = files.clone();
@@ -220,6 +229,7 @@ impl Server {
                 shutdown_grace: Duration::from_secs(config.shutdown_grace),
                 port_range: config.port_range,
                 shards: count,
+                file_labels: file_labels.clone(),
             };
             let shard = shard::prepare(shard_config)
                 .map_err(|e| io::Error::new(e.kind(), format!("shard {index}: io_uring: {e}")))?;
@@ -256,6 +266,8 @@ impl Server {
             hook,
             addresses,
             probe,
+            mapped,
+            file_labels,
         })
     }
 
@@ -490,7 +502,8 @@ pub fn run(config: &Config) -> io::Result<()> {
     // Bound before --user drops privileges, as the TFTP ports are.
     let metrics = config.metrics.map(Listening::bind).transpose()?;
     let server = Server::start_on(config, inherited)?;
-    let exporter = Exporter::new(server.published(), &server.addresses);
+    let exporter = Exporter::new(server.published(), &server.addresses)
+        .with_files(server.mapped.clone(), server.file_labels.clone());
     if let Some(listening) = metrics {
         let addr = listening.addr;
         exporter.serve(listening)?;

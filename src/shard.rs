@@ -288,6 +288,7 @@ struct Shard {
     index: usize,
     log_transfers: bool,
     hook: Option<crate::hook::HookSender>,
+    file_labels: Option<Arc<crate::metrics::FileLabels>>,
     shutdown_grace: Duration,
 }
 

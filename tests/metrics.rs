@@ -171,18 +171,15 @@ fn counters_match_what_the_clients_did() {
     let d = |series: &str| delta(&after, series);
     let report = || format!("before:\n{}\nafter:\n{}", before.text, after.text);
 
-    assert_eq!(
-        d("ringtftpd_requests_total{kind=\"rrq\"}"),
-        4.0,
-        "{}",
-        report()
-    );
-    assert_eq!(
-        d("ringtftpd_requests_total{kind=\"wrq\"}"),
-        1.0,
-        "{}",
-        report()
-    );
+    let requests = |kind: &str, outcome: &str| {
+        d(&format!(
+            "ringtftpd_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"
+        ))
+    };
+    assert_eq!(requests("rrq", "started"), 3.0, "{}", report());
+    assert_eq!(requests("rrq", "refused"), 1.0, "{}", report());
+    assert_eq!(requests("wrq", "started"), 1.0, "{}", report());
+    assert_eq!(requests("wrq", "refused"), 0.0, "{}", report());
     assert_eq!(
         d("ringtftpd_refusals_total{reason=\"not_found\"}"),
         1.0,
@@ -191,12 +188,11 @@ fn counters_match_what_the_clients_did() {
     );
     // tftp-hpa answers the ERROR 1 with an ACK 1 to the listening port,
     // which is no request: refused as malformed, with ERROR 4.
-    assert_eq!(
-        d("ringtftpd_requests_total{kind=\"other\"}"),
-        1.0,
-        "{}",
-        report()
-    );
+    assert_eq!(requests("other", "refused"), 1.0, "{}", report());
+    let ignored = after.sum("ringtftpd_requests_total{kind=\"")
+        - before.sum("ringtftpd_requests_total{kind=\"")
+        - 6.0;
+    assert_eq!(ignored, 0.0, "nothing else came: {}", report());
     assert_eq!(
         d("ringtftpd_refusals_total{reason=\"malformed\"}"),
         1.0,
@@ -427,7 +423,7 @@ fn scrapes_during_a_load_only_grow_and_add_up() {
         report()
     );
     assert_eq!(
-        d("ringtftpd_requests_total{kind=\"rrq\"}"),
+        d("ringtftpd_requests_total{kind=\"rrq\",outcome=\"started\"}"),
         n,
         "{}",
         report()
@@ -655,4 +651,134 @@ fn the_grafana_dashboard_queries_what_the_server_exports() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `ringtftpd_requests_total{outcome="ignored"}` (a retransmitted RRQ),
+/// the live-mapping gauges, and `--metrics-file-labels 3`: the start-up
+/// probe's `probe.txt` and the first two of our names get labels of their
+/// own, the third is counted as `file="other"`.
+#[test]
+fn ignored_requests_mappings_and_file_labels() {
+    let metrics = free_tcp_addr();
+    let s = start(metrics, &["--metrics-file-labels", "3"]);
+    let before = Scrape::take(metrics);
+    let d = |after: &Scrape, series: &str| after.get(series) - before.get(series);
+
+    // A download held at DATA 1 while its RRQ comes again: ignored.
+    let client = RawClient::new(s.addr());
+    let request = rrq("mib.bin", "octet", &[]);
+    client.send_to_server(&request);
+    let (first, tid) = client.recv(Duration::from_secs(5)).expect("DATA 1");
+    assert!(matches!(first, Packet::Data { block: 1, .. }), "{first:?}");
+    client.send_to_server(&request);
+    let held = scrape_until(metrics, |now| {
+        d(
+            now,
+            "ringtftpd_requests_total{kind=\"rrq\",outcome=\"ignored\"}",
+        ) >= 1.0
+    });
+    let report = |x: &Scrape| format!("before:\n{}\nnow:\n{}", before.text, x.text);
+    assert_eq!(
+        d(
+            &held,
+            "ringtftpd_requests_total{kind=\"rrq\",outcome=\"ignored\"}"
+        ),
+        1.0,
+        "{}",
+        report(&held)
+    );
+    assert_eq!(
+        d(
+            &held,
+            "ringtftpd_requests_total{kind=\"rrq\",outcome=\"started\"}"
+        ),
+        1.0,
+        "{}",
+        report(&held)
+    );
+    // mib.bin is mapped while its transfer holds it (the probe's
+    // probe.txt may still be, in the open cache).
+    let size = s.source("mib.bin").len() as f64;
+    assert!(
+        held.get("ringtftpd_mapped_files") >= 1.0,
+        "{}",
+        report(&held)
+    );
+    assert!(
+        held.get("ringtftpd_mapped_bytes") >= size,
+        "{}",
+        report(&held)
+    );
+    // The client leaves; the server gives the transfer up in time. An
+    // ERROR ends it at once instead.
+    client.send(&[0, 5, 0, 0, b'b', b'y', b'e', 0], tid);
+
+    for name in ["b513.bin", "sub/nested.bin", "b513.bin"] {
+        let c = RawClient::new(s.addr());
+        raw_get(&c, name, "octet", &[], |_, _| {}).expect("download");
+    }
+    let file = |name: &str, outcome: &str| {
+        format!(
+            "ringtftpd_file_transfers_finished_total{{file=\"{name}\",direction=\"download\",outcome=\"{outcome}\"}}"
+        )
+    };
+    let after = scrape_until(metrics, |now| {
+        now.get(&file("b513.bin", "completed")) >= 2.0
+            && now.get(&file("other", "completed")) >= 1.0
+    });
+    let r = report(&after);
+    assert!(after.get(&file("probe.txt", "completed")) >= 1.0, "{r}");
+    assert_eq!(after.get(&file("mib.bin", "client_error")), 1.0, "{r}");
+    assert_eq!(after.get(&file("b513.bin", "completed")), 2.0, "{r}");
+    // The third name is past the limit.
+    assert_eq!(after.get(&file("sub/nested.bin", "completed")), 0.0, "{r}");
+    assert_eq!(after.get(&file("other", "completed")), 1.0, "{r}");
+    assert_eq!(
+        after.get("ringtftpd_file_transfer_bytes_total{file=\"b513.bin\",direction=\"download\"}"),
+        2.0 * 513.0,
+        "{r}"
+    );
+    assert_eq!(
+        after.get("ringtftpd_file_transfer_bytes_total{file=\"other\",direction=\"download\"}"),
+        3000.0,
+        "{r}"
+    );
+    assert_eq!(
+        after.get("ringtftpd_file_transfer_duration_seconds_count{file=\"b513.bin\",direction=\"download\"}"),
+        2.0,
+        "{r}"
+    );
+    let names: std::collections::BTreeSet<&str> = after
+        .text
+        .lines()
+        .filter(|l| l.starts_with("ringtftpd_file_transfers_finished_total{file=\""))
+        .filter_map(|l| l.split('"').nth(1))
+        .collect();
+    assert_eq!(names.len(), 4, "3 names and other: {names:?}");
+    // Every transfer ended and the open cache's TTL (1 s) passed: no
+    // mapping is left.
+    std::thread::sleep(Duration::from_millis(1200));
+    let idle = scrape_until(metrics, |now| now.get("ringtftpd_mapped_files") == 0.0);
+    assert_eq!(idle.get("ringtftpd_mapped_files"), 0.0, "{}", report(&idle));
+    assert_eq!(idle.get("ringtftpd_mapped_bytes"), 0.0, "{}", report(&idle));
+}
+
+#[test]
+fn file_labels_need_metrics() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_ringtftpd"))
+        .args([
+            "-L",
+            "--address",
+            "127.0.0.1:0",
+            "--metrics-file-labels",
+            "4",
+        ])
+        .arg(root.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ringtftpd");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("--metrics"), "{said}");
 }

@@ -91,12 +91,18 @@ impl Tmux {
     }
 
     fn start(command: &str) -> Tmux {
+        Tmux::start_sized(command, "top", 40)
+    }
+
+    /// In a pane `lines` high; `name` tells the tests' tmux servers apart.
+    fn start_sized(command: &str, name: &str, lines: u16) -> Tmux {
         let tmux = Tmux {
-            socket: format!("ringtftpd-top-test-{}", std::process::id()),
+            socket: format!("ringtftpd-{name}-test-{}", std::process::id()),
         };
+        let lines = lines.to_string();
         let status = tmux
             .cmd()
-            .args(["new-session", "-d", "-s", "top", "-x", "160", "-y", "40"])
+            .args(["new-session", "-d", "-s", "top", "-x", "160", "-y", &lines])
             .arg(command)
             .status()
             .expect("run tmux");
@@ -344,4 +350,138 @@ fn live_transfers_tell_bytes_acknowledged_and_the_size() {
     let row = ringtftpd::top::live::TransferRow::of(1, t, desk.now);
     assert_eq!(row.progress(), Some(512.0 / 10_000.0));
     assert_eq!((row.shard, row.file.as_str()), (1, "pxe/boot.img"));
+}
+
+/// A lock-step upload that sends a 512-byte block every `PACE` (never
+/// the last), until `stop` or `deadline`; then ERROR 0 ends it.
+fn slow_upload(server: SocketAddr, name: &str, stop: &AtomicBool, deadline: Instant) -> u16 {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client");
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    sock.send_to(&wrq(name, "octet", &[]), server).expect("WRQ");
+    let mut buf = [0u8; 1024];
+    let mut acked: u16 = 0;
+    let mut tid = None;
+    // Bounded by the deadline; each pass waits at most 500 ms.
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        if n < 4 || buf[..2] != [0, 4] {
+            break; // an ERROR
+        }
+        tid = Some(from);
+        acked = u16::from_be_bytes([buf[2], buf[3]]);
+        std::thread::sleep(PACE);
+        let mut data = vec![0, 3];
+        data.extend_from_slice(&acked.wrapping_add(1).to_be_bytes());
+        data.extend_from_slice(&[b'u'; 512]);
+        let _ = sock.send_to(&data, from);
+    }
+    if let Some(tid) = tid {
+        let _ = sock.send_to(&error(0, "test over"), tid);
+    }
+    acked
+}
+
+/// More transfers than the table holds, one of them an upload: it shows
+/// as `up`, and End / Home scroll to the rows past the first screen and
+/// back.
+#[test]
+fn top_shows_uploads_and_scrolls_past_the_first_screen() {
+    if !client_available("tmux", which("tmux").is_some()) {
+        return;
+    }
+    const DOWNLOADS: usize = 12;
+    let metrics = free_tcp_addr();
+    let server = Server::start_with(ServerOpts {
+        uploads: true,
+        extra_args: vec!["--metrics".into(), metrics.to_string()],
+        kind: Some(ServerKind::Ringtftpd),
+        ..ServerOpts::default()
+    });
+    let root = server.root();
+    std::fs::create_dir_all(root.join("rows")).expect("mkdir rows");
+    std::fs::create_dir_all(root.join("up")).expect("mkdir up");
+    let names: Vec<String> = (0..DOWNLOADS)
+        .map(|i| format!("rows/r{i:02}.img"))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        std::fs::write(root.join(name), random_bytes(i as u64, 4 << 20)).expect("write file");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut clients: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let (stop, addr, name) = (stop.clone(), server.addr(), name.clone());
+            std::thread::spawn(move || slow_download(addr, &name, &stop, deadline) > 0)
+        })
+        .collect();
+    {
+        let (stop, addr) = (stop.clone(), server.addr());
+        clients.push(std::thread::spawn(move || {
+            slow_upload(addr, "up/slow.bin", &stop, deadline) > 0
+        }));
+    }
+    // 24 lines: the table shows 7 rows of the 13.
+    let tmux = Tmux::start_sized(
+        &format!(
+            "{} top --metrics {metrics} --interval 0.5 --sort file",
+            env!("CARGO_BIN_EXE_ringtftpd")
+        ),
+        "scroll",
+        24,
+    );
+    let first = &names[0];
+    let (shown, screen) = screen_until(&tmux, Duration::from_secs(20), |s| {
+        active(s) >= 13 && s.contains(first.as_str()) && s.contains("rows 1-7")
+    });
+    println!("--- first screen ---\n{screen}");
+    assert!(shown, "the first rows by file name:\n{screen}");
+    assert!(
+        !screen.contains("up/slow.bin"),
+        "past the first screen:\n{screen}"
+    );
+    assert!(screen.contains("PgUp/PgDn"), "the keys say so:\n{screen}");
+
+    tmux.keys("End");
+    let (scrolled, screen) = screen_until(&tmux, Duration::from_secs(10), |s| {
+        s.contains("up/slow.bin") && !s.contains(first.as_str())
+    });
+    println!("--- End ---\n{screen}");
+    assert!(scrolled, "End shows the last rows:\n{screen}");
+    let upload = screen
+        .lines()
+        .find(|l| l.contains("up/slow.bin"))
+        .unwrap_or_default();
+    assert!(
+        upload.split_whitespace().nth(2) == Some("up"),
+        "the upload's row: {upload}"
+    );
+    assert!(screen.contains("rows 7-13"), "{screen}");
+
+    tmux.keys("Home");
+    let (back, screen) = screen_until(&tmux, Duration::from_secs(10), |s| {
+        s.contains(first.as_str()) && !s.contains("up/slow.bin")
+    });
+    assert!(back, "Home shows the first rows again:\n{screen}");
+    tmux.keys("PageDown");
+    let (paged, screen) = screen_until(&tmux, Duration::from_secs(10), |s| {
+        s.contains("rows 7-13") || s.contains("rows 8-13")
+    });
+    assert!(paged, "PgDn shows the next page:\n{screen}");
+
+    tmux.keys("q");
+    let (quit, _) = screen_until(&tmux, Duration::from_secs(5), |_| !tmux.alive());
+    assert!(quit, "q ends the viewer");
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        assert!(
+            c.join().expect("client thread"),
+            "a slow client moved nothing"
+        );
+    }
+    drop(tmux);
+    drop(server);
 }

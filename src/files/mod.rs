@@ -16,8 +16,8 @@ mod root;
 pub mod upload;
 
 pub use root::{
-    Block, BlockError, FileData, FileRoot, MAX_NETASCII_SOURCE, PREFETCH_BYTES, TRANSIENT,
-    is_transient,
+    Block, BlockError, FileData, FileRoot, MAX_NETASCII_SOURCE, MappedCounts, PREFETCH_BYTES,
+    TRANSIENT, is_transient,
 };
 
 /// Why a requested file cannot be served. Mapped to TFTP error codes in

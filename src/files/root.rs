@@ -42,6 +42,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
@@ -82,6 +83,26 @@ struct RootInner {
     dir: OwnedFd,
     permissive: bool,
     cache: Mutex<Cache>,
+    mapped: Arc<MappedCounts>,
+}
+
+/// The mappings alive under one root, for `--metrics`: moved when a
+/// mapping is made or its last [`FileData`] drops (once per file, never
+/// per packet), read by scrapes without the cache's lock.
+#[derive(Debug, Default)]
+pub struct MappedCounts {
+    files: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl MappedCounts {
+    /// Mappings alive and the bytes they span.
+    pub fn read(&self) -> (u64, u64) {
+        (
+            self.files.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// What identifies one version of one file's content. ctime is
@@ -121,6 +142,15 @@ struct Mapped {
     map: MmapRaw,
     file: File,
     stamp: Stamp,
+    counts: Arc<MappedCounts>,
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        self.counts.files.fetch_sub(1, Ordering::Relaxed);
+        let len = self.map.len() as u64;
+        self.counts.bytes.fetch_sub(len, Ordering::Relaxed);
+    }
 }
 
 /// Why a block cannot be sent; the shard ends the transfer with ERROR 0
@@ -413,8 +443,14 @@ impl FileRoot {
                     map: HashMap::new(),
                     prune_at: MIN_PRUNE_AT,
                 }),
+                mapped: Arc::default(),
             }),
         })
+    }
+
+    /// The live mappings' counts (shared with every clone of this root).
+    pub fn mapped(&self) -> Arc<MappedCounts> {
+        self.inner.mapped.clone()
     }
 
     /// Number of cached contents still in use by some [`FileData`].
@@ -584,7 +620,7 @@ fn relative_name(filename: &[u8]) -> Result<&[u8], OpenError> {
     Ok(rel)
 }
 
-fn build_mapped(file: File, stamp: Stamp) -> Result<Mapped, OpenError> {
+fn build_mapped(file: File, stamp: Stamp, counts: &Arc<MappedCounts>) -> Result<Mapped, OpenError> {
     let len = usize::try_from(stamp.size).map_err(|_| OpenError::Unservable("file too large"))?;
     // map_raw_read_only never hands out references, so no unsafe: we only
     // ever pass raw pointers to the kernel.
@@ -598,7 +634,14 @@ fn build_mapped(file: File, stamp: Stamp) -> Result<Mapped, OpenError> {
     // a boot file is read by thousands of clients. A failed advice costs
     // only speed.
     let _ = map.advise_range(Advice::WillNeed, 0, len.min(PREFETCH_BYTES));
-    Ok(Mapped { map, file, stamp })
+    counts.files.fetch_add(1, Ordering::Relaxed);
+    counts.bytes.fetch_add(map.len() as u64, Ordering::Relaxed);
+    Ok(Mapped {
+        map,
+        file,
+        stamp,
+        counts: counts.clone(),
+    })
 }
 
 impl Source for FileRoot {
@@ -663,7 +706,7 @@ impl FileRoot {
             None => {
                 // Mapped outside the lock; another shard may have mapped the
                 // same file meanwhile: share that one.
-                let mapped = Arc::new(build_mapped(file, stamp)?);
+                let mapped = Arc::new(build_mapped(file, stamp, &self.inner.mapped)?);
                 let mut cache = self.cache();
                 match cache.get(&key) {
                     Some(existing) => existing,
@@ -1034,12 +1077,15 @@ mod tests {
         let b = open(&mut r2, b"/pxelinux.0", Mode::Octet).expect("open");
         assert!(a.same_content(&b));
         assert_eq!(r.live_contents(), 1);
+        // The metrics' gauges: one mapping, counted once for both shards.
+        assert_eq!(r2.mapped().read(), (1, 4096));
         let c = b.clone();
         drop(a);
         drop(b);
         assert_eq!(r.live_contents(), 1);
         drop(c);
         assert_eq!(r.live_contents(), 0);
+        assert_eq!(r.mapped().read(), (0, 0));
         // Reopening builds a fresh mapping with the same bytes.
         let d = open(&mut r, b"pxelinux.0", Mode::Octet).expect("reopen");
         assert_eq!(d.read_all_for_test(), vec![7u8; 4096]);

@@ -128,6 +128,7 @@ fn start_adjusted(
         shutdown_grace: grace,
         port_range: None,
         shards: 1,
+        file_labels: None,
     };
     let mut config = config;
     adjust(&mut config);

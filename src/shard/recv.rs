@@ -18,7 +18,7 @@ use super::{
     batch, cmsg, net, sqe,
 };
 use crate::endpoint::{DatagramOutcome, Endpoint, RequestOutcome, Route, SessionId};
-use crate::metrics::Direction;
+use crate::metrics::{self, Admission, Direction};
 use crate::refusal::Abort;
 
 #[derive(Debug, Clone, Copy)]
@@ -216,7 +216,7 @@ impl Shard {
                 Route::Request { live } => {
                     let mtu = lookup_mtu(&mut self.mtu_cache, &self.listeners, li, ifindex, now);
                     self.counters.requests += 1;
-                    self.counters.metrics.listener_datagram(out.payload_data());
+                    let refused_before = metrics::refusals_so_far(self.endpoint.refusals());
                     let outcome = if oversized {
                         self.counters.truncated += 1;
                         self.endpoint
@@ -241,6 +241,11 @@ impl Shard {
                             &mut self.reply[..],
                         )
                     };
+                    let refused =
+                        metrics::refusals_so_far(self.endpoint.refusals()) > refused_before;
+                    self.counters
+                        .metrics
+                        .listener_datagram(out.payload_data(), Admission::of(&outcome, refused));
                     Arrived::Request(outcome, live, mtu)
                 }
             };
@@ -363,6 +368,7 @@ impl Shard {
                 // EMFILE and friends: refuse from the listener, within the
                 // endpoint's refusal limit.
                 self.counters.busy += 1;
+                self.counters.metrics.start_refused(Direction::of(write));
                 if let RequestOutcome::Reply(n) =
                     self.endpoint.refuse_busy(now, id, &mut self.reply[..])
                 {

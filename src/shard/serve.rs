@@ -251,12 +251,14 @@ impl Shard {
             return;
         };
         self.live -= 1;
-        self.counters.metrics.finished(
-            Direction::of(finished.write),
-            &finished.outcome,
-            &finished.stats,
-            now,
-        );
+        let direction = Direction::of(finished.write);
+        let (outcome, stats) = (&finished.outcome, &finished.stats);
+        self.counters
+            .metrics
+            .finished(direction, outcome, stats, now);
+        if let Some(labels) = &self.file_labels {
+            labels.finished(&finished.filename, direction, outcome, stats, now);
+        }
         if let Via::Transfer(si) = live.sock {
             self.release_sock(si, live.peer);
         }

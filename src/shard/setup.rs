@@ -60,6 +60,8 @@ pub struct ShardConfig {
     /// `shards` shards in all.
     pub port_range: Option<(u16, u16)>,
     pub shards: usize,
+    /// `--metrics-file-labels`: finished transfers counted by file.
+    pub file_labels: Option<Arc<crate::metrics::FileLabels>>,
 }
 
 /// Sizes of the ring, buffer rings and send pool.
@@ -415,6 +417,7 @@ impl Shard {
             index: config.index,
             log_transfers: config.log_transfers,
             hook: config.hook,
+            file_labels: config.file_labels,
             shutdown_grace: config.shutdown_grace,
         };
         shard.arm_wake();

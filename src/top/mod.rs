@@ -181,6 +181,11 @@ pub struct View {
     pub error: Option<String>,
     pub polls: u64,
     last_poll: Option<Instant>,
+    /// The first active-transfer row shown (scrolled with the arrow keys,
+    /// PgUp, PgDn, Home and End).
+    pub scroll: usize,
+    /// Rows the table showed at the last draw: a page.
+    pub page: std::cell::Cell<usize>,
 }
 
 impl View {
@@ -196,6 +201,8 @@ impl View {
             error: None,
             polls: 0,
             last_poll: None,
+            scroll: 0,
+            page: std::cell::Cell::new(1),
         }
     }
 
@@ -227,6 +234,12 @@ impl View {
             KeyCode::Char('q') | KeyCode::Esc => return false,
             KeyCode::Char('c') if modifiers.contains(KeyModifiers::CONTROL) => return false,
             KeyCode::Char('i') => self.reversed = !self.reversed,
+            KeyCode::Up => self.scroll = self.scroll.saturating_sub(1),
+            KeyCode::Down => self.scroll += 1,
+            KeyCode::PageUp => self.scroll = self.scroll.saturating_sub(self.page.get()),
+            KeyCode::PageDown => self.scroll += self.page.get(),
+            KeyCode::Home => self.scroll = 0,
+            KeyCode::End => self.scroll = usize::MAX,
             KeyCode::Char(c) => {
                 if let Some(key) = SortKey::from_key(c) {
                     if key == self.sort {
@@ -240,7 +253,14 @@ impl View {
             _ => {}
         }
         self.resort();
+        self.scroll = self.first_row();
         true
+    }
+
+    /// The first row to show: `scroll`, held so the last page is full.
+    pub fn first_row(&self) -> usize {
+        self.scroll
+            .min(self.rows.len().saturating_sub(self.page.get().max(1)))
     }
 }
 
@@ -368,6 +388,16 @@ mod tests {
         assert_eq!((v.sort, v.reversed), (SortKey::Rate, false));
         assert!(v.key(KeyCode::Char('i'), KeyModifiers::NONE));
         assert!(v.reversed);
+        // Scrolling stays within the rows, a page at a time.
+        v.page.set(1);
+        assert!(v.key(KeyCode::End, KeyModifiers::NONE));
+        assert_eq!(v.scroll, v.rows.len().saturating_sub(1));
+        assert!(v.key(KeyCode::Down, KeyModifiers::NONE));
+        assert_eq!(v.scroll, v.rows.len().saturating_sub(1));
+        assert!(v.key(KeyCode::Home, KeyModifiers::NONE));
+        assert_eq!(v.scroll, 0);
+        assert!(v.key(KeyCode::Up, KeyModifiers::NONE));
+        assert_eq!(v.scroll, 0);
         assert!(!v.key(KeyCode::Char('q'), KeyModifiers::NONE));
         assert!(!v.key(KeyCode::Char('c'), KeyModifiers::CONTROL));
         assert!(!v.key(KeyCode::Esc, KeyModifiers::NONE));

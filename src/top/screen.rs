@@ -70,6 +70,9 @@ pub(super) fn draw(frame: &mut Frame, view: &View) {
     frame.render_widget(totals_widget(view), totals);
     frame.render_widget(refusals_widget(view), refusals);
     frame.render_widget(shards_widget(view), shards);
+    // Borders and the header row take three lines.
+    view.page
+        .set(usize::from(table.height.saturating_sub(3)).max(1));
     frame.render_widget(transfers_widget(view), table);
     let order = if view.sort.descending() != view.reversed {
         "v"
@@ -78,7 +81,7 @@ pub(super) fn draw(frame: &mut Frame, view: &View) {
     };
     frame.render_widget(
         Paragraph::new(format!(
-            "sort: {} {order}   keys: p progress  r rate  t retransmits  b bytes  e elapsed  f file  c client  s shard  i invert  q quit",
+            "sort: {} {order}   keys: p progress  r rate  t retransmits  b bytes  e elapsed  f file  c client  s shard  i invert  Up/Down PgUp/PgDn Home/End scroll  q quit",
             view.sort.name()
         )),
         footer,
@@ -215,10 +218,17 @@ fn shards_widget(view: &View) -> Table<'static> {
 fn transfers_widget(view: &View) -> Table<'static> {
     let shown = view.rows.len();
     let left_out = view.transfers.left_out;
-    let title = if left_out > 0 {
-        format!(" Active transfers ({shown} shown, {left_out} more) ")
+    let first = view.first_row();
+    let last = (first + view.page.get()).min(shown);
+    let rows_seen = if shown > last - first {
+        format!(", rows {}-{last}", first + 1)
     } else {
-        format!(" Active transfers ({shown}) ")
+        String::new()
+    };
+    let title = if left_out > 0 {
+        format!(" Active transfers ({shown} shown, {left_out} more{rows_seen}) ")
+    } else {
+        format!(" Active transfers ({shown}{rows_seen}) ")
     };
     let mark = |key: SortKey, name: &str| {
         if key == view.sort {
@@ -255,6 +265,8 @@ fn transfers_widget(view: &View) -> Table<'static> {
     let rows: Vec<Row> = view
         .rows
         .iter()
+        .skip(first)
+        .take(last - first)
         .map(|r| {
             let t = &r.row;
             let progress = match t.progress() {
