@@ -64,9 +64,17 @@ const CLIENT: [&str; 8] = [
     "--first-data-hist",
 ];
 
-fn spawn(ctx: &Ctx, addr: &str, n: u64, seed: usize, st: &Storm) -> Result<Child, String> {
-    let err =
-        File::create(ctx.work.join(format!("storm-{seed}.err"))).map_err(|e| e.to_string())?;
+fn spawn(
+    ctx: &Ctx,
+    server: &str,
+    addr: &str,
+    n: u64,
+    seed: usize,
+    st: &Storm,
+) -> Result<Child, String> {
+    // Per server: the storms of one invocation must not overwrite each other's.
+    let err = ctx.work.join(format!("storm-{server}-{seed}.err"));
+    let err = File::create(&err).map_err(|e| format!("{}: {e}", err.display()))?;
     Command::new(&ctx.loadtest)
         .args([
             "--server",
@@ -137,7 +145,7 @@ pub fn run(ctx: &Ctx, server: &Server, st: &Storm) -> Value {
         scope.spawn(|| run::sampler(&r.tracker, &stop, &peaks));
         while left > 0 {
             let n = left.min(st.per_process);
-            match spawn(ctx, &addr, n, seed, st) {
+            match spawn(ctx, server.kind.name(), &addr, n, seed, st) {
                 Ok(c) => children.push(c),
                 Err(e) => error = Some(e),
             }
