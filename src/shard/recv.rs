@@ -350,8 +350,8 @@ impl Shard {
                 self.touch(id);
             }
             Err(_) => {
-                // EMFILE and friends: refuse from the listener, within the
-                // endpoint's refusal limit.
+                // EMFILE and friends: the endpoint stays silent (the
+                // client retransmits) until its patience, then answers busy.
                 self.counters.busy += 1;
                 if let RequestOutcome::Reply(n) =
                     self.endpoint.refuse_busy(now, id, &mut self.reply[..])
