@@ -6,14 +6,18 @@
 #
 # Usage:
 #   scripts/compare.sh             full run: the criterion micro-benchmarks (benches/*.rs),
-#                                  then S1-S7 and S3a x 3 repetitions x 8 servers (S7 uploads: not dnsmasq nor
+#                                  then S1-S6, S8 and S3a x 3 repetitions x 8 servers (S8 uploads: not dnsmasq nor
 #                                  the floor), plus syscall counts, instruction counts and a profile
 #                                  (about 30-45 min; --budget 2700 s of measuring)
 #   scripts/compare.sh --quick     smoke test: ringtftpd alone (and --single-port), tiny sizes, checks that every
-#                                  transfer completes byte-exact, asserts no timing (seconds)
+#                                  transfer completes byte-exact (and every client of a 1,000-client S7 boot storm), asserts no timing
 #   Any other arguments go to the `compare` binary (see `target/release/compare --help`),
 #   e.g. --scenarios S1,S2 --servers ringtftpd,dnsmasq --reps 1 --no-extras,
 #   or --client-style both (each scenario also as S1i, S2i, ...: loadtest --client-style independent).
+#   S7 is the boot storm (loadtest/src/bin/compare/storm.rs: 15,000 iPXE-like clients over several
+#   loadtest processes, each asking for a missing autoexec.ipxe, then 1 MiB at blksize 1432); it runs
+#   only when named, e.g. --scenarios S7 --servers ringtftpd,ringtftpd-single-port --reps 1 --no-extras,
+#   prints its table and writes no page (docs/benchmarks.md's "Boot storm" section is by hand).
 #
 # The full run needs root: it installs what is missing from Debian (tftpd-hpa and
 # dnsmasq-base with a policy-rc.d that keeps any service from starting; atftpd, which

@@ -154,6 +154,13 @@ pub struct Config {
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub refusal_rate: u32,
 
+    /// Milliseconds a request refused for lack of capacity (session limit,
+    /// no transfer socket) goes unanswered, so that the client's own
+    /// retransmission asks again, before it is answered ERROR 0 busy
+    /// (0..=120000; 0 answers at once). A PXE ROM fails its boot on ERROR 0.
+    #[arg(long, default_value_t = crate::policy::DEFAULT_BUSY_PATIENCE_MS, value_parser = clap::value_parser!(u64).range(0..=120_000))]
+    pub busy_patience_ms: u64,
+
     /// Ceiling of the adaptive retransmission timeout, in milliseconds
     /// (1..=60000, not below --rto-min-ms).
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=MAX_RTO_MS))]
@@ -1164,6 +1171,7 @@ impl Config {
             requests_per_sec_per_client: self.request_rate,
             request_burst_per_client: self.request_rate.saturating_mul(4),
             refusal_replies_per_sec: self.refusal_rate,
+            busy_patience: Duration::from_millis(self.busy_patience_ms),
             first_contact_windowsize: self.first_contact_windowsize,
             uploads: self.upload_rules().is_some(),
             max_upload: self.max_upload,

@@ -48,6 +48,10 @@ pub struct RefusalCounts {
     pub by_reason: [u64; RefusalKind::ALL.len()],
     /// ERROR replies not sent because a token bucket was empty.
     pub replies_suppressed: u64,
+    /// Requests refused for lack of capacity (session limit, no transfer
+    /// socket) and met with silence, so that the client's retransmission
+    /// asks again; `by_reason[Busy]` counts those answered ERROR 0 busy.
+    pub busy_deferred: u64,
 }
 
 impl RefusalCounts {
@@ -61,7 +65,11 @@ impl std::fmt::Display for RefusalCounts {
         for kind in RefusalKind::ALL {
             write!(f, "refused_{}={} ", kind.as_str(), self.get(kind))?;
         }
-        write!(f, "replies_suppressed={}", self.replies_suppressed)
+        write!(
+            f,
+            "replies_suppressed={} busy_deferred={}",
+            self.replies_suppressed, self.busy_deferred
+        )
     }
 }
 
@@ -321,6 +329,101 @@ impl RequestKey {
     }
 }
 
+/// Most requests one shard keeps waiting for capacity (see [`Waiting`]);
+/// beyond it a refused request is answered "busy" at once, as before.
+const WAITING_CAPACITY: usize = 65_536;
+
+/// Requests refused for lack of capacity and not answered yet, by peer
+/// (address and port): when each was first refused. A PXE ROM that gets
+/// ERROR 0 fails its boot, but one that hears nothing retransmits; so a
+/// busy request is met with silence until its client has waited longer
+/// than `--busy-patience-ms`, and only then answered. An admitted request
+/// keeps its entry: the driver may still fail to get it a socket, and that
+/// refusal counts from the first. Bounded, and each entry forgotten after
+/// twice the patience (the client gave up, or was served).
+#[derive(Debug, Default)]
+struct Waiting {
+    by_peer: HashMap<SocketAddr, (RequestKey, Instant)>,
+    /// Peers in the order of their first refusal, to expire from the
+    /// front; holds stale peers too (removed or re-inserted), skipped.
+    order: VecDeque<(SocketAddr, Instant)>,
+}
+
+/// What to do with a request refused for lack of capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Stay silent: the client's retransmission asks again.
+    Defer,
+    /// Answer ERROR 0 busy: it waited past the patience (or no room to
+    /// remember it).
+    Answer,
+}
+
+impl Waiting {
+    /// Decides a refused `request` of `peer` at `now`.
+    fn refused(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        request: &RequestKey,
+        patience: Duration,
+    ) -> Wait {
+        if patience.is_zero() {
+            return Wait::Answer;
+        }
+        self.expire(now, patience);
+        match self.by_peer.get(&peer) {
+            Some((key, first)) if key == request => {
+                if now.saturating_duration_since(*first) > patience {
+                    self.by_peer.remove(&peer);
+                    Wait::Answer
+                } else {
+                    Wait::Defer
+                }
+            }
+            // A new request of this peer (or of a new peer): its wait
+            // starts now.
+            known => {
+                if known.is_none() && self.by_peer.len() >= WAITING_CAPACITY {
+                    return Wait::Answer;
+                }
+                self.by_peer.insert(peer, (request.clone(), now));
+                self.order.push_back((peer, now));
+                // Stale entries of `order` are skipped by `expire`; past
+                // twice the map's bound it is rebuilt from the map.
+                if self.order.len() > 2 * WAITING_CAPACITY {
+                    let mut live: Vec<_> =
+                        self.by_peer.iter().map(|(p, (_, t))| (*p, *t)).collect();
+                    live.sort_by_key(|&(_, t)| t);
+                    self.order = live.into();
+                }
+                Wait::Defer
+            }
+        }
+    }
+
+    /// Forgets requests first refused more than twice `patience` ago.
+    fn expire(&mut self, now: Instant, patience: Duration) {
+        let horizon = patience.saturating_mul(2);
+        while let Some(&(peer, first)) = self.order.front() {
+            if now.saturating_duration_since(first) <= horizon {
+                break;
+            }
+            self.order.pop_front();
+            if self.by_peer.get(&peer).is_some_and(|(_, t)| *t == first) {
+                self.by_peer.remove(&peer);
+            }
+        }
+        if self.by_peer.is_empty() {
+            self.order.clear();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.by_peer.len()
+    }
+}
+
 #[derive(Debug)]
 struct Entry<H> {
     transfer: Transfer,
@@ -371,6 +474,8 @@ pub struct Endpoint<H> {
     open_cache_bytes: u64,
     open_cache_swept: Option<Instant>,
     refusals: RefusalCounts,
+    /// Busy requests kept waiting for a retransmission.
+    waiting: Waiting,
     /// The refusal of the request being handled, for its log line.
     last_refusal: Option<Refusal>,
     refusal_notes: VecDeque<RefusalNote>,
@@ -405,6 +510,7 @@ impl<H: Clone> Endpoint<H> {
             open_cache_bytes: 0,
             open_cache_swept: None,
             refusals: RefusalCounts::default(),
+            waiting: Waiting::default(),
             last_refusal: None,
             refusal_notes: VecDeque::new(),
             refusal_log: TokenBucket::new(REFUSAL_LOG_PER_SEC, REFUSAL_LOG_BURST),
@@ -498,9 +604,39 @@ impl<H: Clone> Endpoint<H> {
 
     /// For the driver: an admitted request could not get a transfer socket.
     /// Its session is removed and the client told to retry, within limits.
+    /// Like the session limit, it is met with silence until the client
+    /// has waited past the patience (see [`Waiting`]).
     pub fn refuse_busy(&mut self, now: Instant, id: SessionId, reply: &mut [u8]) -> RequestOutcome {
+        let asked = self.entry_mut(id).map(|e| (e.peer, e.request.clone()));
         let _ = self.remove(id);
-        self.refuse(now, Refusal::Busy, reply)
+        match asked {
+            Some((peer, request)) => self.refuse_full(now, peer, &request, reply),
+            None => self.refuse(now, Refusal::Busy, reply),
+        }
+    }
+
+    /// A request refused for lack of capacity: silence while its client
+    /// is within the patience, ERROR 0 busy once past it.
+    fn refuse_full(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        request: &RequestKey,
+        reply: &mut [u8],
+    ) -> RequestOutcome {
+        let patience = self.settings.busy_patience;
+        match self.waiting.refused(now, peer, request, patience) {
+            Wait::Defer => {
+                self.refusals.busy_deferred += 1;
+                RequestOutcome::Ignored
+            }
+            Wait::Answer => self.refuse(now, Refusal::Busy, reply),
+        }
+    }
+
+    /// Requests refused for lack of capacity and remembered (bounded).
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
     }
 
     /// For the driver: a datagram at the listener longer than its buffer
@@ -733,7 +869,7 @@ impl<H: Clone> Endpoint<H> {
             }
         }
         if self.live >= self.max_sessions {
-            return self.refuse(now, Refusal::Busy, reply);
+            return self.refuse_full(now, peer, &key, reply);
         }
         let client_sessions = self.per_client.get(&peer.ip()).copied().unwrap_or(0);
         if client_sessions >= self.settings.max_sessions_per_client {
@@ -793,6 +929,10 @@ impl<H: Clone> Endpoint<H> {
         request: RequestKey,
         reply: &mut [u8],
     ) -> RequestOutcome {
+        // A write request's policy may have taken a while: checked again.
+        if self.live >= self.max_sessions {
+            return self.refuse_full(incoming.now, incoming.peer, &request, reply);
+        }
         let entry = Entry {
             transfer,
             peer: incoming.peer,

@@ -254,6 +254,11 @@ pub fn decide_renamed<'a>(
     policy.decide(&renamed, settings).into_owned()
 }
 
+/// `--busy-patience-ms`: iPXE, the least patient PXE client, sends its
+/// request at 0, 0.25, 0.75, 1.75, 3.75 and 7.75 s and gives up at 15.75 s;
+/// a wait of 7 s answers its last retransmission (docs/robustness.md).
+pub const DEFAULT_BUSY_PATIENCE_MS: u64 = 7_000;
+
 /// Per-shard limits, rates and policy for new requests.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -275,6 +280,10 @@ pub struct Settings {
     /// file, denied, busy, uploads): high enough for a boot storm's probes
     /// of missing per-MAC configs, bounded all the same.
     pub refusal_replies_per_sec: u32,
+    /// How long a request refused for lack of capacity is met with
+    /// silence (its client retransmits) before it is answered ERROR 0
+    /// busy; zero answers at once.
+    pub busy_patience: Duration,
     /// Largest windowsize for a client address with no finished transfer
     /// in the path cache (0: no separate cap). Slow start by transfers:
     /// RFC 7440 receivers acknowledge only full windows, so a window cannot
@@ -304,6 +313,7 @@ impl Default for Settings {
             requests_per_sec_per_client: 1000,
             request_burst_per_client: 4000,
             refusal_replies_per_sec: 20_000,
+            busy_patience: Duration::from_millis(DEFAULT_BUSY_PATIENCE_MS),
             first_contact_windowsize: 16,
             uploads: false,
             max_upload: None,

@@ -227,9 +227,13 @@ fn error_replies_to_strangers_are_rate_limited() {
 }
 
 #[test]
-fn beyond_max_sessions_the_server_says_it_is_busy() {
+fn beyond_max_sessions_without_patience_the_server_says_it_is_busy() {
     let mut f = fixture(EndpointConfig {
         max_sessions: 3,
+        settings: Settings {
+            busy_patience: Duration::ZERO,
+            ..settings()
+        },
         ..config()
     });
     for port in 1..=3 {
@@ -425,6 +429,8 @@ fn every_refusal_goes_through_a_token_bucket() {
         settings: Settings {
             refusal_replies_per_sec: 10,
             max_sessions_per_client: 1,
+            // Busy answered at once: the waiting ones are tested below.
+            busy_patience: Duration::ZERO,
             ..settings()
         },
         ..config()
@@ -845,4 +851,160 @@ fn a_flood_of_refusals_is_logged_at_a_bounded_rate_with_a_count() {
         f.endpoint.poll_refused(),
         Some(RefusalNote::Refused(_))
     ));
+}
+
+/// iPXE's request times: 0, 0.25, 0.75, 1.75, 3.75 and 7.75 s (its retry
+/// timer starts at 1/4 s and doubles; past 10 s it gives up).
+const IPXE_RETRIES_MS: [u64; 6] = [0, 250, 750, 1750, 3750, 7750];
+
+/// An endpoint with `max` session slots, all taken, and busy patience
+/// `patience`.
+fn full(max: usize, patience: Duration) -> Fixture {
+    let mut f = fixture(EndpointConfig {
+        max_sessions: max,
+        settings: Settings {
+            busy_patience: patience,
+            ..settings()
+        },
+        ..config()
+    });
+    for port in 1..=max as u16 {
+        start(&mut f, peer(port), "boot.img");
+    }
+    f
+}
+
+#[test]
+fn a_busy_request_is_met_with_silence_until_the_client_waited_past_the_patience() {
+    use ringtftpd::refusal::RefusalKind as Refusal;
+    let mut f = full(3, Duration::from_secs(7));
+    let t0 = f.now;
+    let asked = rrq("boot.img", "octet", &[]);
+    // Each retransmission within the 7 s is dropped: the client tries again.
+    for ms in &IPXE_RETRIES_MS[..5] {
+        f.now = t0 + Duration::from_millis(*ms);
+        assert_eq!(
+            f.request(peer(9), &asked),
+            RequestOutcome::Ignored,
+            "at {ms} ms"
+        );
+    }
+    assert_eq!(f.endpoint.waiting_len(), 1);
+    // Its last one (7.75 s) is past the patience: answered, so it fails
+    // with a reason rather than at its timeout.
+    f.now = t0 + Duration::from_millis(IPXE_RETRIES_MS[5]);
+    let (code, message) = f.refused(peer(9), &asked);
+    assert_eq!(code, ErrorCode::NotDefined);
+    assert!(message.contains("busy"), "{message}");
+    let counts = *f.endpoint.refusals();
+    assert_eq!(counts.busy_deferred, 5);
+    assert_eq!(counts.get(Refusal::Busy), 1);
+    assert_eq!(f.endpoint.waiting_len(), 0);
+    assert_eq!(f.endpoint.len(), 3);
+}
+
+#[test]
+fn a_waiting_client_is_admitted_by_its_retransmission_once_a_slot_frees() {
+    let mut f = full(2, Duration::from_secs(7));
+    let t0 = f.now;
+    let asked = rrq("boot.img", "octet", &[]);
+    assert_eq!(f.request(peer(9), &asked), RequestOutcome::Ignored);
+    // Another client's transfer ends.
+    let ids: Vec<SessionId> = f.endpoint.session_ids().collect();
+    assert!(f.endpoint.remove(ids[0]).is_some());
+    f.now = t0 + Duration::from_millis(250);
+    f.started(peer(9), &asked);
+    assert_eq!(f.endpoint.refusals().busy_deferred, 1);
+    use ringtftpd::refusal::RefusalKind as Refusal;
+    assert_eq!(f.endpoint.refusals().get(Refusal::Busy), 0);
+}
+
+#[test]
+fn a_new_request_of_a_waiting_peer_starts_its_wait_afresh() {
+    let mut f = full(1, Duration::from_secs(2));
+    let t0 = f.now;
+    assert_eq!(
+        f.request(peer(9), &rrq("boot.img", "octet", &[])),
+        RequestOutcome::Ignored
+    );
+    // Past the patience, but another request (another name): a new wait.
+    f.now = t0 + Duration::from_millis(2500);
+    let other = rrq("boot.img", "octet", &[("blksize", "1432")]);
+    assert_eq!(f.request(peer(9), &other), RequestOutcome::Ignored);
+    f.now = t0 + Duration::from_millis(4000);
+    assert_eq!(f.request(peer(9), &other), RequestOutcome::Ignored);
+    f.now = t0 + Duration::from_millis(4600);
+    assert_eq!(f.refused(peer(9), &other).0, ErrorCode::NotDefined);
+    // Another port of the same address is another client.
+    assert_eq!(f.request(peer(10), &other), RequestOutcome::Ignored);
+}
+
+#[test]
+fn waiting_requests_are_bounded_and_forgotten() {
+    const CAPACITY: u16 = 65_535; // the map holds 65,536: one more below
+    let mut f = full(1, Duration::from_secs(7));
+    let t0 = f.now;
+    let asked = rrq("boot.img", "octet", &[]);
+    let many = |i: u32| {
+        let [_, a, b, c] = i.to_be_bytes();
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, a, b, c)), 1000)
+    };
+    // Spoofed or real, 65,536 waiting requests are remembered...
+    for i in 0..=u32::from(CAPACITY) {
+        assert_eq!(f.request(many(i), &asked), RequestOutcome::Ignored, "{i}");
+    }
+    assert_eq!(f.endpoint.waiting_len(), 65_536);
+    // ...and one more is answered at once, as without patience.
+    assert_eq!(f.refused(many(70_000), &asked).0, ErrorCode::NotDefined);
+    assert_eq!(f.endpoint.waiting_len(), 65_536);
+    // After twice the patience they are forgotten, and the wait of a
+    // client seen that long ago starts afresh.
+    f.now = t0 + Duration::from_millis(14_001);
+    assert_eq!(f.request(many(1), &asked), RequestOutcome::Ignored);
+    assert_eq!(f.endpoint.waiting_len(), 1);
+}
+
+#[test]
+fn no_transfer_socket_is_met_with_silence_too_until_the_patience() {
+    use ringtftpd::refusal::RefusalKind as Refusal;
+    let mut f = fixture(EndpointConfig {
+        settings: Settings {
+            busy_patience: Duration::from_secs(7),
+            ..settings()
+        },
+        ..config()
+    });
+    let t0 = f.now;
+    let asked = rrq("boot.img", "octet", &[]);
+    // The driver could not make a socket (EMFILE): the session goes, and
+    // the client is not told.
+    let id = f.started(peer(9), &asked);
+    let mut reply = vec![0; 600];
+    assert_eq!(
+        f.endpoint.refuse_busy(f.now, id, &mut reply),
+        RequestOutcome::Ignored
+    );
+    assert!(f.endpoint.is_empty());
+    // Its retransmissions are admitted and fail the same way: their wait
+    // counts from the first.
+    f.now = t0 + Duration::from_secs(4);
+    let id = f.started(peer(9), &asked);
+    assert_eq!(
+        f.endpoint.refuse_busy(f.now, id, &mut reply),
+        RequestOutcome::Ignored
+    );
+    f.now = t0 + Duration::from_millis(7750);
+    let id = f.started(peer(9), &asked);
+    let RequestOutcome::Reply(n) = f.endpoint.refuse_busy(f.now, id, &mut reply) else {
+        panic!("past the patience: answered");
+    };
+    assert!(matches!(
+        Packet::parse(&reply[..n]),
+        Ok(Packet::Error {
+            code: ErrorCode::NotDefined,
+            ..
+        })
+    ));
+    let counts = *f.endpoint.refusals();
+    assert_eq!((counts.busy_deferred, counts.get(Refusal::Busy)), (2, 1));
 }

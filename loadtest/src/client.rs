@@ -56,6 +56,8 @@ pub enum FailureKind {
     Timeout,
     /// The server sent an ERROR packet.
     ServerError,
+    /// The server sent ERROR 0 saying it is busy: a PXE ROM fails its boot on it.
+    Busy,
     /// A payload byte differed from the expected content.
     Mismatch,
     /// Too much or too little data, or a block longer than blksize.
@@ -73,6 +75,7 @@ impl FailureKind {
         match self {
             FailureKind::Timeout => "timeout",
             FailureKind::ServerError => "server_error",
+            FailureKind::Busy => "busy",
             FailureKind::Mismatch => "mismatch",
             FailureKind::Length => "length",
             FailureKind::BadOack => "bad_oack",
@@ -168,6 +171,8 @@ pub struct Transmit {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
+    /// The request of the missing file asked first (`Transfer::with_probe`).
+    Probe,
     Rrq,
     Ack(u16),
     UnknownTid(SocketAddr),
@@ -175,6 +180,8 @@ enum Pending {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// The probe's RRQ sent, waiting for its ERROR 1 (file not found).
+    Probing,
     /// RRQ sent, waiting for OACK, DATA 1 or ERROR.
     Requested,
     /// Receiving DATA.
@@ -190,6 +197,9 @@ pub struct Transfer {
     cfg: ClientConfig,
     server: SocketAddr,
     tid: Option<SocketAddr>,
+    /// A file that must be missing, asked for before `name` (as iPXE asks for
+    /// `autoexec.ipxe` first).
+    probe: Option<Arc<str>>,
     phase: Phase,
     blksize: usize,
     window: u16,
@@ -228,6 +238,7 @@ impl Transfer {
             cfg,
             server,
             tid: None,
+            probe: None,
             phase: Phase::Requested,
             blksize: DEFAULT_BLKSIZE,
             window: 1,
@@ -245,6 +256,16 @@ impl Transfer {
         };
         t.pending.push_back(Pending::Rrq);
         t
+    }
+
+    /// Asks for `missing` first and expects ERROR 1 for it, then requests the file (with
+    /// the same options, from the same port). Its time to first DATA counts from the probe.
+    pub fn with_probe(mut self, missing: Arc<str>) -> Self {
+        self.probe = Some(missing);
+        self.phase = Phase::Probing;
+        self.pending.clear();
+        self.pending.push_back(Pending::Probe);
+        self
     }
 
     /// Whether `poll_transmit` has something to send.
@@ -269,6 +290,7 @@ impl Transfer {
             Expiry::NotDue => return,
             Expiry::GiveUp(attempts) => {
                 let waiting = match self.phase {
+                    Phase::Probing => "the probe's ERROR 1".to_string(),
                     Phase::Requested => "the first reply".to_string(),
                     _ => format!("DATA block {}", self.next),
                 };
@@ -280,6 +302,7 @@ impl Transfer {
         }
         self.counters.retransmits += 1;
         match self.phase {
+            Phase::Probing => self.queue(Pending::Probe),
             Phase::Requested => self.queue(Pending::Rrq),
             Phase::Receiving => {
                 // Re-ACK the last in-order block: in lock-step that resends the lost ACK;
@@ -307,9 +330,40 @@ impl Transfer {
             }
             Arrival::Garbage(why) => return self.fail(FailureKind::Protocol, why),
         };
+        if self.phase == Phase::Probing {
+            match packet {
+                Packet::Error { code: 1, .. } => {
+                    // Missing, as expected: now the real request.
+                    self.phase = Phase::Requested;
+                    self.queue(Pending::Rrq);
+                    self.progress(now);
+                    return;
+                }
+                Packet::Error { .. } => {}
+                _ => {
+                    let probe = self.probe.as_deref().unwrap_or("");
+                    return self.fail(
+                        FailureKind::Protocol,
+                        format!("the probe of missing {probe} was answered with no ERROR 1"),
+                    );
+                }
+            }
+        }
+        // A second ERROR 1 for a retransmitted probe, late: not the file's answer.
+        if self.probe.is_some()
+            && self.phase == Phase::Requested
+            && matches!(packet, Packet::Error { code: 1, .. })
+        {
+            self.counters.out_of_order += 1;
+            return;
+        }
         match packet {
             Packet::Error { code, message } => self.fail(
-                FailureKind::ServerError,
+                if code == 0 && message.contains("busy") {
+                    FailureKind::Busy
+                } else {
+                    FailureKind::ServerError
+                },
                 format!("server sent ERROR {code}: {message}"),
             ),
             Packet::Oack { options } => self.on_oack(now, from, options),
@@ -344,6 +398,10 @@ impl Transfer {
     pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
         while let Some(p) = self.pending.pop_front() {
             let (dest, res) = match p {
+                Pending::Probe => (
+                    self.server,
+                    wire::encode_rrq(buf, self.probe.as_deref().unwrap_or(""), &self.cfg.options),
+                ),
                 Pending::Rrq => (
                     self.server,
                     wire::encode_rrq(buf, &self.name, &self.cfg.options),
@@ -370,6 +428,7 @@ impl Transfer {
     fn on_oack(&mut self, now: Instant, from: SocketAddr, options: &[u8]) {
         match self.phase {
             Phase::Requested => {}
+            Phase::Probing => return,
             Phase::Receiving => {
                 // Our ACK 0 was lost and the server resent its OACK: ACK 0 again, once.
                 // After DATA 1 a late duplicate is harmless and ignored.
@@ -868,6 +927,57 @@ mod tests {
             next = end;
         }
         all_acks
+    }
+
+    fn error(code: u16, message: &str) -> Vec<u8> {
+        let mut v = vec![0, 5];
+        v.extend_from_slice(&code.to_be_bytes());
+        v.extend_from_slice(message.as_bytes());
+        v.push(0);
+        v
+    }
+
+    /// The RRQ file names sent, in order.
+    fn rrqs(sent: &[(SocketAddr, Vec<u8>)]) -> Vec<String> {
+        sent.iter()
+            .filter(|(_, b)| b.starts_with(&[0, 1]))
+            .map(|(_, b)| {
+                let end = b[2..].iter().position(|&c| c == 0).unwrap();
+                String::from_utf8_lossy(&b[2..2 + end]).into_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_probe_of_a_missing_file_comes_first_then_the_file() {
+        let file = content(3000);
+        let now = Instant::now();
+        let mut t = start(&file, no_options(), now).with_probe("autoexec.ipxe".into());
+        assert_eq!(rrqs(&drain(&mut t)), ["autoexec.ipxe"]);
+        // Unanswered: the probe is resent, not the file's request.
+        t.handle_timeout(now + Duration::from_secs(2));
+        assert_eq!(rrqs(&drain(&mut t)), ["autoexec.ipxe"]);
+        t.handle_datagram(now, SERVER, &error(1, "File not found"));
+        assert_eq!(rrqs(&drain(&mut t)), [t.name().to_string()]);
+        // The retransmitted probe's own ERROR 1, late: ignored.
+        t.handle_datagram(now, SERVER, &error(1, "File not found"));
+        assert!(t.outcome().is_none());
+        serve(&mut t, &file, DEFAULT_BLKSIZE, 1, now);
+        assert_eq!(t.outcome(), Some(&Outcome::Done));
+    }
+
+    #[test]
+    fn a_probe_answered_with_data_or_busy_fails() {
+        let file = content(100);
+        let now = Instant::now();
+        let mut t = start(&file, no_options(), now).with_probe("autoexec.ipxe".into());
+        drain(&mut t);
+        t.handle_datagram(now, TID, &block(&file, DEFAULT_BLKSIZE, 1));
+        failure(&t, FailureKind::Protocol);
+        let mut t = start(&file, no_options(), now).with_probe("autoexec.ipxe".into());
+        drain(&mut t);
+        t.handle_datagram(now, SERVER, &error(0, "server busy, try again later"));
+        failure(&t, FailureKind::Busy);
     }
 
     #[test]

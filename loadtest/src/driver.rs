@@ -75,6 +75,9 @@ pub struct RunConfig {
     pub stall: Option<Duration>,
     /// Upload instead (then `files` is unused).
     pub put: Option<PutSpec>,
+    /// Each download asks for this missing file first and expects ERROR 1 (iPXE's
+    /// `autoexec.ipxe`).
+    pub probe: Option<Arc<str>>,
 }
 
 /// A download or an upload; both follow the same sans-IO call order.
@@ -264,7 +267,7 @@ impl Driver<'_> {
             )),
             None => {
                 let file = &self.cfg.files[(i % self.cfg.files.len() as u64) as usize];
-                Xfer::Get(Transfer::new(
+                let t = Transfer::new(
                     i,
                     file.name.clone(),
                     file.content.clone(),
@@ -272,7 +275,11 @@ impl Driver<'_> {
                     self.cfg.server,
                     self.cfg.seed,
                     now,
-                ))
+                );
+                Xfer::Get(match &self.cfg.probe {
+                    Some(missing) => t.with_probe(missing.clone()),
+                    None => t,
+                })
             }
         };
         let sock = match self.open_socket() {
@@ -602,6 +609,7 @@ mod tests {
             loss,
             stall: None,
             put: None,
+            probe: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();
@@ -729,6 +737,7 @@ mod tests {
                     prefix: "up-t-".into(),
                     size,
                 }),
+                probe: None,
             };
             let mut stats = Stats::new();
             run(&cfg, &mut stats).unwrap();
@@ -821,6 +830,7 @@ mod tests {
             loss: 0.0,
             stall: Some(Duration::from_millis(200)),
             put: None,
+            probe: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();
@@ -860,6 +870,7 @@ mod tests {
             loss: 0.0,
             stall: None,
             put: None,
+            probe: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();

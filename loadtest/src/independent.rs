@@ -61,6 +61,12 @@ pub fn run(cfg: &RunConfig, stats: &mut Stats) -> io::Result<Duration> {
             "--client-style independent runs downloads only",
         ));
     }
+    if cfg.probe.is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "--probe-missing is not supported with --client-style independent",
+        ));
+    }
     if cfg.loss > 0.0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -357,6 +363,7 @@ mod tests {
             loss: 0.0,
             stall: Some(Duration::from_secs(5)),
             put: None,
+            probe: None,
         };
         let mut stats = Stats::new();
         run(&cfg, &mut stats).unwrap();
@@ -389,6 +396,7 @@ mod tests {
             loss: 0.0,
             stall: None,
             put: None,
+            probe: None,
         };
         let mut stats = Stats::new();
         let elapsed = run(&cfg, &mut stats).unwrap();

@@ -122,6 +122,15 @@ struct Args {
     /// per transfer; downloads only, no --loss (see src/independent.rs).
     #[arg(long, value_enum, default_value_t = ClientStyle::Batched)]
     client_style: ClientStyle,
+    /// Each download first asks for this file, which must be missing (ERROR 1), then for
+    /// its own, from the same port, as iPXE asks for autoexec.ipxe (batched style only).
+    #[arg(long, conflicts_with = "put")]
+    probe_missing: Option<String>,
+    /// Adds the recorded time-to-first-DATA histogram to the JSON report
+    /// (`first_data_us_hist`: [microseconds, count] pairs), so that runs split over several
+    /// processes can be merged.
+    #[arg(long, requires = "json")]
+    first_data_hist: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,6 +305,7 @@ fn run(args: &Args) -> Result<bool, String> {
         loss: args.loss,
         stall,
         put: put.clone(),
+        probe: args.probe_missing.as_deref().map(Arc::from),
     };
     let (names, sizes) = match &put {
         Some(p) => (vec![format!("{}<i>", p.prefix)], vec![p.size]),
@@ -349,7 +359,16 @@ fn run(args: &Args) -> Result<bool, String> {
     }
     let report = Report::new(info, &stats, elapsed, cpu);
     if args.json {
-        println!("{}", report.to_json());
+        let mut v = report.to_json();
+        if args.first_data_hist {
+            let pairs: Vec<[u64; 2]> = stats
+                .first_data_us
+                .iter_recorded()
+                .map(|x| [x.value_iterated_to(), x.count_at_value()])
+                .collect();
+            v["first_data_us_hist"] = serde_json::json!(pairs);
+        }
+        println!("{v}");
     } else {
         print!("{}", report.to_human());
     }

@@ -188,13 +188,15 @@ impl PortRange {
 }
 
 /// Whether a socket that could not be made with `err` is worth one more
-/// try after closing the `idle` pooled sockets: they hold descriptors and
-/// socket memory, which is what these errors lack.
+/// try after closing the `idle` pooled sockets: they hold descriptors,
+/// socket memory and ports, which is what these errors lack (EADDRINUSE
+/// from a kernel-chosen port: the ephemeral range is used up, as when a
+/// boot storm's clients share the server's host).
 pub fn close_idle_and_retry(err: &io::Error, idle: usize) -> bool {
     idle > 0
         && matches!(
             err.raw_os_error(),
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRINUSE)
         )
 }
 
@@ -384,8 +386,14 @@ mod tests {
     }
 
     #[test]
-    fn only_descriptor_or_memory_shortage_closes_the_pool() {
-        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+    fn only_descriptor_memory_or_port_shortage_closes_the_pool() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRINUSE,
+        ] {
             let e = io::Error::from_raw_os_error(errno);
             assert!(close_idle_and_retry(&e, 1), "errno {errno}");
             // Nothing idle to close: no retry.

@@ -365,8 +365,8 @@ impl Shard {
                 self.touch(id);
             }
             Err(_) => {
-                // EMFILE and friends: refuse from the listener, within the
-                // endpoint's refusal limit.
+                // EMFILE and friends: the endpoint stays silent (the
+                // client retransmits) until its patience, then answers busy.
                 self.counters.busy += 1;
                 self.counters.metrics.start_refused(Direction::of(write));
                 if let RequestOutcome::Reply(n) =

@@ -1,7 +1,7 @@
-//! `compare`: runs scenarios S1–S6 (downloads) and S7 (uploads) against ringtftpd,
+//! `compare`: runs scenarios S1–S6 (downloads), S7 (the boot storm, `storm.rs`) and S8 (uploads) against ringtftpd,
 //! tftpd-hpa, atftpd and dnsmasq on loopback, one server at a time, and writes
 //! docs/benchmarks.md, its PNG charts and the raw JSON lines. `--quick` runs ringtftpd alone
-//! (as it is and with `--single-port`) at tiny sizes and checks correctness only (uploads byte for byte on disk). A run of S7
+//! (as it is and with `--single-port`) at tiny sizes and checks correctness only (uploads byte for byte on disk). A run of S8
 //! alone rewrites only the uploads section of the page and `benchmarks/uploads-raw.jsonl`.
 //!
 //! Normally started by `scripts/compare.sh`, which builds the binaries and installs the
@@ -20,6 +20,7 @@ mod report;
 mod run;
 mod scenario;
 mod server;
+mod storm;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -49,13 +50,13 @@ struct Args {
     /// ringtftpd-single-port and dnsmasq-single-port (every transfer on the listening port).
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
-    /// Scenarios to run, comma-separated (default: S1, S2, S3, S3a, S4..S7).
+    /// Scenarios to run, comma-separated (default: S1, S2, S3, S3a, S4..S6, S8; with --quick also a 1,000-client S7 boot storm; the full S7 only when named).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Client pattern: batched (loadtest's epoll driver, the default), independent (each
     /// scenario as `{id}i`: a thread and a blocking connected socket per client, one recv
     /// per wake-up; see loadtest/src/independent.rs) or both (each scenario both ways).
-    /// Scenarios independent clients cannot run (S6: 10,000 threads; S7 uploads) stay batched.
+    /// Scenarios independent clients cannot run (S6: 10,000 threads; S8 uploads, S7 storm) stay batched.
     #[arg(long, value_parser = ["batched", "independent", "both"], default_value = "batched")]
     client_style: String,
     /// Repetitions per scenario and server (default 3; 1 with --quick).
@@ -220,15 +221,27 @@ fn real_main(a: &Args) -> Result<bool, String> {
     } else {
         scenario::full()
     };
+    // S7, the boot storm, runs apart from the others (storm.rs): in --quick scaled down
+    // by default, at full size only when named.
+    let is_storm = |id: &String| id.eq_ignore_ascii_case("S7");
+    let storm_named = a.scenarios.iter().any(is_storm);
+    let storm = if storm_named && !a.quick {
+        Some(storm::full(15_000))
+    } else if a.quick && (storm_named || a.scenarios.is_empty()) {
+        Some(storm::quick())
+    } else {
+        None
+    };
+    let named: Vec<&String> = a.scenarios.iter().filter(|id| !is_storm(id)).collect();
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {
         all
     } else {
         let mut v = Vec::new();
-        for id in &a.scenarios {
+        for id in named {
             let s = all
                 .iter()
                 .find(|s| s.id.eq_ignore_ascii_case(id))
-                .ok_or_else(|| format!("unknown scenario {id} (S1..S7, S3a)"))?;
+                .ok_or_else(|| format!("unknown scenario {id} (S1..S8, S3a)"))?;
             v.push(s.clone());
         }
         v
@@ -501,6 +514,35 @@ fn real_main(a: &Args) -> Result<bool, String> {
         }
     }
 
+    // The boot storm, once per server (the lock-step floor serves no RRQ of a missing file).
+    let mut storms: Vec<Value> = Vec::new();
+    if let Some(st) = storm {
+        for s in servers.iter().filter(|s| s.kind != Kind::Floor) {
+            // The single-port server is asked for twice the clients (issue 12).
+            let st = match s.kind {
+                Kind::RingtftpdSinglePort if !a.quick => storm::full(2 * st.clients),
+                _ => st,
+            };
+            log(&format!(
+                "S7 boot storm: {} × {} clients",
+                s.kind.name(),
+                st.clients
+            ));
+            let v = storm::run(&ctx, s, &st);
+            log(&format!("S7 {}: {v}", s.kind.name()));
+            storms.push(v);
+        }
+        println!("{}", storm::table(&storms));
+        let raw: String = storms.iter().map(|v| format!("{v}\n")).collect();
+        let path = ctx.work.join("storm-raw.jsonl");
+        if fs::write(&path, raw).is_ok() {
+            log(&format!("storm records: {}", path.display()));
+        }
+        if scenarios.is_empty() {
+            return Ok(storms.iter().all(|v| v["ok"] == true));
+        }
+    }
+
     // Traced runs.
     let mut syscalls: Vec<Value> = Vec::new();
     let mut instructions: Vec<Value> = Vec::new();
@@ -583,7 +625,11 @@ fn real_main(a: &Args) -> Result<bool, String> {
     println!("{}", summary_text(&scenarios, &aggs, floor_us));
 
     if a.quick {
-        let bad: Vec<&Value> = records.iter().filter(|r| r["ok"] != true).collect();
+        let bad: Vec<&Value> = records
+            .iter()
+            .chain(&storms)
+            .filter(|r| r["ok"] != true)
+            .collect();
         let floor_ok = floors
             .iter()
             .all(|f| f["received"].as_u64().unwrap_or(0) > 0);
@@ -606,7 +652,7 @@ fn real_main(a: &Args) -> Result<bool, String> {
         if !floor_ok {
             eprintln!("compare --quick: FAILED the loopback floor tool moved no datagram");
         }
-        let passed = records.len() - bad.len();
+        let passed = records.len() + storms.len() - bad.len();
         println!(
             "compare --quick: {passed} passed, {} failed",
             bad.len() + usize::from(!floor_ok)

@@ -805,7 +805,7 @@ pub fn markdown(d: &DocInput<'_>) -> String {
 /// scenarios alone replaces only what lies between them; a run with downloads rewrites the
 /// page and keeps the old section when it ran no upload scenario.
 pub const UPLOADS_BEGIN: &str =
-    "<!-- uploads: written by compare; a run of S7 alone replaces only this section -->";
+    "<!-- uploads: written by compare; a run of S8 alone replaces only this section -->";
 pub const UPLOADS_END: &str = "<!-- end of uploads -->";
 
 /// The uploads section of an existing page, markers included.
@@ -846,17 +846,17 @@ pub struct UploadDoc<'a> {
     pub notes: Option<&'a str>,
 }
 
-/// The uploads section (S7), markers included.
+/// The uploads section (S8), markers included.
 pub fn uploads_markdown(d: &UploadDoc<'_>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{UPLOADS_BEGIN}\n");
-    let _ = writeln!(s, "## Uploads (S7)\n");
+    let _ = writeln!(s, "## Uploads (S8)\n");
     let _ = writeln!(
         s,
         "Measured by `{}` on {}: every figure is the **median of {} runs** of this one invocation \
          (the server started afresh for each run), ratios are against tftpd-hpa **in the same \
          invocation**; counts are sums over the runs. This section is rewritten only by a run that \
-         includes S7, so its date may differ from the rest of the page.\n",
+         includes S8, so its date may differ from the rest of the page.\n",
         d.command, d.date, d.reps
     );
     for sc in d.scenarios {

@@ -838,13 +838,13 @@ pub fn with(mut base: Value, extra: Value) -> Value {
 }
 
 #[derive(Debug, Default, Clone, Copy)]
-struct Peaks {
-    rss: u64,
+pub(crate) struct Peaks {
+    pub(crate) rss: u64,
     hwm: u64,
     anon: u64,
-    fds: u64,
+    pub(crate) fds: u64,
     procs: u64,
-    samples: u64,
+    pub(crate) samples: u64,
 }
 
 /// Sums over the server's live processes.
@@ -865,7 +865,7 @@ fn sample(t: &Tracker) -> Peaks {
 
 /// Samples until `stop`, keeping the peaks. The interval stretches when sampling many
 /// processes gets slow, so the sampler (on the load generator's CPU) stays cheap.
-fn sampler(t: &Tracker, stop: &AtomicBool, peaks: &Mutex<Peaks>) {
+pub(crate) fn sampler(t: &Tracker, stop: &AtomicBool, peaks: &Mutex<Peaks>) {
     let mut interval = Duration::from_millis(50);
     while !stop.load(Ordering::Relaxed) {
         let t0 = Instant::now();

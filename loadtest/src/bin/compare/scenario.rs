@@ -1,4 +1,4 @@
-//! The scenarios of issue 5 (S1–S6, downloads) and S7 (uploads) at full size, and the
+//! The scenarios of issue 5 (S1–S6, downloads) and S8 (uploads) at full size, and the
 //! scaled-down set of `--quick`.
 
 /// One workload: N RRQs of one random-byte file with C in flight (or, with `put`, N uploads
@@ -179,7 +179,7 @@ fn put(size: u64, n: u64, c: u64, blksize: u16, max_time_s: u64) -> Scenario {
         file: String::new(),
         put: true,
         ..s(
-            "S7",
+            "S8",
             "uploads",
             size,
             n,
@@ -366,7 +366,7 @@ pub fn quick() -> Vec<Scenario> {
             true,
             40,
         ),
-        // 40 full blocks, then the empty final DATA 41 (the full S7's 1 MiB ends short).
+        // 40 full blocks, then the empty final DATA 41 (the full S8's 1 MiB ends short).
         put(40 * PUT_BLKSIZE as u64, 20, 10, PUT_BLKSIZE, 20),
     ]
 }
@@ -379,7 +379,7 @@ mod tests {
     fn full_set_matches_the_issue() {
         let f = full();
         let ids: Vec<_> = f.iter().map(|s| s.id).collect();
-        assert_eq!(ids, ["S1", "S2", "S3", "S3a", "S4", "S5", "S6", "S7"]);
+        assert_eq!(ids, ["S1", "S2", "S3", "S3a", "S4", "S5", "S6", "S8"]);
         let u = f[7].clone();
         assert!(u.put && !f[..7].iter().any(|s| s.put));
         assert_eq!((f[3].n, f[3].c, f[3].size), (1, 1, 64 * MIB));
@@ -430,7 +430,7 @@ mod tests {
         assert_eq!(q.len(), 8);
         assert!(
             q[7].put && q[7].size.is_multiple_of(1428),
-            "the quick S7 ends on an empty block"
+            "the quick S8 ends on an empty block"
         );
     }
 
@@ -449,7 +449,7 @@ mod tests {
             f[6].with_independent_clients().is_none(),
             "S6: 10,000 threads"
         );
-        assert!(f[7].with_independent_clients().is_none(), "S7: uploads");
+        assert!(f[7].with_independent_clients().is_none(), "S8: uploads");
         assert!(i.with_independent_clients().is_none());
     }
 
