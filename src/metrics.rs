@@ -303,8 +303,9 @@ mod slot {
     pub const REQUESTS: usize = HOT;
     pub const REFUSALS: usize = REQUESTS + 3 * 3;
     pub const REPLIES_SUPPRESSED: usize = REFUSALS + RefusalKind::ALL.len();
+    pub const BUSY_DEFERRED: usize = REPLIES_SUPPRESSED + 1;
     /// By direction.
-    pub const STARTED: usize = REPLIES_SUPPRESSED + 1;
+    pub const STARTED: usize = BUSY_DEFERRED + 1;
     /// By direction, then outcome.
     pub const FINISHED: usize = STARTED + 2;
     pub const RETRANSMITS: usize = FINISHED + 2 * OUTCOMES.len();
@@ -487,6 +488,7 @@ impl Tally {
         self.v[slot::REFUSALS..slot::REFUSALS + RefusalKind::ALL.len()]
             .copy_from_slice(&refusals.by_reason);
         self.v[slot::REPLIES_SUPPRESSED] = refusals.replies_suppressed;
+        self.v[slot::BUSY_DEFERRED] = refusals.busy_deferred;
         self.v[slot::OPEN_CACHE_FILES] = open_cache.0 as u64;
         self.v[slot::OPEN_CACHE_BYTES] = open_cache.1;
     }
@@ -942,6 +944,14 @@ impl Collector for Encoded {
             "ringtftpd_refusal_replies_suppressed",
             "ERROR replies to refusals held back by the reply rate limits",
             v(slot::REPLIES_SUPPRESSED),
+        )?;
+        counter(
+            &mut e,
+            "ringtftpd_busy_deferred",
+            "Requests left unanswered while the server was full, for the client's own retry \
+             (--busy-patience-ms); those that waited longer got ERROR busy, counted in \
+             ringtftpd_refusals{reason=\"busy\"}",
+            v(slot::BUSY_DEFERRED),
         )?;
         counters(
             &mut e,

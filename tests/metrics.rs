@@ -782,3 +782,54 @@ fn file_labels_need_metrics() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("--metrics"), "{said}");
 }
+
+#[test]
+fn a_full_server_leaves_a_request_unanswered_and_counts_it_deferred() {
+    let metrics = free_tcp_addr();
+    let s = start(metrics, &["--threads", "1", "--max-sessions", "1"]);
+    let idle = scrape_until(metrics, |now| active(now) == 0.0);
+    assert_eq!(active(&idle), 0.0, "{}", idle.text);
+    let before = Scrape::take(metrics);
+    let d = |after: &Scrape, series: &str| after.get(series) - before.get(series);
+
+    // The one slot, held at DATA 1.
+    let holder = RawClient::new(s.addr());
+    holder.send_to_server(&rrq("mib.bin", "octet", &[]));
+    let (first, tid) = holder.recv(Duration::from_secs(5)).expect("DATA 1");
+    assert!(matches!(first, Packet::Data { block: 1, .. }), "{first:?}");
+
+    // A second client gets no answer at all (not ERROR busy): its own
+    // retransmission is the retry.
+    let waiting = RawClient::new(s.addr());
+    let request = rrq("b513.bin", "octet", &[]);
+    waiting.send_to_server(&request);
+    assert_eq!(
+        waiting.recv(Duration::from_millis(500)),
+        None,
+        "answered while full"
+    );
+    let full = scrape_until(metrics, |now| {
+        d(now, "ringtftpd_busy_deferred_total") >= 1.0
+    });
+    assert_eq!(
+        d(&full, "ringtftpd_busy_deferred_total"),
+        1.0,
+        "{}",
+        full.text
+    );
+    assert_eq!(
+        d(&full, "ringtftpd_refusals_total{reason=\"busy\"}"),
+        0.0,
+        "{}",
+        full.text
+    );
+
+    // The slot frees; the client's retransmitted request is served.
+    holder.send(&[0, 5, 0, 0, b'b', b'y', b'e', 0], tid);
+    scrape_until(metrics, |now| active(now) == 0.0);
+    waiting.send_to_server(&request);
+    let (data, _) = waiting
+        .recv(Duration::from_secs(5))
+        .expect("served on retry");
+    assert!(matches!(data, Packet::Data { block: 1, .. }), "{data:?}");
+}
