@@ -1018,7 +1018,8 @@ impl Config {
         format!(
             "config: max-blksize={blksize} mtu-clamp={} max-windowsize={} first-contact-windowsize={} \
              window-bytes={} retries={} rto-ms={}..{} initial-rto-ms={} max-stall-secs={} \
-             max-sessions={} max-per-client={} request-rate={} refusal-rate={} uploads={uploads} \
+             max-sessions={} busy-patience-ms={} max-per-client={} request-rate={} refusal-rate={} \
+             uploads={uploads} \
              refuse={refused} port-range={} single-port={} map-file={} policy-file={} \
              permissive={} shutdown-grace={}",
             !self.no_mtu_clamp,
@@ -1031,6 +1032,7 @@ impl Config {
             limits.initial_rto.as_millis(),
             self.max_stall_secs,
             self.max_sessions,
+            self.busy_patience_ms,
             self.max_per_client,
             self.request_rate,
             self.refusal_rate,

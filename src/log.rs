@@ -496,9 +496,9 @@ mod tests {
         assert_eq!(
             got[0].text(),
             "transfer client=192.0.2.7:2001 local=192.0.2.1 file=\"pxelinux.cfg/01-aa\" \
-             direction=read mode=octet options=\"blksize=512 tsize=0\" bytes=513 blocks=2 \
-             blksize=512 windowsize=1 duration_ms=1.500 retransmits=2 \
-             srtt_ms=0.250 rto_floor_ms=200.000 outcome=completed served=\"pxelinux.cfg/default\""
+             direction=read bytes=513 blksize=512 windowsize=1 duration_ms=1.500 retransmits=2 \
+             srtt_ms=0.250 rto_floor_ms=200.000 outcome=completed mode=octet blocks=2 \
+             options=\"blksize=512 tsize=0\" served=\"pxelinux.cfg/default\""
         );
         let json = got[0].json();
         assert_eq!(json["event"], "transfer");
