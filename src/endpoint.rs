@@ -1387,8 +1387,6 @@ pub struct TransferRecord {
 
 /// The options as asked, for the transfer record.
 fn asked_options(o: &proto::Options) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
     let numbers = [
         ("blksize", o.blksize.map(u64::from)),
         ("blksize2", o.blksize2.map(u64::from)),
@@ -1398,20 +1396,13 @@ fn asked_options(o: &proto::Options) -> String {
         ("windowsize", o.windowsize.map(u64::from)),
         ("rollover", o.rollover.map(u64::from)),
     ];
-    for (name, value) in numbers {
-        if let Some(value) = value {
-            let _ = write!(
-                out,
-                "{}{name}={value}",
-                if out.is_empty() { "" } else { " " }
-            );
-        }
-    }
-    if let Some(cookie) = &o.cookie {
-        let sep = if out.is_empty() { "" } else { " " };
-        let _ = write!(out, "{sep}cookie={}", cookie.as_bytes().escape_ascii());
-    }
-    out
+    let numbers = numbers
+        .into_iter()
+        .filter_map(|(name, value)| Some(format!("{name}={}", value?)));
+    let cookie = o
+        .cookie
+        .map(|c| format!("cookie={}", c.as_bytes().escape_ascii()));
+    numbers.chain(cookie).collect::<Vec<_>>().join(" ")
 }
 
 /// Milliseconds to the microsecond, for records.
@@ -1483,5 +1474,26 @@ impl std::fmt::Display for TransferRecord {
             Some(code) => write!(f, " error_code={code}"),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asked_options_lists_what_the_client_sent_in_order() {
+        assert_eq!(asked_options(&proto::Options::default()), "");
+        let asked = proto::Options {
+            blksize: Some(1468),
+            tsize: Some(0),
+            windowsize: Some(16),
+            cookie: proto::Cookie::new(b"a\x01"),
+            ..proto::Options::default()
+        };
+        assert_eq!(
+            asked_options(&asked),
+            "blksize=1468 tsize=0 windowsize=16 cookie=a\\x01"
+        );
     }
 }

@@ -65,21 +65,6 @@ fn assert_stored(what: &str, out: &Output, s: &Server, remote: &str, expected: &
     );
 }
 
-fn tftp_hpa_put(s: &Server, from: &Path, remote: &str, mode: &str) -> Output {
-    let args = [
-        "-m",
-        mode,
-        &s.host(),
-        &s.port().to_string(),
-        "-c",
-        "put",
-        &from.to_string_lossy(),
-        remote,
-    ]
-    .map(String::from);
-    run_client("tftp", &args)
-}
-
 fn atftp_put(s: &Server, from: &Path, remote: &str, opts: &[String]) -> Output {
     let mut args: Vec<String> = ["--put", "-l"].map(String::from).to_vec();
     args.push(from.to_string_lossy().into_owned());

@@ -1110,21 +1110,42 @@ pub fn quantile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// tftp-hpa's `get` of `name` from `s` in `mode` into `s.dest(name)`.
-pub fn tftp_hpa_get(s: &Server, name: &str, mode: &str) -> (Output, PathBuf) {
-    let dest = s.dest(name);
+/// tftp-hpa's `-c COMMAND FIRST SECOND` against `s` in `mode`.
+fn tftp_hpa(s: &Server, mode: &str, command: &str, first: &str, second: &str) -> Output {
     let args = [
-        "-m",
         mode,
         &s.host(),
         &s.port().to_string(),
-        "-c",
-        "get",
-        name,
-        &dest.to_string_lossy(),
-    ]
-    .map(String::from);
-    (run_client("tftp", &args), dest)
+        command,
+        first,
+        second,
+    ];
+    let [mode, host, port, command, first, second] = args.map(String::from);
+    let args = [
+        "-m".into(),
+        mode,
+        host,
+        port,
+        "-c".into(),
+        command,
+        first,
+        second,
+    ];
+    run_client("tftp", &args)
+}
+
+/// tftp-hpa's `get` of `name` from `s` in `mode` into `s.dest(name)`.
+pub fn tftp_hpa_get(s: &Server, name: &str, mode: &str) -> (Output, PathBuf) {
+    let dest = s.dest(name);
+    (
+        tftp_hpa(s, mode, "get", name, &dest.to_string_lossy()),
+        dest,
+    )
+}
+
+/// tftp-hpa's `put` of the local file `from` to `remote` on `s` in `mode`.
+pub fn tftp_hpa_put(s: &Server, from: &std::path::Path, remote: &str, mode: &str) -> Output {
+    tftp_hpa(s, mode, "put", &from.to_string_lossy(), remote)
 }
 
 /// Waits up to `limit` for `child` to exit; kills it (by its PID) and
